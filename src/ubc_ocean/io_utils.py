@@ -1,0 +1,92 @@
+"""Atomic writes, failure records and small file helpers shared by every stage."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it over ``final`` only if the block succeeds.
+
+    Works for files and directories. A crash leaves a ``.tmp-*`` leftover, never a half-written final.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    _remove(tmp)
+    try:
+        yield tmp
+        if final.exists() and final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def clean_stale_temporaries(folder: str | Path) -> int:
+    """Remove ``.tmp-*`` leftovers of killed runs in ``folder``; returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = list(folder.glob(".tmp-*"))
+    for path in stale:
+        _remove(path)
+    return len(stale)
+
+
+class FailureLog:
+    """Append-only CSV of (slide, stage, message): one row per slide that a stage could not process."""
+
+    columns = ("slide", "stage", "message")
+
+    def __init__(self, path: str | Path, stage: str):
+        self.path = Path(path)
+        self.stage = stage
+        self.count = 0
+
+    def record(self, slide: str, message: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(self.columns)
+            writer.writerow([slide, self.stage, message.replace("\n", " ")])
+        self.count += 1
+
+    def read(self) -> pd.DataFrame:
+        if not self.path.exists():
+            return pd.DataFrame(columns=list(self.columns))
+        return pd.read_csv(self.path)
+
+
+def make_temp_dir(prefix: str = "ubc_ocean-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -1,0 +1,81 @@
+"""Sharding and per-slide process pools with a progress bar, shared by the slide-level stages."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """Parse ``"i/n"`` (0-based i) into ``(i, n)``; ``None`` means the whole set, ``(0, 1)``."""
+    if text in (None, "", "null"):
+        return 0, 1
+    try:
+        index_text, count_text = str(text).split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError as err:
+        raise ValueError(f"shard must look like 'i/n' (e.g. 0/4), got {text!r}") from err
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def select_shard(items: Sequence[T], shard: str | None) -> list[T]:
+    """Deterministic round-robin split over the items' sorted order: shards are disjoint and complete."""
+    index, count = parse_shard(shard)
+    ordered = sorted(items, key=str)
+    return ordered[index::count]
+
+
+@dataclass
+class TaskResult:
+    """What one per-slide task reports back: a status (done/skipped/failed) and free-form numbers."""
+
+    item: str
+    status: str
+    message: str = ""
+    count: int = 0
+
+
+def run_tasks(
+    items: Iterable[Any],
+    task: Callable[[Any], TaskResult],
+    workers: int = 1,
+    desc: str = "slides",
+    unit_counted: str = "tiles",
+) -> Iterator[TaskResult]:
+    """Run ``task`` on every item, in ``workers`` processes when > 1, yielding results as they finish.
+
+    The progress bar shows items done, the summed ``count`` (e.g. tiles cut) and the ETA.
+    """
+    items = list(items)
+    totals = {"done": 0, "skipped": 0, "failed": 0}
+    counted = 0
+    bar = tqdm(total=len(items), desc=desc, unit="slide", dynamic_ncols=True)
+    if workers > 1 and len(items) > 1:
+        context = mp.get_context("spawn")
+        pool = context.Pool(processes=min(workers, len(items)))
+        results: Iterable[TaskResult] = pool.imap_unordered(task, items)
+    else:
+        pool = None
+        results = map(task, items)
+    try:
+        for result in results:
+            totals[result.status] = totals.get(result.status, 0) + 1
+            counted += result.count
+            bar.update(1)
+            bar.set_postfix({unit_counted: counted, **totals}, refresh=False)
+            yield result
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
