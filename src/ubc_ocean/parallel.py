@@ -28,10 +28,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def select_shard(items: Sequence[T], shard: str | None) -> list[T]:
-    """Deterministic round-robin split over the items' sorted order: shards are disjoint and complete."""
+def select_shard(items: Sequence[T], shard: str | None, key: Callable[[T], str] = str) -> list[T]:
+    """Deterministic round-robin split over the items sorted by ``key``: shards are disjoint and complete."""
     index, count = parse_shard(shard)
-    ordered = sorted(items, key=str)
+    ordered = sorted(items, key=key)
     return ordered[index::count]
 
 

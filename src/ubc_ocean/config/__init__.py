@@ -44,11 +44,15 @@ class Config(dict):
 
 
 def _plain(node: Any) -> Any:
+    """Plain dicts and lists all the way down (for YAML, JSON and pickles)."""
     if isinstance(node, Mapping):
         return {k: _plain(v) for k, v in node.items()}
     if isinstance(node, list):
         return [_plain(v) for v in node]
     return node
+
+
+as_plain = _plain
 
 
 def _wrap(node: Any) -> Any:

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Stage 01: tile training slides and external sources (PNG via pyvips, svs/tiff via openslide) into the keyed
+tile store, with tile indexes, QC overlays and a failures list."""
+
+from ubc_ocean.cli import main
+from ubc_ocean.tiling.stage import run
+
+if __name__ == "__main__":
+    raise SystemExit(main(run, __doc__))

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Stage 05: tile and embed each raw test image in one streaming pass (no tiles written) and predict it with
+every trained model."""
+
+from ubc_ocean.cli import main
+from ubc_ocean.inference.stage import run
+
+if __name__ == "__main__":
+    raise SystemExit(main(run, __doc__))

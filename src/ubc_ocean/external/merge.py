@@ -1,0 +1,112 @@
+"""Stage 02: one manifest of every training slide (competition + external) with provenance, and folds.
+
+Reads the tile store written by stage 01 and the external sources' label files; writes
+``{paths.processed}/manifest.csv`` and ``{paths.processed}/folds.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from ubc_ocean.config import save_config
+from ubc_ocean.folds import TRAIN_ONLY, assign_folds
+from ubc_ocean.io_utils import FailureLog, atomic_write_csv
+from ubc_ocean.sources import TRAIN, external_sources, read_train_csv
+from ubc_ocean.tiling import store
+
+log = logging.getLogger(__name__)
+STAGE = "02_merge_external"
+MANIFEST_COLUMNS = [
+    "slide_id", "source", "image_id", "label", "is_tma", "group", "n_tiles", "provenance", "tiling_key",
+]
+
+
+def manifest_path(cfg: Mapping) -> Path:
+    return Path(cfg["paths"]["processed"]) / "manifest.csv"
+
+
+def folds_path(cfg: Mapping) -> Path:
+    return Path(cfg["paths"]["processed"]) / "folds.csv"
+
+
+def _groups(frame: pd.DataFrame, column: str | None, prefix: str) -> list[str]:
+    """The grouping value per row (``folds.group_column`` when the table has it, else the image)."""
+    values = frame[column] if column and column in frame.columns else frame["image_id"]
+    return [f"{prefix}{value}" for value in values.astype(str)]
+
+
+def _candidate_rows(cfg: Mapping) -> list[dict]:
+    group_column = cfg["folds"]["group_column"]
+    train = read_train_csv(cfg)
+    if group_column and group_column not in train.columns:
+        raise ValueError(f"folds.group_column '{group_column}' is not a column of train.csv")
+    rows = [
+        {"source": TRAIN, "image_id": str(r.image_id), "label": r.label, "is_tma": bool(r.is_tma),
+         "group": group, "provenance": "competition"}
+        for r, group in zip(train.itertuples(index=False), _groups(train, group_column, ""), strict=True)
+    ]
+    for source in external_sources(cfg):
+        labels = source.labels().drop_duplicates("image_id")
+        groups = _groups(labels, group_column, f"{source.name}:")
+        rows += [
+            {"source": source.name, "image_id": str(r.image_id), "label": str(r.label), "is_tma": False,
+             "group": group, "provenance": f"external:{source.name}"}
+            for r, group in zip(labels.itertuples(index=False), groups, strict=True)
+        ]
+    return rows
+
+
+def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataFrame:
+    """Keep the slides that stage 01 tiled and whose label is a known class; record the others."""
+    classes = set(cfg["data"]["classes"])
+    key = store.tiling_key(cfg)
+    kept = []
+    for row in _candidate_rows(cfg):
+        slide_id = f"{row['source']}/{row['image_id']}"
+        folder = store.slide_dir(cfg, row["source"], row["image_id"])
+        problem = None
+        if row["label"] not in classes:
+            problem = f"label {row['label']!r} is not one of {sorted(classes)}"
+        elif not store.is_complete(folder):
+            problem = f"no tiles in {folder} (stage 01 failed or was not run for it)"
+        if problem:
+            log.warning("%s: left out: %s", slide_id, problem)
+            if failures is not None:
+                failures.record(slide_id, problem)
+            continue
+        info = store.read_slide_info(folder)
+        kept.append({**row, "slide_id": slide_id, "n_tiles": int(info["n_tiles"]),
+                     "is_tma": bool(info.get("is_tma", row["is_tma"])), "tiling_key": key})
+    manifest = pd.DataFrame(kept, columns=MANIFEST_COLUMNS)
+    duplicated = manifest["slide_id"].duplicated()
+    if duplicated.any():
+        raise ValueError(f"duplicate slides in manifest: {manifest.loc[duplicated, 'slide_id'].tolist()[:5]}")
+    return manifest
+
+
+def run(cfg: Mapping) -> pd.DataFrame:
+    """Write manifest.csv and folds.csv (external slides get fold -1: train-only)."""
+    out = Path(cfg["paths"]["processed"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, "config_02.yaml")
+    failures = FailureLog(out / "failures_02.csv", STAGE)
+    failures.path.unlink(missing_ok=True)
+    manifest = build_manifest(cfg, failures)
+    if manifest.empty:
+        raise RuntimeError("manifest is empty: no tiled slide with a known label (run stage 01 first)")
+    is_competition = manifest["provenance"].eq("competition")
+    folds_cfg = cfg["folds"]
+    manifest["fold"] = assign_folds(
+        manifest, int(folds_cfg["n_splits"]), int(cfg["seed"]),
+        group_column="group" if folds_cfg["group_column"] else None, validate_mask=is_competition,
+    )
+    atomic_write_csv(manifest.drop(columns="fold"), manifest_path(cfg))
+    atomic_write_csv(manifest[["slide_id", "image_id", "source", "label", "is_tma", "fold"]], folds_path(cfg))
+    summary = manifest.groupby(["provenance", "label"]).size().unstack(fill_value=0)
+    log.info("stage 02: %d slides (%d external, train-only) -> %s\n%s", len(manifest),
+             int((manifest["fold"] == TRAIN_ONLY).sum()), manifest_path(cfg), summary.to_string())
+    return manifest

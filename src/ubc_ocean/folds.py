@@ -1,0 +1,59 @@
+"""Cross-validation folds: stratified on label x is_tma, grouped when a group column exists.
+
+External slides are train-only: their fold is -1 and they never validate.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+log = logging.getLogger(__name__)
+TRAIN_ONLY = -1
+
+
+def stratum(frame: pd.DataFrame, n_splits: int) -> pd.Series:
+    """``label|tma`` or ``label|wsi``; a label with a stratum smaller than ``n_splits`` uses the label alone."""
+    label = frame["label"].astype(str)
+    key = label + "|" + np.where(frame["is_tma"].astype(bool), "tma", "wsi")
+    small = key.map(key.value_counts()) < n_splits
+    collapse = label.isin(set(label[small]))
+    return key.where(~collapse, label)
+
+
+def assign_folds(
+    frame: pd.DataFrame,
+    n_splits: int,
+    seed: int,
+    group_column: str | None = None,
+    validate_mask: pd.Series | None = None,
+) -> pd.Series:
+    """Fold number per row (``TRAIN_ONLY`` where ``validate_mask`` is False).
+
+    Raises ``ValueError`` naming the class when a class has fewer validating slides than folds.
+    """
+    folds = pd.Series(TRAIN_ONLY, index=frame.index, dtype=int)
+    mask = validate_mask if validate_mask is not None else pd.Series(True, index=frame.index)
+    pool = frame[mask]
+    counts = pool["label"].value_counts()
+    too_small = counts[counts < n_splits]
+    if not too_small.empty:
+        raise ValueError(
+            f"classes with fewer slides than folds ({n_splits}): "
+            + ", ".join(f"{label}={count}" for label, count in too_small.items())
+            + "; lower folds.n_splits or add slides"
+        )
+    strata = stratum(pool, n_splits)
+    if group_column:
+        if group_column not in pool.columns:
+            raise ValueError(f"folds.group_column '{group_column}' is not a manifest column")
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splits = splitter.split(pool, strata, groups=pool[group_column].astype(str))
+    else:
+        splits = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(pool, strata)
+    for fold, (_, valid_idx) in enumerate(splits):
+        folds.loc[pool.index[valid_idx]] = fold
+    return folds

@@ -1,0 +1,54 @@
+"""Bags of instance embeddings held in memory (fp16) and the per-step sampling used in training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ubc_ocean.features import cache
+
+log = logging.getLogger(__name__)
+
+
+class BagError(ValueError):
+    """A bag that cannot be used (empty, non-finite, wrong width)."""
+
+
+def check_bag(features: np.ndarray, slide_id: str, in_dim: int | None = None) -> None:
+    """Refuse empty bags, NaN/inf features and a feature width that differs from the others."""
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise BagError(f"{slide_id}: empty bag (shape {features.shape})")
+    if in_dim is not None and features.shape[1] != in_dim:
+        raise BagError(f"{slide_id}: feature width {features.shape[1]}, expected {in_dim}")
+    if not np.isfinite(features).all():
+        raise BagError(f"{slide_id}: bag holds NaN or inf features")
+
+
+def load_bags(paths: dict[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read each slide's h5 features into fp16 tensors; returns ``(bags, problems)`` (slide -> message)."""
+    bags: dict[str, torch.Tensor] = {}
+    problems: dict[str, str] = {}
+    in_dim: int | None = None
+    for slide_id, path in paths.items():
+        try:
+            if not cache.is_complete(path):
+                raise BagError(f"{slide_id}: no embeddings file {path}")
+            features, _, _ = cache.read_embeddings(path)
+            check_bag(features.astype(np.float32), slide_id, in_dim)
+        except (BagError, OSError) as err:
+            problems[slide_id] = str(err)
+            continue
+        in_dim = features.shape[1]
+        bags[slide_id] = torch.from_numpy(features.astype(np.float16))
+    return bags, problems
+
+
+def sample_instances(bag: torch.Tensor, max_instances: int, generator: torch.Generator) -> torch.Tensor:
+    """A random subset of at most ``max_instances`` rows (the whole bag if it is smaller)."""
+    if max_instances <= 0 or bag.shape[0] <= max_instances:
+        return bag
+    keep = torch.randperm(bag.shape[0], generator=generator)[:max_instances]
+    return bag[keep]

@@ -1,0 +1,68 @@
+"""What a trained model's OOF predictions say: metrics JSON, confusion matrix CSV and PNG."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
+from ubc_ocean.metrics import balanced_accuracy, confusion_frame, per_class_recall
+
+
+def seed_mean(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """One row per slide: class probabilities averaged over seeds (and any repeats)."""
+    keys = ["slide_id", "image_id", "label", "is_tma", "fold"]
+    return oof.groupby(keys, as_index=False, sort=True)[list(classes)].mean()
+
+
+def oof_metrics(per_slide: pd.DataFrame, classes: Sequence[str]) -> dict:
+    """Balanced accuracy overall and for WSIs and TMAs apart, and per-class recall."""
+    predicted = np.asarray(classes)[per_slide[list(classes)].to_numpy().argmax(1)]
+    truth = per_slide["label"].to_numpy()
+    tma = per_slide["is_tma"].astype(bool).to_numpy()
+
+    def subset(mask: np.ndarray) -> float | None:
+        return balanced_accuracy(truth[mask], predicted[mask], classes) if mask.any() else None
+
+    return {
+        "n_slides": len(per_slide),
+        "balanced_accuracy": balanced_accuracy(truth, predicted, classes),
+        "balanced_accuracy_wsi": subset(~tma),
+        "balanced_accuracy_tma": subset(tma),
+        "per_class_recall": per_class_recall(truth, predicted, classes),
+    }
+
+
+def write_report(per_slide: pd.DataFrame, classes: Sequence[str], out_dir: Path, title: str) -> dict:
+    """metrics.json, confusion.csv and confusion.png in ``out_dir``; returns the metrics."""
+    metrics = oof_metrics(per_slide, classes)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    predicted = np.asarray(classes)[per_slide[list(classes)].to_numpy().argmax(1)]
+    confusion = confusion_frame(per_slide["label"], predicted, classes)
+    atomic_write_csv(confusion.reset_index(), out_dir / "confusion.csv")
+    plot_confusion(confusion, out_dir / "confusion.png", f"{title}: OOF BA {metrics['balanced_accuracy']:.3f}")
+    return metrics
+
+
+def plot_confusion(confusion: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(confusion.to_numpy(), cmap="Blues")
+    ax.set_xticks(range(len(confusion.columns)), confusion.columns)
+    ax.set_yticks(range(len(confusion.index)), confusion.index)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (row, col), value in np.ndenumerate(confusion.to_numpy()):
+        ax.text(col, row, str(value), ha="center", va="center", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

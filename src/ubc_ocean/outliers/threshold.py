@@ -1,0 +1,38 @@
+"""A threshold on an outlier score, calibrated on out-of-fold (in-distribution) predictions only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ubc_ocean.io_utils import atomic_write_text
+from ubc_ocean.outliers.scores import outlier_scores
+
+
+@dataclass
+class OutlierThreshold:
+    """Flag a slide as an outlier when ``score(probs) > threshold``."""
+
+    score: str
+    threshold: float
+    flag_rate: float
+
+    def flag(self, probs: np.ndarray) -> np.ndarray:
+        return outlier_scores(probs, self.score) > self.threshold
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> OutlierThreshold:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def calibrate_threshold(oof_probs: np.ndarray, score: str, flag_rate: float) -> OutlierThreshold:
+    """The score's (1 - flag_rate) quantile over OOF slides: that fraction of known-class slides is flagged."""
+    values = outlier_scores(oof_probs, score)
+    threshold = float(np.quantile(values, 1.0 - flag_rate)) if flag_rate > 0 else float("inf")
+    return OutlierThreshold(score=score, threshold=threshold, flag_rate=float(flag_rate))

@@ -1,0 +1,199 @@
+"""One reader interface over streaming PNGs (pyvips) and pyramidal slides (openslide).
+
+The tiler asks a reader for a low-resolution view (for the tissue mask) and for square level-0 boxes,
+row by row, resized to the tile size. PNGs are decoded once, top to bottom, in strips: memory follows the
+slide's width, never its area.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import groupby
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PYRAMIDAL_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+
+
+class SlideError(RuntimeError):
+    """A slide that cannot be read as asked (missing, corrupt, wrong size, unsupported)."""
+
+
+def resize_to(tile: np.ndarray, size: int) -> np.ndarray:
+    """Resize an RGB array to ``size`` x ``size`` (area interpolation when shrinking)."""
+    if tile.shape[0] == size and tile.shape[1] == size:
+        return tile
+    shrinking = tile.shape[0] > size
+    return cv2.resize(tile, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+class SlideReader(ABC):
+    """A slide's level-0 size, optional physical metadata and the two reads the tiler needs."""
+
+    path: Path
+    width: int
+    height: int
+    mpp: float | None = None
+    objective_power: float | None = None
+
+    @abstractmethod
+    def low_resolution(self, max_side: int) -> np.ndarray:
+        """An RGB uint8 view of the whole slide whose longest side is at most ``max_side``."""
+
+    @abstractmethod
+    def read_boxes(
+        self, boxes: Sequence[tuple[int, int]], extent: int, out_size: int
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """Yield ``((x, y), rgb)`` for square level-0 boxes of side ``extent``, resized to ``out_size``.
+
+        ``boxes`` must be sorted by (y, x); every box lies inside the slide.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _to_rgb_vips(image):  # type: ignore[no-untyped-def]
+    """Any pyvips image to 8-bit, 3-band sRGB (alpha flattened onto white)."""
+    if image.hasalpha():
+        image = image.flatten(background=[255, 255, 255])
+    if image.bands < 3:
+        image = image.colourspace("srgb")
+    if image.format != "uchar":
+        image = image.cast("uchar")
+    if image.bands > 3:
+        image = image.extract_band(0, n=3)
+    return image
+
+
+class PngSlide(SlideReader):
+    """A PNG (or any non-pyramidal pyvips-readable image) read in one sequential, streaming pass."""
+
+    def __init__(self, path: str | Path, thumbnail: str | Path | None = None):
+        import pyvips
+
+        self.path = Path(path)
+        self.thumbnail_path = Path(thumbnail) if thumbnail else None
+        try:
+            header = pyvips.Image.new_from_file(str(self.path), access="sequential")
+        except pyvips.Error as err:
+            raise SlideError(f"cannot open {self.path.name}: {_first_line(err)}") from err
+        self.width, self.height = header.width, header.height
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        import pyvips
+
+        # fail_on="error" turns truncated or corrupt data into an error instead of grey rows.
+        image = pyvips.Image.new_from_file(str(self.path), access="sequential", fail_on="error")
+        return _to_rgb_vips(image)
+
+    def low_resolution(self, max_side: int) -> np.ndarray:
+        import pyvips
+
+        source = self.thumbnail_path if self.thumbnail_path and self.thumbnail_path.is_file() else self.path
+        try:
+            image = pyvips.Image.thumbnail(str(source), max_side, height=max_side, size="down", fail_on="error")
+            return _to_rgb_vips(image).numpy()
+        except pyvips.Error as err:
+            raise SlideError(f"cannot decode {source.name}: {_first_line(err)}") from err
+
+    def read_boxes(
+        self, boxes: Sequence[tuple[int, int]], extent: int, out_size: int
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        import pyvips
+
+        if not boxes:
+            return
+        image = self._open()
+        try:
+            for y, row in groupby(boxes, key=lambda box: box[1]):
+                row_boxes = list(row)
+                x_min = row_boxes[0][0]
+                x_max = row_boxes[-1][0] + extent
+                strip = image.crop(x_min, y, x_max - x_min, extent).numpy()
+                for x, _ in row_boxes:
+                    tile = strip[:, x - x_min : x - x_min + extent]
+                    yield (x, y), resize_to(np.ascontiguousarray(tile), out_size)
+        except pyvips.Error as err:
+            raise SlideError(f"cannot decode {self.path.name}: {_first_line(err)}") from err
+
+
+class OpenSlideSlide(SlideReader):
+    """A pyramidal slide (svs, tiff, ndpi, mrxs, ...) through openslide, reading from the best level."""
+
+    def __init__(self, path: str | Path):
+        import openslide
+
+        self.path = Path(path)
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
+            raise SlideError(f"cannot open {self.path.name} with openslide: {_first_line(err)}") from err
+        self.width, self.height = self._slide.dimensions
+        props = self._slide.properties
+        self.mpp = _positive_float(props.get(openslide.PROPERTY_NAME_MPP_X))
+        self.objective_power = _positive_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+
+    def low_resolution(self, max_side: int) -> np.ndarray:
+        return np.asarray(self._slide.get_thumbnail((max_side, max_side)).convert("RGB"))
+
+    def read_boxes(
+        self, boxes: Sequence[tuple[int, int]], extent: int, out_size: int
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        downsample = extent / out_size
+        level = self._slide.get_best_level_for_downsample(downsample)
+        level_downsample = self._slide.level_downsamples[level]
+        read_size = max(1, round(extent / level_downsample))
+        for x, y in boxes:
+            region = self._slide.read_region((x, y), level, (read_size, read_size))
+            yield (x, y), resize_to(_rgba_on_white(np.asarray(region)), out_size)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite openslide's RGBA onto white: unscanned areas are transparent, glass is white."""
+    rgb = rgba[..., :3].astype(np.float32)
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return np.clip(rgb * alpha + 255.0 * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _positive_float(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def open_slide(path: str | Path, thumbnail: str | Path | None = None) -> SlideReader:
+    """Open ``path`` with the right reader: openslide for pyramidal formats, pyvips streaming otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"file not found: {path}")
+    if path.suffix.lower() in PYRAMIDAL_SUFFIXES:
+        return OpenSlideSlide(path)
+    return PngSlide(path, thumbnail=thumbnail)
+
+
+def sorted_boxes(boxes: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Row-major order (by y, then x): the order a streaming reader needs."""
+    return sorted(boxes, key=lambda box: (box[1], box[0]))

@@ -1,0 +1,112 @@
+"""Where slides come from: the competition's CSVs and the external sources declared in config.
+
+Every slide is named ``{source}/{image_id}``; the competition's sources are ``train`` and ``test``.
+An external source is a mapping ``{name, kind, root, labels_csv, magnification}``: ``kind: slides``
+(whole slides, read by openslide or pyvips) or ``kind: patches`` (pre-cut tiles, one bag per image_id).
+Its labels CSV has columns ``image_id, file, label`` (``file`` relative to ``root``) and may add
+``patient_id`` or other group columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ubc_ocean.config import ConfigError
+from ubc_ocean.tiling.tiler import SlideSpec
+
+TRAIN, TEST = "train", "test"
+EXTERNAL_KINDS = ("slides", "patches")
+_SOURCE_KEYS = {"name", "kind", "root", "labels_csv", "magnification"}
+LABEL_COLUMNS = ("image_id", "file", "label")
+
+
+@dataclass
+class ExternalSource:
+    name: str
+    kind: str
+    root: Path
+    labels_csv: Path
+    magnification: float | None
+
+    def labels(self) -> pd.DataFrame:
+        if not self.labels_csv.is_file():
+            raise FileNotFoundError(f"external source '{self.name}': labels file not found: {self.labels_csv}")
+        frame = pd.read_csv(self.labels_csv, dtype={"image_id": str})
+        missing = [c for c in LABEL_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"external source '{self.name}': {self.labels_csv.name} lacks columns {missing}")
+        return frame
+
+
+def external_sources(cfg: Mapping) -> list[ExternalSource]:
+    """Validate and resolve ``external.sources``; roots are relative to ``paths.external``."""
+    sources = []
+    for position, entry in enumerate(cfg["external"]["sources"] or []):
+        unknown = set(entry) - _SOURCE_KEYS
+        if unknown:
+            raise ConfigError(f"unknown config key 'external.sources[{position}].{sorted(unknown)[0]}'")
+        name, kind = entry.get("name"), entry.get("kind", "slides")
+        if not name or name in (TRAIN, TEST):
+            raise ConfigError(f"external.sources[{position}] needs a name other than 'train'/'test'")
+        if kind not in EXTERNAL_KINDS:
+            raise ConfigError(f"external.sources[{position}].kind must be one of {EXTERNAL_KINDS}, got {kind!r}")
+        root = Path(cfg["paths"]["external"]) / str(entry.get("root", name))
+        labels = root / str(entry.get("labels_csv", "labels.csv"))
+        magnification = entry.get("magnification")
+        sources.append(ExternalSource(name, kind, root, labels, float(magnification) if magnification else None))
+    return sources
+
+
+def raw_path(cfg: Mapping, key: str) -> Path:
+    return Path(cfg["paths"]["raw"]) / cfg["data"][key]
+
+
+def read_train_csv(cfg: Mapping) -> pd.DataFrame:
+    frame = pd.read_csv(raw_path(cfg, "train_csv"), dtype={"image_id": str})
+    if frame["is_tma"].dtype != bool:
+        frame["is_tma"] = frame["is_tma"].astype(str).str.lower().isin(["true", "1"])
+    return frame
+
+
+def read_test_csv(cfg: Mapping) -> pd.DataFrame:
+    return pd.read_csv(raw_path(cfg, "test_csv"), dtype={"image_id": str})
+
+
+def competition_specs(cfg: Mapping, split: str) -> list[SlideSpec]:
+    """Slide specs for the competition's ``train`` or ``test`` images (thumbnails used when present)."""
+    frame = read_train_csv(cfg) if split == TRAIN else read_test_csv(cfg)
+    images = raw_path(cfg, f"{split}_images")
+    thumbnails = raw_path(cfg, f"{split}_thumbnails")
+    specs = []
+    for row in frame.itertuples(index=False):
+        image_id = str(row.image_id)
+        specs.append(
+            SlideSpec(
+                source=split,
+                image_id=image_id,
+                path=images / f"{image_id}.png",
+                thumbnail=thumbnails / f"{image_id}_thumbnail.png",
+                is_tma=bool(row.is_tma) if "is_tma" in frame.columns else None,
+                expected_size=(int(row.image_width), int(row.image_height)),
+                label=getattr(row, "label", None),
+            )
+        )
+    return specs
+
+
+def external_slide_specs(source: ExternalSource) -> list[SlideSpec]:
+    frame = source.labels().drop_duplicates("image_id")
+    return [
+        SlideSpec(
+            source=source.name,
+            image_id=str(row.image_id),
+            path=source.root / str(row.file),
+            magnification=source.magnification,
+            label=str(row.label),
+        )
+        for row in frame.itertuples(index=False)
+    ]

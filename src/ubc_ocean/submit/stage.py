@@ -1,0 +1,103 @@
+"""Stage 06: ensemble every model's OOF and test predictions, flag outliers as Other, write the submission.
+
+The "Other" threshold is calibrated on the ensemble's OOF predictions only (never on test). Every
+``test.csv`` id gets exactly one row; an image with no prediction (failed in stage 05) is labelled Other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ubc_ocean.config import save_config
+from ubc_ocean.inference.stage import read_test_predictions
+from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
+from ubc_ocean.mil.report import oof_metrics, seed_mean
+from ubc_ocean.mil.stage import run_dir
+from ubc_ocean.outliers import calibrate_threshold
+from ubc_ocean.sources import read_test_csv
+
+log = logging.getLogger(__name__)
+
+
+def submission_path(cfg: Mapping) -> Path:
+    return Path(cfg["paths"]["submissions"]) / f"{cfg['submit']['name']}.csv"
+
+
+def ensemble_weights(oof_scores: Mapping[str, float], mode: str) -> dict[str, float]:
+    """``equal`` or ``oof`` (proportional to each model's OOF balanced accuracy); weights sum to 1."""
+    if mode == "equal":
+        raw = {name: 1.0 for name in oof_scores}
+    elif mode == "oof":
+        raw = {name: max(score, 1e-6) for name, score in oof_scores.items()}
+    else:
+        raise ValueError(f"unknown submit.weighting {mode!r} (equal | oof)")
+    total = sum(raw.values())
+    return {name: value / total for name, value in raw.items()}
+
+
+def weighted_mean(frames: Mapping[str, pd.DataFrame], weights: Mapping[str, float], key: str,
+                  classes: Sequence[str]) -> pd.DataFrame:
+    """Weighted mean of the class columns of several tables aligned on ``key``."""
+    names = list(frames)
+    base = frames[names[0]].set_index(key).sort_index()
+    total = base[list(classes)] * weights[names[0]]
+    for name in names[1:]:
+        other = frames[name].set_index(key).reindex(base.index)
+        total = total + other[list(classes)] * weights[name]
+    return pd.concat([base.drop(columns=list(classes)), total], axis=1).reset_index()
+
+
+def label_predictions(probs: np.ndarray, flagged: np.ndarray, classes: Sequence[str], outlier: str) -> np.ndarray:
+    labels = np.asarray(classes, dtype=object)[probs.argmax(1)]
+    labels[flagged] = outlier
+    return labels
+
+
+def run(cfg: Mapping) -> Path:
+    """Write ``submissions/{submit.name}.csv`` and ``{run}/ensemble.json``; returns the submission path."""
+    out = run_dir(cfg)
+    classes = list(cfg["data"]["classes"])
+    outlier = cfg["data"]["outlier_label"]
+    models = sorted(p.parent.name for p in out.glob("*/oof.csv") if any(p.parent.glob("test_predictions*.csv")))
+    if cfg["inference"]["models"]:
+        models = [m for m in models if m in cfg["inference"]["models"]]
+    if not models:
+        raise FileNotFoundError(f"no model in {out} has both oof.csv and test predictions: run stages 04-05")
+    oof = {m: seed_mean(pd.read_csv(out / m / "oof.csv", dtype={"image_id": str}), classes) for m in models}
+    scores = {m: oof_metrics(frame, classes)["balanced_accuracy"] for m, frame in oof.items()}
+    weights = ensemble_weights(scores, cfg["submit"]["weighting"])
+    oof_ensemble = weighted_mean(oof, weights, "slide_id", classes)
+    metrics = oof_metrics(oof_ensemble, classes)
+    threshold = calibrate_threshold(oof_ensemble[classes].to_numpy(), cfg["outliers"]["score"],
+                                    float(cfg["outliers"]["in_distribution_flag_rate"]))
+    test = {m: read_test_predictions(out / m) for m in models}
+    test_ensemble = weighted_mean(test, weights, "image_id", classes)
+    probs = test_ensemble[classes].to_numpy()
+    labels = label_predictions(probs, threshold.flag(probs), classes, outlier)
+    predicted = dict(zip(test_ensemble["image_id"].astype(str), labels, strict=True))
+    test_ids = read_test_csv(cfg)["image_id"].astype(str)
+    missing = [i for i in test_ids if i not in predicted]
+    if missing:
+        log.warning("%d test images have no prediction; labelled %s: %s", len(missing), outlier, missing[:10])
+    submission = pd.DataFrame({"image_id": test_ids, "label": [predicted.get(i, outlier) for i in test_ids]})
+    path = submission_path(cfg)
+    atomic_write_csv(submission, path)
+    report = {
+        "models": models, "weights": weights, "oof_balanced_accuracy_per_model": scores,
+        "oof_balanced_accuracy": metrics["balanced_accuracy"], "oof_metrics": metrics,
+        "outlier_threshold": {"score": threshold.score, "threshold": threshold.threshold,
+                              "flag_rate": threshold.flag_rate},
+        "test_images": len(submission), "test_missing": missing,
+        "label_counts": submission["label"].value_counts().to_dict(), "submission": str(path),
+    }
+    atomic_write_text(out / "ensemble.json", json.dumps(report, indent=2))
+    save_config(cfg, out, "config_06.yaml")
+    log.info("stage 06: ensemble of %s, OOF balanced accuracy %.3f; %d test rows (%s) -> %s", models,
+             metrics["balanced_accuracy"], len(submission), report["label_counts"], path)
+    return path

