@@ -39,15 +39,14 @@ TINY_OVERRIDES = [
 ]
 
 
+def tiny_overrides(data_root: Path, *extra: str) -> list[str]:
+    """Command-line overrides that shrink the demo config and write everything under ``data_root``."""
+    return [*TINY_OVERRIDES, f"paths.data_root={data_root}", f"paths.submissions={data_root / 'submissions'}", *extra]
+
+
 def tiny_config(data_root: Path, *extra: str) -> Config:
     """The demo config shrunk for tests, writing everything under ``data_root``."""
-    overrides = [
-        *TINY_OVERRIDES,
-        f"paths.data_root={data_root}",
-        f"paths.submissions={data_root / 'submissions'}",
-        *extra,
-    ]
-    return load_config(REPO / "configs" / "demo.yaml", overrides)
+    return load_config(REPO / "configs" / "demo.yaml", tiny_overrides(data_root, *extra))
 
 
 @pytest.fixture(scope="session")

@@ -76,3 +76,10 @@ def test_cli_reports_misspelt_key(capsys):
     code = main(lambda cfg: None, "x", ["--config", str(REPO / "configs/demo.yaml"), "tiling.tyle_size=3"])
     assert code == 2
     assert "tiling.tyle_size" in capsys.readouterr().err
+
+
+def test_free_form_mapping_merges_across_layers():
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      ["mil.model_options={abmil: {hidden_dim: 32}}", "mil.model_options.transmil.dropout=0.2"])
+    assert cfg.mil.model_options["abmil"]["hidden_dim"] == 32
+    assert cfg.mil.model_options["transmil"] == {"hidden_dim": 128, "dropout": 0.2}  # demo.yaml's value kept

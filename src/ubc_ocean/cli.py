@@ -19,6 +19,7 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("pyvips").setLevel(logging.WARNING)  # libvips is chatty at INFO
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:

@@ -70,18 +70,38 @@ def _unknown_key(dotted: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{dotted}'{hint}")
 
 
-def _merge(base: dict, layer: Mapping, prefix: str = "") -> None:
-    """Merge ``layer`` into ``base`` in place, refusing keys that ``base`` lacks."""
+def free_form_keys(node: Mapping, prefix: str = "") -> set[str]:
+    """Dotted keys whose default is an empty mapping: their contents are not checked against a schema."""
+    keys = set()
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            keys |= {f"{prefix}{key}"} if not value else free_form_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _deep_update(base: dict, layer: Mapping) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _merge(base: dict, layer: Mapping, free: set[str], prefix: str = "") -> None:
+    """Merge ``layer`` into ``base`` in place, refusing keys that ``base`` lacks (outside free-form keys)."""
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
         if key not in base:
             raise _unknown_key(dotted, base.keys())
         current = base[key]
-        free_form = isinstance(current, dict) and not current
-        if isinstance(current, dict) and not free_form:
+        if dotted in free:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{dotted}' must be a mapping, got {value!r}")
-            _merge(current, value, prefix=f"{dotted}.")
+            _deep_update(current, value)
+        elif isinstance(current, dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{dotted}' must be a mapping, got {value!r}")
+            _merge(current, value, free, prefix=f"{dotted}.")
         else:
             base[key] = copy.deepcopy(value)
 
@@ -140,10 +160,11 @@ def load_config(
     Relative paths in ``paths`` are resolved against ``root`` (default: the repository root).
     """
     cfg = _read_yaml(DEFAULTS_FILE)
+    free = free_form_keys(cfg)
     layers = _file_layers(Path(path).resolve()) if path else []
     layers += [parse_override(text) for text in overrides]
     for layer in layers:
-        _merge(cfg, layer)
+        _merge(cfg, layer, free)
     _resolve_paths(cfg, Path(root).resolve() if root else REPO_ROOT)
     return _wrap(cfg)
 
