@@ -1,0 +1,117 @@
+"""TransMIL (Shao et al., NeurIPS 2021): Nystrom-attention transformer with a pyramid position encoding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from nystrom_attention import NystromAttention
+from torch import nn
+
+from ubc_ocean.mil.base import MILModel
+from ubc_ocean.mil.registry import register
+
+
+def pad_to_square(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Pad ``[B, N, C]`` patch tokens to ``side**2`` tokens, ``side = ceil(sqrt(N))``, by appending
+    copies of the first tokens (cyclically, though ``side**2 - N <= N`` always holds); returns the
+    padded tokens and ``side``."""
+    n = tokens.shape[1]
+    if n < 1:
+        raise ValueError("cannot pad an empty token sequence")
+    side = math.isqrt(n)
+    if side * side < n:
+        side += 1
+    add = side * side - n
+    if add == 0:
+        return tokens, side
+    index = torch.arange(add, device=tokens.device) % n
+    return torch.cat([tokens, tokens[:, index]], dim=1), side
+
+
+class TransLayer(nn.Module):
+    """Pre-norm residual Nystrom self-attention: ``x + NystromAttention(LayerNorm(x))``."""
+
+    def __init__(self, dim: int, heads: int = 8, num_landmarks: int | None = None, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attention = NystromAttention(
+            dim=dim,
+            dim_head=dim // heads,
+            heads=heads,
+            num_landmarks=num_landmarks if num_landmarks is not None else dim // 2,
+            pinv_iterations=6,
+            residual=True,
+            dropout=dropout,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attention(self.norm(x))
+
+
+class PPEG(nn.Module):
+    """Pyramid position encoding generator: identity plus depthwise 7x7, 5x5 and 3x3 convolutions over
+    the patch tokens laid out on a ``side x side`` grid; the leading cls token passes through unchanged."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv7 = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.conv5 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.conv3 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        b, n, c = x.shape
+        if n != side * side + 1:
+            raise ValueError(f"PPEG expects 1 cls + {side}x{side} patch tokens, got {n} tokens")
+        cls_token, patches = x[:, :1], x[:, 1:]
+        grid = patches.transpose(1, 2).reshape(b, c, side, side)
+        grid = grid + self.conv7(grid) + self.conv5(grid) + self.conv3(grid)
+        return torch.cat([cls_token, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+@register("transmil")
+class TransMIL(MILModel):
+    """``Linear+ReLU`` projection; pad to a square; prepend cls; TransLayer; PPEG; TransLayer; LayerNorm;
+    ``Linear`` head on the cls token. ``embedding`` is the normalised cls token. No ``attention`` output.
+
+    Nystrom attention keeps memory linear in the bag size (``N x num_landmarks`` similarity blocks).
+    Defaults (hidden 512, 8 heads of 64, 256 landmarks, dropout 0.1) follow the paper.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden_dim: int = 512,
+        heads: int = 8,
+        num_landmarks: int | None = None,
+        dropout: float = 0.1,
+    ) -> None:
+        if heads < 1 or hidden_dim % heads:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be a positive multiple of heads ({heads})")
+        landmarks = num_landmarks if num_landmarks is not None else hidden_dim // 2
+        if landmarks < 1:
+            raise ValueError(f"num_landmarks must be positive, got {landmarks}")
+        super().__init__(
+            in_dim,
+            n_classes,
+            options={"hidden_dim": hidden_dim, "heads": heads, "num_landmarks": landmarks, "dropout": dropout},
+            embedding_dim=hidden_dim,
+        )
+        self.instance_encoder = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
+        self.layer1 = TransLayer(hidden_dim, heads, landmarks, dropout)
+        self.ppeg = PPEG(hidden_dim)
+        self.layer2 = TransLayer(hidden_dim, heads, landmarks, dropout)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def forward_bag(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.instance_encoder(bag)  # [1, N, hidden]
+        h, side = pad_to_square(h)
+        x = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+        x = self.layer1(x)
+        x = self.ppeg(x, side)
+        x = self.layer2(x)
+        embedding = self.norm(x)[:, 0]  # [1, hidden]
+        return {"logits": self.classifier(embedding), "embedding": embedding}

@@ -1,0 +1,89 @@
+"""The encoder registry, the h5 cache and fused streaming, with the real pretrained default encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from ubc_ocean.features import WeightsMismatchError, create_encoder
+from ubc_ocean.features import cache
+from ubc_ocean.features.embed import embed_batches
+from ubc_ocean.features.encoders import efficientnet_lite0_imagenet
+from ubc_ocean.features.fused import embed_slide_streaming
+from ubc_ocean.features.stage import embed_tile_folder
+from ubc_ocean.sources import TRAIN, competition_specs
+from ubc_ocean.tiling import store
+from ubc_ocean.tiling.stage import tile_slide
+from tests.conftest import tiny_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return create_encoder("efficientnet_lite0", input_size=64)
+
+
+def test_default_encoder_is_imagenet_pretrained():
+    model = efficientnet_lite0_imagenet().eval()
+    cat = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
+    cat = torch.nn.functional.interpolate(cat, size=(224, 224), mode="bilinear", antialias=True)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        top5 = model((cat - mean) / std).topk(5).indices[0].tolist()
+    assert top5[0] in range(281, 286)  # ImageNet's domestic cat classes (tabby, tiger cat, Persian, ...)
+    assert sum(i in range(281, 294) for i in top5) >= 3
+
+
+def test_encoder_data_config_and_identity(encoder):
+    assert encoder.out_dim == 1280 and encoder.input_size == 64
+    assert encoder.mean == pytest.approx((0.485, 0.456, 0.406))
+    other = create_encoder("efficientnet_lite0", input_size=96)
+    assert encoder.cache_name != other.cache_name
+
+
+def test_weights_that_do_not_fit_list_the_keys(tmp_path):
+    path = tmp_path / "bad.pth"
+    torch.save({"conv_stem.weight": torch.zeros(8, 3, 3, 3), "not_a_layer.weight": torch.zeros(2)}, path)
+    with pytest.raises(WeightsMismatchError) as err:
+        create_encoder("efficientnet_lite0", weights=path)
+    text = str(err.value)
+    assert "not_a_layer.weight" in text and "bn1.weight" in text and "conv_stem.weight" in text
+
+
+def test_unknown_weights_free_model_is_refused():
+    with pytest.raises(ValueError, match="needs a weights file"):
+        create_encoder("resnet18")
+
+
+def test_h5_round_trip(tmp_path):
+    feats = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+    coords = np.arange(10).reshape(5, 2)
+    path = tmp_path / "train" / "1.h5"
+    cache.write_embeddings(path, feats, coords, {"encoder": "x", "weights_sha256": None})
+    got, got_coords, attrs = cache.read_embeddings(path)
+    assert got.dtype == np.float16 and np.allclose(got, feats, atol=1e-2)
+    assert (got_coords == coords).all() and attrs["encoder"] == "x" and "package_version" in attrs
+    assert cache.is_complete(path)
+    path.write_bytes(b"truncated")
+    assert not cache.is_complete(path)
+
+
+def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path, encoder):
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "tiling.format=png")
+    spec = competition_specs(cfg, TRAIN)[0]
+    assert tile_slide(spec, cfg).status == "done"
+    folder = store.slide_dir(cfg, spec.source, spec.image_id)
+    features, coords, bad = embed_tile_folder(folder, encoder, cfg, CPU)
+    assert not bad and features.shape == (len(store.read_index(folder)), 1280)
+    # Two-step features equal a direct forward over the same tile files.
+    tiles = np.stack([store.read_tile(folder / name) for name in store.read_index(folder)["file"]])
+    direct = np.concatenate(list(embed_batches(encoder, [tiles], CPU)))
+    np.testing.assert_allclose(features, direct, rtol=1e-4, atol=1e-4)
+    # Fused streaming (no tiles written) gives the same features for the same slide (lossless PNG tiles).
+    fused, fused_coords, info = embed_slide_streaming(spec, cfg, encoder, CPU)
+    assert (fused_coords == coords).all() and info["n_tiles"] == len(fused)
+    np.testing.assert_allclose(fused, features, rtol=1e-3, atol=1e-3)

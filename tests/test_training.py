@@ -1,0 +1,101 @@
+"""Training one model on a fold: learning, reproducibility, checkpoints; the ensemble and the Other rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ubc_ocean.config import load_config
+from ubc_ocean.mil.bags import BagError, check_bag, sample_instances
+from ubc_ocean.mil.checkpoint import load_checkpoint, save_checkpoint
+from ubc_ocean.mil.train import class_weights, fit, predict_bags
+from ubc_ocean.submit.stage import ensemble_weights, label_predictions, weighted_mean
+
+CPU = torch.device("cpu")
+
+
+def _bags(n_per_class: int, n_classes: int = 3, dim: int = 16, seed: int = 0):
+    """Bags of noise instances plus a few instances near a class-specific centre."""
+    centres = np.random.default_rng(123).normal(size=(n_classes, dim)) * 3  # the same for every call
+    rng = np.random.default_rng(seed)
+    bags, labels = [], []
+    for label in range(n_classes):
+        for _ in range(n_per_class):
+            size = int(rng.integers(8, 30))
+            bag = rng.normal(size=(size, dim))
+            bag[: max(2, size // 4)] += centres[label]
+            bags.append(torch.tensor(bag, dtype=torch.float16))
+            labels.append(label)
+    return bags, labels
+
+
+def _mil_cfg(**changes):
+    cfg = load_config(None, ["mil.epochs=8", "mil.lr=0.001", "mil.max_instances=16", "mil.feature_dropout=0.0"])
+    return {**cfg.mil, **changes}
+
+
+@pytest.mark.parametrize("model", ["abmil", "transmil"])
+def test_fit_learns_and_keeps_best_epoch(model):
+    train_bags, train_labels = _bags(8)
+    valid_bags, valid_labels = _bags(4, seed=1)
+    options = {"hidden_dim": 32} if model == "transmil" else {"hidden_dim": 32, "attention_dim": 16}
+    result = fit(model, options, train_bags, train_labels, valid_bags, valid_labels, 3, _mil_cfg(), 0, CPU)
+    assert result.best_score == pytest.approx(1.0)
+    assert result.valid_probs.shape == (12, 3) and np.allclose(result.valid_probs.sum(1), 1, atol=1e-5)
+    assert len(result.curves) >= result.best_epoch + 1
+    probs, _ = predict_bags(result.model, valid_bags, CPU)
+    np.testing.assert_allclose(probs, result.valid_probs, atol=1e-6)  # the kept weights are the best epoch's
+
+
+def test_fit_is_bit_reproducible_on_cpu():
+    bags, labels = _bags(4)
+    runs = [fit("abmil", {"hidden_dim": 16, "attention_dim": 8}, bags, labels, bags, labels, 3,
+                _mil_cfg(epochs=2, feature_dropout=0.2), 7, CPU) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].valid_probs, runs[1].valid_probs)
+
+
+def test_checkpoint_rebuilds_the_same_model(tmp_path):
+    bags, labels = _bags(3)
+    result = fit("abmil", {"hidden_dim": 16, "attention_dim": 8}, bags, labels, bags, labels, 3,
+                 _mil_cfg(epochs=1), 0, CPU)
+    save_checkpoint(tmp_path / "m.pt", result.model, ["A", "B", "C"], {"fold": 0})
+    model, payload = load_checkpoint(tmp_path / "m.pt")
+    assert payload["classes"] == ["A", "B", "C"] and payload["fold"] == 0
+    np.testing.assert_allclose(predict_bags(model, bags, CPU)[0], result.valid_probs, atol=1e-6)
+
+
+def test_class_weights_inverse_frequency():
+    weights = class_weights([0, 0, 0, 1], 3)
+    assert weights[1] == pytest.approx(3 * weights[0]) and weights[2] == 0
+
+
+def test_bag_checks_and_subsampling():
+    with pytest.raises(BagError, match="empty"):
+        check_bag(np.zeros((0, 4)), "s")
+    with pytest.raises(BagError, match="NaN"):
+        check_bag(np.array([[np.nan, 1.0]]), "s")
+    with pytest.raises(BagError, match="width"):
+        check_bag(np.zeros((3, 4)), "s", in_dim=5)
+    bag = torch.arange(100).view(50, 2)
+    sub = sample_instances(bag, 10, torch.Generator().manual_seed(0))
+    assert sub.shape == (10, 2) and len(set(sub[:, 0].tolist())) == 10
+    assert sample_instances(bag, 0, torch.Generator()).shape == (50, 2)
+
+
+def test_ensemble_weights_and_alignment():
+    assert ensemble_weights({"a": 0.6, "b": 0.9}, "equal") == {"a": 0.5, "b": 0.5}
+    assert ensemble_weights({"a": 0.6, "b": 0.9}, "oof")["b"] == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        ensemble_weights({"a": 1.0}, "median")
+    a = pd.DataFrame({"image_id": ["1", "2"], "X": [1.0, 0.0], "Y": [0.0, 1.0]})
+    b = pd.DataFrame({"image_id": ["2", "1"], "X": [0.0, 0.0], "Y": [1.0, 1.0]})  # other row order
+    mean = weighted_mean({"a": a, "b": b}, {"a": 0.5, "b": 0.5}, "image_id", ["X", "Y"]).set_index("image_id")
+    assert mean.loc["1", "X"] == pytest.approx(0.5) and mean.loc["2", "Y"] == pytest.approx(1.0)
+
+
+def test_flagged_rows_become_other():
+    probs = np.array([[0.9, 0.1], [0.5, 0.5]])
+    labels = label_predictions(probs, np.array([False, True]), ["A", "B"], "Other")
+    assert labels.tolist() == ["A", "Other"]
