@@ -7,8 +7,8 @@ import pytest
 import torch
 from skimage import data
 
-from ubc_ocean.features import WeightsMismatchError, create_encoder
-from ubc_ocean.features import cache
+from tests.conftest import tiny_config
+from ubc_ocean.features import WeightsMismatchError, cache, create_encoder
 from ubc_ocean.features.embed import embed_batches
 from ubc_ocean.features.encoders import efficientnet_lite0_imagenet
 from ubc_ocean.features.fused import embed_slide_streaming
@@ -16,7 +16,6 @@ from ubc_ocean.features.stage import embed_tile_folder
 from ubc_ocean.sources import TRAIN, competition_specs
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
-from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
 
