@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ubc_ocean.memory import limit_malloc_arenas
+
 log = logging.getLogger(__name__)
 
 PYRAMIDAL_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
@@ -95,6 +97,11 @@ class PngSlide(SlideReader):
     def _open(self):  # type: ignore[no-untyped-def]
         import pyvips
 
+        # Streaming reads are never repeated: libvips' operation cache would only pin decoded strips. PNG
+        # decoding is serial, so extra libvips worker threads would only add strip-sized buffers; slides
+        # run in parallel as processes (--workers) instead.
+        pyvips.cache_set_max(0)
+        pyvips.concurrency_set(1)
         # fail_on="error" turns truncated or corrupt data into an error instead of grey rows.
         image = pyvips.Image.new_from_file(str(self.path), access="sequential", fail_on="error")
         return _to_rgb_vips(image)
@@ -126,6 +133,7 @@ class PngSlide(SlideReader):
                 for x, _ in row_boxes:
                     tile = strip[:, x - x_min : x - x_min + extent]
                     yield (x, y), resize_to(np.ascontiguousarray(tile), out_size)
+                del strip, tile  # free this strip before libvips decodes the next one
         except pyvips.Error as err:
             raise SlideError(f"cannot decode {self.path.name}: {_first_line(err)}") from err
 
@@ -186,6 +194,7 @@ def _first_line(err: BaseException) -> str:
 
 def open_slide(path: str | Path, thumbnail: str | Path | None = None) -> SlideReader:
     """Open ``path`` with the right reader: openslide for pyramidal formats, pyvips streaming otherwise."""
+    limit_malloc_arenas()  # before libvips or tile writers start threads
     path = Path(path)
     if not path.is_file():
         raise SlideError(f"file not found: {path}")

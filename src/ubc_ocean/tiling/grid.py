@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 
@@ -34,28 +35,17 @@ def slide_seed(slide_id: str, seed: int) -> int:
 def cell_fractions(mask: np.ndarray, width: int, height: int, extent: int) -> np.ndarray:
     """Fraction of each ``extent``-sized level-0 grid cell covered by ``mask`` (a low-resolution view).
 
-    Returns [rows, cols] for the complete cells of the slide, via a summed-area table.
+    Returns [rows, cols] for the complete cells of the slide: the mask's part that covers them is
+    area-averaged onto the grid (cv2's INTER_AREA), which handles cells of fractional mask size.
     """
     cols, rows = width // extent, height // extent
     if cols == 0 or rows == 0:
         return np.zeros((rows, cols), dtype=np.float32)
     mh, mw = mask.shape
-    integral = np.zeros((mh + 1, mw + 1), dtype=np.float64)
-    integral[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
-    x_edges = np.arange(cols + 1) * extent * (mw / width)
-    y_edges = np.arange(rows + 1) * extent * (mh / height)
-    x_lo = np.floor(x_edges[:-1]).astype(int)
-    x_hi = np.maximum(np.ceil(x_edges[1:]).astype(int), x_lo + 1).clip(max=mw)
-    y_lo = np.floor(y_edges[:-1]).astype(int)
-    y_hi = np.maximum(np.ceil(y_edges[1:]).astype(int), y_lo + 1).clip(max=mh)
-    total = (
-        integral[np.ix_(y_hi, x_hi)]
-        - integral[np.ix_(y_lo, x_hi)]
-        - integral[np.ix_(y_hi, x_lo)]
-        + integral[np.ix_(y_lo, x_lo)]
-    )
-    area = np.outer(y_hi - y_lo, x_hi - x_lo)
-    return (total / area).astype(np.float32)
+    covered_w = max(1, min(mw, round(cols * extent * mw / width)))
+    covered_h = max(1, min(mh, round(rows * extent * mh / height)))
+    region = np.ascontiguousarray(mask[:covered_h, :covered_w], dtype=np.float32)
+    return cv2.resize(region, (cols, rows), interpolation=cv2.INTER_AREA)
 
 
 def _cap(order: np.ndarray, max_tiles: int, sampling: str, seed: int) -> np.ndarray:

@@ -63,10 +63,11 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
             with atomic_path(folder) as tmp:
                 tmp.mkdir(parents=True)
                 rows = []
-                for record, rgb in iter_tiles(prepared, float(tiling["min_blur_score"])):
-                    name = store.tile_file_name(record.x, record.y, tiling["format"])
-                    store.write_tile(tmp / name, rgb, tiling["format"], tiling["jpeg_quality"])
-                    rows.append(_tile_record_row(record, name))
+                with store.TileWriter(tiling["format"], tiling["jpeg_quality"]) as writer:
+                    for record, rgb in iter_tiles(prepared, float(tiling["min_blur_score"])):
+                        name = store.tile_file_name(record.x, record.y, tiling["format"])
+                        writer.submit(tmp / name, rgb)
+                        rows.append(_tile_record_row(record, name))
                 if not rows:
                     raise SlideError("no tissue found: every tile is background (blank or all-black image?)")
                 store.write_index(tmp, rows)

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import yaml
+
+from ubc_ocean.memory import limit_malloc_arenas
 
 INDEX_COLUMNS = ["file", "x", "y", "extent", "magnification", "tissue_fraction", "blur_score"]
 INDEX_FILE = "index.csv"
@@ -89,3 +93,33 @@ def write_slide_info(folder: Path, info: Mapping) -> None:
 
 def read_slide_info(folder: Path) -> dict:
     return json.loads((folder / SLIDE_FILE).read_text())
+
+
+class TileWriter:
+    """Encodes and writes tiles on background threads (OpenCV releases the GIL) while the caller decodes.
+
+    At most ``max_pending`` tiles wait in memory; leaving the ``with`` block waits for every write and
+    re-raises the first error.
+    """
+
+    def __init__(self, fmt: str, jpeg_quality: int, threads: int = 2, max_pending: int = 64):
+        limit_malloc_arenas()
+        self.fmt, self.jpeg_quality = fmt, jpeg_quality
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-writer")
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, path: Path, rgb: np.ndarray) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(write_tile, path, rgb, self.fmt, self.jpeg_quality))
+
+    def __enter__(self) -> TileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -8,17 +8,32 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 
 def background_mask(rgb: np.ndarray, black_value: int, white_value: int) -> np.ndarray:
     """True where a pixel is WSI black fill (all channels dark) or glass/TMA white (all channels bright)."""
-    return (rgb.max(axis=-1) < black_value) | (rgb.min(axis=-1) > white_value)
+    red, green, blue = cv2.split(np.ascontiguousarray(rgb))
+    brightest = cv2.max(cv2.max(red, green), blue)
+    darkest = cv2.min(cv2.min(red, green), blue)
+    return (brightest < black_value) | (darkest > white_value)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation scaled to 0-255 (uint8)."""
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values from their 256-bin histogram: the split maximising between-class variance."""
+    histogram = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    weight_low = np.cumsum(histogram)
+    weight_high = weight_low[-1] - weight_low
+    cumulative = np.cumsum(histogram * np.arange(256))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_low = cumulative / weight_low
+        mean_high = (cumulative[-1] - cumulative) / weight_high
+        between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(np.nanargmax(np.nan_to_num(between, nan=-1.0)))
 
 
 def saturation_threshold(sat: np.ndarray, candidate: np.ndarray, setting: str | float, floor: float) -> float:
@@ -29,10 +44,10 @@ def saturation_threshold(sat: np.ndarray, candidate: np.ndarray, setting: str | 
     """
     if str(setting).lower() != "otsu":
         return float(setting)
-    values = np.where(candidate, sat, 0)
+    values = np.where(candidate, sat, 0).astype(np.uint8)
     if values.size < 2 or values.min() == values.max():
         return float(floor)
-    return max(float(threshold_otsu(values)), float(floor))
+    return max(otsu_threshold(values), float(floor))
 
 
 @dataclass
