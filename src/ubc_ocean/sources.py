@@ -93,6 +93,7 @@ def competition_specs(cfg: Mapping, split: str) -> list[SlideSpec]:
                 is_tma=bool(row.is_tma) if "is_tma" in frame.columns else None,
                 expected_size=(int(row.image_width), int(row.image_height)),
                 label=getattr(row, "label", None),
+                competition_scale=True,
             )
         )
     return specs

@@ -24,7 +24,7 @@ def embed_slide_streaming(
     records: list[TileRecord] = []
 
     def tiles() -> Iterator[np.ndarray]:
-        for record, rgb in iter_tiles(prepared, float(cfg["tiling"]["min_blur_score"])):
+        for record, rgb in iter_tiles(prepared):
             records.append(record)
             yield rgb
 

@@ -37,4 +37,7 @@ def native_magnification(
         return float(source_magnification)
     if slides_cfg is not None and is_tma is not None:
         return float(slides_cfg["tma_magnification"] if is_tma else slides_cfg["wsi_magnification"])
-    raise ValueError("no magnification: the slide has no mpp/objective power and its source sets none")
+    raise ValueError(
+        "no magnification: the slide has no mpp or objective power and its source sets none "
+        "(set `magnification` on its external.sources entry)"
+    )

@@ -91,7 +91,7 @@ class PngSlide(SlideReader):
         try:
             header = pyvips.Image.new_from_file(str(self.path), access="sequential")
         except pyvips.Error as err:
-            raise SlideError(f"cannot open {self.path.name}: {_first_line(err)}") from err
+            raise SlideError(f"cannot open: {_error_text(err)}") from err
         self.width, self.height = header.width, header.height
 
     def _open(self):  # type: ignore[no-untyped-def]
@@ -114,7 +114,8 @@ class PngSlide(SlideReader):
             image = pyvips.Image.thumbnail(str(source), max_side, height=max_side, size="down", fail_on="error")
             return _to_rgb_vips(image).numpy()
         except pyvips.Error as err:
-            raise SlideError(f"cannot decode {source.name}: {_first_line(err)}") from err
+            what = f"thumbnail {source.name}" if source != self.path else "image data"
+            raise SlideError(f"truncated or corrupt {what}: {_error_text(err)}") from err
 
     def read_boxes(
         self, boxes: Sequence[tuple[int, int]], extent: int, out_size: int
@@ -135,7 +136,7 @@ class PngSlide(SlideReader):
                     yield (x, y), resize_to(np.ascontiguousarray(tile), out_size)
                 del strip, tile  # free this strip before libvips decodes the next one
         except pyvips.Error as err:
-            raise SlideError(f"cannot decode {self.path.name}: {_first_line(err)}") from err
+            raise SlideError(f"truncated or corrupt image data: {_error_text(err)}") from err
 
 
 class OpenSlideSlide(SlideReader):
@@ -148,7 +149,7 @@ class OpenSlideSlide(SlideReader):
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
-            raise SlideError(f"cannot open {self.path.name} with openslide: {_first_line(err)}") from err
+            raise SlideError(f"openslide cannot open it: {_error_text(err)}") from err
         self.width, self.height = self._slide.dimensions
         props = self._slide.properties
         self.mpp = _positive_float(props.get(openslide.PROPERTY_NAME_MPP_X))
@@ -187,9 +188,10 @@ def _positive_float(value: object) -> float | None:
     return number if number > 0 else None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _error_text(err: BaseException) -> str:
+    """A library error on one line (libvips puts the cause on the lines after its summary)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(err).__name__
 
 
 def open_slide(path: str | Path, thumbnail: str | Path | None = None) -> SlideReader:

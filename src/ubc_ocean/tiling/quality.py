@@ -1,9 +1,15 @@
-"""Per-tile quality scores."""
+"""Per-tile quality scores: focus (blur) and marker-pen / black-artefact coverage."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+
+# OpenCV hue runs 0-179. H&E stains sit at pink-red-purple hues (about 125-179 and 0-10); marker pens
+# used on slides are green, blue or black.
+_GREEN_PEN_HUES = (35, 90)
+_BLUE_PEN_HUES = (95, 122)
+_PEN_MIN_SATURATION = 90
 
 
 def blur_score(rgb: np.ndarray) -> float:
@@ -11,3 +17,18 @@ def blur_score(rgb: np.ndarray) -> float:
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     _, std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
     return float(std[0, 0]) ** 2
+
+
+def artefact_fraction(rgb: np.ndarray, black_value: int, dark_value: int) -> float:
+    """Fraction of the tile covered by green/blue marker ink or near-black matter (ink, dust, folds).
+
+    Near-black means max(R,G,B) in [black_value, dark_value): darker pixels are the WSI's black fill,
+    which is background, not an artefact.
+    """
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    inked = sat >= _PEN_MIN_SATURATION
+    green = inked & (hue >= _GREEN_PEN_HUES[0]) & (hue <= _GREEN_PEN_HUES[1])
+    blue = inked & (hue >= _BLUE_PEN_HUES[0]) & (hue <= _BLUE_PEN_HUES[1])
+    dark = (val >= black_value) & (val < dark_value)  # HSV value is max(R, G, B)
+    return float(np.count_nonzero(green | blue | dark)) / hue.size

@@ -64,7 +64,7 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
                 tmp.mkdir(parents=True)
                 rows = []
                 with store.TileWriter(tiling["format"], tiling["jpeg_quality"]) as writer:
-                    for record, rgb in iter_tiles(prepared, float(tiling["min_blur_score"])):
+                    for record, rgb in iter_tiles(prepared):
                         name = store.tile_file_name(record.x, record.y, tiling["format"])
                         writer.submit(tmp / name, rgb)
                         rows.append(_tile_record_row(record, name))

@@ -11,7 +11,7 @@ import numpy as np
 
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
 from ubc_ocean.tiling.grid import TilePlan, plan_tiles, slide_seed
-from ubc_ocean.tiling.quality import blur_score
+from ubc_ocean.tiling.quality import artefact_fraction, blur_score
 from ubc_ocean.tiling.tissue import TissueMasks, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class SlideSpec:
     magnification: float | None = None  # per-source setting, used when the file has no mpp
     expected_size: tuple[int, int] | None = None  # (width, height) from the CSV, checked against the file
     label: str | None = None
+    competition_scale: bool = False  # no mpp: WSI 20x / TMA 40x (slides.*), as for the competition's PNGs
 
     @property
     def slide_id(self) -> str:
@@ -48,6 +49,7 @@ class PreparedSlide:
     low_res: np.ndarray
     masks: TissueMasks
     plan: TilePlan
+    quality: dict
     info: dict = field(default_factory=dict)
 
     def close(self) -> None:
@@ -93,7 +95,7 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
                 mpp=reader.mpp,
                 objective_power=reader.objective_power,
                 source_magnification=spec.magnification,
-                slides_cfg=slides_cfg,
+                slides_cfg=slides_cfg if spec.competition_scale else None,
             )
         except ValueError as err:
             raise SlideError(str(err)) from err
@@ -127,16 +129,30 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
         "planned_tiles": len(plan),
         "fallback": plan.fallback,
     }
-    return PreparedSlide(spec, reader, bool(is_tma), native, target, tile_size, low_res, masks, plan, info)
+    quality = {
+        "min_blur_score": float(tiling["min_blur_score"]),
+        "max_artefact_fraction": float(tiling["max_artefact_fraction"]),
+        "black_value": int(tiling["black_value"]),
+        "dark_value": int(tiling["dark_value"]),
+    }
+    return PreparedSlide(spec, reader, bool(is_tma), native, target, tile_size, low_res, masks, plan, quality, info)
 
 
-def iter_tiles(prepared: PreparedSlide, min_blur: float = 0.0) -> Iterator[tuple[TileRecord, np.ndarray]]:
-    """Read the planned tiles in one row-major pass, yielding those that pass the blur filter."""
-    plan = prepared.plan
+def iter_tiles(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
+    """Read the planned tiles in one row-major pass, yielding those that pass the quality filters.
+
+    Rejections are counted in ``prepared.info`` (``rejected_blur``, ``rejected_artefact``).
+    """
+    plan, quality = prepared.plan, prepared.quality
     fraction_by_box = dict(zip(plan.boxes, plan.tissue_fraction.tolist(), strict=True))
+    prepared.info.update(rejected_blur=0, rejected_artefact=0)
     for (x, y), rgb in prepared.reader.read_boxes(plan.boxes, plan.extent, prepared.tile_size):
         score = blur_score(rgb)
-        if score < min_blur:
+        if score < quality["min_blur_score"]:
+            prepared.info["rejected_blur"] += 1
+            continue
+        if artefact_fraction(rgb, quality["black_value"], quality["dark_value"]) > quality["max_artefact_fraction"]:
+            prepared.info["rejected_artefact"] += 1
             continue
         record = TileRecord(
             x=int(x),

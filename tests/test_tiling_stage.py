@@ -1,0 +1,177 @@
+"""Stage 01 on real files: synthetic PNG WSIs and TMAs, TIFFs through openslide, bad inputs, resume, shards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import pyvips
+import tifffile
+
+from tests.conftest import tiny_config
+from ubc_ocean.io_utils import clean_stale_temporaries
+from ubc_ocean.sources import TEST, competition_specs
+from ubc_ocean.synthetic import render_slide
+from ubc_ocean.tiling import store
+from ubc_ocean.tiling.grid import cell_fractions
+from ubc_ocean.tiling.stage import read_tiling_failures, run, tile_slide, tiling_tasks
+from ubc_ocean.tiling.tiler import SlideSpec, prepare_slide
+
+
+def _png(path: Path, rgb: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pyvips.Image.new_from_array(rgb).pngsave(str(path))
+    return path
+
+
+def _tiles(cfg, spec) -> tuple[pd.DataFrame, dict, Path]:
+    folder = store.slide_dir(cfg, spec.source, spec.image_id)
+    return store.read_index(folder), store.read_slide_info(folder), folder
+
+
+@pytest.mark.parametrize("is_tma", [False, True], ids=["wsi", "tma"])
+def test_tiles_lie_on_the_generators_tissue(tmp_path, is_tma):
+    cfg = tiny_config(tmp_path)
+    size = (512, 512) if is_tma else (900, 640)
+    rgb, truth = render_slide("EC", *size, is_tma=is_tma, hospital=1, seed=3)
+    spec = SlideSpec("t", "slide", _png(tmp_path / "slide.png", rgb), is_tma=is_tma, competition_scale=True)
+    result = tile_slide(spec, cfg)
+    assert result.status == "done", result.message
+    index, info, folder = _tiles(cfg, spec)
+    tile = cfg.tiling.tile_size
+    extent = 2 * tile if is_tma else tile  # TMAs are 40x: harmonised to 20x by a 2x downscale
+    assert info["native_magnification"] == (40 if is_tma else 20) and (index["extent"] == extent).all()
+    assert ((index.x % extent == 0) & (index.y % extent == 0)).all()
+    assert (index.x + extent <= size[0]).all() and (index.y + extent <= size[1]).all()
+    # Every kept tile is mostly tissue by the generator's own mask, and most tissue cells are kept.
+    truth_fraction = cell_fractions(truth, size[0], size[1], extent)
+    kept = truth_fraction[index.y // extent, index.x // extent]
+    assert kept.min() >= 0.25 and kept.mean() >= 0.7
+    tissue_cells = int((truth_fraction >= 0.9).sum())
+    assert len(index) >= min(0.8 * tissue_cells, cfg.tiling.max_tiles_per_slide)
+    first = store.read_tile(folder / index.file[0])
+    assert first.shape == (tile, tile, 3)
+    assert (folder / "qc.png").is_file()
+
+
+def test_external_tiff_with_mpp_and_without(tiny_raw, tmp_path):
+    """Pyramidal TIFFs go through openslide; mpp sets the scale, else the source's magnification, else error."""
+    labels = pd.read_csv(Path(tiny_raw.paths.external) / "synthetic_tiff" / "labels.csv")
+    tiff = Path(tiny_raw.paths.external) / "synthetic_tiff" / labels.file[0]
+    cfg = tiny_config(tmp_path)
+    spec = SlideSpec("tiff", "with_mpp", tiff)
+    assert tile_slide(spec, cfg).status == "done"
+    _, info, _ = _tiles(cfg, spec)
+    assert info["mpp"] == pytest.approx(0.5) and info["native_magnification"] == pytest.approx(20)
+    # The same pixels in a tiled TIFF without resolution tags: openslide reports no mpp.
+    bare = tmp_path / "bare.tiff"
+    pixels = pyvips.Image.new_from_file(str(tiff)).numpy()
+    tifffile.imwrite(bare, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
+    failed = tile_slide(SlideSpec("tiff", "no_mpp", bare), cfg)
+    assert failed.status == "failed" and "no magnification" in failed.message and "bare.tiff" in failed.message
+    assert tile_slide(SlideSpec("tiff", "no_mpp_40x", bare, magnification=40), cfg).status == "done"
+    index, info, _ = _tiles(cfg, SlideSpec("tiff", "no_mpp_40x", bare))
+    assert info["native_magnification"] == 40 and (index.extent == 2 * cfg.tiling.tile_size).all()
+
+
+def _bad_inputs_raw(root: Path) -> dict[str, str]:
+    """A raw folder whose train.csv lists one good slide and one of each kind of bad input."""
+    images = root / "raw" / "train_images"
+    good, _ = render_slide("HGSC", 640, 480, is_tma=False, hospital=0, seed=1)
+    _png(images / "1.png", good)
+    payload = (_png(images / "2.png", good)).read_bytes()
+    (images / "2.png").write_bytes(payload[: len(payload) // 2])  # truncated
+    _png(images / "4.png", good)                                   # CSV gives the wrong size
+    _png(images / "5.png", np.zeros((480, 640, 3), np.uint8))     # all black
+    _png(images / "6.png", np.full((480, 640, 3), 250, np.uint8))  # blank glass: zero tissue
+    rows = [(1, 640, 480), (2, 640, 480), (3, 640, 480), (4, 600, 480), (5, 640, 480), (6, 640, 480)]
+    pd.DataFrame([{"image_id": i, "label": "HGSC", "image_width": w, "image_height": h, "is_tma": False}
+                  for i, w, h in rows]).to_csv(root / "raw" / "train.csv", index=False)
+    return {"train/2": "2.png: truncated or corrupt", "train/3": "file not found", "train/4": "size mismatch",
+            "train/5": "no tissue", "train/6": "no tissue"}
+
+
+def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path):
+    expected = _bad_inputs_raw(tmp_path)
+    cfg = tiny_config(tmp_path, "external.sources=[]")
+    counts = run(cfg)
+    assert counts == {"done": 1, "skipped": 0, "failed": 5, "tiles": counts["tiles"]} and counts["tiles"] > 0
+    failures = read_tiling_failures(cfg).set_index("slide")
+    assert set(failures.index) == set(expected)
+    for slide, words in expected.items():
+        assert words in failures.loc[slide, "message"], failures.loc[slide, "message"]
+    assert (failures.stage == "01_tile_slides").all()
+    assert store.is_complete(store.slide_dir(cfg, "train", "1"))
+    assert not store.slide_dir(cfg, "train", "2").exists()  # nothing half-written
+    # A rerun skips the good slide and retries (and again records) the bad ones.
+    again = run(cfg)
+    assert (again["done"], again["skipped"], again["failed"]) == (0, 1, 5)
+    assert len(read_tiling_failures(cfg)) == 5
+
+
+KILLABLE = """
+import sys, time
+from pathlib import Path
+from tests.conftest import tiny_config
+from ubc_ocean.tiling import store
+from ubc_ocean.tiling.stage import tile_slide
+from ubc_ocean.tiling.tiler import SlideSpec
+original = store.write_tile
+def slow_write(*args):
+    original(*args)
+    time.sleep(0.2)
+store.write_tile = slow_write
+cfg = tiny_config(Path(sys.argv[1]))
+tile_slide(SlideSpec("t", "slide", Path(sys.argv[2]), is_tma=False, competition_scale=True), cfg)
+"""
+
+
+def test_slide_killed_half_way_is_redone_never_left_complete(tmp_path):
+    rgb, _ = render_slide("CC", 900, 640, is_tma=False, hospital=0, seed=5)
+    png = _png(tmp_path / "slide.png", rgb)
+    cfg = tiny_config(tmp_path)
+    folder = store.slide_dir(cfg, "t", "slide")
+    child = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path), str(png)],
+                             cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(folder.parent.glob(".tmp-slide-*/*.jpg")):
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert list(folder.parent.glob(".tmp-slide-*")), "the child should have died mid-slide"
+    assert not folder.exists() and not store.is_complete(folder)
+    assert clean_stale_temporaries(folder.parent) == 1  # what stage 01 does first in every source folder
+    assert tile_slide(SlideSpec("t", "slide", png, is_tma=False, competition_scale=True), cfg).status == "done"
+    assert store.is_complete(folder) and not list(folder.parent.glob(".tmp-*"))
+
+
+def test_shards_partition_the_slides(tiny_raw, tmp_path):
+    shared = [f"paths.raw={tiny_raw.paths.raw}", f"paths.external={tiny_raw.paths.external}"]
+    done = []
+    for shard in ("0/3", "1/3", "2/3"):
+        cfg = tiny_config(tmp_path, *shared, f"runtime.shard={shard}")
+        assert run(cfg)["failed"] == 0
+        complete = {f"{p.parent.name}/{p.name}" for p in store.tiles_root(cfg).glob("*/*") if store.is_complete(p)}
+        done.append(complete - set().union(*done))  # what this shard added
+    everything = tiny_config(tmp_path, *shared)
+    expected = {task.slide_id for task in tiling_tasks(everything)}
+    assert set().union(*done) == expected
+    assert sum(len(d) for d in done) == len(expected) and all(done)
+    assert run(everything)["skipped"] == len(expected)
+    # The default tissue settings find tissue on every synthetic slide without falling back.
+    infos = [store.read_slide_info(p) for p in store.tiles_root(everything).glob("*/*")]
+    assert infos and not [i["image_id"] for i in infos if i.get("fallback")]
+
+
+def test_defaults_find_tissue_on_every_test_image(tiny_raw):
+    for spec in competition_specs(tiny_raw, TEST):
+        prepared = prepare_slide(spec, tiny_raw)
+        prepared.close()
+        assert len(prepared.plan) > 0 and not prepared.plan.fallback, spec.slide_id
