@@ -22,7 +22,7 @@ from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.grid import cell_fractions
 from ubc_ocean.tiling.stage import read_tiling_failures, run, tile_slide, tiling_tasks
-from ubc_ocean.tiling.tiler import SlideSpec, prepare_slide
+from ubc_ocean.tiling.tiler import SlideSpec, finalise, iter_tiles, prepare_slide
 
 
 def _png(path: Path, rgb: np.ndarray) -> Path:
@@ -173,5 +173,28 @@ def test_shards_partition_the_slides(tiny_raw, tmp_path):
 def test_defaults_find_tissue_on_every_test_image(tiny_raw):
     for spec in competition_specs(tiny_raw, TEST):
         prepared = prepare_slide(spec, tiny_raw)
+        records = [record for record, _ in iter_tiles(prepared)]  # TMAs have no thumbnail: mask built on the way
         prepared.close()
         assert len(prepared.plan) > 0 and not prepared.plan.fallback, spec.slide_id
+        assert any(finalise(prepared, records)), spec.slide_id
+
+
+def test_png_without_thumbnail_is_decoded_once_and_matches_thumbnail_tiling(tmp_path, monkeypatch):
+    rgb, _ = render_slide("MC", 960, 704, is_tma=False, hospital=2, seed=9)
+    png = _png(tmp_path / "slide.png", rgb)
+    thumb = tmp_path / "slide_thumbnail.png"
+    pyvips.Image.thumbnail(str(png), 240).pngsave(str(thumb))
+    cfg = tiny_config(tmp_path, "tiling.max_tiles_per_slide=0")
+    with_thumb = SlideSpec("a", "thumb", png, thumbnail=thumb, is_tma=False, competition_scale=True)
+    assert tile_slide(with_thumb, cfg).status == "done"
+    # Without a thumbnail the mask must come from the one decoding pass: a second decode would fail here.
+    monkeypatch.setattr(pyvips.Image, "thumbnail", lambda *a, **k: pytest.fail("second decoding pass"))
+    streamed = SlideSpec("a", "streamed", png, is_tma=False, competition_scale=True)
+    assert tile_slide(streamed, cfg).status == "done"
+    a, _, _ = _tiles(cfg, with_thumb)
+    b, info, folder = _tiles(cfg, streamed)
+    boxes_a, boxes_b = set(zip(a.x, a.y, strict=True)), set(zip(b.x, b.y, strict=True))
+    assert len(boxes_a & boxes_b) >= 0.9 * max(len(boxes_a), len(boxes_b))
+    assert info["mask_source"] == "built in the decoding pass"
+    assert sorted(p.name for p in folder.glob("*.jpg")) == sorted(b.file)  # pruned candidates are gone
+    assert b.tissue_fraction.between(cfg.tiling.min_tissue_fraction, 1).all()

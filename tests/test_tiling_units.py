@@ -139,3 +139,15 @@ def test_quality_scores_flag_blur_and_marker_ink():
     black_fill = tile.copy()
     black_fill[:64] = 0             # WSI black background is not an artefact
     assert artefact_fraction(black_fill, 25, 60) < 0.05
+
+
+def test_small_holes_filled_large_holes_kept():
+    from ubc_ocean.tiling.tissue import fill_small_holes
+
+    mask = np.zeros((200, 200), bool)
+    mask[20:180, 20:180] = True
+    mask[40:43, 40:43] = False     # a lumen: 9 px
+    mask[80:160, 80:160] = False   # a tear: 6400 px
+    filled = fill_small_holes(mask, max_fraction=0.002)  # 80 px at most
+    assert filled[41, 41] and not filled[120, 120]
+    assert filled.sum() == mask.sum() + 9

@@ -9,7 +9,7 @@ import torch
 
 from ubc_ocean.features.embed import chunked, embed_batches
 from ubc_ocean.features.encoders import Encoder
-from ubc_ocean.tiling.tiler import SlideSpec, TileRecord, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import SlideSpec, TileRecord, finalise, iter_tiles, prepare_slide
 
 
 def embed_slide_streaming(
@@ -34,5 +34,8 @@ def embed_slide_streaming(
     finally:
         prepared.close()
     features = np.concatenate(chunks) if chunks else np.zeros((0, encoder.out_dim), np.float32)
+    keep = np.array(finalise(prepared, records), dtype=bool)
+    records = [record for record, kept in zip(records, keep, strict=True) if kept]
+    features = features[keep] if len(keep) else features
     coords = np.array([[r.x, r.y] for r in records], dtype=np.int64).reshape(-1, 2)
     return features, coords, {**prepared.info, "n_tiles": len(records)}

@@ -27,6 +27,13 @@ class SlideError(RuntimeError):
     """A slide that cannot be read as asked (missing, corrupt, wrong size, unsupported)."""
 
 
+def resize_area(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Shrink (area-average) or enlarge an RGB array to ``width`` x ``height``."""
+    if rgb.shape[1] == width and rgb.shape[0] == height:
+        return rgb
+    return cv2.resize(rgb, (max(1, width), max(1, height)), interpolation=cv2.INTER_AREA)
+
+
 def resize_to(tile: np.ndarray, size: int) -> np.ndarray:
     """Resize an RGB array to ``size`` x ``size`` (area interpolation when shrinking)."""
     if tile.shape[0] == size and tile.shape[1] == size:
@@ -43,6 +50,7 @@ class SlideReader(ABC):
     height: int
     mpp: float | None = None
     objective_power: float | None = None
+    has_low_resolution_view: bool = True  # False: a low-res view would cost a full decoding pass
 
     @abstractmethod
     def low_resolution(self, max_side: int) -> np.ndarray:
@@ -88,6 +96,7 @@ class PngSlide(SlideReader):
 
         self.path = Path(path)
         self.thumbnail_path = Path(thumbnail) if thumbnail else None
+        self.has_low_resolution_view = bool(self.thumbnail_path and self.thumbnail_path.is_file())
         try:
             header = pyvips.Image.new_from_file(str(self.path), access="sequential")
         except pyvips.Error as err:

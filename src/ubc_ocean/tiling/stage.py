@@ -18,7 +18,7 @@ from ubc_ocean.slides.reader import resize_to
 from ubc_ocean.sources import TRAIN, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.qc import draw_overlay, save_overlay
-from ubc_ocean.tiling.tiler import SlideSpec, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import SlideSpec, finalise, iter_tiles, prepare_slide
 
 log = logging.getLogger(__name__)
 STAGE = "01_tile_slides"
@@ -62,12 +62,18 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
         try:
             with atomic_path(folder) as tmp:
                 tmp.mkdir(parents=True)
-                rows = []
+                records = []
                 with store.TileWriter(tiling["format"], tiling["jpeg_quality"]) as writer:
                     for record, rgb in iter_tiles(prepared):
-                        name = store.tile_file_name(record.x, record.y, tiling["format"])
-                        writer.submit(tmp / name, rgb)
+                        writer.submit(tmp / store.tile_file_name(record.x, record.y, tiling["format"]), rgb)
+                        records.append(record)
+                rows = []
+                for record, keep in zip(records, finalise(prepared, records), strict=True):
+                    name = store.tile_file_name(record.x, record.y, tiling["format"])
+                    if keep:
                         rows.append(_tile_record_row(record, name))
+                    else:  # a streamed candidate that the tissue mask, known only now, leaves out
+                        (tmp / name).unlink()
                 if not rows:
                     raise SlideError("no tissue found: every tile is background (blank or all-black image?)")
                 store.write_index(tmp, rows)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
+from ubc_ocean.slides.reader import resize_area
 from ubc_ocean.tiling.grid import TilePlan, plan_tiles, slide_seed
 from ubc_ocean.tiling.quality import artefact_fraction, blur_score
-from ubc_ocean.tiling.tissue import TissueMasks, detect_tissue
+from ubc_ocean.tiling.tissue import TissueMasks, background_mask, detect_tissue
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,18 @@ class PreparedSlide:
     native_magnification: float
     target_magnification: float
     tile_size: int
-    low_res: np.ndarray
-    masks: TissueMasks
-    plan: TilePlan
+    extent: int
+    low_res: np.ndarray | None  # None until the streaming pass has built it (PNG without thumbnail)
+    masks: TissueMasks | None
+    plan: TilePlan | None
     quality: dict
+    planning: dict
     info: dict = field(default_factory=dict)
+
+    @property
+    def streaming(self) -> bool:
+        """True when the tissue mask is built during the one decoding pass (no low-resolution view)."""
+        return self.plan is None
 
     def close(self) -> None:
         self.reader.close()
@@ -102,19 +110,19 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
         target = float(tiling["target_magnification"])
         tile_size = int(tiling["tile_size"])
         extent = max(1, round(tile_size * native / target))
-        low_res = reader.low_resolution(int(tiling["mask_max_side"]))
-        masks = detect_tissue(low_res, tiling)
-        plan = plan_tiles(
-            masks.tissue,
-            masks.foreground,
-            reader.width,
-            reader.height,
-            extent,
-            float(tiling["min_tissue_fraction"]),
-            int(tiling["max_tiles_per_slide"]),
-            str(tiling["sampling"]),
-            slide_seed(spec.slide_id, int(cfg["seed"])),
-        )
+        planning = {
+            "min_fraction": float(tiling["min_tissue_fraction"]),
+            "max_tiles": int(tiling["max_tiles_per_slide"]),
+            "sampling": str(tiling["sampling"]),
+            "seed": slide_seed(spec.slide_id, int(cfg["seed"])),
+            "mask_max_side": int(tiling["mask_max_side"]),
+            "tissue_cfg": dict(tiling),
+        }
+        low_res = masks = plan = None
+        if reader.has_low_resolution_view:
+            low_res = reader.low_resolution(planning["mask_max_side"])
+            masks = detect_tissue(low_res, tiling)
+            plan = _plan(masks, reader.width, reader.height, extent, planning)
     except Exception:
         reader.close()
         raise
@@ -126,40 +134,108 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
         "native_magnification": native,
         "target_magnification": target,
         "extent": extent,
-        "planned_tiles": len(plan),
-        "fallback": plan.fallback,
+        "mask_source": "low-resolution view" if plan is not None else "built in the decoding pass",
     }
+    if plan is not None:
+        info.update(planned_tiles=len(plan), fallback=plan.fallback)
     quality = {
         "min_blur_score": float(tiling["min_blur_score"]),
         "max_artefact_fraction": float(tiling["max_artefact_fraction"]),
         "black_value": int(tiling["black_value"]),
         "dark_value": int(tiling["dark_value"]),
+        "white_value": int(tiling["white_value"]),
     }
-    return PreparedSlide(spec, reader, bool(is_tma), native, target, tile_size, low_res, masks, plan, quality, info)
+    return PreparedSlide(spec, reader, bool(is_tma), native, target, tile_size, extent, low_res, masks, plan,
+                         quality, planning, info)
+
+
+def _plan(masks: TissueMasks, width: int, height: int, extent: int, planning: Mapping) -> TilePlan:
+    return plan_tiles(masks.tissue, masks.foreground, width, height, extent, planning["min_fraction"],
+                      planning["max_tiles"], planning["sampling"], planning["seed"])
+
+
+def _enough_foreground(prepared: PreparedSlide, rgb: np.ndarray) -> bool:
+    """At least half the minimum tissue fraction of the tile's own pixels are not black or white fill."""
+    quality = prepared.quality
+    background = background_mask(rgb[::4, ::4], quality["black_value"], quality["white_value"])
+    return 1.0 - background.mean() >= 0.5 * prepared.planning["min_fraction"]
+
+
+def _passes_quality(prepared: PreparedSlide, rgb: np.ndarray) -> float | None:
+    """The tile's blur score, or None (and a counted rejection) when it fails a quality filter."""
+    quality = prepared.quality
+    score = blur_score(rgb)
+    if score < quality["min_blur_score"]:
+        prepared.info["rejected_blur"] += 1
+        return None
+    if artefact_fraction(rgb, quality["black_value"], quality["dark_value"]) > quality["max_artefact_fraction"]:
+        prepared.info["rejected_artefact"] += 1
+        return None
+    return score
+
+
+def _record(prepared: PreparedSlide, x: int, y: int, fraction: float, score: float) -> TileRecord:
+    return TileRecord(x=int(x), y=int(y), extent=prepared.extent, magnification=prepared.target_magnification,
+                      tissue_fraction=round(float(fraction), 4), blur_score=round(score, 2))
 
 
 def iter_tiles(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
-    """Read the planned tiles in one row-major pass, yielding those that pass the quality filters.
+    """Read the slide in one row-major pass, yielding the tiles that pass the quality filters.
 
-    Rejections are counted in ``prepared.info`` (``rejected_blur``, ``rejected_artefact``).
+    With a low-resolution view (thumbnail, pyramid) only the planned tiles are read. Without one (a PNG
+    with no thumbnail) every grid cell streams past once: its shrink builds the tissue mask while
+    cells with enough non-background pixels are yielded as candidates; call :func:`finalise` afterwards
+    to learn which candidates the plan keeps. Rejections are counted in ``prepared.info``.
     """
-    plan, quality = prepared.plan, prepared.quality
-    fraction_by_box = dict(zip(plan.boxes, plan.tissue_fraction.tolist(), strict=True))
-    prepared.info.update(rejected_blur=0, rejected_artefact=0)
-    for (x, y), rgb in prepared.reader.read_boxes(plan.boxes, plan.extent, prepared.tile_size):
-        score = blur_score(rgb)
-        if score < quality["min_blur_score"]:
-            prepared.info["rejected_blur"] += 1
+    prepared.info.update(rejected_blur=0, rejected_artefact=0, rejected_background=0)
+    if not prepared.streaming:
+        plan = prepared.plan
+        fraction_by_box = dict(zip(plan.boxes, plan.tissue_fraction.tolist(), strict=True))
+        for (x, y), rgb in prepared.reader.read_boxes(plan.boxes, plan.extent, prepared.tile_size):
+            if not _enough_foreground(prepared, rgb):  # the low-res mask overstated this tile's tissue
+                prepared.info["rejected_background"] += 1
+                continue
+            score = _passes_quality(prepared, rgb)
+            if score is not None:
+                yield _record(prepared, x, y, fraction_by_box[(x, y)], score), rgb
+        return
+    yield from _stream_all_cells(prepared)
+
+
+def _stream_all_cells(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
+    reader, extent, planning = prepared.reader, prepared.extent, prepared.planning
+    tissue_cfg = planning["tissue_cfg"]
+    factor = max(1.0, max(reader.width, reader.height) / planning["mask_max_side"])
+    canvas = np.zeros((int(np.ceil(reader.height / factor)), int(np.ceil(reader.width / factor)), 3), np.uint8)
+    grid = [(x, y) for y in range(0, reader.height - extent + 1, extent)
+            for x in range(0, reader.width - extent + 1, extent)]
+    for (x, y), rgb in reader.read_boxes(grid, extent, prepared.tile_size):
+        x0, y0 = round(x / factor), round(y / factor)
+        x1 = min(canvas.shape[1], max(x0 + 1, round((x + extent) / factor)))
+        y1 = min(canvas.shape[0], max(y0 + 1, round((y + extent) / factor)))
+        canvas[y0:y1, x0:x1] = resize_area(rgb, x1 - x0, y1 - y0)
+        if not _enough_foreground(prepared, rgb):
             continue
-        if artefact_fraction(rgb, quality["black_value"], quality["dark_value"]) > quality["max_artefact_fraction"]:
-            prepared.info["rejected_artefact"] += 1
-            continue
-        record = TileRecord(
-            x=int(x),
-            y=int(y),
-            extent=plan.extent,
-            magnification=prepared.target_magnification,
-            tissue_fraction=round(float(fraction_by_box[(x, y)]), 4),
-            blur_score=round(score, 2),
-        )
-        yield record, rgb
+        score = _passes_quality(prepared, rgb)
+        if score is not None:
+            yield _record(prepared, x, y, float("nan"), score), rgb
+    prepared.low_res = canvas
+    prepared.masks = detect_tissue(canvas, tissue_cfg)
+    prepared.plan = _plan(prepared.masks, reader.width, reader.height, extent, planning)
+    prepared.info.update(planned_tiles=len(prepared.plan), fallback=prepared.plan.fallback)
+
+
+def finalise(prepared: PreparedSlide, records: list[TileRecord]) -> list[bool]:
+    """Which of the yielded ``records`` the plan keeps (all, unless the mask was built while streaming).
+
+    Kept records get their tissue fraction from the plan.
+    """
+    fraction_by_box = dict(zip(prepared.plan.boxes, prepared.plan.tissue_fraction.tolist(), strict=True))
+    keep = []
+    for record in records:
+        fraction = fraction_by_box.get((record.x, record.y))
+        keep.append(fraction is not None)
+        if fraction is not None:
+            record.tissue_fraction = round(float(fraction), 4)
+    prepared.info["streamed_not_kept"] = keep.count(False)
+    return keep

@@ -75,4 +75,18 @@ def detect_tissue(rgb: np.ndarray, cfg: Mapping) -> TissueMasks:
         mask8 = cv2.morphologyEx(mask8, cv2.MORPH_CLOSE, kernel)
         mask8 = cv2.morphologyEx(mask8, cv2.MORPH_OPEN, kernel)
         mask = mask8.astype(bool)
-    return TissueMasks(tissue=ndimage.binary_fill_holes(mask), foreground=candidate)
+    return TissueMasks(tissue=fill_small_holes(mask, float(cfg["max_hole_fraction"])), foreground=candidate)
+
+
+def fill_small_holes(mask: np.ndarray, max_fraction: float) -> np.ndarray:
+    """Fill enclosed holes (lumens, pale nuclei) up to ``max_fraction`` of the mask's area.
+
+    Larger enclosed background (tears, gaps between fragments) stays background.
+    """
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    if not holes.any():
+        return mask
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=4)
+    small = stats[:, cv2.CC_STAT_AREA] <= max_fraction * mask.size
+    small[0] = False  # label 0 is everything that is not a hole
+    return mask | small[labels]
