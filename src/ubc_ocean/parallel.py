@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -79,3 +81,23 @@ def run_tasks(
         if pool is not None:
             pool.terminate()
             pool.join()
+
+
+def threaded_map(
+    fn: Callable[[T], Any], items: Iterable[T], threads: int = 2, lookahead: int = 32
+) -> Iterator[tuple[T, Any]]:
+    """Yield ``(item, fn(item))`` in input order, computing ``fn`` on threads while ``items`` is produced.
+
+    Worth it when ``fn`` releases the GIL (OpenCV, NumPy) and producing items does too (libvips decoding):
+    the two then overlap. At most ``lookahead`` items wait in memory.
+    """
+    pending: deque[tuple[T, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="threaded-map") as pool:
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= lookahead:
+                done_item, future = pending.popleft()
+                yield done_item, future.result()
+        while pending:
+            done_item, future = pending.popleft()
+            yield done_item, future.result()

@@ -25,10 +25,9 @@ def artefact_fraction(rgb: np.ndarray, black_value: int, dark_value: int) -> flo
     Near-black means max(R,G,B) in [black_value, dark_value): darker pixels are the WSI's black fill,
     which is background, not an artefact.
     """
-    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    inked = sat >= _PEN_MIN_SATURATION
-    green = inked & (hue >= _GREEN_PEN_HUES[0]) & (hue <= _GREEN_PEN_HUES[1])
-    blue = inked & (hue >= _BLUE_PEN_HUES[0]) & (hue <= _BLUE_PEN_HUES[1])
-    dark = (val >= black_value) & (val < dark_value)  # HSV value is max(R, G, B)
-    return float(np.count_nonzero(green | blue | dark)) / hue.size
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb[::2, ::2]), cv2.COLOR_RGB2HSV)  # a quarter of the pixels suffice
+    green = cv2.inRange(hsv, (_GREEN_PEN_HUES[0], _PEN_MIN_SATURATION, 0), (_GREEN_PEN_HUES[1], 255, 255))
+    blue = cv2.inRange(hsv, (_BLUE_PEN_HUES[0], _PEN_MIN_SATURATION, 0), (_BLUE_PEN_HUES[1], 255, 255))
+    dark = cv2.inRange(hsv, (0, 0, black_value), (179, 255, dark_value - 1))  # HSV value is max(R, G, B)
+    flagged = cv2.bitwise_or(cv2.bitwise_or(green, blue), dark)
+    return cv2.countNonZero(flagged) / float(flagged.size)

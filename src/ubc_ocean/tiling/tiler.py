@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
 from ubc_ocean.slides.reader import resize_area
 from ubc_ocean.tiling.grid import TilePlan, plan_tiles, slide_seed
@@ -154,29 +155,49 @@ def _plan(masks: TissueMasks, width: int, height: int, extent: int, planning: Ma
                       planning["max_tiles"], planning["sampling"], planning["seed"])
 
 
-def _enough_foreground(prepared: PreparedSlide, rgb: np.ndarray) -> bool:
-    """At least half the minimum tissue fraction of the tile's own pixels are not black or white fill."""
+@dataclass
+class _Verdict:
+    """What the quality filters say of one tile."""
+
+    foreground_ok: bool
+    blur: float
+    blurry: bool = False
+    artefact: bool = False
+
+
+def _judge(prepared: PreparedSlide, rgb: np.ndarray) -> _Verdict:
+    """Foreground, focus and artefact checks of one tile (OpenCV work: runs on helper threads)."""
     quality = prepared.quality
     background = background_mask(rgb[::4, ::4], quality["black_value"], quality["white_value"])
-    return 1.0 - background.mean() >= 0.5 * prepared.planning["min_fraction"]
-
-
-def _passes_quality(prepared: PreparedSlide, rgb: np.ndarray) -> float | None:
-    """The tile's blur score, or None (and a counted rejection) when it fails a quality filter."""
-    quality = prepared.quality
+    # At least half the minimum tissue fraction of the tile's own pixels must not be black or white fill.
+    if 1.0 - background.mean() < 0.5 * prepared.planning["min_fraction"]:
+        return _Verdict(foreground_ok=False, blur=0.0)
     score = blur_score(rgb)
     if score < quality["min_blur_score"]:
-        prepared.info["rejected_blur"] += 1
-        return None
-    if artefact_fraction(rgb, quality["black_value"], quality["dark_value"]) > quality["max_artefact_fraction"]:
-        prepared.info["rejected_artefact"] += 1
-        return None
-    return score
+        return _Verdict(True, score, blurry=True)
+    artefact = artefact_fraction(rgb, quality["black_value"], quality["dark_value"]) > quality["max_artefact_fraction"]
+    return _Verdict(True, score, artefact=artefact)
+
+
+def _judged(prepared: PreparedSlide, boxes: list[tuple[int, int]]) -> Iterator[tuple[int, int, np.ndarray, _Verdict]]:
+    """Read ``boxes`` in one pass while helper threads judge the tiles already read."""
+    tiles = prepared.reader.read_boxes(boxes, prepared.extent, prepared.tile_size)
+    for ((x, y), rgb), verdict in threaded_map(lambda tile: _judge(prepared, tile[1]), tiles):
+        yield x, y, rgb, verdict
 
 
 def _record(prepared: PreparedSlide, x: int, y: int, fraction: float, score: float) -> TileRecord:
     return TileRecord(x=int(x), y=int(y), extent=prepared.extent, magnification=prepared.target_magnification,
                       tissue_fraction=round(float(fraction), 4), blur_score=round(score, 2))
+
+
+def _kept(prepared: PreparedSlide, verdict: _Verdict) -> bool:
+    """Count a quality rejection in ``prepared.info``; True when the tile is kept."""
+    if verdict.blurry:
+        prepared.info["rejected_blur"] += 1
+    elif verdict.artefact:
+        prepared.info["rejected_artefact"] += 1
+    return not (verdict.blurry or verdict.artefact)
 
 
 def iter_tiles(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
@@ -191,36 +212,30 @@ def iter_tiles(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray
     if not prepared.streaming:
         plan = prepared.plan
         fraction_by_box = dict(zip(plan.boxes, plan.tissue_fraction.tolist(), strict=True))
-        for (x, y), rgb in prepared.reader.read_boxes(plan.boxes, plan.extent, prepared.tile_size):
-            if not _enough_foreground(prepared, rgb):  # the low-res mask overstated this tile's tissue
+        for x, y, rgb, verdict in _judged(prepared, plan.boxes):
+            if not verdict.foreground_ok:  # the low-resolution mask overstated this tile's tissue
                 prepared.info["rejected_background"] += 1
-                continue
-            score = _passes_quality(prepared, rgb)
-            if score is not None:
-                yield _record(prepared, x, y, fraction_by_box[(x, y)], score), rgb
+            elif _kept(prepared, verdict):
+                yield _record(prepared, x, y, fraction_by_box[(x, y)], verdict.blur), rgb
         return
     yield from _stream_all_cells(prepared)
 
 
 def _stream_all_cells(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
     reader, extent, planning = prepared.reader, prepared.extent, prepared.planning
-    tissue_cfg = planning["tissue_cfg"]
     factor = max(1.0, max(reader.width, reader.height) / planning["mask_max_side"])
     canvas = np.zeros((int(np.ceil(reader.height / factor)), int(np.ceil(reader.width / factor)), 3), np.uint8)
     grid = [(x, y) for y in range(0, reader.height - extent + 1, extent)
             for x in range(0, reader.width - extent + 1, extent)]
-    for (x, y), rgb in reader.read_boxes(grid, extent, prepared.tile_size):
+    for x, y, rgb, verdict in _judged(prepared, grid):
         x0, y0 = round(x / factor), round(y / factor)
         x1 = min(canvas.shape[1], max(x0 + 1, round((x + extent) / factor)))
         y1 = min(canvas.shape[0], max(y0 + 1, round((y + extent) / factor)))
         canvas[y0:y1, x0:x1] = resize_area(rgb, x1 - x0, y1 - y0)
-        if not _enough_foreground(prepared, rgb):
-            continue
-        score = _passes_quality(prepared, rgb)
-        if score is not None:
-            yield _record(prepared, x, y, float("nan"), score), rgb
+        if verdict.foreground_ok and _kept(prepared, verdict):
+            yield _record(prepared, x, y, float("nan"), verdict.blur), rgb
     prepared.low_res = canvas
-    prepared.masks = detect_tissue(canvas, tissue_cfg)
+    prepared.masks = detect_tissue(canvas, planning["tissue_cfg"])
     prepared.plan = _plan(prepared.masks, reader.width, reader.height, extent, planning)
     prepared.info.update(planned_tiles=len(prepared.plan), fallback=prepared.plan.fallback)
 
