@@ -100,7 +100,7 @@ def _bad_inputs_raw(root: Path) -> dict[str, str]:
 
 def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path):
     expected = _bad_inputs_raw(tmp_path)
-    cfg = tiny_config(tmp_path, "external.sources=[]")
+    cfg = tiny_config(tmp_path, "external.sources=[]", "runtime.workers=2")  # two processes
     counts = run(cfg)
     assert counts == {"done": 1, "skipped": 0, "failed": 5, "tiles": counts["tiles"]} and counts["tiles"] > 0
     failures = read_tiling_failures(cfg).set_index("slide")
