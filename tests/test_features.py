@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from skimage import data
@@ -86,3 +87,41 @@ def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path,
     fused, fused_coords, info = embed_slide_streaming(spec, cfg, encoder, CPU)
     assert (fused_coords == coords).all() and info["n_tiles"] == len(fused)
     np.testing.assert_allclose(fused, features, rtol=1e-3, atol=1e-3)
+
+
+def test_cache_folders_keyed_by_encoder_and_tiling(tmp_path, encoder):
+    base = tiny_config(tmp_path)
+    other_tiling = tiny_config(tmp_path, "tiling.tile_size=96")
+    other_mask = tiny_config(tmp_path, "tiling.min_tissue_fraction=0.6")
+    roots = {
+        cache.embeddings_root(base, encoder.cache_name),
+        cache.embeddings_root(other_tiling, encoder.cache_name),
+        cache.embeddings_root(other_mask, encoder.cache_name),
+        cache.embeddings_root(base, create_encoder("efficientnet_lite0", input_size=96).cache_name),
+    }
+    assert len(roots) == 4
+    assert store.tiling_key(base) == store.tiling_key(tiny_config(tmp_path, "runtime.workers=2"))  # runtime-only
+
+
+def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
+    from ubc_ocean.external.merge import run as merge
+    from ubc_ocean.features.stage import run as embed
+    from ubc_ocean.tiling.stage import run as tile
+
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", f"paths.external={tiny_raw.paths.external}")
+    tile(cfg)
+    manifest = merge(cfg)
+    victim = manifest.iloc[0]
+    folder = store.slide_dir(cfg, victim.source, victim.image_id)
+    broken = folder / store.read_index(folder)["file"][0]
+    broken.write_bytes(b"not a jpeg")
+    root = embed(cfg)
+    files = sorted(root.glob("*/*.h5"))
+    assert len(files) == len(manifest)
+    features, _, _ = cache.read_embeddings(cache.embedding_path(root, victim.source, victim.image_id))
+    assert len(features) == victim.n_tiles - 1  # the unreadable tile is skipped ...
+    failures = pd.read_csv(root / "failures.csv")
+    assert broken.name in failures.loc[failures.slide == victim.slide_id, "message"].iloc[0]  # ... and recorded
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    embed(cfg)  # complete files are skipped, not rewritten
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps

@@ -74,7 +74,9 @@ def run_tasks(
             totals[result.status] = totals.get(result.status, 0) + 1
             counted += result.count
             bar.update(1)
-            bar.set_postfix({unit_counted: counted, **totals}, refresh=False)
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
+            rate = f"{counted / elapsed:.1f}"
+            bar.set_postfix({unit_counted: counted, f"{unit_counted}/s": rate, **totals}, refresh=False)
             yield result
     finally:
         bar.close()
