@@ -15,6 +15,7 @@ from ubc_ocean.features.encoders import efficientnet_lite0_imagenet
 from ubc_ocean.features.fused import embed_slide_streaming
 from ubc_ocean.features.stage import embed_tile_folder
 from ubc_ocean.sources import TRAIN, competition_specs
+from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
 
@@ -125,3 +126,33 @@ def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in files}
     embed(cfg)  # complete files are skipped, not rewritten
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
+
+
+def test_dihedral_tta_makes_features_rotation_invariant(encoder):
+    from ubc_ocean.features.augment import tta_views
+
+    tiles = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    assert len(tta_views(torch.zeros(1, 3, 8, 8), "flips")) == 3
+    views = tta_views(torch.arange(16.0).view(1, 1, 4, 4), "dihedral")
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    rotated = np.ascontiguousarray(np.rot90(tiles, 1, axes=(1, 2)))
+    plain = [np.concatenate(list(embed_batches(encoder, [t], CPU))) for t in (tiles, rotated)]
+    tta = [np.concatenate(list(embed_batches(encoder, [t], CPU, tta="dihedral"))) for t in (tiles, rotated)]
+    assert not np.allclose(plain[0], plain[1], atol=1e-3)  # the encoder itself is not rotation invariant
+    np.testing.assert_allclose(tta[0], tta[1], rtol=1e-4, atol=1e-4)
+
+
+def test_stain_augmentation_is_seeded_and_keys_the_cache(tmp_path, encoder):
+    from ubc_ocean.features.augment import stain_augmenter
+
+    rgb, _ = render_slide("CC", 256, 256, is_tma=True, hospital=0, seed=1)
+    batch = np.stack([rgb[:128, :128], rgb[128:, 128:]])
+    a = stain_augmenter("train/1", 0.3)(batch)
+    b = stain_augmenter("train/1", 0.3)(batch)
+    c = stain_augmenter("train/2", 0.3)(batch)
+    assert a.shape == batch.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and not np.array_equal(a, batch)
+    plain = cache.embeddings_root(tiny_config(tmp_path), encoder.cache_name)
+    jittered = cache.embeddings_root(tiny_config(tmp_path, "features.stain_augmentation=0.3"), encoder.cache_name)
+    averaged = cache.embeddings_root(tiny_config(tmp_path, "features.tta=flips"), encoder.cache_name)
+    assert len({plain, jittered, averaged}) == 3

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from ubc_ocean.device import autocast
+from ubc_ocean.features.augment import stain_augmenter, tta_views
 from ubc_ocean.features.encoders import Encoder
 
 
@@ -24,19 +25,41 @@ def embed_batches(
     batches: Iterable[np.ndarray | torch.Tensor],
     device: torch.device,
     precision: str = "auto",
+    tta: str = "none",
+    augment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yield float32 features [B, D] for each uint8 batch [B, H, W, 3]."""
+    """Yield float32 features [B, D] for each uint8 batch [B, H, W, 3].
+
+    ``augment`` transforms the uint8 batch first (stain jitter); ``tta`` averages the features of
+    flipped / rotated views.
+    """
     with torch.inference_mode():
         for batch in batches:
+            if augment is not None:
+                batch = augment(np.asarray(batch))
             tiles = torch.as_tensor(batch)
             if device.type == "cuda":
                 tiles = tiles.pin_memory().to(device, non_blocking=True)
             x = encoder.preprocess(tiles)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                features = encoder.model(x)
-            yield features.float().cpu().numpy()
+            views = tta_views(x, tta)
+            total = None
+            for view in views:
+                if device.type == "cuda":
+                    view = view.contiguous(memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    features = encoder.model(view).float()
+                total = features if total is None else total + features
+            yield (total / len(views)).cpu().numpy()
+
+
+def embedding_options(features_cfg: Mapping, slide_id: str) -> dict:
+    """``embed_batches`` keyword arguments from the ``features`` config (stain jitter seeded per slide)."""
+    strength = float(features_cfg["stain_augmentation"])
+    return {
+        "precision": features_cfg["precision"],
+        "tta": features_cfg["tta"],
+        "augment": stain_augmenter(slide_id, strength) if strength > 0 else None,
+    }
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from ubc_ocean.features.embed import chunked, embed_batches
+from ubc_ocean.features.embed import chunked, embed_batches, embedding_options
 from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.tiling.tiler import SlideSpec, TileRecord, finalise, iter_tiles, prepare_slide
 
@@ -30,7 +30,7 @@ def embed_slide_streaming(
 
     try:
         batches = (np.stack(chunk) for chunk in chunked(tiles(), int(cfg["features"]["batch_size"])))
-        chunks = list(embed_batches(encoder, batches, device, cfg["features"]["precision"]))
+        chunks = list(embed_batches(encoder, batches, device, **embedding_options(cfg["features"], spec.slide_id)))
     finally:
         prepared.close()
     features = np.concatenate(chunks) if chunks else np.zeros((0, encoder.out_dim), np.float32)

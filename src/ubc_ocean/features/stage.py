@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ubc_ocean.config import save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.external.merge import manifest_path
 from ubc_ocean.features import cache
-from ubc_ocean.features.embed import embed_batches, prepare_encoder
+from ubc_ocean.features.embed import embed_batches, embedding_options, prepare_encoder
 from ubc_ocean.features.encoders import Encoder, create_encoder
 from ubc_ocean.io_utils import FailureLog, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
@@ -27,8 +28,15 @@ STAGE = "03_cache_embeddings"
 _ENCODERS: dict[tuple, Encoder] = {}
 
 
+def set_cpu_threads(cfg: Mapping) -> None:
+    """``features.cpu_threads`` (0: every core) shared among the ``runtime.workers`` processes."""
+    threads = int(cfg["features"]["cpu_threads"]) or os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads // max(1, int(cfg["runtime"]["workers"]))))
+
+
 def encoder_from_config(cfg: Mapping) -> Encoder:
-    """The configured encoder, built once per process."""
+    """The configured encoder, built once per process (which also sets its CPU thread count)."""
+    set_cpu_threads(cfg)
     features = cfg["features"]
     key = (features["encoder"], features["weights"], features["input_size"])
     if key not in _ENCODERS:
@@ -70,7 +78,8 @@ def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torc
         for tiles, ok in loader:
             oks.append(ok.numpy())
             yield tiles
-    chunks = list(embed_batches(encoder, tiles_only(), device, features_cfg["precision"]))
+    options = embedding_options(features_cfg, f"{folder.parent.name}/{folder.name}")  # the slide id
+    chunks = list(embed_batches(encoder, tiles_only(), device, **options))
     ok = np.concatenate(oks) if oks else np.zeros(0, bool)
     features = np.concatenate(chunks)[ok] if chunks else np.zeros((0, encoder.out_dim), np.float32)
     coords = index[["x", "y"]].to_numpy()[ok]
@@ -99,7 +108,8 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
         "encoder": encoder.name, "weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
         "tile_size": int(cfg["tiling"]["tile_size"]),
         "magnification": float(cfg["tiling"]["target_magnification"]), "slide_id": slide_id,
-        "tiling_key": store.tiling_key(cfg),
+        "tiling_key": store.tiling_key(cfg), "tta": cfg["features"]["tta"],
+        "stain_augmentation": float(cfg["features"]["stain_augmentation"]),
     })
     message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""
     return TaskResult(slide_id, "done", message, count=len(features))
@@ -132,8 +142,6 @@ def run(cfg: Mapping) -> Path:
     counts = {"done": 0, "skipped": 0, "failed": 0}
     task = functools.partial(embed_slide, cfg=cfg, root=root)
     workers = int(cfg["runtime"]["workers"])
-    if workers > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
     for result in run_tasks(rows, task, workers=workers, desc="embedding", unit_counted="tiles"):
         counts[result.status] += 1
         if result.status == "failed":
