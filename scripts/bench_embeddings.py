@@ -62,16 +62,19 @@ def main() -> int:
     print(f"{args.encoder} on {device} ({torch.get_num_threads()} threads), {n_tiles} tiles of "
           f"{args.tile_size} px, input {encoder.input_size}, batch {args.batch_size}", flush=True)
 
-    # Warm-up (first-call allocations, kernel selection), then each mode once on the same tile count.
-    batch = np.random.default_rng(0).integers(0, 255, (args.batch_size, args.tile_size, args.tile_size, 3),
-                                               dtype=np.uint8)
-    list(embed_batches(encoder, [batch], device))
-    batches = [batch] * (n_tiles // args.batch_size) + [batch[: n_tiles % args.batch_size]]
-    start = time.perf_counter()
-    list(embed_batches(encoder, [b for b in batches if len(b)], device, cfg.features.precision))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    forward = n_tiles / (time.perf_counter() - start)
+    # The in-memory batches are the slide's own tiles (same pixels, same batch sizes as the stages see).
+    tiles = np.stack([store.read_tile(folder / name) for name in store.read_index(folder)["file"]])
+    batches = [tiles[i : i + args.batch_size] for i in range(0, n_tiles, args.batch_size)]
+
+    def pure_forward() -> float:
+        start = time.perf_counter()
+        list(embed_batches(encoder, batches, device, cfg.features.precision))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n_tiles / (time.perf_counter() - start)
+
+    pure_forward()  # warm-up: every batch shape once
+    forward = max(pure_forward(), pure_forward())  # the best of two: the floor the stages are held to
 
     start = time.perf_counter()
     features, _, _ = embed_tile_folder(folder, encoder, cfg, device)
