@@ -55,7 +55,7 @@ def test_outlier_scores_order_confident_below_uncertain():
         scores = outlier_scores(probs, name)
         assert scores[0] < scores[1] < scores[2]
     assert outlier_scores(probs, "entropy")[2] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="unknown outlier score"):
+    with pytest.raises(ValueError, match="unknown probability score"):
         outlier_scores(probs, "nope")
 
 
@@ -63,6 +63,29 @@ def test_threshold_flags_the_configured_fraction():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(400, 5)) * 3
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    threshold = calibrate_threshold(probs, "entropy", 0.1)
-    assert threshold.flag(probs).mean() == pytest.approx(0.1, abs=0.01)
-    assert not calibrate_threshold(probs, "entropy", 0.0).flag(probs).any()
+    scores = outlier_scores(probs, "entropy")
+    threshold = calibrate_threshold(scores, "entropy", 0.1)
+    assert threshold.flag(scores).mean() == pytest.approx(0.1, abs=0.01)
+    assert not calibrate_threshold(scores, "entropy", 0.0).flag(scores).any()
+    with pytest.raises(ValueError, match="unknown outlier score"):
+        calibrate_threshold(scores, "softmax", 0.1)
+
+
+def test_feature_space_detector_scores_far_bags_higher():
+    from ubc_ocean.outliers import FeatureSpaceDetector, score_table
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 4
+    labels = np.repeat(np.arange(3), 40)
+    train = centres[labels] + rng.normal(size=(120, 16))
+    detector = FeatureSpaceDetector.fit(train, labels, n_classes=4, k=5)  # class 3 never seen
+    known = centres[[0, 1, 2]] + rng.normal(size=(3, 16))
+    unknown = rng.normal(size=(3, 16)) * 4 + 12
+    for name in ("mahalanobis", "knn"):
+        scores = detector.scores(np.concatenate([known, unknown]))[name]
+        assert scores[:3].max() < scores[3:].min(), name
+    restored = FeatureSpaceDetector.from_dict(detector.to_dict())
+    assert np.allclose(restored.mahalanobis(unknown), detector.mahalanobis(unknown))
+    logits = np.array([[8.0, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    table = score_table(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), logits)
+    assert set(table) == {"max_prob", "entropy", "energy"} and table["energy"][0] < table["energy"][1]

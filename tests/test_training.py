@@ -45,7 +45,7 @@ def test_fit_learns_and_keeps_best_epoch(model):
     assert result.best_score == pytest.approx(1.0)
     assert result.valid_probs.shape == (12, 3) and np.allclose(result.valid_probs.sum(1), 1, atol=1e-5)
     assert len(result.curves) >= result.best_epoch + 1
-    probs, _ = predict_bags(result.model, valid_bags, CPU)
+    probs = predict_bags(result.model, valid_bags, CPU).probs
     np.testing.assert_allclose(probs, result.valid_probs, atol=1e-6)  # the kept weights are the best epoch's
 
 
@@ -63,7 +63,7 @@ def test_checkpoint_rebuilds_the_same_model(tmp_path):
     save_checkpoint(tmp_path / "m.pt", result.model, ["A", "B", "C"], {"fold": 0})
     model, payload = load_checkpoint(tmp_path / "m.pt")
     assert payload["classes"] == ["A", "B", "C"] and payload["fold"] == 0
-    np.testing.assert_allclose(predict_bags(model, bags, CPU)[0], result.valid_probs, atol=1e-6)
+    np.testing.assert_allclose(predict_bags(model, bags, CPU).probs, result.valid_probs, atol=1e-6)
 
 
 def test_class_weights_inverse_frequency():
@@ -99,3 +99,22 @@ def test_flagged_rows_become_other():
     probs = np.array([[0.9, 0.1], [0.5, 0.5]])
     labels = label_predictions(probs, np.array([False, True]), ["A", "B"], "Other")
     assert labels.tolist() == ["A", "Other"]
+
+
+def test_onecycle_balanced_sampling_and_feature_detector():
+    train_bags, train_labels = _bags(6)
+    result = fit("abmil", {"hidden_dim": 32, "attention_dim": 16}, train_bags, train_labels,
+                 *_bags(3, seed=2), 3, _mil_cfg(epochs=15, schedule="onecycle", balanced_sampling=True), 0, CPU)
+    assert result.best_score == pytest.approx(1.0)
+    assert result.detector is not None and result.detector.bank.shape == (18, 32)
+
+
+def test_huge_bag_is_capped_at_prediction():
+    from ubc_ocean.mil import create_mil_model
+    from ubc_ocean.mil.train import evenly_spaced
+
+    bag = torch.randn(100_000, 8)
+    assert evenly_spaced(bag, 1000).shape == (1000, 8) and torch.equal(evenly_spaced(bag, 1000)[0], bag[0])
+    model = create_mil_model("transmil", in_dim=8, n_classes=3, hidden_dim=16)
+    outputs = predict_bags(model, [bag], CPU, max_instances=4096)
+    assert outputs.probs.shape == (1, 3) and np.isfinite(outputs.logits).all()

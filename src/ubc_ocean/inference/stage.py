@@ -25,9 +25,9 @@ from ubc_ocean.features.stage import encoder_from_config
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import BagError, check_bag, load_bags
 from ubc_ocean.mil.checkpoint import load_checkpoint
-from ubc_ocean.mil.stage import embeddings_root_from_config, run_dir
+from ubc_ocean.mil.stage import embeddings_root_from_config, prediction_frame, run_dir
 from ubc_ocean.mil.train import predict_bags
-from ubc_ocean.outliers import SCORES, outlier_scores
+from ubc_ocean.outliers import FeatureSpaceDetector
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import TEST, competition_specs
@@ -75,22 +75,20 @@ def model_names(cfg: Mapping, folder: Path) -> list[str]:
 
 
 def predict_model(model_dir: Path, slide_ids: list[str], bags: dict[str, torch.Tensor], cfg: Mapping) -> pd.DataFrame:
-    """Mean probabilities over every checkpoint of one model, plus the outlier scores."""
+    """Probabilities and outlier scores averaged over every fold x seed checkpoint of one model."""
     device = resolve_device(cfg["runtime"]["device"])
     checkpoints = sorted(model_dir.glob("fold*_seed*.pt"))
     total = None
-    classes: list[str] = []
     for path in checkpoints:
         model, payload = load_checkpoint(path, device)
-        classes = payload["classes"]
-        probs, _ = predict_bags(model, [bags[s] for s in slide_ids], device)
-        total = probs if total is None else total + probs
+        outputs = predict_bags(model, [bags[s] for s in slide_ids], device,
+                               max_instances=int(cfg["mil"]["max_instances_predict"]))
+        detector = FeatureSpaceDetector.from_dict(payload["detector"]) if "detector" in payload else None
+        frame = prediction_frame(outputs, payload["classes"], detector)
+        total = frame if total is None else total + frame
     mean = total / len(checkpoints)
-    frame = pd.DataFrame(mean, columns=classes)
-    frame.insert(0, "image_id", [s.split("/", 1)[1] for s in slide_ids])
-    for score in SCORES:
-        frame[f"score_{score}"] = outlier_scores(mean, score)
-    return frame
+    mean.insert(0, "image_id", [s.split("/", 1)[1] for s in slide_ids])
+    return mean
 
 
 def run(cfg: Mapping) -> dict[str, Path]:

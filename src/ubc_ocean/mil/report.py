@@ -14,9 +14,10 @@ from ubc_ocean.metrics import balanced_accuracy, confusion_frame, per_class_reca
 
 
 def seed_mean(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    """One row per slide: class probabilities averaged over seeds (and any repeats)."""
+    """One row per slide: class probabilities (and ``score_*`` columns) averaged over seeds."""
     keys = ["slide_id", "image_id", "label", "is_tma", "fold"]
-    return oof.groupby(keys, as_index=False, sort=True)[list(classes)].mean()
+    values = list(classes) + [c for c in oof.columns if c.startswith("score_")]
+    return oof.groupby(keys, as_index=False, sort=True)[values].mean()
 
 
 def oof_metrics(per_slide: pd.DataFrame, classes: Sequence[str]) -> dict:

@@ -28,8 +28,8 @@ from ubc_ocean.io_utils import FailureLog, atomic_write_csv
 from ubc_ocean.mil.bags import load_bags
 from ubc_ocean.mil.checkpoint import save_checkpoint
 from ubc_ocean.mil.report import seed_mean, write_report
-from ubc_ocean.mil.train import fit
-from ubc_ocean.outliers import calibrate_threshold
+from ubc_ocean.mil.train import BagOutputs, fit
+from ubc_ocean.outliers import FeatureSpaceDetector, calibrate_threshold, score_table
 
 log = logging.getLogger(__name__)
 STAGE = "04_train_cv"
@@ -72,28 +72,38 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: P
             [bags[s] for s in train["slide_id"]], [class_index[c] for c in train["label"]],
             [bags[s] for s in valid["slide_id"]], [class_index[c] for c in valid["label"]],
             len(classes), mil_cfg, seed=int(cfg["seed"]) * 1000 + seed, device=device,
-            desc=f"{name} fold {fold} seed {seed}",
+            desc=f"{name} fold {fold} seed {seed}", knn_k=int(cfg["outliers"]["knn_k"]),
         )
         log.info("%s fold %d seed %d: best valid BA %.3f at epoch %d",
                  name, fold, seed, result.best_score, result.best_epoch)
         save_checkpoint(out / f"fold{fold}_seed{seed}.pt", result.model, classes,
                         {"fold": int(fold), "seed": seed, "best_epoch": result.best_epoch,
-                         "valid_balanced_accuracy": result.best_score, "config": as_plain(cfg)})
-        probs = pd.DataFrame(result.valid_probs, columns=classes)
+                         "valid_balanced_accuracy": result.best_score, "config": as_plain(cfg),
+                         "detector": result.detector.to_dict()})
         meta = valid[["slide_id", "image_id", "label", "is_tma", "fold"]].reset_index(drop=True)
-        oof_rows.append(pd.concat([meta.assign(seed=seed), probs], axis=1))
+        oof_rows.append(pd.concat([meta.assign(seed=seed), prediction_frame(result.valid, classes, result.detector)],
+                                  axis=1))
         curves += [{"fold": int(fold), "seed": seed, **row} for row in result.curves]
     oof = pd.concat(oof_rows, ignore_index=True)
     atomic_write_csv(oof, out / "oof.csv")
     atomic_write_csv(pd.DataFrame(curves), out / "curves.csv")
     per_slide = seed_mean(oof, classes)
     metrics = write_report(per_slide, classes, out, name)
-    threshold = calibrate_threshold(per_slide[classes].to_numpy(), cfg["outliers"]["score"],
+    score = cfg["outliers"]["score"]
+    threshold = calibrate_threshold(per_slide[f"score_{score}"].to_numpy(), score,
                                     float(cfg["outliers"]["in_distribution_flag_rate"]))
     threshold.save(out / "outlier.json")
     log.info("%s: OOF balanced accuracy %.3f (WSI %s, TMA %s)", name, metrics["balanced_accuracy"],
              _fmt(metrics["balanced_accuracy_wsi"]), _fmt(metrics["balanced_accuracy_tma"]))
     return metrics
+
+
+def prediction_frame(outputs: BagOutputs, classes: list[str], detector: FeatureSpaceDetector | None) -> pd.DataFrame:
+    """One row per bag: a probability column per class, then a ``score_*`` column per outlier score."""
+    frame = pd.DataFrame(outputs.probs, columns=classes)
+    for name, values in score_table(outputs.probs, outputs.logits, outputs.embeddings, detector).items():
+        frame[f"score_{name}"] = values
+    return frame
 
 
 def _fmt(value: float | None) -> str:

@@ -18,20 +18,35 @@ from ubc_ocean.device import autocast, seed_everything
 from ubc_ocean.metrics import balanced_accuracy
 from ubc_ocean.mil import create_mil_model
 from ubc_ocean.mil.bags import sample_instances
+from ubc_ocean.outliers.feature_space import FeatureSpaceDetector
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class BagOutputs:
+    """Model outputs for a list of bags: softmax probabilities, logits and bag embeddings."""
+
+    probs: np.ndarray
+    logits: np.ndarray
+    embeddings: np.ndarray
+
+
+@dataclass
 class FitResult:
-    """The best model (by validation balanced accuracy), its validation outputs and the curves."""
+    """The best model (by validation balanced accuracy), its validation outputs, the feature-space outlier
+    detector fitted on its training bags, and the curves."""
 
     model: nn.Module
     best_epoch: int
     best_score: float
-    valid_probs: np.ndarray
-    valid_embeddings: np.ndarray
+    valid: BagOutputs
+    detector: FeatureSpaceDetector | None = None
     curves: list[dict] = field(default_factory=list)
+
+    @property
+    def valid_probs(self) -> np.ndarray:
+        return self.valid.probs
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
@@ -41,19 +56,59 @@ def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
     return torch.tensor(weights / weights[weights > 0].mean(), dtype=torch.float32)
 
 
+def evenly_spaced(bag: torch.Tensor, max_instances: int) -> torch.Tensor:
+    """A deterministic subsample (every k-th instance) capping very large bags at prediction time."""
+    if max_instances <= 0 or bag.shape[0] <= max_instances:
+        return bag
+    keep = torch.linspace(0, bag.shape[0] - 1, max_instances).round().long()
+    return bag[keep]
+
+
 @torch.inference_mode()
 def predict_bags(
-    model: nn.Module, bags: Sequence[torch.Tensor], device: torch.device, precision: str = "auto"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities [N, C] and bag embeddings [N, E] for whole bags (no subsampling)."""
+    model: nn.Module, bags: Sequence[torch.Tensor], device: torch.device, precision: str = "auto",
+    max_instances: int = 0,
+) -> BagOutputs:
+    """Probabilities [N, C], logits [N, C] and bag embeddings [N, E] for whole bags (capped at
+    ``max_instances`` by an even subsample, so a 100k-instance bag cannot exhaust memory)."""
     model.eval()
-    probs, embeddings = [], []
+    logits, embeddings = [], []
     for bag in bags:
         with autocast(device, precision):
-            out = model(bag.to(device).float())
-        probs.append(torch.softmax(out["logits"].float(), dim=-1).cpu().numpy()[0])
+            out = model(evenly_spaced(bag, max_instances).to(device).float())
+        logits.append(out["logits"].float().cpu().numpy()[0])
         embeddings.append(out["embedding"].float().cpu().numpy()[0])
-    return np.stack(probs), np.stack(embeddings)
+    logit_array = np.stack(logits)
+    probs = torch.softmax(torch.from_numpy(logit_array), dim=-1).numpy()
+    return BagOutputs(probs, logit_array, np.stack(embeddings))
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, mil_cfg: Mapping, total_steps: int):  # type: ignore[no-untyped-def]
+    name = str(mil_cfg["schedule"])
+    if name == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        )
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(mil_cfg["lr"]), total_steps=total_steps + 1)
+    raise ValueError(f"unknown mil.schedule {name!r} (cosine | onecycle)")
+
+
+def _epoch_order(labels: torch.Tensor, n_classes: int, balanced: bool, generator: torch.Generator) -> list[int]:
+    """A shuffled pass over the training bags, or a class-balanced draw (with replacement) of the same size."""
+    if not balanced:
+        return torch.randperm(len(labels), generator=generator).tolist()
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    weights = (1.0 / counts.clamp(min=1))[labels]
+    return torch.multinomial(weights, len(labels), replacement=True, generator=generator).tolist()
+
+
+def _loss(out: Mapping[str, torch.Tensor], target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on ``logits``; models with a second stream (DSMIL) average it with ``aux_logits``."""
+    loss = F.cross_entropy(out["logits"].float(), target, weight=weights)
+    if "aux_logits" in out:
+        loss = 0.5 * (loss + F.cross_entropy(out["aux_logits"].float(), target, weight=weights))
+    return loss
 
 
 def fit(
@@ -68,37 +123,34 @@ def fit(
     seed: int,
     device: torch.device,
     desc: str = "",
+    knn_k: int = 5,
 ) -> FitResult:
-    """Train a fresh model; keep the epoch with the best validation balanced accuracy."""
+    """Train a fresh model; keep the epoch with the best validation balanced accuracy, then fit the
+    feature-space outlier detector on the kept model's training-bag embeddings."""
     seed_everything(seed)
     in_dim = int(train_bags[0].shape[1])
     model = create_mil_model(model_name, in_dim=in_dim, n_classes=n_classes, **dict(model_options)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(mil_cfg["lr"]),
                                   weight_decay=float(mil_cfg["weight_decay"]))
     epochs = int(mil_cfg["epochs"])
-    total_steps = max(1, epochs * len(train_bags))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
+    scheduler = _scheduler(optimizer, mil_cfg, max(1, epochs * len(train_bags)))
     weights = class_weights(train_labels, n_classes) if mil_cfg["class_weighting"] else torch.ones(n_classes)
     weights = weights.to(device)
     generator = torch.Generator().manual_seed(seed)
     targets = torch.as_tensor(list(train_labels), dtype=torch.long)
-    precision = "auto"
-    best = FitResult(model, -1, -1.0, np.zeros((0, n_classes)), np.zeros((0, 0)))
-    best_state = None
+    precision, cap = "auto", int(mil_cfg["max_instances_predict"])
+    best_epoch, best_score, best_state, best_valid = -1, -1.0, None, None
     stale = 0
     curves = []
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(train_bags), generator=generator).tolist()
         losses = []
-        for index in order:
+        for index in _epoch_order(targets, n_classes, bool(mil_cfg["balanced_sampling"]), generator):
             bag = sample_instances(train_bags[index], int(mil_cfg["max_instances"]), generator).to(device).float()
             bag = F.dropout(bag, p=float(mil_cfg["feature_dropout"]), training=True)
             with autocast(device, precision):
-                logits = model(bag)["logits"]
-            loss = F.cross_entropy(logits.float(), targets[index : index + 1].to(device), weight=weights)
+                out = model(bag)
+            loss = _loss(out, targets[index : index + 1].to(device), weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if float(mil_cfg["grad_clip"]) > 0:
@@ -106,19 +158,18 @@ def fit(
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
-        probs, embeddings = predict_bags(model, valid_bags, device, precision)
-        score = balanced_accuracy(list(valid_labels), probs.argmax(1).tolist())
+        valid = predict_bags(model, valid_bags, device, precision, cap)
+        score = balanced_accuracy(list(valid_labels), valid.probs.argmax(1).tolist())
         curves.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_balanced_accuracy": score})
         log.debug("%s epoch %d loss %.4f valid BA %.3f", desc, epoch, np.mean(losses), score)
-        if score > best.best_score:
+        if score > best_score:
+            best_epoch, best_score, best_valid, stale = epoch, score, valid, 0
             best_state = copy.deepcopy(model.state_dict())
-            best = FitResult(model, epoch, score, probs, embeddings)
-            stale = 0
         else:
             stale += 1
             if stale >= int(mil_cfg["patience"]):
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    best.curves = curves
-    return best
+    model.load_state_dict(best_state)
+    train_embeddings = predict_bags(model, train_bags, device, precision, cap).embeddings
+    detector = FeatureSpaceDetector.fit(train_embeddings, list(train_labels), n_classes, k=knn_k)
+    return FitResult(model, best_epoch, best_score, best_valid, detector, curves)

@@ -1,6 +1,10 @@
-"""Outlier ("Other") detection: uncertainty scores and a threshold calibrated on OOF predictions."""
+"""Outlier ("Other") detection: uncertainty and feature-space scores, a threshold calibrated on OOF."""
 
-from ubc_ocean.outliers.scores import SCORES, outlier_scores
+from ubc_ocean.outliers.feature_space import FeatureSpaceDetector
+from ubc_ocean.outliers.scores import PROBABILITY_SCORES, SCORE_NAMES, outlier_scores, score_table
 from ubc_ocean.outliers.threshold import OutlierThreshold, calibrate_threshold
 
-__all__ = ["SCORES", "OutlierThreshold", "calibrate_threshold", "outlier_scores"]
+__all__ = [
+    "PROBABILITY_SCORES", "SCORE_NAMES", "FeatureSpaceDetector", "OutlierThreshold", "calibrate_threshold",
+    "outlier_scores", "score_table",
+]
