@@ -118,3 +118,19 @@ def test_huge_bag_is_capped_at_prediction():
     model = create_mil_model("transmil", in_dim=8, n_classes=3, hidden_dim=16)
     outputs = predict_bags(model, [bag], CPU, max_instances=4096)
     assert outputs.probs.shape == (1, 3) and np.isfinite(outputs.logits).all()
+
+
+def test_leave_one_class_out_auroc_well_above_chance():
+    from ubc_ocean.outliers.loco import leave_one_class_out
+
+    bags, labels = _bags(8, n_classes=4, dim=16)
+    names = ["A", "B", "C", "D"]
+    table = pd.DataFrame({"slide_id": [f"s{i}" for i in range(len(bags))],
+                          "label": [names[y] for y in labels],
+                          "fold": [i % 2 for i in range(len(bags))]})
+    bag_map = dict(zip(table["slide_id"], bags, strict=True))
+    result = leave_one_class_out(table, bag_map, ["D"], "abmil", {"hidden_dim": 32, "attention_dim": 16},
+                                 _mil_cfg(epochs=10), seed=0, device=CPU)
+    aurocs = result.set_index("score")["auroc"]
+    assert set(aurocs.index) == {"max_prob", "entropy", "energy", "mahalanobis", "knn"}
+    assert (aurocs > 0.5).all() and aurocs["mahalanobis"] > 0.9

@@ -1,0 +1,100 @@
+"""Leave-one-class-out evaluation of the outlier scores: train on all classes but one, then ask how well
+each score separates that unseen class's slides from held-out slides of the known classes (AUROC)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from ubc_ocean.device import resolve_device
+from ubc_ocean.io_utils import atomic_write_csv
+from ubc_ocean.mil.train import fit, predict_bags
+from ubc_ocean.outliers.scores import score_table
+
+log = logging.getLogger(__name__)
+VALIDATION_FOLD = 0
+
+
+def held_out_class_auroc(
+    table: pd.DataFrame,
+    bags: Mapping[str, torch.Tensor],
+    held_out: str,
+    model_name: str,
+    model_options: Mapping,
+    mil_cfg: Mapping,
+    seed: int,
+    device: torch.device,
+    knn_k: int = 5,
+) -> dict[str, float]:
+    """AUROC of every score for ``held_out`` (unknown) against fold-0 slides of the other classes.
+
+    ``table`` has ``slide_id``, ``label`` and ``fold`` (-1 for train-only slides). The model trains on the
+    known classes outside fold 0 and early-stops on fold 0.
+    """
+    known = table[table["label"] != held_out]
+    unknown = table[table["label"] == held_out]
+    classes = sorted(known["label"].unique())
+    index = {label: i for i, label in enumerate(classes)}
+    train = known[known["fold"] != VALIDATION_FOLD]
+    valid = known[known["fold"] == VALIDATION_FOLD]
+    if valid.empty or unknown.empty:
+        raise ValueError(f"held-out class {held_out!r}: need fold-{VALIDATION_FOLD} known slides and unknown slides")
+    result = fit(
+        model_name, model_options,
+        [bags[s] for s in train["slide_id"]], [index[c] for c in train["label"]],
+        [bags[s] for s in valid["slide_id"]], [index[c] for c in valid["label"]],
+        len(classes), mil_cfg, seed, device, desc=f"without {held_out}", knn_k=knn_k,
+    )
+    outside = predict_bags(result.model, [bags[s] for s in unknown["slide_id"]], device,
+                           max_instances=int(mil_cfg["max_instances_predict"]))
+    inside_scores = score_table(result.valid.probs, result.valid.logits, result.valid.embeddings, result.detector)
+    outside_scores = score_table(outside.probs, outside.logits, outside.embeddings, result.detector)
+    truth = np.r_[np.zeros(len(valid)), np.ones(len(unknown))]
+    return {name: float(roc_auc_score(truth, np.r_[inside_scores[name], outside_scores[name]]))
+            for name in inside_scores}
+
+
+def leave_one_class_out(
+    table: pd.DataFrame, bags: Mapping[str, torch.Tensor], classes: Sequence[str], model_name: str,
+    model_options: Mapping, mil_cfg: Mapping, seed: int, device: torch.device, knn_k: int = 5,
+) -> pd.DataFrame:
+    """One row per (held-out class, score) with the AUROC."""
+    rows = []
+    for held_out in classes:
+        aurocs = held_out_class_auroc(table, bags, held_out, model_name, model_options, mil_cfg, seed, device, knn_k)
+        rows += [{"model": model_name, "held_out": held_out, "score": name, "auroc": value}
+                 for name, value in aurocs.items()]
+        log.info("%s without %s: %s", model_name, held_out, {k: round(v, 3) for k, v in aurocs.items()})
+    return pd.DataFrame(rows)
+
+
+def run(cfg: Mapping) -> pd.DataFrame:
+    """Leave-one-class-out AUROC for every model in ``mil.models``; writes ``{run}/loco_auroc.csv``."""
+    from ubc_ocean.features import cache
+    from ubc_ocean.mil.bags import load_bags
+    from ubc_ocean.mil.stage import embeddings_root_from_config, run_dir, training_table
+
+    table = training_table(cfg)
+    root = embeddings_root_from_config(cfg)
+    bags, _ = load_bags({r.slide_id: cache.embedding_path(root, r.source, r.image_id) for r in table.itertuples()})
+    table = table[table["slide_id"].isin(bags)]
+    device = resolve_device(cfg["runtime"]["device"])
+    options = cfg["mil"]["model_options"] or {}
+    frames = [
+        leave_one_class_out(table, bags, list(cfg["data"]["classes"]), name, dict(options.get(name, {})),
+                            cfg["mil"], int(cfg["seed"]), device, int(cfg["outliers"]["knn_k"]))
+        for name in cfg["mil"]["models"]
+    ]
+    result = pd.concat(frames, ignore_index=True)
+    out = Path(run_dir(cfg)) / "loco_auroc.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(result, out)
+    summary = result.pivot_table(index=["model", "held_out"], columns="score", values="auroc")
+    log.info("leave-one-class-out AUROC (%s):\n%s", out, summary.round(3).to_string())
+    return result
