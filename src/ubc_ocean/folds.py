@@ -6,6 +6,7 @@ External slides are train-only: their fold is -1 and they never validate.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -33,19 +34,15 @@ def assign_folds(
 ) -> pd.Series:
     """Fold number per row (``TRAIN_ONLY`` where ``validate_mask`` is False).
 
-    Raises ``ValueError`` naming the class when a class has fewer validating slides than folds.
+    A class with fewer validating slides than folds is spread over as many folds as it has slides (the
+    other folds cannot validate it; :func:`small_classes` names such classes). Raises ``ValueError`` only
+    when no class has enough slides for ``n_splits`` folds.
     """
     folds = pd.Series(TRAIN_ONLY, index=frame.index, dtype=int)
     mask = validate_mask if validate_mask is not None else pd.Series(True, index=frame.index)
     pool = frame[mask]
-    counts = pool["label"].value_counts()
-    too_small = counts[counts < n_splits]
-    if not too_small.empty:
-        raise ValueError(
-            f"classes with fewer slides than folds ({n_splits}): "
-            + ", ".join(f"{label}={count}" for label, count in too_small.items())
-            + "; lower folds.n_splits or add slides"
-        )
+    if pool["label"].value_counts().max() < n_splits:
+        raise ValueError(f"no class has {n_splits} slides: lower folds.n_splits")
     strata = stratum(pool, n_splits)
     if group_column:
         if group_column not in pool.columns:
@@ -54,6 +51,15 @@ def assign_folds(
         splits = splitter.split(pool, strata, groups=pool[group_column].astype(str))
     else:
         splits = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(pool, strata)
-    for fold, (_, valid_idx) in enumerate(splits):
-        folds.loc[pool.index[valid_idx]] = fold
+    with warnings.catch_warnings():  # small classes are reported by small_classes(), not by sklearn
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for fold, (_, valid_idx) in enumerate(splits):
+            folds.loc[pool.index[valid_idx]] = fold
     return folds
+
+
+def small_classes(frame: pd.DataFrame, n_splits: int, validate_mask: pd.Series | None = None) -> dict[str, int]:
+    """Classes with fewer validating slides than folds, and their counts."""
+    pool = frame if validate_mask is None else frame[validate_mask]
+    counts = pool["label"].value_counts()
+    return {str(label): int(count) for label, count in counts[counts < n_splits].items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ubc_ocean.config import save_config
-from ubc_ocean.folds import TRAIN_ONLY, assign_folds
+from ubc_ocean.folds import TRAIN_ONLY, assign_folds, small_classes
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv
 from ubc_ocean.sources import TRAIN, external_sources, read_train_csv
 from ubc_ocean.tiling import store
@@ -100,6 +100,11 @@ def run(cfg: Mapping) -> pd.DataFrame:
         raise RuntimeError("manifest is empty: no tiled slide with a known label (run stage 01 first)")
     is_competition = manifest["provenance"].eq("competition")
     folds_cfg = cfg["folds"]
+    for label, count in small_classes(manifest, int(folds_cfg["n_splits"]), is_competition).items():
+        message = (f"class {label} has {count} validating slides for {folds_cfg['n_splits']} folds: "
+                   f"some folds cannot validate it (lower folds.n_splits or add slides)")
+        log.warning(message)
+        failures.record(f"class:{label}", message)
     manifest["fold"] = assign_folds(
         manifest, int(folds_cfg["n_splits"]), int(cfg["seed"]),
         group_column="group" if folds_cfg["group_column"] else None, validate_mask=is_competition,
