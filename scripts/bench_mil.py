@@ -59,9 +59,8 @@ def bag_scaling(device: str, sizes: list[int], dim: int) -> dict[str, dict[int, 
         for n in sizes:
             out = subprocess.run([sys.executable, "-c", CASE, name, str(n), str(dim), device],
                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            results[name][n] = json.loads(out)
-            print(f"{name:9} N={n:6d}  {results[name][n]['seconds']:8.3f} s  peak {results[name][n]['peak_mb']:8.0f} MB",
-                  flush=True)
+            case = results[name][n] = json.loads(out)
+            print(f"{name:9} N={n:6d}  {case['seconds']:8.3f} s  peak {case['peak_mb']:8.0f} MB", flush=True)
     return results
 
 

@@ -19,7 +19,7 @@ from ubc_ocean.inference.stage import read_test_predictions
 from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.mil.report import oof_metrics, seed_mean
 from ubc_ocean.mil.stage import run_dir
-from ubc_ocean.outliers import calibrate_threshold
+from ubc_ocean.outliers import PROBABILITY_SCORES, calibrate_threshold, outlier_scores
 from ubc_ocean.sources import read_test_csv
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,23 @@ def ensemble_weights(oof_scores: Mapping[str, float], mode: str) -> dict[str, fl
 
 
 def weighted_mean(frames: Mapping[str, pd.DataFrame], weights: Mapping[str, float], key: str,
-                  classes: Sequence[str]) -> pd.DataFrame:
-    """Weighted mean of the class columns of several tables aligned on ``key``."""
-    names = list(frames)
+                  columns: Sequence[str]) -> pd.DataFrame:
+    """Weighted mean of ``columns`` over several tables aligned on ``key`` (other columns: the first's)."""
+    names, columns = list(frames), list(columns)
     base = frames[names[0]].set_index(key).sort_index()
-    total = base[list(classes)] * weights[names[0]]
+    total = base[columns] * weights[names[0]]
     for name in names[1:]:
         other = frames[name].set_index(key).reindex(base.index)
-        total = total + other[list(classes)] * weights[name]
-    return pd.concat([base.drop(columns=list(classes)), total], axis=1).reset_index()
+        total = total + other[columns] * weights[name]
+    return pd.concat([base.drop(columns=columns), total], axis=1).reset_index()
+
+
+def ensemble_scores(frame: pd.DataFrame, classes: Sequence[str], score: str) -> np.ndarray:
+    """The outlier score of ensembled rows: recomputed from the mean probabilities for ``max_prob`` and
+    ``entropy``; the models' weighted mean ``score_*`` column otherwise."""
+    if score in PROBABILITY_SCORES:
+        return outlier_scores(frame[list(classes)].to_numpy(), score)
+    return frame[f"score_{score}"].to_numpy()
 
 
 def label_predictions(probs: np.ndarray, flagged: np.ndarray, classes: Sequence[str], outlier: str) -> np.ndarray:
@@ -72,14 +80,16 @@ def run(cfg: Mapping) -> Path:
     oof = {m: seed_mean(pd.read_csv(out / m / "oof.csv", dtype={"image_id": str}), classes) for m in models}
     scores = {m: oof_metrics(frame, classes)["balanced_accuracy"] for m, frame in oof.items()}
     weights = ensemble_weights(scores, cfg["submit"]["weighting"])
-    oof_ensemble = weighted_mean(oof, weights, "slide_id", classes)
+    score = cfg["outliers"]["score"]
+    columns = [*classes, f"score_{score}"] if score not in PROBABILITY_SCORES else classes
+    oof_ensemble = weighted_mean(oof, weights, "slide_id", columns)
     metrics = oof_metrics(oof_ensemble, classes)
-    threshold = calibrate_threshold(oof_ensemble[classes].to_numpy(), cfg["outliers"]["score"],
+    threshold = calibrate_threshold(ensemble_scores(oof_ensemble, classes, score), score,
                                     float(cfg["outliers"]["in_distribution_flag_rate"]))
     test = {m: read_test_predictions(out / m) for m in models}
-    test_ensemble = weighted_mean(test, weights, "image_id", classes)
-    probs = test_ensemble[classes].to_numpy()
-    labels = label_predictions(probs, threshold.flag(probs), classes, outlier)
+    test_ensemble = weighted_mean(test, weights, "image_id", columns)
+    flagged = threshold.flag(ensemble_scores(test_ensemble, classes, score))
+    labels = label_predictions(test_ensemble[classes].to_numpy(), flagged, classes, outlier)
     predicted = dict(zip(test_ensemble["image_id"].astype(str), labels, strict=True))
     test_ids = read_test_csv(cfg)["image_id"].astype(str)
     missing = [i for i in test_ids if i not in predicted]
