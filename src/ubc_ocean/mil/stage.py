@@ -11,6 +11,7 @@ Run folder ``{paths.runs}/{experiment}/``::
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,7 +65,8 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: P
     seeds = [int(s) for s in mil_cfg["seeds"]]
     oof_rows, curves = [], []
     runs = [(fold, seed) for fold in folds for seed in seeds]
-    for fold, seed in tqdm(runs, desc=f"{name} folds x seeds", unit="fit", dynamic_ncols=True):
+    bar = tqdm(runs, desc=f"{name} folds x seeds", unit="fit", dynamic_ncols=True)
+    for fold, seed in bar:
         train = table[table["fold"] != fold]
         valid = table[table["fold"] == fold]
         result = fit(
@@ -73,6 +75,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: P
             [bags[s] for s in valid["slide_id"]], [class_index[c] for c in valid["label"]],
             len(classes), mil_cfg, seed=int(cfg["seed"]) * 1000 + seed, device=device,
             desc=f"{name} fold {fold} seed {seed}", knn_k=int(cfg["outliers"]["knn_k"]),
+            progress=functools.partial(_show_epoch, bar, fold, seed),
         )
         log.info("%s fold %d seed %d: best valid BA %.3f at epoch %d",
                  name, fold, seed, result.best_score, result.best_epoch)
@@ -104,6 +107,11 @@ def prediction_frame(outputs: BagOutputs, classes: list[str], detector: FeatureS
     for name, values in score_table(outputs.probs, outputs.logits, outputs.embeddings, detector).items():
         frame[f"score_{name}"] = values
     return frame
+
+
+def _show_epoch(bar: tqdm, fold: int, seed: int, row: dict) -> None:
+    bar.set_postfix(fold=fold, seed=seed, epoch=row["epoch"], loss=f"{row['train_loss']:.3f}",
+                    valid_ba=f"{row['valid_balanced_accuracy']:.3f}")
 
 
 def _fmt(value: float | None) -> str:

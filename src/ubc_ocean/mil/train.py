@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,6 +124,7 @@ def fit(
     device: torch.device,
     desc: str = "",
     knn_k: int = 5,
+    progress: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train a fresh model; keep the epoch with the best validation balanced accuracy, then fit the
     feature-space outlier detector on the kept model's training-bag embeddings."""
@@ -162,6 +163,8 @@ def fit(
         score = balanced_accuracy(list(valid_labels), valid.probs.argmax(1).tolist())
         curves.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_balanced_accuracy": score})
         log.debug("%s epoch %d loss %.4f valid BA %.3f", desc, epoch, np.mean(losses), score)
+        if progress is not None:
+            progress(curves[-1])
         if score > best_score:
             best_epoch, best_score, best_valid, stale = epoch, score, valid, 0
             best_state = copy.deepcopy(model.state_dict())
