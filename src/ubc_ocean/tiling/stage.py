@@ -83,7 +83,7 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
                 kept = [(row["x"], row["y"]) for row in rows]
                 overlay = draw_overlay(
                     prepared.low_res, prepared.masks.tissue, kept, prepared.plan.extent,
-                    (prepared.reader.width, prepared.reader.height),
+                    prepared.view_size or (prepared.reader.width, prepared.reader.height),
                 )
                 save_overlay(tmp / store.QC_FILE, overlay)
         finally:

@@ -55,6 +55,7 @@ class PreparedSlide:
     quality: dict
     planning: dict
     info: dict = field(default_factory=dict)
+    view_size: tuple[int, int] | None = None  # level-0 (width, height) the low-res view covers; None: all
 
     @property
     def streaming(self) -> bool:
@@ -223,10 +224,11 @@ def iter_tiles(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray
 
 def _stream_all_cells(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
     reader, extent, planning = prepared.reader, prepared.extent, prepared.planning
-    factor = max(1.0, max(reader.width, reader.height) / planning["mask_max_side"])
-    canvas = np.zeros((int(np.ceil(reader.height / factor)), int(np.ceil(reader.width / factor)), 3), np.uint8)
-    grid = [(x, y) for y in range(0, reader.height - extent + 1, extent)
-            for x in range(0, reader.width - extent + 1, extent)]
+    # The view covers the complete grid cells only: the slide's right and bottom remainders are never read.
+    width, height = (reader.width // extent) * extent, (reader.height // extent) * extent
+    factor = max(1.0, max(width, height) / planning["mask_max_side"])
+    canvas = np.zeros((max(1, int(np.ceil(height / factor))), max(1, int(np.ceil(width / factor))), 3), np.uint8)
+    grid = [(x, y) for y in range(0, height, extent) for x in range(0, width, extent)]
     for x, y, rgb, verdict in _judged(prepared, grid):
         x0, y0 = round(x / factor), round(y / factor)
         x1 = min(canvas.shape[1], max(x0 + 1, round((x + extent) / factor)))
@@ -234,9 +236,9 @@ def _stream_all_cells(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.
         canvas[y0:y1, x0:x1] = resize_area(rgb, x1 - x0, y1 - y0)
         if verdict.foreground_ok and _kept(prepared, verdict):
             yield _record(prepared, x, y, float("nan"), verdict.blur), rgb
-    prepared.low_res = canvas
+    prepared.low_res, prepared.view_size = canvas, (width, height)
     prepared.masks = detect_tissue(canvas, planning["tissue_cfg"])
-    prepared.plan = _plan(prepared.masks, reader.width, reader.height, extent, planning)
+    prepared.plan = _plan(prepared.masks, width, height, extent, planning)
     prepared.info.update(planned_tiles=len(prepared.plan), fallback=prepared.plan.fallback)
 
 
