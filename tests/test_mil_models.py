@@ -39,7 +39,7 @@ def _first_linear(model: MILModel) -> nn.Linear:
 
 
 def test_registry_lists_models() -> None:
-    assert available_models() == MODELS
+    assert available_models() == ["abmil", "chowder", "dsmil", "meanpool", "transmil"]  # dsmil/chowder: own file
 
 
 @pytest.mark.parametrize("name", MODELS)

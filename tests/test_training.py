@@ -154,3 +154,14 @@ def test_bad_bags_are_named_and_left_out(tmp_path):
     assert "NaN or inf" in problems["nan"] and "NaN or inf" in problems["inf"]
     assert "empty bag" in problems["empty"] and "no embeddings file" in problems["missing"]
     assert "width 5, expected 8" in problems["narrow"]
+
+
+@pytest.mark.parametrize(("model", "options"), [
+    ("dsmil", {"hidden_dim": 32, "query_dim": 16}),
+    ("chowder", {"n_top": 3, "n_bottom": 3, "hidden_dims": [32]}),
+    ("meanpool", {"hidden_dim": 32}),
+])
+def test_fit_trains_every_registered_head(model, options):
+    train_bags, train_labels = _bags(8)
+    result = fit(model, options, train_bags, train_labels, *_bags(4, seed=1), 3, _mil_cfg(epochs=12, lr=0.003), 0, CPU)
+    assert result.best_score >= 0.9 and result.detector is not None
