@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from ubc_ocean.config import Config, load_config
 
@@ -57,3 +59,12 @@ def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Config:
     cfg = tiny_config(tmp_path_factory.mktemp("tiny"))
     generate(cfg)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """Tiny tensors run fastest (and steadiest on a busy machine) on one intra-op thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -12,16 +10,12 @@ from ubc_ocean.mil import create_mil_model, mil_model_from_config
 from ubc_ocean.mil.chowder import extreme_scores
 from ubc_ocean.mil.train import _loss
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 IN_DIM, N_CLASSES = 32, 3
 SMALL = {"dsmil": {"hidden_dim": 32, "query_dim": 16}, "chowder": {"n_top": 3, "n_bottom": 3, "hidden_dims": [16]}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(name: str, seed: int = 0):  # type: ignore[no-untyped-def]

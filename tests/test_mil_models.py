@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -12,19 +10,14 @@ from ubc_ocean.mil import MILModel, available_models, create_mil_model
 from ubc_ocean.mil.registry import mil_model_from_config, model_options
 from ubc_ocean.mil.transmil import PPEG, pad_to_square
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 IN_DIM = 32
 N_CLASSES = 3
 SMALL = {"hidden_dim": 64}
 MODELS = ["abmil", "meanpool", "transmil"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest (and steadiest on a busy machine) on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _small_model(name: str, seed: int = 0, **options: object) -> MILModel:
