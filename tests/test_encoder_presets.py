@@ -104,3 +104,14 @@ def test_truncated_weights_file_is_refused_with_key_list(tmp_path):
     expected = r"missing keys \[blocks\.3\.attn\.qkv\.weight\].*unexpected keys \[blocks\.3\.attn\.extra\]"
     with pytest.raises(WeightsMismatchError, match=expected):
         create_encoder("lunit_dino_vit_s16", weights=path)
+
+
+def test_cache_name_is_known_without_building_the_model(tmp_path):
+    from ubc_ocean.features.encoders import encoder_cache_name
+
+    path = tmp_path / "lunit.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).state_dict(), path)
+    for name, weights, size in [("efficientnet_lite0", None, None), ("efficientnet_lite0", None, 96),
+                                ("lunit_dino_vit_s16", path, None)]:
+        built = create_encoder(name, weights=weights, input_size=size)
+        assert encoder_cache_name(name, weights, size) == built.cache_name

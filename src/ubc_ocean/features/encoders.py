@@ -44,8 +44,8 @@ class Encoder:
     @property
     def cache_name(self) -> str:
         """Folder-safe identity: encoder, weights fingerprint and input size."""
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name).strip("-")
-        return f"{slug}-{self.weights_id[:8]}-s{self.input_size}"
+        return cache_name(self.name, self.weights_id, self.input_size)
+
 
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 tiles [B, H, W, 3] (on any device) -> normalised float [B, 3, S, S]."""
@@ -56,6 +56,39 @@ class Encoder:
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
+
+
+def cache_name(name: str, weights_id: str, input_size: int) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+    return f"{slug}-{weights_id[:8]}-s{input_size}"
+
+
+def weights_identity(name: str, weights: str | Path | None) -> str:
+    """The weights fingerprint ``create_encoder`` gives: a file's sha256, or a hash of the hub name."""
+    if name in PRESETS and weights == "hub":
+        return hashlib.sha256(f"hub:{PRESETS[name].hf_hub}".encode()).hexdigest()
+    if name.startswith("hf-hub:"):
+        return hashlib.sha256(name.encode()).hexdigest()
+    if weights is None and name == DEFAULT_ENCODER:
+        return file_checksum(efficientnet_lite0_weights_file())
+    if weights is None:
+        raise ValueError(f"encoder {name!r} needs a weights file (features.weights)")
+    return file_checksum(weights)
+
+
+def default_input_size(name: str) -> int:
+    """The input size an encoder is built with when ``features.input_size`` is not set."""
+    if name in PRESETS:
+        return PRESETS[name].input_size
+    import timm
+
+    pretrained = timm.get_pretrained_cfg(name.removeprefix("hf-hub:"), allow_unregistered=False)
+    return int(pretrained.input_size[-1]) if pretrained is not None else 224
+
+
+def encoder_cache_name(name: str, weights: str | Path | None, input_size: int | None) -> str:
+    """An encoder's cache folder name without building the model (stages 04-06 need only the name)."""
+    return cache_name(name, weights_identity(name, weights), int(input_size or default_input_size(name)))
 
 
 def file_checksum(path: str | Path) -> str:
@@ -162,10 +195,8 @@ def create_encoder(
     if name == DEFAULT_ENCODER and weights is None:
         model = efficientnet_lite0_imagenet()
         model.reset_classifier(0)
-        weights_id = file_checksum(efficientnet_lite0_weights_file())
     elif name.startswith("hf-hub:"):
         model = timm.create_model(name, pretrained=True, num_classes=0, **timm_options)
-        weights_id = hashlib.sha256(name.encode()).hexdigest()
     else:
         model = timm.create_model(name, pretrained=False, num_classes=0, **timm_options)
         if weights is None:
@@ -174,14 +205,11 @@ def create_encoder(
                 "random weights. Use a local .pth/.safetensors/.bin, or an hf-hub: name with internet."
             )
         load_weights(model, load_state_dict_file(weights, prefix_map), str(weights))
-        weights_id = file_checksum(weights)
     model.eval()
     data_cfg = timm.data.resolve_data_config({}, model=model)
-    size = int(input_size or data_cfg["input_size"][-1])
-    out_dim = int(model.num_features)
     return Encoder(
-        name=name, model=model, input_size=size, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
-        out_dim=out_dim, weights_id=weights_id,
+        name=name, model=model, input_size=int(input_size or default_input_size(name)), mean=tuple(data_cfg["mean"]),
+        std=tuple(data_cfg["std"]), out_dim=int(model.num_features), weights_id=weights_identity(name, weights),
     )
 
 
@@ -195,7 +223,6 @@ def _preset_encoder(
     options = {**resolved_options(preset), **timm_options}
     if weights == "hub":
         model = timm.create_model(f"hf-hub:{preset.hf_hub}", pretrained=True, num_classes=0, **options)
-        weights_id = hashlib.sha256(f"hub:{preset.hf_hub}".encode()).hexdigest()
     elif weights is None:
         raise ValueError(
             f"encoder preset {name!r} needs features.weights: download {preset.weights_file} from "
@@ -208,7 +235,6 @@ def _preset_encoder(
         if preset.key_format == "hf_vit":
             state = hf_vit_to_timm(state)
         load_weights(model, state, str(weights))
-        weights_id = file_checksum(weights)
     model = POOLERS[preset.pooling](model).eval()
     return Encoder(name=name, model=model, input_size=int(input_size or preset.input_size), mean=preset.mean,
-                   std=preset.std, out_dim=int(model.num_features), weights_id=weights_id)
+                   std=preset.std, out_dim=int(model.num_features), weights_id=weights_identity(name, weights))

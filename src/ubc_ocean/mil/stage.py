@@ -23,7 +23,8 @@ from ubc_ocean.config import as_plain, save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.external.merge import folds_path
 from ubc_ocean.features import cache
-from ubc_ocean.features.stage import encoder_from_config, read_manifest
+from ubc_ocean.features.encoders import encoder_cache_name
+from ubc_ocean.features.stage import read_manifest
 from ubc_ocean.folds import TRAIN_ONLY
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv
 from ubc_ocean.mil.bags import load_bags
@@ -41,7 +42,10 @@ def run_dir(cfg: Mapping) -> Path:
 
 
 def embeddings_root_from_config(cfg: Mapping) -> Path:
-    return cache.embeddings_root(cfg, encoder_from_config(cfg).cache_name)
+    """Where stage 03 put this config's embeddings (found without building the encoder)."""
+    features = cfg["features"]
+    name = encoder_cache_name(features["encoder"], features["weights"], features["input_size"])
+    return cache.embeddings_root(cfg, name)
 
 
 def training_table(cfg: Mapping) -> pd.DataFrame:
