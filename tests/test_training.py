@@ -165,3 +165,14 @@ def test_fit_trains_every_registered_head(model, options):
     train_bags, train_labels = _bags(8)
     result = fit(model, options, train_bags, train_labels, *_bags(4, seed=1), 3, _mil_cfg(epochs=12, lr=0.003), 0, CPU)
     assert result.best_score >= 0.9 and result.detector is not None
+
+
+def test_dual_stream_loss_averages_both_streams():
+    from ubc_ocean.mil.train import _loss
+
+    out = {"logits": torch.tensor([[2.0, 0.0, 0.0]]), "aux_logits": torch.tensor([[0.0, 2.0, 0.0]])}
+    target, weights = torch.tensor([0]), torch.ones(3)
+    ce = torch.nn.functional.cross_entropy
+    expected = 0.5 * (ce(out["logits"], target) + ce(out["aux_logits"], target))
+    assert _loss(out, target, weights).item() == pytest.approx(expected.item())
+    assert _loss({"logits": out["logits"]}, target, weights).item() == pytest.approx(ce(out["logits"], target).item())
