@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from ubc_ocean.config import load_config
+from ubc_ocean.config import ConfigError, load_config
 from ubc_ocean.mil.bags import BagError, check_bag, sample_instances
 from ubc_ocean.mil.checkpoint import load_checkpoint, save_checkpoint
+from ubc_ocean.mil.stage import model_training_config
 from ubc_ocean.mil.train import class_weights, fit, predict_bags
 from ubc_ocean.submit.stage import ensemble_weights, label_predictions, weighted_mean
 
@@ -176,3 +177,15 @@ def test_dual_stream_loss_averages_both_streams():
     expected = 0.5 * (ce(out["logits"], target) + ce(out["aux_logits"], target))
     assert _loss(out, target, weights).item() == pytest.approx(expected.item())
     assert _loss({"logits": out["logits"]}, target, weights).item() == pytest.approx(ce(out["logits"], target).item())
+
+
+def test_per_model_training_keys_override_the_mil_section():
+    cfg = load_config(None, ["mil.model_training={chowder: {lr: 0.001, epochs: 3}}"])
+    chowder = model_training_config(cfg.mil, "chowder")
+    assert (chowder["lr"], chowder["epochs"]) == (0.001, 3)
+    abmil = model_training_config(cfg.mil, "abmil")
+    assert (abmil["lr"], abmil["epochs"]) == (cfg.mil.lr, cfg.mil.epochs)
+    with pytest.raises(ConfigError, match=r"mil\.model_training\.chowder\.learning_rate"):
+        model_training_config(load_config(None, ["mil.model_training={chowder: {learning_rate: 0.1}}"]).mil, "chowder")
+    with pytest.raises(ConfigError, match=r"mil\.model_training\.abmil\.models"):
+        model_training_config(load_config(None, ["mil.model_training={abmil: {models: [x]}}"]).mil, "abmil")

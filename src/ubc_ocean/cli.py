@@ -52,9 +52,9 @@ def main(run: Callable[[Config], Any], description: str, argv: Sequence[str] | N
     args = build_parser(description).parse_args(argv)
     try:
         cfg = config_from_args(args)
+        setup_logging(cfg.runtime.log_level)
+        run(cfg)  # stages check their free-form sections (sources, per-model keys) and raise ConfigError
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    setup_logging(cfg.runtime.log_level)
-    run(cfg)
     return 0

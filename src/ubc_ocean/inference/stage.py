@@ -25,7 +25,7 @@ from ubc_ocean.features.stage import encoder_from_config
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import BagError, check_bag, load_bags
 from ubc_ocean.mil.checkpoint import load_checkpoint
-from ubc_ocean.mil.stage import embeddings_root_from_config, prediction_frame, run_dir
+from ubc_ocean.mil.stage import embeddings_root_from_config, model_training_config, prediction_frame, run_dir
 from ubc_ocean.mil.train import predict_bags
 from ubc_ocean.outliers import FeatureSpaceDetector
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
@@ -78,11 +78,12 @@ def predict_model(model_dir: Path, slide_ids: list[str], bags: dict[str, torch.T
     """Probabilities and outlier scores averaged over every fold x seed checkpoint of one model."""
     device = resolve_device(cfg["runtime"]["device"])
     checkpoints = sorted(model_dir.glob("fold*_seed*.pt"))
+    cap = int(model_training_config(cfg["mil"], model_dir.name)["max_instances_predict"])
     total = None
     for path in checkpoints:
         model, payload = load_checkpoint(path, device)
         outputs = predict_bags(model, [bags[s] for s in slide_ids], device,
-                               max_instances=int(cfg["mil"]["max_instances_predict"]))
+                               max_instances=cap)
         detector = FeatureSpaceDetector.from_dict(payload["detector"]) if "detector" in payload else None
         frame = prediction_frame(outputs, payload["classes"], detector)
         total = frame if total is None else total + frame

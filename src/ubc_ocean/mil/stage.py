@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ubc_ocean.config import as_plain, save_config
+from ubc_ocean.config import ConfigError, as_plain, save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.external.merge import folds_path
 from ubc_ocean.features import cache
@@ -58,9 +58,24 @@ def training_table(cfg: Mapping) -> pd.DataFrame:
     return manifest.merge(folds, on="slide_id", how="inner", validate="one_to_one")
 
 
+_NOT_PER_MODEL = ("models", "model_options", "model_training")
+
+
+def model_training_config(mil_cfg: Mapping, name: str) -> dict:
+    """The ``mil`` section as model ``name`` trains with it: ``mil.model_training[name]`` replaces the
+    training keys it names (``lr``, ``epochs``, ...). An unknown or non-training key is an error naming it."""
+    overrides = dict((mil_cfg.get("model_training") or {}).get(name) or {})
+    allowed = sorted(key for key in mil_cfg if key not in _NOT_PER_MODEL)
+    for key in overrides:
+        if key not in allowed:
+            raise ConfigError(f"mil.model_training.{name}.{key} is not a per-model training key "
+                           f"(choose among: {', '.join(allowed)})")
+    return {**mil_cfg, **overrides}
+
+
 def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: Path) -> dict:
     """Every fold x seed of one model; writes checkpoints, OOF, curves, metrics and the outlier threshold."""
-    mil_cfg, classes = cfg["mil"], list(cfg["data"]["classes"])
+    mil_cfg, classes = model_training_config(cfg["mil"], name), list(cfg["data"]["classes"])
     class_index = {label: i for i, label in enumerate(classes)}
     options = dict((mil_cfg["model_options"] or {}).get(name, {}))
     device = resolve_device(cfg["runtime"]["device"])
@@ -139,5 +154,7 @@ def run(cfg: Mapping) -> dict:
     table = table[table["slide_id"].isin(bags)].reset_index(drop=True)
     if table.empty:
         raise RuntimeError(f"no usable bags under {root}: run stage 03 first")
+    for name in cfg["mil"]["models"]:
+        model_training_config(cfg["mil"], name)  # a misspelt per-model key fails before any training
     results = {name: train_model(name, table, bags, cfg, out / name) for name in cfg["mil"]["models"]}
     return results

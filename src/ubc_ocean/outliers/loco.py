@@ -78,7 +78,7 @@ def run(cfg: Mapping) -> pd.DataFrame:
     """Leave-one-class-out AUROC for every model in ``mil.models``; writes ``{run}/loco_auroc.csv``."""
     from ubc_ocean.features import cache
     from ubc_ocean.mil.bags import load_bags
-    from ubc_ocean.mil.stage import embeddings_root_from_config, run_dir, training_table
+    from ubc_ocean.mil.stage import embeddings_root_from_config, model_training_config, run_dir, training_table
 
     table = training_table(cfg)
     root = embeddings_root_from_config(cfg)
@@ -88,7 +88,8 @@ def run(cfg: Mapping) -> pd.DataFrame:
     options = cfg["mil"]["model_options"] or {}
     frames = [
         leave_one_class_out(table, bags, list(cfg["data"]["classes"]), name, dict(options.get(name, {})),
-                            cfg["mil"], int(cfg["seed"]), device, int(cfg["outliers"]["knn_k"]))
+                            model_training_config(cfg["mil"], name), int(cfg["seed"]), device,
+                            int(cfg["outliers"]["knn_k"]))
         for name in cfg["mil"]["models"]
     ]
     result = pd.concat(frames, ignore_index=True)
