@@ -61,6 +61,30 @@ def test_tiles_lie_on_the_generators_tissue(tmp_path, is_tma):
     assert (folder / "qc.png").is_file()
 
 
+@pytest.mark.parametrize("metric", ["laplacian", "wavelet"])
+def test_focus_threshold_drops_the_out_of_focus_half(tmp_path, metric):
+    """The right half of a WSI is defocused: its tiles score far lower, and a threshold keeps only the left."""
+    import cv2
+
+    rgb, _ = render_slide("HGSC", 900, 640, is_tma=False, hospital=0, seed=5)
+    rgb[:, 448:] = cv2.GaussianBlur(np.ascontiguousarray(rgb[:, 448:]), (0, 0), 3)
+    path = _png(tmp_path / "half_blurred.png", rgb)
+    cfg = tiny_config(tmp_path / "all", f"tiling.blur_metric={metric}", "tiling.max_tiles_per_slide=0")
+    spec = SlideSpec("t", "half", path, is_tma=False, competition_scale=True)
+    assert tile_slide(spec, cfg).status == "done"
+    index, _, _ = _tiles(cfg, spec)
+    extent = int(index.extent[0])
+    sharp, blurred = index[index.x + extent <= 448], index[index.x >= 448]
+    assert len(sharp) >= 10 and len(blurred) >= 10
+    assert sharp.blur_score.min() > 3 * blurred.blur_score.max()
+    threshold = float(np.sqrt(sharp.blur_score.min() * blurred.blur_score.max()))
+    strict = tiny_config(tmp_path / "strict", f"tiling.blur_metric={metric}", "tiling.max_tiles_per_slide=0",
+                         f"tiling.min_blur_score={threshold}")
+    assert tile_slide(spec, strict).status == "done"
+    kept, _, _ = _tiles(strict, spec)
+    assert (kept.x < 448).all() and len(kept) >= len(sharp)
+
+
 def test_external_tiff_with_mpp_and_without(tiny_raw, tmp_path):
     """Pyramidal TIFFs go through openslide; mpp sets the scale, else the source's magnification, else error."""
     labels = pd.read_csv(Path(tiny_raw.paths.external) / "synthetic_tiff" / "labels.csv")

@@ -127,11 +127,20 @@ def test_quality_scores_flag_blur_and_marker_ink():
     import cv2
 
     from ubc_ocean.synthetic import render_slide
-    from ubc_ocean.tiling.quality import artefact_fraction, blur_score
+    from ubc_ocean.tiling.quality import artefact_fraction, blur_score, focus_score, wavelet_energy
 
     rgb, _ = render_slide("HGSC", 400, 400, is_tma=True, hospital=0, seed=0)
     tile = np.ascontiguousarray(rgb[100:228, 100:228])
-    assert blur_score(cv2.GaussianBlur(tile, (0, 0), 4)) < 0.1 * blur_score(tile)
+    blurred = cv2.GaussianBlur(tile, (0, 0), 4)
+    assert blur_score(blurred) < 0.1 * blur_score(tile)
+    assert wavelet_energy(blurred) < 0.1 * wavelet_energy(tile)
+    assert focus_score(tile, "wavelet") == wavelet_energy(tile) and focus_score(tile) == blur_score(tile)
+    # One Haar level by hand: a vertical edge inside a 2x2 block puts all its energy in one detail band.
+    step = np.zeros((2, 2, 3), np.uint8)
+    step[:, 1] = 200
+    assert wavelet_energy(step) == pytest.approx((200 * 2 / 2) ** 2)
+    with pytest.raises(ValueError, match="blur_metric"):
+        focus_score(tile, "fft")
     assert artefact_fraction(tile, 25, 60) < 0.05  # H&E tissue: no ink
     inked = tile.copy()
     inked[:, :64] = (40, 160, 70)   # green marker over half the tile
@@ -151,3 +160,15 @@ def test_small_holes_filled_large_holes_kept():
     filled = fill_small_holes(mask, max_fraction=0.002)  # 80 px at most
     assert filled[41, 41] and not filled[120, 120]
     assert filled.sum() == mask.sum() + 9
+
+
+def test_tiling_choices_are_checked_before_any_slide():
+    from ubc_ocean.config import ConfigError, load_config
+    from ubc_ocean.tiling.tiler import check_tiling_config
+
+    check_tiling_config(load_config(None, []).tiling)
+    check_tiling_config(load_config(None, ["tiling.saturation_threshold=30"]).tiling)
+    for key, value in [("sampling", "grid"), ("blur_metric", "fft"), ("format", "bmp"),
+                       ("saturation_threshold", "auto")]:
+        with pytest.raises(ConfigError, match=f"tiling.{key}"):
+            check_tiling_config(load_config(None, [f"tiling.{key}={value}"]).tiling)

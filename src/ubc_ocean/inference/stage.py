@@ -32,7 +32,7 @@ from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import TEST, competition_specs
 from ubc_ocean.tiling import store
-from ubc_ocean.tiling.tiler import SlideSpec
+from ubc_ocean.tiling.tiler import SlideSpec, check_tiling_config
 
 log = logging.getLogger(__name__)
 STAGE = "05_infer_test"
@@ -94,6 +94,7 @@ def predict_model(model_dir: Path, slide_ids: list[str], bags: dict[str, torch.T
 
 def run(cfg: Mapping) -> dict[str, Path]:
     """Embed (this shard's share of) the test images, then predict them with every model."""
+    check_tiling_config(cfg["tiling"])
     root = embeddings_root_from_config(cfg)
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)

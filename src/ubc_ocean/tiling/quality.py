@@ -19,6 +19,28 @@ def blur_score(rgb: np.ndarray) -> float:
     return float(std[0, 0]) ** 2
 
 
+def wavelet_energy(rgb: np.ndarray) -> float:
+    """Mean energy of the first-level Haar detail bands (LH, HL, HH) of the grey tile (0-255 scale): the
+    high-frequency content that defocus removes; low means out of focus."""
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    h, w = grey.shape[0] // 2 * 2, grey.shape[1] // 2 * 2
+    a, b = grey[0:h:2, 0:w:2], grey[0:h:2, 1:w:2]
+    c, d = grey[1:h:2, 0:w:2], grey[1:h:2, 1:w:2]
+    horizontal, vertical, diagonal = (a + b - c - d) / 2, (a - b + c - d) / 2, (a - b - c + d) / 2
+    return float(np.mean(horizontal**2 + vertical**2 + diagonal**2))
+
+
+FOCUS_METRICS = {"laplacian": blur_score, "wavelet": wavelet_energy}
+
+
+def focus_score(rgb: np.ndarray, metric: str = "laplacian") -> float:
+    """The tile's focus score by ``metric`` (one of ``FOCUS_METRICS``); low means out of focus."""
+    try:
+        return FOCUS_METRICS[metric](rgb)
+    except KeyError:
+        raise ValueError(f"tiling.blur_metric must be one of {sorted(FOCUS_METRICS)}, got {metric!r}") from None
+
+
 def artefact_fraction(rgb: np.ndarray, black_value: int, dark_value: int) -> float:
     """Fraction of the tile covered by green/blue marker ink or near-black matter (ink, dust, folds).
 

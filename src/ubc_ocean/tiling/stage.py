@@ -18,7 +18,7 @@ from ubc_ocean.slides.reader import resize_to
 from ubc_ocean.sources import TRAIN, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.qc import draw_overlay, save_overlay
-from ubc_ocean.tiling.tiler import SlideSpec, finalise, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import SlideSpec, check_tiling_config, finalise, iter_tiles, prepare_slide
 
 log = logging.getLogger(__name__)
 STAGE = "01_tile_slides"
@@ -166,6 +166,7 @@ def failures_path(folder: Path, shard: str | None) -> Path:
 
 def run(cfg: Mapping) -> dict:
     """Tile every training and external slide (this shard's share), resumably; returns the counts."""
+    check_tiling_config(cfg["tiling"])
     root = store.tiles_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)

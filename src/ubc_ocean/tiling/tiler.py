@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ubc_ocean.config import ConfigError
 from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
 from ubc_ocean.slides.reader import resize_area
 from ubc_ocean.tiling.grid import TilePlan, plan_tiles, slide_seed
-from ubc_ocean.tiling.quality import artefact_fraction, blur_score
+from ubc_ocean.tiling.quality import FOCUS_METRICS, artefact_fraction, focus_score
 from ubc_ocean.tiling.tissue import TissueMasks, background_mask, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,27 @@ def _check_size(spec: SlideSpec, reader: SlideReader) -> None:
         )
 
 
+_TILING_CHOICES = {
+    "format": ("jpg", "jpeg", "png"),
+    "sampling": ("random", "stratified"),
+    "blur_metric": tuple(sorted(FOCUS_METRICS)),
+}
+
+
+def check_tiling_config(tiling: Mapping) -> None:
+    """Refuse, before any slide is opened, a ``tiling`` section whose choices would fail every slide."""
+    for key, choices in _TILING_CHOICES.items():
+        if str(tiling[key]).lower() not in choices:
+            raise ConfigError(f"tiling.{key} must be one of {', '.join(choices)}, got {tiling[key]!r}")
+    threshold = str(tiling["saturation_threshold"]).lower()
+    if threshold != "otsu":
+        try:
+            float(threshold)
+        except ValueError:
+            raise ConfigError(f"tiling.saturation_threshold must be 'otsu' or a number, "
+                              f"got {tiling['saturation_threshold']!r}") from None
+
+
 def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
     """Open a slide, harmonise its scale, find tissue and plan the tiles (no tile pixels read yet)."""
     tiling, slides_cfg = cfg["tiling"], cfg["slides"]
@@ -141,6 +163,7 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
     if plan is not None:
         info.update(planned_tiles=len(plan), fallback=plan.fallback)
     quality = {
+        "blur_metric": str(tiling["blur_metric"]),
         "min_blur_score": float(tiling["min_blur_score"]),
         "max_artefact_fraction": float(tiling["max_artefact_fraction"]),
         "black_value": int(tiling["black_value"]),
@@ -173,7 +196,7 @@ def _judge(prepared: PreparedSlide, rgb: np.ndarray) -> _Verdict:
     # At least half the minimum tissue fraction of the tile's own pixels must not be black or white fill.
     if 1.0 - background.mean() < 0.5 * prepared.planning["min_fraction"]:
         return _Verdict(foreground_ok=False, blur=0.0)
-    score = blur_score(rgb)
+    score = focus_score(rgb, quality["blur_metric"])
     if score < quality["min_blur_score"]:
         return _Verdict(True, score, blurry=True)
     artefact = artefact_fraction(rgb, quality["black_value"], quality["dark_value"]) > quality["max_artefact_fraction"]
