@@ -197,28 +197,40 @@ def test_shards_partition_the_slides(tiny_raw, tmp_path):
 def test_defaults_find_tissue_on_every_test_image(tiny_raw):
     for spec in competition_specs(tiny_raw, TEST):
         prepared = prepare_slide(spec, tiny_raw)
-        records = [record for record, _ in iter_tiles(prepared)]  # TMAs have no thumbnail: mask built on the way
+        records = [record for record, _ in iter_tiles(prepared)]  # TMAs have no thumbnail: held in memory
         prepared.close()
         assert len(prepared.plan) > 0 and not prepared.plan.fallback, spec.slide_id
         assert any(finalise(prepared, records)), spec.slide_id
 
 
-def test_png_without_thumbnail_is_decoded_once_and_matches_thumbnail_tiling(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("in_memory_mp", "mask_source"), [(0, "built in the decoding pass"),
+                                                           (64, "the whole image, held in memory")],
+                         ids=["streamed", "in_memory"])
+def test_png_without_thumbnail_is_decoded_once_and_matches_thumbnail_tiling(tmp_path, monkeypatch, in_memory_mp,
+                                                                          mask_source):
     rgb, _ = render_slide("MC", 960, 704, is_tma=False, hospital=2, seed=9)
     png = _png(tmp_path / "slide.png", rgb)
     thumb = tmp_path / "slide_thumbnail.png"
     pyvips.Image.thumbnail(str(png), 240).pngsave(str(thumb))
-    cfg = tiny_config(tmp_path, "tiling.max_tiles_per_slide=0")
+    cfg = tiny_config(tmp_path, "tiling.max_tiles_per_slide=0", f"slides.in_memory_max_megapixels={in_memory_mp}")
     with_thumb = SlideSpec("a", "thumb", png, thumbnail=thumb, is_tma=False, competition_scale=True)
     assert tile_slide(with_thumb, cfg).status == "done"
     # Without a thumbnail the mask must come from the one decoding pass: a second decode would fail here.
     monkeypatch.setattr(pyvips.Image, "thumbnail", lambda *a, **k: pytest.fail("second decoding pass"))
+    decodes = []
+    real_open = pyvips.Image.new_from_file
+    monkeypatch.setattr(pyvips.Image, "new_from_file", lambda *a, **k: decodes.append(a) or real_open(*a, **k))
     streamed = SlideSpec("a", "streamed", png, is_tma=False, competition_scale=True)
     assert tile_slide(streamed, cfg).status == "done"
     a, _, _ = _tiles(cfg, with_thumb)
     b, info, folder = _tiles(cfg, streamed)
     boxes_a, boxes_b = set(zip(a.x, a.y, strict=True)), set(zip(b.x, b.y, strict=True))
     assert len(boxes_a & boxes_b) >= 0.9 * max(len(boxes_a), len(boxes_b))
-    assert info["mask_source"] == "built in the decoding pass"
+    assert info["mask_source"] == mask_source
+    assert len(decodes) == 2  # the header, then one decoding pass
     assert sorted(p.name for p in folder.glob("*.jpg")) == sorted(b.file)  # pruned candidates are gone
     assert b.tissue_fraction.between(cfg.tiling.min_tissue_fraction, 1).all()
+    if in_memory_mp:  # planned before cutting: no candidate was cut only to be thrown away
+        assert info["streamed_not_kept"] == 0 and info["planned_tiles"] == len(b)
+    else:
+        assert info["streamed_not_kept"] > 0

@@ -2,7 +2,7 @@
 
 The tiler asks a reader for a low-resolution view (for the tissue mask) and for square level-0 boxes,
 row by row, resized to the tile size. PNGs are decoded once, top to bottom, in strips: memory follows the
-slide's width, never its area.
+slide's width, never its area. Small images without a thumbnail (TMAs) are decoded whole, once, instead.
 """
 
 from __future__ import annotations
@@ -126,6 +126,15 @@ class PngSlide(SlideReader):
             what = f"thumbnail {source.name}" if source != self.path else "image data"
             raise SlideError(f"truncated or corrupt {what}: {_error_text(err)}") from err
 
+    def read_all(self) -> np.ndarray:
+        """The whole image as one RGB array, decoded once (for images small enough to hold)."""
+        import pyvips
+
+        try:
+            return self._open().numpy()
+        except pyvips.Error as err:
+            raise SlideError(f"truncated or corrupt image data: {_error_text(err)}") from err
+
     def read_boxes(
         self, boxes: Sequence[tuple[int, int]], extent: int, out_size: int
     ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
@@ -146,6 +155,29 @@ class PngSlide(SlideReader):
                 del strip, tile  # free this strip before libvips decodes the next one
         except pyvips.Error as err:
             raise SlideError(f"truncated or corrupt image data: {_error_text(err)}") from err
+
+
+class InMemorySlide(SlideReader):
+    """An image held whole in memory: its low-resolution view is a shrink of the pixels themselves, so
+    the tiler plans before cutting and reads only the planned tiles (no streamed candidates)."""
+
+    def __init__(self, path: str | Path, rgb: np.ndarray):
+        self.path = Path(path)
+        self.rgb = rgb
+        self.height, self.width = rgb.shape[:2]
+
+    def low_resolution(self, max_side: int) -> np.ndarray:
+        scale = min(1.0, max_side / max(self.width, self.height))  # never enlarged, as a pyvips thumbnail
+        return resize_area(self.rgb, max(1, round(self.width * scale)), max(1, round(self.height * scale)))
+
+    def read_boxes(
+        self, boxes: Sequence[tuple[int, int]], extent: int, out_size: int
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        for x, y in boxes:
+            yield (x, y), resize_to(np.ascontiguousarray(self.rgb[y : y + extent, x : x + extent]), out_size)
+
+    def close(self) -> None:
+        self.rgb = np.zeros((0, 0, 3), np.uint8)
 
 
 class OpenSlideSlide(SlideReader):
@@ -203,15 +235,22 @@ def _error_text(err: BaseException) -> str:
     return "; ".join(lines) if lines else type(err).__name__
 
 
-def open_slide(path: str | Path, thumbnail: str | Path | None = None) -> SlideReader:
-    """Open ``path`` with the right reader: openslide for pyramidal formats, pyvips streaming otherwise."""
+def open_slide(
+    path: str | Path, thumbnail: str | Path | None = None, in_memory_max_pixels: int = 0
+) -> SlideReader:
+    """Open ``path`` with the right reader: openslide for pyramidal formats; for other images pyvips,
+    streaming, except that one with no thumbnail and at most ``in_memory_max_pixels`` pixels (a TMA) is
+    decoded whole, once, into an :class:`InMemorySlide`."""
     limit_malloc_arenas()  # before libvips or tile writers start threads
     path = Path(path)
     if not path.is_file():
         raise SlideError(f"file not found: {path}")
     if path.suffix.lower() in PYRAMIDAL_SUFFIXES:
         return OpenSlideSlide(path)
-    return PngSlide(path, thumbnail=thumbnail)
+    png = PngSlide(path, thumbnail=thumbnail)
+    if not png.has_low_resolution_view and png.width * png.height <= in_memory_max_pixels:
+        return InMemorySlide(path, png.read_all())
+    return png
 
 
 def sorted_boxes(boxes: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ import numpy as np
 from ubc_ocean.config import ConfigError
 from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
-from ubc_ocean.slides.reader import resize_area
+from ubc_ocean.slides.reader import InMemorySlide, resize_area
 from ubc_ocean.tiling.grid import TilePlan, plan_tiles, slide_seed
 from ubc_ocean.tiling.quality import FOCUS_METRICS, artefact_fraction, focus_score
 from ubc_ocean.tiling.tissue import TissueMasks, background_mask, detect_tissue
@@ -113,7 +113,8 @@ def check_tiling_config(tiling: Mapping) -> None:
 def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
     """Open a slide, harmonise its scale, find tissue and plan the tiles (no tile pixels read yet)."""
     tiling, slides_cfg = cfg["tiling"], cfg["slides"]
-    reader = open_slide(spec.path, thumbnail=spec.thumbnail)
+    in_memory = round(float(slides_cfg["in_memory_max_megapixels"]) * 1e6)
+    reader = open_slide(spec.path, thumbnail=spec.thumbnail, in_memory_max_pixels=in_memory)
     try:
         _check_size(spec, reader)
         is_tma = spec.is_tma
@@ -158,7 +159,8 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
         "native_magnification": native,
         "target_magnification": target,
         "extent": extent,
-        "mask_source": "low-resolution view" if plan is not None else "built in the decoding pass",
+        "reader": type(reader).__name__,
+        "mask_source": _mask_source(reader, plan),
     }
     if plan is not None:
         info.update(planned_tiles=len(plan), fallback=plan.fallback)
@@ -172,6 +174,12 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
     }
     return PreparedSlide(spec, reader, bool(is_tma), native, target, tile_size, extent, low_res, masks, plan,
                          quality, planning, info)
+
+
+def _mask_source(reader: SlideReader, plan: TilePlan | None) -> str:
+    if plan is None:
+        return "built in the decoding pass"
+    return "the whole image, held in memory" if isinstance(reader, InMemorySlide) else "low-resolution view"
 
 
 def _plan(masks: TissueMasks, width: int, height: int, extent: int, planning: Mapping) -> TilePlan:
