@@ -75,17 +75,30 @@ def test_missing_and_corrupt_files_raise_slide_error(tmp_path):
         open_slide(bad)
 
 
-def test_png_streaming_tiles_equal_pixels(tmp_path):
+@pytest.mark.parametrize("in_memory_max_pixels", [0, 10**6], ids=["streamed", "in_memory"])
+def test_png_tiles_equal_pixels(tmp_path, in_memory_max_pixels):
+    from ubc_ocean.slides.reader import InMemorySlide, PngSlide
+
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
     path = tmp_path / "slide.png"
     pyvips.Image.new_from_array(rgb).pngsave(str(path))
-    with open_slide(path) as reader:
+
+    def opened():  # type: ignore[no-untyped-def]
+        return open_slide(path, in_memory_max_pixels=in_memory_max_pixels)
+
+    with opened() as reader:
+        assert isinstance(reader, InMemorySlide if in_memory_max_pixels else PngSlide)
+        assert (reader.width, reader.height) == (400, 300)
         got = dict(reader.read_boxes([(0, 0), (64, 0), (128, 64)], extent=64, out_size=64))
     np.testing.assert_array_equal(got[(128, 64)], rgb[64:128, 128:192])
-    with open_slide(path) as reader:  # 2x downscale: a 64 px box becomes a 32 px tile
+    with opened() as reader:  # 2x downscale: a 64 px box becomes a 32 px tile
         small = dict(reader.read_boxes([(0, 0)], extent=64, out_size=32))[(0, 0)]
     np.testing.assert_allclose(small.astype(float), rgb[:64, :64].reshape(32, 2, 32, 2, 3).mean((1, 3)), atol=1)
+    if in_memory_max_pixels:
+        with opened() as reader:  # the view shrinks the pixels themselves and is never enlarged
+            assert reader.low_resolution(100).shape == (75, 100, 3)
+            assert reader.low_resolution(1000).shape == (300, 400, 3)
 
 
 def test_real_aperio_slide_through_openslide(tmp_path):
