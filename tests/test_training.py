@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ubc_ocean.config import ConfigError, load_config
-from ubc_ocean.mil.bags import BagError, check_bag, sample_instances
+from ubc_ocean.mil.bags import BagError, check_bag, drop_features, sample_instances
 from ubc_ocean.mil.checkpoint import load_checkpoint, save_checkpoint
 from ubc_ocean.mil.stage import model_training_config
 from ubc_ocean.mil.train import class_weights, fit, predict_bags
@@ -189,3 +189,15 @@ def test_per_model_training_keys_override_the_mil_section():
         model_training_config(load_config(None, ["mil.model_training={chowder: {learning_rate: 0.1}}"]).mil, "chowder")
     with pytest.raises(ConfigError, match=r"mil\.model_training\.abmil\.models"):
         model_training_config(load_config(None, ["mil.model_training={abmil: {models: [x]}}"]).mil, "abmil")
+
+
+def test_feature_dropout_keeps_the_expected_share_scaled_and_seeded():
+    bag = torch.ones(400, 250)
+    dropped = drop_features(bag, 0.2, np.random.default_rng(3))
+    kept = dropped != 0
+    assert kept.float().mean().item() == pytest.approx(0.8, abs=0.01)
+    assert torch.allclose(dropped[kept], torch.full((int(kept.sum()),), 1 / 0.8))
+    assert torch.equal(dropped, drop_features(bag, 0.2, np.random.default_rng(3)))
+    assert not torch.equal(dropped, drop_features(bag, 0.2, np.random.default_rng(4)))
+    assert drop_features(bag, 0.0, np.random.default_rng(3)) is bag
+    assert not drop_features(bag, 1.0, np.random.default_rng(3)).any()

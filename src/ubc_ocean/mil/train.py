@@ -17,7 +17,7 @@ from torch import nn
 from ubc_ocean.device import autocast, seed_everything
 from ubc_ocean.metrics import balanced_accuracy
 from ubc_ocean.mil import create_mil_model
-from ubc_ocean.mil.bags import sample_instances
+from ubc_ocean.mil.bags import drop_features, sample_instances
 from ubc_ocean.outliers.feature_space import FeatureSpaceDetector
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def fit(
     weights = class_weights(train_labels, n_classes) if mil_cfg["class_weighting"] else torch.ones(n_classes)
     weights = weights.to(device)
     generator = torch.Generator().manual_seed(seed)
+    mask_rng = np.random.default_rng(seed)
     targets = torch.as_tensor(list(train_labels), dtype=torch.long)
     precision, cap = "auto", int(mil_cfg["max_instances_predict"])
     best_epoch, best_score, best_state, best_valid = -1, -1.0, None, None
@@ -148,7 +149,7 @@ def fit(
         losses = []
         for index in _epoch_order(targets, n_classes, bool(mil_cfg["balanced_sampling"]), generator):
             bag = sample_instances(train_bags[index], int(mil_cfg["max_instances"]), generator).to(device).float()
-            bag = F.dropout(bag, p=float(mil_cfg["feature_dropout"]), training=True)
+            bag = drop_features(bag, float(mil_cfg["feature_dropout"]), mask_rng)
             with autocast(device, precision):
                 out = model(bag)
             loss = _loss(out, targets[index : index + 1].to(device), weights)
