@@ -132,7 +132,8 @@ def fit(
     in_dim = int(train_bags[0].shape[1])
     model = create_mil_model(model_name, in_dim=in_dim, n_classes=n_classes, **dict(model_options)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(mil_cfg["lr"]),
-                                  weight_decay=float(mil_cfg["weight_decay"]))
+                                  weight_decay=float(mil_cfg["weight_decay"]),
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for every parameter
     epochs = int(mil_cfg["epochs"])
     scheduler = _scheduler(optimizer, mil_cfg, max(1, epochs * len(train_bags)))
     weights = class_weights(train_labels, n_classes) if mil_cfg["class_weighting"] else torch.ones(n_classes)
