@@ -88,6 +88,14 @@ def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path,
     fused, fused_coords, info = embed_slide_streaming(spec, cfg, encoder, CPU)
     assert (fused_coords == coords).all() and info["n_tiles"] == len(fused)
     np.testing.assert_allclose(fused, features, rtol=1e-3, atol=1e-3)
+    # When every tile fails the blur filter, fused mode falls back exactly as stage 01 does.
+    strict = tiny_config(tmp_path / "strict", f"paths.raw={tiny_raw.paths.raw}", "tiling.format=png",
+                         "tiling.min_blur_score=1e9", "tiling.quality_fallback_tiles=3")
+    assert tile_slide(spec, strict).status == "done"
+    index = store.read_index(store.slide_dir(strict, spec.source, spec.image_id))
+    few, few_coords, few_info = embed_slide_streaming(spec, strict, encoder, CPU)
+    assert len(few) == 3 == len(index) and (few_coords == index[["x", "y"]].to_numpy()).all()
+    assert "failed the quality filters" in few_info["fallback"]
 
 
 def test_cache_folders_keyed_by_encoder_and_tiling(tmp_path, encoder):

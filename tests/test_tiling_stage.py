@@ -85,6 +85,39 @@ def test_focus_threshold_drops_the_out_of_focus_half(tmp_path, metric):
     assert (kept.x < 448).all() and len(kept) >= len(sharp)
 
 
+@pytest.mark.parametrize("mode", ["thumbnail", "in_memory", "streamed"])
+def test_wholly_defocused_slide_keeps_its_sharpest_tiles_not_nothing(tmp_path, mode):
+    """Every tissue tile fails the blur filter: the slide keeps its sharpest tiles and says so, else fails
+    with the filters named, not as 'no tissue'."""
+    import cv2
+
+    rgb, _ = render_slide("CC", 900, 640, is_tma=False, hospital=1, seed=7)
+    png = _png(tmp_path / "defocused.png", cv2.GaussianBlur(rgb, (0, 0), 3))
+    thumbnail = None
+    if mode == "thumbnail":
+        thumbnail = tmp_path / "defocused_thumbnail.png"
+        pyvips.Image.thumbnail(str(png), 225).pngsave(str(thumbnail))
+    spec = SlideSpec("t", mode, png, thumbnail=thumbnail, is_tma=False, competition_scale=True)
+    common = ("tiling.max_tiles_per_slide=0", f"slides.in_memory_max_megapixels={64 if mode == 'in_memory' else 0}")
+    plain = tiny_config(tmp_path / "plain", *common)
+    assert tile_slide(spec, plain).status == "done"
+    everything, _, _ = _tiles(plain, spec)
+    assert len(everything) > 5
+    strict = tiny_config(tmp_path / "strict", *common, "tiling.min_blur_score=1e9", "tiling.quality_fallback_tiles=5")
+    result = tile_slide(spec, strict)
+    assert result.status == "done" and "failed the quality filters" in result.message
+    kept, info, folder = _tiles(strict, spec)
+    sharpest = everything.nlargest(5, "blur_score")
+    assert set(zip(kept.x, kept.y, strict=True)) == set(zip(sharpest.x, sharpest.y, strict=True))
+    assert info["quality_fallback_tiles"] == 5 and info["rejected_blur"] >= len(everything)
+    assert sorted(p.name for p in folder.glob("*.jpg")) == sorted(kept.file)
+    assert kept.tissue_fraction.between(strict.tiling.min_tissue_fraction, 1).all()
+    lost = tiny_config(tmp_path / "lost", *common, "tiling.min_blur_score=1e9", "tiling.quality_fallback_tiles=0")
+    failed = tile_slide(spec, lost)
+    assert failed.status == "failed" and "failed the quality filters" in failed.message
+    assert "no tissue" not in failed.message
+
+
 def test_external_tiff_with_mpp_and_without(tiny_raw, tmp_path):
     """Pyramidal TIFFs go through openslide; mpp sets the scale, else the source's magnification, else error."""
     labels = pd.read_csv(Path(tiny_raw.paths.external) / "synthetic_tiff" / "labels.csv")

@@ -9,7 +9,8 @@ import torch
 
 from ubc_ocean.features.embed import chunked, embed_batches, embedding_options
 from ubc_ocean.features.encoders import Encoder
-from ubc_ocean.tiling.tiler import SlideSpec, TileRecord, finalise, iter_tiles, prepare_slide
+from ubc_ocean.slides import SlideError
+from ubc_ocean.tiling.tiler import SlideSpec, TileRecord, finalise, iter_tiles, no_tiles_message, prepare_slide
 
 
 def embed_slide_streaming(
@@ -37,5 +38,7 @@ def embed_slide_streaming(
     keep = np.array(finalise(prepared, records), dtype=bool)
     records = [record for record, kept in zip(records, keep, strict=True) if kept]
     features = features[keep] if len(keep) else features
+    if not records:
+        raise SlideError(no_tiles_message(prepared.info))
     coords = np.array([[r.x, r.y] for r in records], dtype=np.int64).reshape(-1, 2)
     return features, coords, {**prepared.info, "n_tiles": len(records)}

@@ -18,7 +18,14 @@ from ubc_ocean.slides.reader import resize_to
 from ubc_ocean.sources import TRAIN, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.qc import draw_overlay, save_overlay
-from ubc_ocean.tiling.tiler import SlideSpec, check_tiling_config, finalise, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import (
+    SlideSpec,
+    check_tiling_config,
+    finalise,
+    iter_tiles,
+    no_tiles_message,
+    prepare_slide,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "01_tile_slides"
@@ -75,7 +82,7 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
                     else:  # a streamed candidate that the tissue mask, known only now, leaves out
                         (tmp / name).unlink()
                 if not rows:
-                    raise SlideError("no tissue found: every tile is background (blank or all-black image?)")
+                    raise SlideError(no_tiles_message(prepared.info))
                 store.write_index(tmp, rows)
                 info = {**prepared.info, "source": spec.source, "image_id": spec.image_id, "label": spec.label,
                         "n_tiles": len(rows), "path": str(spec.path)}
@@ -90,10 +97,10 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
             prepared.close()
     except (SlideError, OSError, ValueError) as err:
         return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
-    note = f" ({prepared.plan.fallback})" if prepared.plan.fallback else ""
-    if note:
-        log.warning("%s: fallback tiling%s", spec.slide_id, note)
-    return TaskResult(spec.slide_id, "done", note.strip(" ()"), count=len(rows))
+    fallback = prepared.info.get("fallback", "")
+    if fallback:
+        log.warning("%s: fallback tiling (%s)", spec.slide_id, fallback)
+    return TaskResult(spec.slide_id, "done", fallback, count=len(rows))
 
 
 def ingest_patch_bag(bag: PatchBag, cfg: Mapping) -> TaskResult:

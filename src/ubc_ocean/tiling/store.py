@@ -33,7 +33,7 @@ _TILING_KEY_FIELDS = (
     "target_magnification", "tile_size", "format", "jpeg_quality", "max_tiles_per_slide", "sampling",
     "mask_max_side", "min_tissue_fraction", "saturation_threshold", "min_saturation", "black_value",
     "white_value", "morphology_radius", "max_hole_fraction", "blur_metric", "min_blur_score", "max_artefact_fraction",
-    "dark_value",
+    "dark_value", "quality_fallback_tiles",
 )
 
 

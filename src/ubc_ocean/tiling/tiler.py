@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +173,7 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
         "black_value": int(tiling["black_value"]),
         "dark_value": int(tiling["dark_value"]),
         "white_value": int(tiling["white_value"]),
+        "fallback_tiles": int(tiling["quality_fallback_tiles"]),
     }
     return PreparedSlide(spec, reader, bool(is_tma), native, target, tile_size, extent, low_res, masks, plan,
                          quality, planning, info)
@@ -232,45 +235,122 @@ def _kept(prepared: PreparedSlide, verdict: _Verdict) -> bool:
     return not (verdict.blurry or verdict.artefact)
 
 
+class _Reserve:
+    """The ``size`` sharpest tiles the quality filters rejected, in bounded memory: the slide's tiles
+    should every tissue tile fail the filters (a wholly defocused or ink-covered slide)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._heap: list[tuple[float, int, tuple[int, int], np.ndarray]] = []
+        self._order = itertools.count()
+
+    def offer(self, score: float, box: tuple[int, int], rgb: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        if len(self._heap) < self.size:
+            heapq.heappush(self._heap, (score, next(self._order), box, rgb.copy()))  # readers may reuse buffers
+        elif score > self._heap[0][0]:
+            heapq.heapreplace(self._heap, (score, next(self._order), box, rgb.copy()))
+
+    def tiles(self, eligible: Container[tuple[int, int]]) -> list[tuple[tuple[int, int], float, np.ndarray]]:
+        """The reserved tiles whose box is ``eligible``, in row-major order."""
+        kept = [(box, score, rgb) for score, _, box, rgb in self._heap if box in eligible]
+        return sorted(kept, key=lambda item: (item[0][1], item[0][0]))
+
+
+def _quality_fallback(
+    prepared: PreparedSlide, reserve: _Reserve, eligible: TilePlan
+) -> Iterator[tuple[TileRecord, np.ndarray]]:
+    """Yield the reserve's tiles that lie in ``eligible``; they become the slide's plan, and
+    ``prepared.info['fallback']`` says why."""
+    fraction_by_box = dict(zip(eligible.boxes, eligible.tissue_fraction.tolist(), strict=True))
+    tiles = reserve.tiles(fraction_by_box)
+    if not tiles:
+        return
+    info = prepared.info
+    why = (f"every tissue tile failed the quality filters ({info['rejected_blur']} blurry, "
+           f"{info['rejected_artefact']} artefact): kept the {len(tiles)} sharpest")
+    info["fallback"] = "; ".join(filter(None, [info.get("fallback", ""), why]))
+    info["quality_fallback_tiles"] = len(tiles)
+    boxes = [box for box, _, _ in tiles]
+    prepared.plan = TilePlan(
+        xs=np.array([x for x, _ in boxes], np.int64), ys=np.array([y for _, y in boxes], np.int64),
+        tissue_fraction=np.array([fraction_by_box[box] for box in boxes], np.float32),
+        extent=eligible.extent, fallback=info["fallback"],
+    )
+    for (x, y), score, rgb in tiles:
+        yield _record(prepared, x, y, fraction_by_box[(x, y)], score), rgb
+
+
+def no_tiles_message(info: Mapping) -> str:
+    """Why a slide yielded no tile: background only, or tissue that the quality filters all rejected."""
+    rejected = info.get("rejected_blur", 0) + info.get("rejected_artefact", 0)
+    if rejected:
+        return (f"every tissue tile failed the quality filters ({info.get('rejected_blur', 0)} blurry, "
+                f"{info.get('rejected_artefact', 0)} artefact; tiling.min_blur_score, "
+                "tiling.max_artefact_fraction and tiling.quality_fallback_tiles set them)")
+    return "no tissue found: every tile is background (blank or all-black image?)"
+
+
 def iter_tiles(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
     """Read the slide in one row-major pass, yielding the tiles that pass the quality filters.
 
     With a low-resolution view (thumbnail, pyramid) only the planned tiles are read. Without one (a PNG
     with no thumbnail) every grid cell streams past once: its shrink builds the tissue mask while
     cells with enough non-background pixels are yielded as candidates; call :func:`finalise` afterwards
-    to learn which candidates the plan keeps. Rejections are counted in ``prepared.info``.
+    to learn which candidates the plan keeps. Rejections are counted in ``prepared.info``. Should the
+    quality filters reject every tissue tile, the sharpest ``tiling.quality_fallback_tiles`` of them are
+    yielded at the end instead, and ``info['fallback']`` says so.
     """
     prepared.info.update(rejected_blur=0, rejected_artefact=0, rejected_background=0)
+    limit, cap = prepared.quality["fallback_tiles"], prepared.planning["max_tiles"]
+    reserve = _Reserve(min(limit, cap) if cap > 0 else limit)
     if not prepared.streaming:
         plan = prepared.plan
         fraction_by_box = dict(zip(plan.boxes, plan.tissue_fraction.tolist(), strict=True))
+        passed = 0
         for x, y, rgb, verdict in _judged(prepared, plan.boxes):
             if not verdict.foreground_ok:  # the low-resolution mask overstated this tile's tissue
                 prepared.info["rejected_background"] += 1
             elif _kept(prepared, verdict):
+                passed += 1
                 yield _record(prepared, x, y, fraction_by_box[(x, y)], verdict.blur), rgb
+            else:
+                reserve.offer(verdict.blur, (x, y), rgb)
+        if not passed:
+            yield from _quality_fallback(prepared, reserve, plan)
         return
-    yield from _stream_all_cells(prepared)
+    yield from _stream_all_cells(prepared, reserve)
 
 
-def _stream_all_cells(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
+def _stream_all_cells(prepared: PreparedSlide, reserve: _Reserve) -> Iterator[tuple[TileRecord, np.ndarray]]:
     reader, extent, planning = prepared.reader, prepared.extent, prepared.planning
     # The view covers the complete grid cells only: the slide's right and bottom remainders are never read.
     width, height = (reader.width // extent) * extent, (reader.height // extent) * extent
     factor = max(1.0, max(width, height) / planning["mask_max_side"])
     canvas = np.zeros((max(1, int(np.ceil(height / factor))), max(1, int(np.ceil(width / factor))), 3), np.uint8)
     grid = [(x, y) for y in range(0, height, extent) for x in range(0, width, extent)]
+    candidates = []
     for x, y, rgb, verdict in _judged(prepared, grid):
         x0, y0 = round(x / factor), round(y / factor)
         x1 = min(canvas.shape[1], max(x0 + 1, round((x + extent) / factor)))
         y1 = min(canvas.shape[0], max(y0 + 1, round((y + extent) / factor)))
         canvas[y0:y1, x0:x1] = resize_area(rgb, x1 - x0, y1 - y0)
-        if verdict.foreground_ok and _kept(prepared, verdict):
+        if not verdict.foreground_ok:
+            continue
+        if _kept(prepared, verdict):
+            candidates.append((x, y))
             yield _record(prepared, x, y, float("nan"), verdict.blur), rgb
+        else:
+            reserve.offer(verdict.blur, (x, y), rgb)
     prepared.low_res, prepared.view_size = canvas, (width, height)
     prepared.masks = detect_tissue(canvas, planning["tissue_cfg"])
     prepared.plan = _plan(prepared.masks, width, height, extent, planning)
     prepared.info.update(planned_tiles=len(prepared.plan), fallback=prepared.plan.fallback)
+    planned = set(prepared.plan.boxes)
+    if not any(box in planned for box in candidates):  # the plan keeps none of the tiles that passed
+        uncapped = _plan(prepared.masks, width, height, extent, {**planning, "max_tiles": 0})
+        yield from _quality_fallback(prepared, reserve, uncapped)
 
 
 def finalise(prepared: PreparedSlide, records: list[TileRecord]) -> list[bool]:
