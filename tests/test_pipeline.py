@@ -16,6 +16,7 @@ STAGES = [
     "00_make_synthetic_data", "01_tile_slides", "02_merge_external", "03_cache_embeddings",
     "04_train_cv", "05_infer_test", "06_ensemble_submit",
 ]
+TOOLS = ["eval_leave_one_class_out", "calibrate_focus"]
 ALLOWED = {"CC", "EC", "HGSC", "LGSC", "MC", "Other"}
 
 
@@ -24,7 +25,7 @@ def _script(name: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGES + TOOLS)
 def test_every_stage_has_help(stage):
     result = _script(stage, "--help")
     assert result.returncode == 0, result.stderr
