@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -201,3 +203,39 @@ def test_feature_dropout_keeps_the_expected_share_scaled_and_seeded():
     assert not torch.equal(dropped, drop_features(bag, 0.2, np.random.default_rng(4)))
     assert drop_features(bag, 0.0, np.random.default_rng(3)) is bag
     assert not drop_features(bag, 1.0, np.random.default_rng(3)).any()
+
+
+def test_auto_precision_is_native_bf16_else_fp16(monkeypatch):
+    """T4/P100/V100 emulate bf16 slowly: ``auto`` autocasts them to fp16, which training then loss-scales."""
+    from ubc_ocean.device import autocast_dtype, grad_scaler
+
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # no GPU to select
+    for native, emulated, auto, bf16 in [(True, True, torch.bfloat16, torch.bfloat16),
+                                         (False, True, torch.float16, torch.bfloat16),
+                                         (False, False, torch.float16, torch.float16)]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=native, e=emulated: n or (including_emulation and e))
+        assert autocast_dtype(gpu, "auto") == auto and autocast_dtype(gpu, "bf16") == bf16
+        assert autocast_dtype(gpu, "fp16") == torch.float16 and autocast_dtype(gpu, "fp32") is None
+    assert autocast_dtype(CPU, "auto") is None and not grad_scaler(CPU, "auto").is_enabled()
+    with pytest.raises(ValueError, match="unknown precision"):
+        autocast_dtype(CPU, "fp8")
+
+
+def test_fp16_training_is_loss_scaled_and_still_learns(monkeypatch):
+    """The fp16 path (as on a T4) on CPU: autocast to fp16, scaled loss, unscaled clipping, skipped steps."""
+    import ubc_ocean.device as device_module
+
+    monkeypatch.setattr(device_module, "autocast_dtype", lambda device, precision="auto": torch.float16)
+    scales = []  # the loss scale each time gradients are unscaled for clipping
+    real_unscale = torch.amp.GradScaler.unscale_
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_",
+                        lambda self, opt: scales.append(self.get_scale() if self.is_enabled() else None)
+                        or real_unscale(self, opt))
+    bags, labels = _bags(6)
+    result = fit("abmil", {"hidden_dim": 32, "attention_dim": 16}, bags, labels, bags, labels, 3,
+                 _mil_cfg(precision="fp16"), 0, CPU)
+    assert result.best_score == pytest.approx(1.0)
+    assert len(scales) == len(result.curves) * len(bags) and None not in scales
+    assert scales[0] == 65536.0  # GradScaler's initial scale: the fp16 loss really was scaled

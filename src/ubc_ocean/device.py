@@ -20,14 +20,25 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; ``None`` means full fp32."""
+    """The autocast dtype for ``precision`` on ``device``; ``None`` means full fp32.
+
+    ``auto`` is bf16 where the GPU computes it natively (Ampere and newer) and fp16 elsewhere (T4, P100,
+    V100: emulated bf16 is slower there than fp16, which :func:`grad_scaler` then guards in training).
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r} (auto | fp32 | bf16 | fp16)")
     if precision == "fp32" or device.type != "cuda":
         return None
     if precision == "fp16":
         return torch.float16
-    if precision in ("bf16", "auto"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    raise ValueError(f"unknown precision {precision!r} (auto | fp32 | bf16 | fp16)")
+    with torch.cuda.device(device):
+        supported = torch.cuda.is_bf16_supported(including_emulation=precision == "bf16")
+    return torch.bfloat16 if supported else torch.float16
+
+
+def grad_scaler(device: torch.device, precision: str = "auto") -> torch.amp.GradScaler:
+    """A loss scaler, active only when training autocasts to fp16 (whose small gradients underflow)."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:

@@ -78,12 +78,12 @@ def predict_model(model_dir: Path, slide_ids: list[str], bags: dict[str, torch.T
     """Probabilities and outlier scores averaged over every fold x seed checkpoint of one model."""
     device = resolve_device(cfg["runtime"]["device"])
     checkpoints = sorted(model_dir.glob("fold*_seed*.pt"))
-    cap = int(model_training_config(cfg["mil"], model_dir.name)["max_instances_predict"])
+    training = model_training_config(cfg["mil"], model_dir.name)
+    cap, precision = int(training["max_instances_predict"]), str(training["precision"])
     total = None
     for path in checkpoints:
         model, payload = load_checkpoint(path, device)
-        outputs = predict_bags(model, [bags[s] for s in slide_ids], device,
-                               max_instances=cap)
+        outputs = predict_bags(model, [bags[s] for s in slide_ids], device, precision, cap)
         detector = FeatureSpaceDetector.from_dict(payload["detector"]) if "detector" in payload else None
         frame = prediction_frame(outputs, payload["classes"], detector)
         total = frame if total is None else total + frame

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubc_ocean.device import autocast, seed_everything
+from ubc_ocean.device import autocast, grad_scaler, seed_everything
 from ubc_ocean.metrics import balanced_accuracy
 from ubc_ocean.mil import create_mil_model
 from ubc_ocean.mil.bags import drop_features, sample_instances
@@ -141,7 +141,8 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     mask_rng = np.random.default_rng(seed)
     targets = torch.as_tensor(list(train_labels), dtype=torch.long)
-    precision, cap = "auto", int(mil_cfg["max_instances_predict"])
+    precision, cap = str(mil_cfg["precision"]), int(mil_cfg["max_instances_predict"])
+    scaler = grad_scaler(device, precision)
     best_epoch, best_score, best_state, best_valid = -1, -1.0, None, None
     stale = 0
     curves = []
@@ -155,10 +156,12 @@ def fit(
                 out = model(bag)
             loss = _loss(out, targets[index : index + 1].to(device), weights)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if float(mil_cfg["grad_clip"]) > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(model.parameters(), float(mil_cfg["grad_clip"]))
-            optimizer.step()
+            scaler.step(optimizer)  # skipped, and the scale lowered, when fp16 gradients overflowed
+            scaler.update()
             scheduler.step()
             losses.append(float(loss.detach()))
         valid = predict_bags(model, valid_bags, device, precision, cap)

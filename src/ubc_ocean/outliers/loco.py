@@ -52,7 +52,7 @@ def held_out_class_auroc(
         len(classes), mil_cfg, seed, device, desc=f"without {held_out}", knn_k=knn_k,
     )
     outside = predict_bags(result.model, [bags[s] for s in unknown["slide_id"]], device,
-                           max_instances=int(mil_cfg["max_instances_predict"]))
+                           str(mil_cfg["precision"]), int(mil_cfg["max_instances_predict"]))
     inside_scores = score_table(result.valid.probs, result.valid.logits, result.valid.embeddings, result.detector)
     outside_scores = score_table(outside.probs, outside.logits, outside.embeddings, result.detector)
     truth = np.r_[np.zeros(len(valid)), np.ones(len(unknown))]
