@@ -164,3 +164,33 @@ def test_stain_augmentation_is_seeded_and_keys_the_cache(tmp_path, encoder):
     jittered = cache.embeddings_root(tiny_config(tmp_path, "features.stain_augmentation=0.3"), encoder.cache_name)
     averaged = cache.embeddings_root(tiny_config(tmp_path, "features.tta=flips"), encoder.cache_name)
     assert len({plain, jittered, averaged}) == 3
+
+
+def test_fp16_overflow_is_recomputed_in_fp32(monkeypatch, caplog):
+    """A layer whose outputs exceed fp16's range: under fp16 autocast the batch comes back finite, equal to
+    the fp32 forward, with a warning; batches that fit stay in fp16."""
+    import ubc_ocean.device as device_module
+    import ubc_ocean.features.embed as embed_module
+    from ubc_ocean.features.encoders import Encoder
+
+    for module in (device_module, embed_module):  # fp16 autocast on CPU, as on a T4
+        monkeypatch.setattr(module, "autocast_dtype", lambda device, precision="auto": torch.float16)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)  # each output sums its 192 inputs
+        model[1].bias.zero_()
+    encoder = Encoder("toy", model, 8, (0.0, 0.0, 0.0), (1e-4, 1e-4, 1e-4), 4, "0" * 64)  # inputs up to 1e4
+    bright = np.full((2, 8, 8, 3), 255, np.uint8)
+    with torch.inference_mode():
+        fp32 = model(encoder.preprocess(torch.as_tensor(bright))).numpy()
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not torch.isfinite(model(encoder.preprocess(torch.as_tensor(bright)))).all()
+    assert np.abs(fp32).max() > 65504  # beyond fp16's largest value
+    with caplog.at_level("WARNING"):
+        (features,) = embed_batches(encoder, [bright], CPU)
+    np.testing.assert_allclose(features, fp32, rtol=1e-5)
+    assert "overflowed" in caplog.text
+    caplog.clear()
+    dim = np.full((2, 8, 8, 3), 1, np.uint8)
+    (small,) = embed_batches(encoder, [dim], CPU)
+    assert np.isfinite(small).all() and "overflowed" not in caplog.text

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from ubc_ocean.device import autocast
+from ubc_ocean.device import autocast, autocast_dtype
 from ubc_ocean.features.augment import stain_augmenter, tta_views
 from ubc_ocean.features.encoders import Encoder
+
+log = logging.getLogger(__name__)
 
 
 def prepare_encoder(encoder: Encoder, device: torch.device) -> Encoder:
@@ -31,8 +34,10 @@ def embed_batches(
     """Yield float32 features [B, D] for each uint8 batch [B, H, W, 3].
 
     ``augment`` transforms the uint8 batch first (stain jitter); ``tta`` averages the features of
-    flipped / rotated views.
+    flipped / rotated views. Under fp16 autocast, a view whose features overflow (inf/NaN: large ViTs'
+    activations exceed fp16's range) is computed again in fp32.
     """
+    half = autocast_dtype(device, precision) == torch.float16
     with torch.inference_mode():
         for batch in batches:
             if augment is not None:
@@ -47,6 +52,9 @@ def embed_batches(
                 if device.type == "cuda":
                     view = view.contiguous(memory_format=torch.channels_last)
                 with autocast(device, precision):
+                    features = encoder.model(view).float()
+                if half and not bool(torch.isfinite(features).all()):
+                    log.warning("%s: fp16 features overflowed; this batch again in fp32", encoder.name)
                     features = encoder.model(view).float()
                 total = features if total is None else total + features
             yield (total / len(views)).cpu().numpy()
