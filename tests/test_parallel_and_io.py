@@ -3,7 +3,7 @@ import os
 import pytest
 
 from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
-from ubc_ocean.parallel import TaskResult, parse_shard, run_tasks, select_shard
+from ubc_ocean.parallel import TaskResult, parse_shard, run_tasks, select_shard, shard_output
 
 
 def test_shards_are_disjoint_and_complete():
@@ -61,3 +61,15 @@ def test_failure_log_appends_rows(tmp_path):
     frame = log.read()
     assert frame["slide"].tolist() == ["train/1", "train/2"]
     assert frame["message"][0] == "bad thing"
+
+
+def test_shard_outputs_never_collide_and_other_layouts_are_removed(tmp_path):
+    names = ["p.csv", "p_shard0of2.csv", "p_shard1of2.csv", "p_shard0of3.csv", "pay.csv", "p_shard0of2.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert shard_output(tmp_path, "p.csv", "1/2") == tmp_path / "p_shard1of2.csv"
+    # The sibling shard of the same layout stays (it may be running); the unsharded and 3-shard files go.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p_shard0of2.csv", "p_shard0of2.txt", "p_shard1of2.csv",
+                                                          "pay.csv"]
+    assert shard_output(tmp_path, "p.csv", None) == tmp_path / "p.csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p_shard0of2.txt", "pay.csv"]

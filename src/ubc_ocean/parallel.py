@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
@@ -28,6 +30,23 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard {text!r}: need 0 <= i < n")
     return index, count
+
+
+def shard_output(folder: Path, name: str, shard: str | None) -> Path:
+    """This shard's file for ``name`` in ``folder``: ``name`` itself unsharded, ``{stem}_shard{i}of{n}{ext}``
+    for shard i/n, so concurrent shards never write or delete one another's file. Files of another
+    layout (unsharded vs sharded, or another shard count) are deleted as stale: read together, they would
+    repeat or contradict this run's rows."""
+    index, count = parse_shard(shard)
+    stem, ext = Path(name).stem, Path(name).suffix
+    own = name if count == 1 else f"{stem}_shard{index}of{count}{ext}"
+    layout = re.compile(re.escape(stem) + (r"_shard\d+of" + str(count) if count > 1 else "") + re.escape(ext) + "$")
+    for path in folder.glob(f"{stem}*{ext}"):
+        other_layout = re.fullmatch(re.escape(stem) + r"(_shard\d+of\d+)?" + re.escape(ext), path.name)
+        if other_layout and not layout.fullmatch(path.name):
+            log.info("removing %s: written by a run sharded otherwise", path)
+            path.unlink(missing_ok=True)
+    return folder / own
 
 
 def select_shard(items: Sequence[T], shard: str | None, key: Callable[[T], str] = str) -> list[T]:

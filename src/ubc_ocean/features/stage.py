@@ -20,7 +20,7 @@ from ubc_ocean.features import cache
 from ubc_ocean.features.embed import embed_batches, embedding_options, prepare_encoder
 from ubc_ocean.features.encoders import Encoder, create_encoder
 from ubc_ocean.io_utils import FailureLog, clean_stale_temporaries
-from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
+from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.tiling import store
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def run(cfg: Mapping) -> Path:
     rows = select_shard(manifest.to_dict("records"), cfg["runtime"]["shard"], key=lambda r: r["slide_id"])
     for source in manifest["source"].unique():
         clean_stale_temporaries(root / source)
-    failures = FailureLog(root / "failures.csv", STAGE)
+    failures = FailureLog(shard_output(root, "failures.csv", cfg["runtime"]["shard"]), STAGE)
     failures.path.unlink(missing_ok=True)
     counts = {"done": 0, "skipped": 0, "failed": 0}
     task = functools.partial(embed_slide, cfg=cfg, root=root)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ubc_ocean.config import save_config
 from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
-from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
+from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
 from ubc_ocean.slides.reader import resize_to
 from ubc_ocean.sources import TRAIN, competition_specs, external_slide_specs, external_sources
@@ -166,11 +166,6 @@ def _run_task(task: SlideSpec | PatchBag, cfg: Mapping) -> TaskResult:
     return tile_slide(task, cfg)
 
 
-def failures_path(folder: Path, shard: str | None) -> Path:
-    suffix = "" if not shard else "_shard" + str(shard).replace("/", "of")
-    return folder / f"failures{suffix}.csv"
-
-
 def run(cfg: Mapping) -> dict:
     """Tile every training and external slide (this shard's share), resumably; returns the counts."""
     check_tiling_config(cfg["tiling"])
@@ -181,7 +176,7 @@ def run(cfg: Mapping) -> dict:
     tasks = select_shard(tiling_tasks(cfg), shard, key=lambda task: task.slide_id)
     for source_dir in {root / task.source for task in tasks}:
         clean_stale_temporaries(source_dir)
-    failures = FailureLog(failures_path(root, shard), STAGE)
+    failures = FailureLog(shard_output(root, "failures.csv", shard), STAGE)
     failures.path.unlink(missing_ok=True)
     counts = {"done": 0, "skipped": 0, "failed": 0, "tiles": 0}
     worker = functools.partial(_run_task, cfg=cfg)
