@@ -87,3 +87,21 @@ def test_pipeline_end_to_end(tmp_path):
     assert list(submission.columns) == ["image_id", "label"]
     assert sorted(submission.image_id) == sorted(test_csv.image_id)
     assert set(submission.label) <= ALLOWED
+
+    # Stage 05 again in two shards: the unsharded files are replaced, not read twice; an empty shard
+    # (more shards than images) writes an empty table instead of crashing.
+    n_test = len(test_csv)
+    for index in range(2):
+        infer(tiny_config(tmp_path, f"runtime.shard={index}/2"))
+    for name in metrics:
+        files = sorted(p.name for p in (run_dir / name).glob("test_predictions*.csv"))
+        assert files == ["test_predictions_shard0of2.csv", "test_predictions_shard1of2.csv"]
+    assert pd.read_csv(submit(cfg)).equals(submission)
+    empty = tiny_config(tmp_path, f"runtime.shard={n_test}/{n_test + 1}")
+    written = infer(empty)
+    assert all(pd.read_csv(p).empty for p in written.values())
+    # Retraining a model replaces its folder: no stale checkpoint or test prediction survives.
+    retrained = tiny_config(tmp_path, "mil.models=[abmil]", "mil.seeds=[5]")
+    train(retrained)
+    assert sorted(p.name for p in (run_dir / "abmil").glob("*.pt")) == [f"fold{f}_seed5.pt" for f in range(2)]
+    assert not list((run_dir / "abmil").glob("test_predictions*.csv"))

@@ -27,8 +27,8 @@ from ubc_ocean.mil.bags import BagError, check_bag, load_bags
 from ubc_ocean.mil.checkpoint import load_checkpoint
 from ubc_ocean.mil.stage import embeddings_root_from_config, model_training_config, prediction_frame, run_dir
 from ubc_ocean.mil.train import predict_bags
-from ubc_ocean.outliers import FeatureSpaceDetector
-from ubc_ocean.parallel import TaskResult, run_tasks, select_shard
+from ubc_ocean.outliers import SCORE_NAMES, FeatureSpaceDetector
+from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import TEST, competition_specs
 from ubc_ocean.tiling import store
@@ -76,6 +76,9 @@ def model_names(cfg: Mapping, folder: Path) -> list[str]:
 
 def predict_model(model_dir: Path, slide_ids: list[str], bags: dict[str, torch.Tensor], cfg: Mapping) -> pd.DataFrame:
     """Probabilities and outlier scores averaged over every fold x seed checkpoint of one model."""
+    if not slide_ids:  # every image of this shard failed, or the shard is empty: an empty table, no crash
+        classes = list(cfg["data"]["classes"])
+        return pd.DataFrame(columns=["image_id", *classes, *(f"score_{name}" for name in SCORE_NAMES)])
     device = resolve_device(cfg["runtime"]["device"])
     checkpoints = sorted(model_dir.glob("fold*_seed*.pt"))
     training = model_training_config(cfg["mil"], model_dir.name)
@@ -101,8 +104,9 @@ def run(cfg: Mapping) -> dict[str, Path]:
     clean_stale_temporaries(test_root)
     out = run_dir(cfg)
     save_config(cfg, out, "config_05.yaml")
-    specs = select_shard(competition_specs(cfg, TEST), cfg["runtime"]["shard"], key=lambda s: s.slide_id)
-    failures = FailureLog(out / "failures_05.csv", STAGE)
+    shard = cfg["runtime"]["shard"]
+    specs = select_shard(competition_specs(cfg, TEST), shard, key=lambda s: s.slide_id)
+    failures = FailureLog(shard_output(out, "failures_05.csv", shard), STAGE)
     failures.path.unlink(missing_ok=True)
     task = functools.partial(embed_test_slide, cfg=cfg, root=root)
     for result in run_tasks(specs, task, workers=int(cfg["runtime"]["workers"]), desc="test slides"):
@@ -118,8 +122,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
     written = {}
     for name in model_names(cfg, out):
         frame = predict_model(out / name, slide_ids, bags, cfg)
-        suffix = "" if not cfg["runtime"]["shard"] else "_shard" + str(cfg["runtime"]["shard"]).replace("/", "of")
-        path = out / name / PREDICTIONS_FILE.replace(".csv", f"{suffix}.csv")
+        path = shard_output(out / name, PREDICTIONS_FILE, shard)
         atomic_write_csv(frame, path)
         written[name] = path
         log.info("stage 05: %s predicted %d test images -> %s", name, len(frame), path)
@@ -134,4 +137,9 @@ def read_test_predictions(model_dir: Path) -> pd.DataFrame:
     paths = sorted(model_dir.glob("test_predictions*.csv"))
     if not paths:
         raise FileNotFoundError(f"no test predictions in {model_dir}: run stage 05")
-    return pd.concat([pd.read_csv(p, dtype={"image_id": str}) for p in paths], ignore_index=True)
+    frame = pd.concat([pd.read_csv(p, dtype={"image_id": str}) for p in paths], ignore_index=True)
+    repeated = frame["image_id"][frame["image_id"].duplicated()].unique().tolist()
+    if repeated:
+        raise ValueError(f"{model_dir}: image ids predicted more than once across {[p.name for p in paths]}: "
+                         f"{repeated[:5]} (rerun stage 05 with one sharding)")
+    return frame

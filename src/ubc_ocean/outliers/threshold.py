@@ -32,8 +32,11 @@ class OutlierThreshold:
 
 
 def calibrate_threshold(oof_values: np.ndarray, score: str, flag_rate: float) -> OutlierThreshold:
-    """The (1 - flag_rate) quantile of the OOF scores: that fraction of known-class slides is flagged."""
+    """The (1 - flag_rate) quantile of the finite OOF scores: that fraction of known-class slides is flagged."""
     check_score_name(score)
     values = np.asarray(oof_values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError(f"no finite OOF {score} score to calibrate the outlier threshold on")
     threshold = float(np.quantile(values, 1.0 - flag_rate)) if flag_rate > 0 else float("inf")
     return OutlierThreshold(score=score, threshold=threshold, flag_rate=float(flag_rate))

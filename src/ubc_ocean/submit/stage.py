@@ -43,14 +43,27 @@ def ensemble_weights(oof_scores: Mapping[str, float], mode: str) -> dict[str, fl
 
 def weighted_mean(frames: Mapping[str, pd.DataFrame], weights: Mapping[str, float], key: str,
                   columns: Sequence[str]) -> pd.DataFrame:
-    """Weighted mean of ``columns`` over several tables aligned on ``key`` (other columns: the first's)."""
-    names, columns = list(frames), list(columns)
-    base = frames[names[0]].set_index(key).sort_index()
-    total = base[columns] * weights[names[0]]
-    for name in names[1:]:
-        other = frames[name].set_index(key).reindex(base.index)
-        total = total + other[columns] * weights[name]
-    return pd.concat([base.drop(columns=columns), total], axis=1).reset_index()
+    """Weighted mean of ``columns`` over tables keyed by ``key``, on the union of their keys: each row
+    averages the models that predicted it, their weights renormalised (a row no model predicted in full
+    stays NaN). Other columns come from the first table holding the row."""
+    columns = list(columns)
+    tables = [(name, frame.set_index(key)) for name, frame in frames.items()]
+    index = pd.Index(sorted(set().union(*(table.index for _, table in tables))), name=key)
+    total = pd.DataFrame(0.0, index=index, columns=columns)
+    weight = pd.Series(0.0, index=index)
+    rest = None
+    for name, table in tables:
+        values = table[columns].reindex(index).astype(float)
+        present = values.notna().all(axis=1)
+        total = total + values.where(present, 0.0).mul(weights[name])
+        weight = weight + present * weights[name]
+        others = table.drop(columns=columns)
+        rest = others if rest is None else rest.combine_first(others)
+    if (weight < 1.0 - 1e-9).any():
+        log.warning("%d of %d %s rows lack some model's prediction: averaged over the models that have them",
+                    int((weight < 1.0 - 1e-9).sum()), len(index), key)
+    mean = total.div(weight.where(weight > 0), axis=0)
+    return pd.concat([rest.reindex(index), mean], axis=1).reset_index()
 
 
 def ensemble_scores(frame: pd.DataFrame, classes: Sequence[str], score: str) -> np.ndarray:
@@ -88,7 +101,8 @@ def run(cfg: Mapping) -> Path:
                                     float(cfg["outliers"]["in_distribution_flag_rate"]))
     test = {m: read_test_predictions(out / m) for m in models}
     test_ensemble = weighted_mean(test, weights, "image_id", columns)
-    flagged = threshold.flag(ensemble_scores(test_ensemble, classes, score))
+    unpredicted = ~np.isfinite(test_ensemble[classes].to_numpy()).all(axis=1)
+    flagged = threshold.flag(ensemble_scores(test_ensemble, classes, score)) | unpredicted
     labels = label_predictions(test_ensemble[classes].to_numpy(), flagged, classes, outlier)
     predicted = dict(zip(test_ensemble["image_id"].astype(str), labels, strict=True))
     test_ids = read_test_csv(cfg)["image_id"].astype(str)
