@@ -98,6 +98,31 @@ def test_ensemble_weights_and_alignment():
     assert mean.loc["1", "X"] == pytest.approx(0.5) and mean.loc["2", "Y"] == pytest.approx(1.0)
 
 
+def test_ensemble_of_models_with_different_ids_averages_those_that_predicted():
+    """Model b lacks image 1 and model a lacks image 3: no row is dropped, none averaged with a hole."""
+    a = pd.DataFrame({"image_id": ["1", "2"], "note": ["a1", "a2"], "X": [1.0, 0.0], "Y": [0.0, 1.0]})
+    b = pd.DataFrame({"image_id": ["2", "3"], "note": ["b2", "b3"], "X": [0.5, 0.2], "Y": [0.5, 0.8]})
+    mean = weighted_mean({"a": a, "b": b}, {"a": 0.75, "b": 0.25}, "image_id", ["X", "Y"]).set_index("image_id")
+    assert list(mean.index) == ["1", "2", "3"] and list(mean.note) == ["a1", "a2", "b3"]
+    np.testing.assert_allclose(mean[["X", "Y"]].to_numpy(), [[1.0, 0.0], [0.125, 0.875], [0.2, 0.8]])
+    holes = b.assign(X=[np.nan, 0.2])  # a model row with a missing value counts as no prediction
+    only_a = weighted_mean({"a": a, "b": holes}, {"a": 0.5, "b": 0.5}, "image_id", ["X"]).set_index("image_id")
+    assert only_a.loc["2", "X"] == 0.0 and only_a.loc["3", "X"] == pytest.approx(0.2)
+
+
+def test_epoch_selection_last_keeps_the_final_epoch():
+    train_bags, train_labels = _bags(6)
+    valid_bags, valid_labels = _bags(3, seed=1)
+    options = {"hidden_dim": 16, "attention_dim": 8}
+    last = fit("abmil", options, train_bags, train_labels, valid_bags, valid_labels, 3,
+               _mil_cfg(epochs=5, patience=1, epoch_selection="last"), 0, CPU)
+    assert len(last.curves) == 5 and last.best_epoch == 4  # no early stop, whatever the validation says
+    assert last.best_score == pytest.approx(last.curves[-1]["valid_balanced_accuracy"])
+    np.testing.assert_allclose(predict_bags(last.model, valid_bags, CPU).probs, last.valid_probs, atol=1e-6)
+    with pytest.raises(ConfigError, match="epoch_selection"):
+        model_training_config({**_mil_cfg(), "model_training": {"abmil": {"epoch_selection": "best"}}}, "abmil")
+
+
 def test_flagged_rows_become_other():
     probs = np.array([[0.9, 0.1], [0.5, 0.5]])
     labels = label_predictions(probs, np.array([False, True]), ["A", "B"], "Other")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,11 @@ def oof_metrics(per_slide: pd.DataFrame, classes: Sequence[str]) -> dict:
     }
 
 
-def write_report(per_slide: pd.DataFrame, classes: Sequence[str], out_dir: Path, title: str) -> dict:
-    """metrics.json, confusion.csv and confusion.png in ``out_dir``; returns the metrics."""
-    metrics = oof_metrics(per_slide, classes)
+def write_report(per_slide: pd.DataFrame, classes: Sequence[str], out_dir: Path, title: str,
+                 notes: Mapping | None = None) -> dict:
+    """metrics.json (the metrics plus ``notes``), confusion.csv and confusion.png in ``out_dir``; returns
+    the metrics."""
+    metrics = {**oof_metrics(per_slide, classes), **(notes or {})}
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     predicted = np.asarray(classes)[per_slide[list(classes)].to_numpy().argmax(1)]
     confusion = confusion_frame(per_slide["label"], predicted, classes)

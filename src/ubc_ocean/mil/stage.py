@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ubc_ocean.io_utils import FailureLog, atomic_write_csv
 from ubc_ocean.mil.bags import load_bags
 from ubc_ocean.mil.checkpoint import save_checkpoint
 from ubc_ocean.mil.report import seed_mean, write_report
-from ubc_ocean.mil.train import BagOutputs, fit
+from ubc_ocean.mil.train import BagOutputs, epoch_selection, fit
 from ubc_ocean.outliers import FeatureSpaceDetector, calibrate_threshold, score_table
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ def model_training_config(mil_cfg: Mapping, name: str) -> dict:
         if key not in allowed:
             raise ConfigError(f"mil.model_training.{name}.{key} is not a per-model training key "
                            f"(choose among: {', '.join(allowed)})")
-    return {**mil_cfg, **overrides}
+    merged = {**mil_cfg, **overrides}
+    epoch_selection(merged)
+    return merged
 
 
 def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: Path) -> dict:
@@ -79,7 +82,10 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: P
     class_index = {label: i for i, label in enumerate(classes)}
     options = dict((mil_cfg["model_options"] or {}).get(name, {}))
     device = resolve_device(cfg["runtime"]["device"])
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # stale checkpoints or test predictions would be averaged into stages 05-06
+        log.info("%s: replacing the previous training in %s", name, out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     folds = sorted(f for f in table["fold"].unique() if f != TRAIN_ONLY)
     seeds = [int(s) for s in mil_cfg["seeds"]]
     oof_rows, curves = [], []
@@ -110,7 +116,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: P
     atomic_write_csv(oof, out / "oof.csv")
     atomic_write_csv(pd.DataFrame(curves), out / "curves.csv")
     per_slide = seed_mean(oof, classes)
-    metrics = write_report(per_slide, classes, out, name)
+    metrics = write_report(per_slide, classes, out, name, notes={"epoch_selection": epoch_selection(mil_cfg)})
     score = cfg["outliers"]["score"]
     threshold = calibrate_threshold(per_slide[f"score_{score}"].to_numpy(), score,
                                     float(cfg["outliers"]["in_distribution_flag_rate"]))

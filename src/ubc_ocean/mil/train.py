@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ubc_ocean.config import ConfigError
 from ubc_ocean.device import autocast, grad_scaler, seed_everything
 from ubc_ocean.metrics import balanced_accuracy
 from ubc_ocean.mil import create_mil_model
@@ -111,6 +112,19 @@ def _loss(out: Mapping[str, torch.Tensor], target: torch.Tensor, weights: torch.
     return loss
 
 
+EPOCH_SELECTIONS = ("best_valid", "last")
+
+
+def epoch_selection(mil_cfg: Mapping) -> str:
+    """``best_valid``: keep the epoch of best validation balanced accuracy and stop after ``patience``
+    epochs without progress (the OOF predictions are then optimistic: the fold being scored chose the
+    epoch); ``last``: train every epoch and keep the last (OOF predictions untouched by their labels)."""
+    choice = str(mil_cfg["epoch_selection"])
+    if choice not in EPOCH_SELECTIONS:
+        raise ConfigError(f"mil.epoch_selection must be one of {EPOCH_SELECTIONS}, got {choice!r}")
+    return choice
+
+
 def fit(
     model_name: str,
     model_options: Mapping,
@@ -126,8 +140,8 @@ def fit(
     knn_k: int = 5,
     progress: Callable[[dict], None] | None = None,
 ) -> FitResult:
-    """Train a fresh model; keep the epoch with the best validation balanced accuracy, then fit the
-    feature-space outlier detector on the kept model's training-bag embeddings."""
+    """Train a fresh model; keep the epoch that ``mil.epoch_selection`` picks (see :func:`epoch_selection`),
+    then fit the feature-space outlier detector on the kept model's training-bag embeddings."""
     seed_everything(seed)
     in_dim = int(train_bags[0].shape[1])
     model = create_mil_model(model_name, in_dim=in_dim, n_classes=n_classes, **dict(model_options)).to(device)
@@ -142,6 +156,7 @@ def fit(
     mask_rng = np.random.default_rng(seed)
     targets = torch.as_tensor(list(train_labels), dtype=torch.long)
     precision, cap = str(mil_cfg["precision"]), int(mil_cfg["max_instances_predict"])
+    last_epoch_kept = epoch_selection(mil_cfg) == "last"
     scaler = grad_scaler(device, precision)
     best_epoch, best_score, best_state, best_valid = -1, -1.0, None, None
     stale = 0
@@ -170,14 +185,15 @@ def fit(
         log.debug("%s epoch %d loss %.4f valid BA %.3f", desc, epoch, np.mean(losses), score)
         if progress is not None:
             progress(curves[-1])
-        if score > best_score:
+        if last_epoch_kept or score > best_score:
             best_epoch, best_score, best_valid, stale = epoch, score, valid, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = None if last_epoch_kept else copy.deepcopy(model.state_dict())
         else:
             stale += 1
             if stale >= int(mil_cfg["patience"]):
                 break
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     train_embeddings = predict_bags(model, train_bags, device, precision, cap).embeddings
     detector = FeatureSpaceDetector.fit(train_embeddings, list(train_labels), n_classes, k=knn_k)
     return FitResult(model, best_epoch, best_score, best_valid, detector, curves)
