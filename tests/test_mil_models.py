@@ -8,7 +8,7 @@ from torch import nn
 
 from ubc_ocean.mil import MILModel, available_models, create_mil_model
 from ubc_ocean.mil.registry import mil_model_from_config, model_options
-from ubc_ocean.mil.transmil import PPEG, pad_to_square
+from ubc_ocean.mil.transmil import PPEG, TransLayer, pad_to_square
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -259,6 +259,36 @@ def test_transmil_padding_used_in_forward() -> None:
     finally:
         handle.remove()
     assert seen == [(1, 10, SMALL["hidden_dim"])]
+
+
+def _exact_attention(layer: TransLayer, x: torch.Tensor) -> torch.Tensor:
+    """Full softmax self-attention with the layer's own weights and value residual conv (no Nystrom)."""
+    attention = layer.attention
+    b, n, _ = x.shape
+    qkv = attention.to_qkv(layer.norm(x)).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, n, attention.heads, -1).transpose(1, 2) for t in qkv)
+    out = ((q * attention.scale) @ k.transpose(-1, -2)).softmax(-1) @ v + attention.res_conv(v)
+    return x + attention.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("n", [2, 10, 50])
+def test_transmil_small_bags_attend_only_to_real_tokens(n: int) -> None:
+    """Below the landmark count, masked Nystrom attention is close to exact attention over the bag;
+    the reference's unmasked padding lets 256 - n zero tokens into every softmax and is far off."""
+    torch.manual_seed(0)
+    layer = TransLayer(64, heads=8, num_landmarks=256, dropout=0.0).eval()
+    x = torch.randn(1, n, 64)
+    with torch.no_grad():
+        exact = _exact_attention(layer, x) - x
+        masked = layer(x) - x
+        layer.mask_padding = False
+        unmasked = layer(x) - x
+
+    def error(out: torch.Tensor) -> float:
+        return float((out - exact).norm() / exact.norm())
+
+    assert error(masked) < 0.05 and error(unmasked) > 4 * error(masked)
+    assert create_mil_model("transmil", IN_DIM, N_CLASSES).config["options"]["mask_padding"] is True
 
 
 def test_transmil_large_bag_no_grad() -> None:

@@ -30,10 +30,18 @@ def pad_to_square(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class TransLayer(nn.Module):
-    """Pre-norm residual Nystrom self-attention: ``x + NystromAttention(LayerNorm(x))``."""
+    """Pre-norm residual Nystrom self-attention: ``x + NystromAttention(LayerNorm(x))``.
 
-    def __init__(self, dim: int, heads: int = 8, num_landmarks: int | None = None, dropout: float = 0.1) -> None:
+    NystromAttention zero-pads the sequence to a multiple of its landmark count; unmasked, those zero
+    tokens join every softmax and dilute the attention of bags smaller than a few landmark counts (TMAs:
+    tens of tiles), which the reference code does. ``mask_padding`` hands the library a mask so that
+    only real tokens attend and are attended: below the landmark count the result is then close to exact
+    softmax attention."""
+
+    def __init__(self, dim: int, heads: int = 8, num_landmarks: int | None = None, dropout: float = 0.1,
+                 mask_padding: bool = True) -> None:
         super().__init__()
+        self.mask_padding = mask_padding
         self.norm = nn.LayerNorm(dim)
         self.attention = NystromAttention(
             dim=dim,
@@ -46,7 +54,10 @@ class TransLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.attention(self.norm(x))
+        mask = None
+        if self.mask_padding and x.shape[1] % self.attention.num_landmarks:  # the library will pad
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return x + self.attention(self.norm(x), mask=mask)
 
 
 class PPEG(nn.Module):
@@ -75,7 +86,8 @@ class TransMIL(MILModel):
     ``Linear`` head on the cls token. ``embedding`` is the normalised cls token. No ``attention`` output.
 
     Nystrom attention keeps memory linear in the bag size (``N x num_landmarks`` similarity blocks).
-    Defaults (hidden 512, 8 heads of 64, 256 landmarks, dropout 0.1) follow the paper.
+    Defaults (hidden 512, 8 heads of 64, 256 landmarks, dropout 0.1) follow the paper;
+    ``mask_padding=False`` reproduces the reference code's unmasked landmark padding (see TransLayer).
     """
 
     def __init__(
@@ -86,6 +98,7 @@ class TransMIL(MILModel):
         heads: int = 8,
         num_landmarks: int | None = None,
         dropout: float = 0.1,
+        mask_padding: bool = True,
     ) -> None:
         if heads < 1 or hidden_dim % heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be a positive multiple of heads ({heads})")
@@ -95,14 +108,15 @@ class TransMIL(MILModel):
         super().__init__(
             in_dim,
             n_classes,
-            options={"hidden_dim": hidden_dim, "heads": heads, "num_landmarks": landmarks, "dropout": dropout},
+            options={"hidden_dim": hidden_dim, "heads": heads, "num_landmarks": landmarks, "dropout": dropout,
+                     "mask_padding": bool(mask_padding)},
             embedding_dim=hidden_dim,
         )
         self.instance_encoder = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
-        self.layer1 = TransLayer(hidden_dim, heads, landmarks, dropout)
+        self.layer1 = TransLayer(hidden_dim, heads, landmarks, dropout, mask_padding)
         self.ppeg = PPEG(hidden_dim)
-        self.layer2 = TransLayer(hidden_dim, heads, landmarks, dropout)
+        self.layer2 = TransLayer(hidden_dim, heads, landmarks, dropout, mask_padding)
         self.norm = nn.LayerNorm(hidden_dim)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
