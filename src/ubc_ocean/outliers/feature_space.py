@@ -42,7 +42,7 @@ class FeatureSpaceDetector:
         x = np.asarray(embeddings, dtype=np.float64)
         known = self.means[~np.isnan(self.means).any(axis=1)]
         diff = x[:, None, :] - known[None, :, :]
-        distances = np.einsum("nce,ef,ncf->nc", diff, self.precision, diff)
+        distances = np.einsum("nce,nce->nc", diff @ self.precision, diff)  # one GEMM, not an E^2 loop per pair
         return distances.min(axis=1)
 
     def knn(self, embeddings: np.ndarray) -> np.ndarray:
