@@ -77,6 +77,8 @@ class SlideReader(ABC):
 
 def _to_rgb_vips(image):  # type: ignore[no-untyped-def]
     """Any pyvips image to 8-bit, 3-band sRGB (alpha flattened onto white)."""
+    if image.format == "ushort":  # 16-bit PNG: keep the high byte (a plain cast would clip it all to white)
+        image = (image >> 8).cast("uchar").copy(interpretation="srgb" if image.bands >= 3 else "b-w")
     if image.hasalpha():
         image = image.flatten(background=[255, 255, 255])
     if image.bands < 3:
@@ -142,13 +144,16 @@ class PngSlide(SlideReader):
 
         if not boxes:
             return
-        image = self._open()
         try:
+            image = self._open()
+            # One region, so one pipeline: a fresh crop per strip would restart the sequential reader,
+            # which then fails with "out of order read" unless strips align with libvips' 16-line chunks.
+            region = pyvips.Region.new(image)
             for y, row in groupby(boxes, key=lambda box: box[1]):
                 row_boxes = list(row)
                 x_min = row_boxes[0][0]
-                x_max = row_boxes[-1][0] + extent
-                strip = image.crop(x_min, y, x_max - x_min, extent).numpy()
+                width = row_boxes[-1][0] + extent - x_min
+                strip = np.frombuffer(region.fetch(x_min, y, width, extent), np.uint8).reshape(extent, width, 3)
                 for x, _ in row_boxes:
                     tile = strip[:, x - x_min : x - x_min + extent]
                     yield (x, y), resize_to(np.ascontiguousarray(tile), out_size)
