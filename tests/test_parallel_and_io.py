@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 
@@ -47,11 +48,34 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert (final / "a.txt").read_text() == "whole"
 
 
-def test_stale_temporaries_are_cleaned(tmp_path):
-    (tmp_path / f".tmp-x-{os.getpid() + 1}").mkdir()
-    (tmp_path / "done").mkdir()
-    assert clean_stale_temporaries(tmp_path) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["done"]
+def test_only_temporaries_without_a_live_writer_are_cleaned(tmp_path):
+    """A killed run's leftovers go; another shard's folder in the making stays (it used to be deleted
+    under the other process, which then renamed a folder missing tiles into place)."""
+    import subprocess
+    import sys
+
+    from ubc_ocean.io_utils import _HOST
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    old = time.time() - 7 * 3600
+    names = {
+        f".tmp-dead@{_HOST}@{finished.pid}": "gone",
+        f".tmp-live@{_HOST}@{os.getpid()}": "kept",
+        ".tmp-elsewhere@other-node@123": "kept",  # another host, recently touched
+        ".tmp-elsewhere-old@other-node@123": "gone",
+        ".tmp-legacy-99999": "gone",
+        "done": "kept",
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+    for name in (".tmp-elsewhere-old@other-node@123", ".tmp-legacy-99999"):
+        os.utime(tmp_path / name, (old, old))
+    assert clean_stale_temporaries(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, fate in names.items() if fate == "kept")
+    with atomic_path(tmp_path / "slide") as tmp:  # this process's own temporaries carry host and pid
+        assert tmp.name == f".tmp-slide@{_HOST}@{os.getpid()}"
+        tmp.write_text("whole")
 
 
 def test_failure_log_appends_rows(tmp_path):

@@ -118,6 +118,15 @@ def test_wholly_defocused_slide_keeps_its_sharpest_tiles_not_nothing(tmp_path, m
     assert "no tissue" not in failed.message
 
 
+def test_image_smaller_than_one_tile_fails_saying_so(tmp_path):
+    cfg = tiny_config(tmp_path)
+    extent = 2 * cfg.tiling.tile_size  # a TMA at 40x
+    rgb, _ = render_slide("EC", extent - 1, extent - 1, is_tma=True, hospital=0, seed=1)
+    spec = SlideSpec("t", "tiny", _png(tmp_path / "tiny.png", rgb), is_tma=True, competition_scale=True)
+    result = tile_slide(spec, cfg)
+    assert result.status == "failed" and "smaller than one tile" in result.message and "40x" in result.message
+
+
 def test_external_tiff_with_mpp_and_without(tiny_raw, tmp_path):
     """Pyramidal TIFFs go through openslide; mpp sets the scale, else the source's magnification, else error."""
     labels = pd.read_csv(Path(tiny_raw.paths.external) / "synthetic_tiff" / "labels.csv")
@@ -198,11 +207,11 @@ def test_slide_killed_half_way_is_redone_never_left_complete(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path), str(png)],
                              cwd=Path(__file__).resolve().parents[1])
     deadline = time.time() + 120
-    while time.time() < deadline and not list(folder.parent.glob(".tmp-slide-*/*.jpg")):
+    while time.time() < deadline and not list(folder.parent.glob(".tmp-slide@*/*.jpg")):
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    assert list(folder.parent.glob(".tmp-slide-*")), "the child should have died mid-slide"
+    assert list(folder.parent.glob(".tmp-slide@*")), "the child should have died mid-slide"
     assert not folder.exists() and not store.is_complete(folder)
     assert clean_stale_temporaries(folder.parent) == 1  # what stage 01 does first in every source folder
     assert tile_slide(SlideSpec("t", "slide", png, is_tma=False, competition_scale=True), cfg).status == "done"

@@ -6,7 +6,9 @@ import contextlib
 import csv
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp = final.parent / f".tmp-{final.name}@{_HOST}@{os.getpid()}"
     _remove(tmp)
     try:
         yield tmp
@@ -51,12 +53,32 @@ def atomic_write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
+_HOST = socket.gethostname().replace("@", "_")
+FOREIGN_TEMPORARY_MAX_AGE_S = 6 * 3600
+
+
+def _is_stale(path: Path) -> bool:
+    """A temporary is stale when its writer is gone: a dead process on this host; for another host's
+    (shared storage, job arrays) or an unnamed writer, when untouched for ``FOREIGN_TEMPORARY_MAX_AGE_S``."""
+    parts = path.name.rsplit("@", 2)
+    if len(parts) == 3 and parts[1] == _HOST and parts[2].isdigit():
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+    return time.time() - path.lstat().st_mtime > FOREIGN_TEMPORARY_MAX_AGE_S
+
+
 def clean_stale_temporaries(folder: str | Path) -> int:
-    """Remove ``.tmp-*`` leftovers of killed runs in ``folder``; returns how many were removed."""
+    """Remove ``.tmp-*`` leftovers of killed runs in ``folder``, never one that a live process (another
+    shard, say) is still writing; returns how many were removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = list(folder.glob(".tmp-*"))
+    stale = [path for path in folder.glob(".tmp-*") if _is_stale(path)]
     for path in stale:
         _remove(path)
     return len(stale)

@@ -137,6 +137,9 @@ def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
         target = float(tiling["target_magnification"])
         tile_size = int(tiling["tile_size"])
         extent = max(1, round(tile_size * native / target))
+        if reader.width < extent or reader.height < extent:
+            raise SlideError(f"image {reader.width}x{reader.height} is smaller than one tile ({extent} px at "
+                             f"{native:g}x for {tile_size} px at {target:g}x)")
         planning = {
             "min_fraction": float(tiling["min_tissue_fraction"]),
             "max_tiles": int(tiling["max_tiles_per_slide"]),
