@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 
+from ubc_ocean.config import ConfigError
 from ubc_ocean.features import WeightsMismatchError, create_encoder
 from ubc_ocean.features.hf_convert import hf_vit_to_timm
 from ubc_ocean.features.presets import PRESETS, resolved_options
@@ -27,6 +28,21 @@ def test_every_preset_architecture_builds(name):
     width = model.num_features * (2 if preset.pooling == "cls_mean" else 1)
     assert width == EXPECTED_DIM[name]
     assert preset.input_size == 224 and len(preset.mean) == len(preset.std) == 3
+    assert tuple(model.patch_embed.img_size) == (224, 224)  # the published weights' position grid
+
+
+def test_vit_preset_at_another_input_size_interpolates_its_positions(tmp_path):
+    preset = PRESETS["lunit_dino_vit_s16"]
+    source = timm.create_model(preset.architecture, pretrained=False, num_classes=0, **resolved_options(preset))
+    path = tmp_path / "lunit.pth"
+    torch.save(source.state_dict(), path)
+    encoder = create_encoder("lunit_dino_vit_s16", weights=path, input_size=112)
+    tiles = torch.randint(0, 255, (2, 112, 112, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        features = encoder.model(encoder.preprocess(tiles))
+    assert encoder.input_size == 112 and features.shape == (2, 384) and torch.isfinite(features).all()
+    with pytest.raises(ConfigError, match="224 px input only"):
+        create_encoder("ctranspath", weights=path, input_size=112)
 
 
 def test_preset_without_weights_says_where_to_get_them():

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ubc_ocean.config import ConfigError
 from ubc_ocean.features.hf_convert import hf_vit_to_timm
 from ubc_ocean.features.presets import POOLERS, PRESETS, EncoderPreset, resolved_options
 
@@ -221,6 +222,11 @@ def _preset_encoder(
     import timm
 
     options = {**resolved_options(preset), **timm_options}
+    if input_size and int(input_size) != preset.input_size:
+        if not preset.architecture.startswith("vit_"):
+            raise ConfigError(f"encoder preset {name!r} takes {preset.input_size} px input only "
+                              f"(features.input_size={input_size}); leave it null")
+        options["dynamic_img_size"] = True  # the position embedding is interpolated to the new grid
     if weights == "hub":
         model = timm.create_model(f"hf-hub:{preset.hf_hub}", pretrained=True, num_classes=0, **options)
     elif weights is None:

@@ -79,7 +79,7 @@ PRESETS: dict[str, EncoderPreset] = {
     ),
     "h_optimus_0": EncoderPreset(
         "vit_giant_patch14_reg4_dinov2", 224, HOPTIMUS_MEAN, HOPTIMUS_STD, "bioptimus/H-optimus-0",
-        "pytorch_model.bin", options={"init_values": 1e-5, "dynamic_img_size": False},
+        "pytorch_model.bin", options={"init_values": 1e-5, "dynamic_img_size": False, "img_size": 224},
     ),
     "virchow2": EncoderPreset(
         "vit_huge_patch14_224", 224, IMAGENET_MEAN, IMAGENET_STD, "paige-ai/Virchow2", "pytorch_model.bin",
