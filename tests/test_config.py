@@ -27,7 +27,8 @@ def test_demo_layers_on_default_and_overrides_win():
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("tiling.tile_siz=256", "tiling.tile_siz"), ("tilling.tile_size=1", "tilling"), ("nope=1", "nope")],
+    [("tiling.tile_siz=256", "tiling.tile_siz"), ("tilling.tile_size=1", "tilling"), ("nope=1", "nope"),
+     ("tiling.tile_size.foo=1", "tiling.tile_size.foo"), ("features.weights.path=x.pth", "features.weights.path")],
 )
 def test_unknown_keys_are_named(override, named):
     with pytest.raises(ConfigError, match=f"unknown config key '{named}'"):

@@ -102,6 +102,9 @@ def _merge(base: dict, layer: Mapping, free: set[str], prefix: str = "") -> None
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{dotted}' must be a mapping, got {value!r}")
             _merge(current, value, free, prefix=f"{dotted}.")
+        elif isinstance(value, Mapping) and value:
+            nested = next(iter(value))
+            raise ConfigError(f"unknown config key '{dotted}.{nested}' ('{dotted}' holds a value, not a section)")
         else:
             base[key] = copy.deepcopy(value)
 
