@@ -134,6 +134,21 @@ def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in files}
     embed(cfg)  # complete files are skipped, not rewritten
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    # A source's magnification is outside the tiling key: changing it re-tiles and re-embeds that source only.
+    sources = [dict(s) for s in cfg.external.sources]
+    for source in sources:
+        if source["name"] == "synthetic_patches":
+            source["magnification"] = 40
+    changed = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", f"paths.external={tiny_raw.paths.external}",
+                          f"external.sources={sources}")
+    patches = manifest[manifest.source == "synthetic_patches"]
+    counts = tile(changed)
+    assert (counts["done"], counts["skipped"], counts["failed"]) == (len(patches), len(manifest) - len(patches), 0)
+    info = store.read_slide_info(store.slide_dir(changed, "synthetic_patches", patches.image_id.iloc[0]))
+    assert info["source_magnification"] == 40.0 and info["extent"] == 2 * changed.tiling.tile_size
+    embed(changed)
+    rewritten = {p for p in files if p.stat().st_mtime_ns != stamps[p]}
+    assert rewritten == {cache.embedding_path(root, "synthetic_patches", i) for i in patches.image_id}
 
 
 def test_dihedral_tta_makes_features_rotation_invariant(encoder):

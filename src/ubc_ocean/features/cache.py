@@ -47,6 +47,16 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
         return handle["features"][:], handle["coords"][:], dict(handle.attrs)
 
 
+def is_current(path: Path, tiles_fingerprint: str) -> bool:
+    """Complete and made from the tile folder as it is now (files written before fingerprints were
+    recorded are taken as current)."""
+    if not is_complete(path):
+        return False
+    with h5py.File(path, "r") as handle:
+        recorded = handle.attrs.get("tiles_fingerprint")
+    return recorded is None or str(recorded) == tiles_fingerprint
+
+
 def is_complete(path: Path) -> bool:
     """Files appear only once written in full (atomic rename); also check they open."""
     if not path.is_file():

@@ -91,11 +91,14 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
     """Embed one slide's tiles (skipped when its h5 is complete)."""
     slide_id = row["slide_id"]
     out = cache.embedding_path(root, row["source"], row["image_id"])
-    if cache.is_complete(out):
-        return TaskResult(slide_id, "skipped")
     folder = store.slide_dir(cfg, row["source"], row["image_id"])
     if not store.is_complete(folder):
+        if cache.is_complete(out):  # tiles deleted after embedding (to save disk): the embeddings stand
+            return TaskResult(slide_id, "skipped")
         return TaskResult(slide_id, "failed", f"no tile folder {folder}")
+    tiles_fingerprint = store.fingerprint(folder)
+    if cache.is_current(out, tiles_fingerprint):
+        return TaskResult(slide_id, "skipped")
     encoder = encoder_from_config(cfg)
     device = resolve_device(cfg["runtime"]["device"])
     prepare_encoder(encoder, device)
@@ -108,7 +111,7 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
         "encoder": encoder.name, "weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
         "tile_size": int(cfg["tiling"]["tile_size"]),
         "magnification": float(cfg["tiling"]["target_magnification"]), "slide_id": slide_id,
-        "tiling_key": store.tiling_key(cfg), "tta": cfg["features"]["tta"],
+        "tiling_key": store.tiling_key(cfg), "tiles_fingerprint": tiles_fingerprint, "tta": cfg["features"]["tta"],
         "stain_augmentation": float(cfg["features"]["stain_augmentation"]),
     })
     message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""

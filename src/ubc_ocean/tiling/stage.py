@@ -59,10 +59,10 @@ def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
 
 
 def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
-    """Tile one slide into its folder (atomically); a complete folder is skipped."""
+    """Tile one slide into its folder (atomically); a complete folder cut with today's settings is skipped."""
     tiling = cfg["tiling"]
     folder = store.slide_dir(cfg, spec.source, spec.image_id)
-    if store.is_complete(folder):
+    if store.is_current(folder, spec.magnification):
         return TaskResult(spec.slide_id, "skipped")
     try:
         prepared = prepare_slide(spec, cfg)
@@ -86,7 +86,7 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
                 store.write_index(tmp, rows)
                 info = {**prepared.info, "source": spec.source, "image_id": spec.image_id, "label": spec.label,
                         "n_tiles": len(rows), "path": str(spec.path)}
-                store.write_slide_info(tmp, info)
+                store.write_slide_info(tmp, info, spec.magnification)
                 kept = [(row["x"], row["y"]) for row in rows]
                 overlay = draw_overlay(
                     prepared.low_res, prepared.masks.tissue, kept, prepared.plan.extent,
@@ -107,7 +107,7 @@ def ingest_patch_bag(bag: PatchBag, cfg: Mapping) -> TaskResult:
     """Copy a bag of pre-cut patches into the tile store at the target tile size, with an index."""
     tiling = cfg["tiling"]
     folder = store.slide_dir(cfg, bag.source, bag.image_id)
-    if store.is_complete(folder):
+    if store.is_current(folder, bag.magnification):
         return TaskResult(bag.slide_id, "skipped")
     tile_size = int(tiling["tile_size"])
     target = float(tiling["target_magnification"])
@@ -136,7 +136,7 @@ def ingest_patch_bag(bag: PatchBag, cfg: Mapping) -> TaskResult:
                 "source": bag.source, "image_id": bag.image_id, "label": bag.label, "is_tma": False,
                 "native_magnification": native, "target_magnification": target, "extent": extent,
                 "n_tiles": len(rows), "coords": "pseudo (pre-cut patches)", "unreadable": unreadable,
-            })
+            }, bag.magnification)
     except (SlideError, OSError) as err:
         return TaskResult(bag.slide_id, "failed", str(err))
     message = f"{len(unreadable)} unreadable patches skipped" if unreadable else ""

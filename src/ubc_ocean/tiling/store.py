@@ -61,6 +61,28 @@ def is_complete(folder: Path) -> bool:
     return (folder / INDEX_FILE).is_file() and (folder / SLIDE_FILE).is_file()
 
 
+def _magnification_setting(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def is_current(folder: Path, source_magnification: float | None) -> bool:
+    """Complete, and cut with the source magnification configured now (a per-source setting, outside the
+    tiling key): a slide whose source setting changed is tiled again rather than skipped."""
+    if not is_complete(folder):
+        return False
+    recorded = read_slide_info(folder).get("source_magnification")
+    return recorded == _magnification_setting(source_magnification)
+
+
+def fingerprint(folder: Path) -> str:
+    """A short hash of a complete slide folder's index and facts; embeddings record it, so a slide tiled
+    again is embedded again."""
+    digest = hashlib.sha256()
+    for name in (INDEX_FILE, SLIDE_FILE):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def tile_file_name(x: int, y: int, fmt: str) -> str:
     return f"{x}_{y}.{fmt}"
 
@@ -88,8 +110,10 @@ def read_index(folder: Path) -> pd.DataFrame:
     return pd.read_csv(folder / INDEX_FILE)
 
 
-def write_slide_info(folder: Path, info: Mapping) -> None:
-    (folder / SLIDE_FILE).write_text(json.dumps(dict(info), indent=2, default=str))
+def write_slide_info(folder: Path, info: Mapping, source_magnification: float | None) -> None:
+    """``slide.json``: the slide's facts and the source magnification setting it was cut with."""
+    facts = {**info, "source_magnification": _magnification_setting(source_magnification)}
+    (folder / SLIDE_FILE).write_text(json.dumps(facts, indent=2, default=str))
 
 
 def read_slide_info(folder: Path) -> dict:
