@@ -84,3 +84,12 @@ def test_free_form_mapping_merges_across_layers():
                       ["mil.model_options={abmil: {hidden_dim: 32}}", "mil.model_options.transmil.dropout=0.2"])
     assert cfg.mil.model_options["abmil"]["hidden_dim"] == 32
     assert cfg.mil.model_options["transmil"] == {"hidden_dim": 128, "dropout": 0.2}  # demo.yaml's value kept
+
+
+def test_bad_shard_and_looping_base_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"runtime\.shard: .*0 <= i < n"):
+        load_config(None, ["runtime.shard=2/2"])
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")

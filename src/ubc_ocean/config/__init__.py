@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from ubc_ocean.parallel import parse_shard
+
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 _SOURCE_ROOT = Path(__file__).resolve().parents[3]
 # Editable install (the repo): paths are relative to the repo root; an installed wheel: to the working dir.
@@ -137,10 +139,13 @@ def _read_yaml(path: Path) -> dict:
     return dict(data)
 
 
-def _file_layers(path: Path) -> list[dict]:
+def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """``path``'s layer after those of its ``base`` chain (a chain that loops back is an error)."""
+    if path in seen:
+        raise ConfigError(f"config base chain loops: {' -> '.join(str(p) for p in (*seen, path))}")
     data = _read_yaml(path)
     base = data.pop("base", None)
-    layers = _file_layers((path.parent / base).resolve()) if base else []
+    layers = _file_layers((path.parent / base).resolve(), (*seen, path)) if base else []
     return [*layers, data]
 
 
@@ -168,6 +173,10 @@ def load_config(
     layers += [parse_override(text) for text in overrides]
     for layer in layers:
         _merge(cfg, layer, free)
+    try:
+        parse_shard(cfg["runtime"]["shard"])
+    except ValueError as err:
+        raise ConfigError(f"runtime.shard: {err}") from None
     _resolve_paths(cfg, Path(root).resolve() if root else REPO_ROOT)
     return _wrap(cfg)
 
