@@ -20,7 +20,7 @@ from ubc_ocean.io_utils import clean_stale_temporaries
 from ubc_ocean.sources import TEST, competition_specs
 from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling import store
-from ubc_ocean.tiling.grid import cell_fractions
+from ubc_ocean.tiling.grid import cell_fractions, grid_origin
 from ubc_ocean.tiling.stage import read_tiling_failures, run, tile_slide, tiling_tasks
 from ubc_ocean.tiling.tiler import SlideSpec, finalise, iter_tiles, prepare_slide
 
@@ -48,11 +48,14 @@ def test_tiles_lie_on_the_generators_tissue(tmp_path, is_tma):
     tile = cfg.tiling.tile_size
     extent = 2 * tile if is_tma else tile  # TMAs are 40x: harmonised to 20x by a 2x downscale
     assert info["native_magnification"] == (40 if is_tma else 20) and (index["extent"] == extent).all()
-    assert ((index.x % extent == 0) & (index.y % extent == 0)).all()
-    assert (index.x + extent <= size[0]).all() and (index.y + extent <= size[1]).all()
+    ox, oy = grid_origin(size[0], size[1], extent)  # the centred grid: margins split between opposite edges
+    assert ox == (size[0] % extent) // 2 and oy == (size[1] % extent) // 2
+    assert (((index.x - ox) % extent == 0) & ((index.y - oy) % extent == 0)).all()
+    assert (index.x >= ox).all() and (index.y >= oy).all()
+    assert (index.x + extent <= size[0] - ox).all() and (index.y + extent <= size[1] - oy).all()
     # Every kept tile is mostly tissue by the generator's own mask, and most tissue cells are kept.
     truth_fraction = cell_fractions(truth, size[0], size[1], extent)
-    kept = truth_fraction[index.y // extent, index.x // extent]
+    kept = truth_fraction[(index.y - oy) // extent, (index.x - ox) // extent]
     assert kept.min() >= 0.25 and kept.mean() >= 0.7
     tissue_cells = int((truth_fraction >= 0.9).sum())
     assert len(index) >= min(0.8 * tissue_cells, cfg.tiling.max_tiles_per_slide)

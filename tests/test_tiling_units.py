@@ -9,7 +9,7 @@ import pyvips
 from ubc_ocean.config import load_config
 from ubc_ocean.slides import SlideError, is_tma_by_size, open_slide
 from ubc_ocean.tiling import store
-from ubc_ocean.tiling.grid import cell_fractions, plan_tiles
+from ubc_ocean.tiling.grid import cell_fractions, grid_origin, plan_tiles
 from ubc_ocean.tiling.stage import tile_slide
 from ubc_ocean.tiling.tiler import SlideSpec, iter_tiles, prepare_slide
 from ubc_ocean.tiling.tissue import detect_tissue
@@ -25,6 +25,19 @@ def test_cell_fractions_match_exact_mask():
     fractions = cell_fractions(mask, width=400, height=200, extent=100)  # mask is 1/2 scale
     assert fractions.shape == (2, 4)
     np.testing.assert_allclose(fractions, [[1, 1, 0, 0], [0, 0, 0, 0]])
+
+
+def test_grid_is_centred_and_fractions_follow_it():
+    """A 700 px slide holds three 200 px cells: the 100 px left over is split 50/50 between opposite edges,
+    and each cell's fraction is the exact mean of the mask over that cell (full- and half-resolution mask)."""
+    yy, xx = np.mgrid[:700, :700]
+    disc = (xx - 350) ** 2 + (yy - 350) ** 2 < 300**2  # a round TMA core
+    assert grid_origin(700, 700, 200) == (50, 50)
+    exact = disc[50:650, 50:650].reshape(3, 200, 3, 200).mean(axis=(1, 3))
+    np.testing.assert_allclose(cell_fractions(disc, 700, 700, 200), exact, atol=1e-6)
+    np.testing.assert_allclose(cell_fractions(disc[::2, ::2], 700, 700, 200), exact, atol=0.01)
+    plan = plan_tiles(disc, disc, 700, 700, 200, min_fraction=0.5, max_tiles=0, sampling="random", seed=0)
+    assert set(plan.boxes) == {(50 + 200 * c, 50 + 200 * r) for r in range(3) for c in range(3) if exact[r, c] >= 0.5}
 
 
 def test_plan_caps_and_is_seeded():

@@ -32,19 +32,30 @@ def slide_seed(slide_id: str, seed: int) -> int:
     return zlib.crc32(f"{seed}:{slide_id}".encode())
 
 
-def cell_fractions(mask: np.ndarray, width: int, height: int, extent: int) -> np.ndarray:
-    """Fraction of each ``extent``-sized level-0 grid cell covered by ``mask`` (a low-resolution view).
+def grid_origin(width: int, height: int, extent: int) -> tuple[int, int]:
+    """Level-0 (x, y) of the first grid cell: the complete cells are centred on the slide, so the part
+    no cell covers is split between opposite edges (a round TMA core loses less tissue than with the
+    whole remainder on its right and bottom)."""
+    return (width % extent) // 2, (height % extent) // 2
 
-    Returns [rows, cols] for the complete cells of the slide: the mask's part that covers them is
-    area-averaged onto the grid (cv2's INTER_AREA), which handles cells of fractional mask size.
+
+def cell_fractions(mask: np.ndarray, width: int, height: int, extent: int) -> np.ndarray:
+    """Fraction of each ``extent``-sized level-0 grid cell covered by ``mask`` (a low-resolution view of
+    the whole ``width`` x ``height`` slide).
+
+    Returns [rows, cols] for the complete cells of the centred grid (:func:`grid_origin`): the mask's
+    part that covers them is area-averaged onto the grid (cv2's INTER_AREA), which handles cells of
+    fractional mask size.
     """
     cols, rows = width // extent, height // extent
     if cols == 0 or rows == 0:
         return np.zeros((rows, cols), dtype=np.float32)
     mh, mw = mask.shape
-    covered_w = max(1, min(mw, round(cols * extent * mw / width)))
-    covered_h = max(1, min(mh, round(rows * extent * mh / height)))
-    region = np.ascontiguousarray(mask[:covered_h, :covered_w], dtype=np.float32)
+    ox, oy = grid_origin(width, height, extent)
+    x0, y0 = min(mw - 1, round(ox * mw / width)), min(mh - 1, round(oy * mh / height))
+    x1 = max(x0 + 1, min(mw, round((ox + cols * extent) * mw / width)))
+    y1 = max(y0 + 1, min(mh, round((oy + rows * extent) * mh / height)))
+    region = np.ascontiguousarray(mask[y0:y1, x0:x1], dtype=np.float32)
     return cv2.resize(region, (cols, rows), interpolation=cv2.INTER_AREA)
 
 
@@ -71,8 +82,12 @@ def plan_tiles(
     sampling: str,
     seed: int,
     fallback_tiles: int = 16,
+    offset: tuple[int, int] = (0, 0),
 ) -> TilePlan:
     """Select grid cells whose tissue fraction reaches ``min_fraction``, capped at ``max_tiles``.
+
+    The masks cover ``width`` x ``height`` level-0 pixels starting at ``offset`` (a view of part of the
+    slide); the boxes are given in the slide's level-0 coordinates.
 
     If none qualifies, fall back to the cells most covered by tissue, else by non-background pixels,
     and say so in ``fallback``; an all-background slide yields an empty plan.
@@ -93,9 +108,10 @@ def plan_tiles(
     chosen = _cap(chosen, max_tiles, sampling, seed)
     cols = fractions.shape[1] if fractions.ndim == 2 and fractions.size else 1
     rows_idx, cols_idx = np.divmod(chosen, cols)
+    ox, oy = grid_origin(width, height, extent)
     return TilePlan(
-        xs=(cols_idx * extent).astype(np.int64),
-        ys=(rows_idx * extent).astype(np.int64),
+        xs=(offset[0] + ox + cols_idx * extent).astype(np.int64),
+        ys=(offset[1] + oy + rows_idx * extent).astype(np.int64),
         tissue_fraction=flat[chosen] if flat.size else np.zeros(0, np.float32),
         extent=extent,
         fallback=fallback,

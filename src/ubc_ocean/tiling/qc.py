@@ -20,8 +20,10 @@ def draw_overlay(
     extent: int,
     slide_size: tuple[int, int],
     max_side: int = QC_MAX_SIDE,
+    view_origin: tuple[int, int] = (0, 0),
 ) -> np.ndarray:
-    """An RGB picture (longest side at most ``max_side``) for a person to check one slide's tiling."""
+    """An RGB picture (longest side at most ``max_side``) for a person to check one slide's tiling;
+    ``low_res`` shows the level-0 region of ``slide_size`` starting at ``view_origin``."""
     height, width = low_res.shape[:2]
     scale = min(1.0, max_side / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -32,6 +34,7 @@ def draw_overlay(
     scale_x = size[0] / slide_size[0]
     scale_y = size[1] / slide_size[1]
     for x, y in boxes:
+        x, y = x - view_origin[0], y - view_origin[1]
         top_left = (int(x * scale_x), int(y * scale_y))
         bottom_right = (int((x + extent) * scale_x) - 1, int((y + extent) * scale_y) - 1)
         cv2.rectangle(view, top_left, bottom_right, _TILE_COLOUR, 1)

@@ -91,6 +91,7 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
                 overlay = draw_overlay(
                     prepared.low_res, prepared.masks.tissue, kept, prepared.plan.extent,
                     prepared.view_size or (prepared.reader.width, prepared.reader.height),
+                    view_origin=prepared.view_origin,
                 )
                 save_overlay(tmp / store.QC_FILE, overlay)
         finally:

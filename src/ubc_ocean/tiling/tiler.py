@@ -15,7 +15,7 @@ from ubc_ocean.config import ConfigError
 from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
 from ubc_ocean.slides.reader import InMemorySlide, resize_area
-from ubc_ocean.tiling.grid import TilePlan, plan_tiles, slide_seed
+from ubc_ocean.tiling.grid import TilePlan, grid_origin, plan_tiles, slide_seed
 from ubc_ocean.tiling.quality import FOCUS_METRICS, artefact_fraction, focus_score
 from ubc_ocean.tiling.tissue import TissueMasks, background_mask, detect_tissue
 
@@ -59,6 +59,7 @@ class PreparedSlide:
     planning: dict
     info: dict = field(default_factory=dict)
     view_size: tuple[int, int] | None = None  # level-0 (width, height) the low-res view covers; None: all
+    view_origin: tuple[int, int] = (0, 0)  # level-0 (x, y) where that view starts
 
     @property
     def streaming(self) -> bool:
@@ -188,9 +189,10 @@ def _mask_source(reader: SlideReader, plan: TilePlan | None) -> str:
     return "the whole image, held in memory" if isinstance(reader, InMemorySlide) else "low-resolution view"
 
 
-def _plan(masks: TissueMasks, width: int, height: int, extent: int, planning: Mapping) -> TilePlan:
+def _plan(masks: TissueMasks, width: int, height: int, extent: int, planning: Mapping,
+          offset: tuple[int, int] = (0, 0)) -> TilePlan:
     return plan_tiles(masks.tissue, masks.foreground, width, height, extent, planning["min_fraction"],
-                      planning["max_tiles"], planning["sampling"], planning["seed"])
+                      planning["max_tiles"], planning["sampling"], planning["seed"], offset=offset)
 
 
 @dataclass
@@ -328,16 +330,17 @@ def iter_tiles(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray
 
 def _stream_all_cells(prepared: PreparedSlide, reserve: _Reserve) -> Iterator[tuple[TileRecord, np.ndarray]]:
     reader, extent, planning = prepared.reader, prepared.extent, prepared.planning
-    # The view covers the complete grid cells only: the slide's right and bottom remainders are never read.
+    # The view covers the complete cells of the centred grid only: the margins outside it are never read.
     width, height = (reader.width // extent) * extent, (reader.height // extent) * extent
+    ox, oy = grid_origin(reader.width, reader.height, extent)
     factor = max(1.0, max(width, height) / planning["mask_max_side"])
     canvas = np.zeros((max(1, int(np.ceil(height / factor))), max(1, int(np.ceil(width / factor))), 3), np.uint8)
-    grid = [(x, y) for y in range(0, height, extent) for x in range(0, width, extent)]
+    grid = [(ox + x, oy + y) for y in range(0, height, extent) for x in range(0, width, extent)]
     candidates = []
     for x, y, rgb, verdict in _judged(prepared, grid):
-        x0, y0 = round(x / factor), round(y / factor)
-        x1 = min(canvas.shape[1], max(x0 + 1, round((x + extent) / factor)))
-        y1 = min(canvas.shape[0], max(y0 + 1, round((y + extent) / factor)))
+        x0, y0 = round((x - ox) / factor), round((y - oy) / factor)
+        x1 = min(canvas.shape[1], max(x0 + 1, round((x - ox + extent) / factor)))
+        y1 = min(canvas.shape[0], max(y0 + 1, round((y - oy + extent) / factor)))
         canvas[y0:y1, x0:x1] = resize_area(rgb, x1 - x0, y1 - y0)
         if not verdict.foreground_ok:
             continue
@@ -346,13 +349,13 @@ def _stream_all_cells(prepared: PreparedSlide, reserve: _Reserve) -> Iterator[tu
             yield _record(prepared, x, y, float("nan"), verdict.blur), rgb
         else:
             reserve.offer(verdict.blur, (x, y), rgb)
-    prepared.low_res, prepared.view_size = canvas, (width, height)
+    prepared.low_res, prepared.view_size, prepared.view_origin = canvas, (width, height), (ox, oy)
     prepared.masks = detect_tissue(canvas, planning["tissue_cfg"])
-    prepared.plan = _plan(prepared.masks, width, height, extent, planning)
+    prepared.plan = _plan(prepared.masks, width, height, extent, planning, offset=(ox, oy))
     prepared.info.update(planned_tiles=len(prepared.plan), fallback=prepared.plan.fallback)
     planned = set(prepared.plan.boxes)
     if not any(box in planned for box in candidates):  # the plan keeps none of the tiles that passed
-        uncapped = _plan(prepared.masks, width, height, extent, {**planning, "max_tiles": 0})
+        uncapped = _plan(prepared.masks, width, height, extent, {**planning, "max_tiles": 0}, offset=(ox, oy))
         yield from _quality_fallback(prepared, reserve, uncapped)
 
 
