@@ -114,7 +114,7 @@ def test_png_tiles_equal_pixels(tmp_path, in_memory_max_pixels):
             assert reader.low_resolution(1000).shape == (300, 400, 3)
 
 
-@pytest.mark.parametrize("extent", [100, 120, 300, 507])
+@pytest.mark.parametrize("extent", [20, 48, 100, 120, 300, 507])
 def test_streamed_png_reads_any_extent(tmp_path, extent):
     """Strips that do not align with libvips' 16-line PNG chunks, rows skipped between them: every box is
     pixel-exact (a crop per strip used to fail with 'out of order read')."""
@@ -122,7 +122,7 @@ def test_streamed_png_reads_any_extent(tmp_path, extent):
     path = tmp_path / "slide.png"
     pyvips.Image.new_from_array(rgb).pngsave(str(path))
     boxes = [(x, y) for y in range(0, 1200 - extent + 1, extent) for x in range(0, 1100 - extent + 1, extent)]
-    boxes = [box for i, box in enumerate(boxes) if i % 3 != 1]  # gaps within and between rows
+    boxes = [(x, y) for i, (x, y) in enumerate(boxes) if i % 3 != 1 and (y // extent) % 4 != 2]  # gaps, skipped rows
     with open_slide(path) as reader:
         got = list(reader.read_boxes(boxes, extent=extent, out_size=extent))
     assert [box for box, _ in got] == boxes

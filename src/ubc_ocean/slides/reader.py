@@ -75,6 +75,9 @@ class SlideReader(ABC):
         self.close()
 
 
+STRIP_ALIGN = 64  # lines; a multiple of libvips' 16-line PNG decoding chunk
+
+
 def _to_rgb_vips(image):  # type: ignore[no-untyped-def]
     """Any pyvips image to 8-bit, 3-band sRGB (alpha flattened onto white)."""
     if image.format == "ushort":  # 16-bit PNG: keep the high byte (a plain cast would clip it all to white)
@@ -144,22 +147,45 @@ class PngSlide(SlideReader):
 
         if not boxes:
             return
+        left, right = min(x for x, _ in boxes), max(x for x, _ in boxes) + extent
         try:
             image = self._open()
-            # One region, so one pipeline: a fresh crop per strip would restart the sequential reader,
-            # which then fails with "out of order read" unless strips align with libvips' 16-line chunks.
-            region = pyvips.Region.new(image)
-            for y, row in groupby(boxes, key=lambda box: box[1]):
-                row_boxes = list(row)
-                x_min = row_boxes[0][0]
-                width = row_boxes[-1][0] + extent - x_min
-                strip = np.frombuffer(region.fetch(x_min, y, width, extent), np.uint8).reshape(extent, width, 3)
+            rows = [(y, list(row)) for y, row in groupby(boxes, key=lambda box: box[1])]
+            strips = self._strips(image, [y for y, _ in rows], extent, left, right - left)
+            for (y, row_boxes), (top, bottom) in zip(rows, strips, strict=True):
                 for x, _ in row_boxes:
-                    tile = strip[:, x - x_min : x - x_min + extent]
-                    yield (x, y), resize_to(np.ascontiguousarray(tile), out_size)
-                del strip, tile  # free this strip before libvips decodes the next one
+                    columns = slice(x - left, x - left + extent)
+                    tile = np.concatenate([top[:, columns], bottom[:, columns]])  # a contiguous copy
+                    yield (x, y), resize_to(tile, out_size)
+                del top, bottom, tile  # free this strip before libvips decodes the next one
         except pyvips.Error as err:
             raise SlideError(f"truncated or corrupt image data: {_error_text(err)}") from err
+
+    def _strips(
+        self, image, rows: Sequence[int], extent: int, left: int, width: int  # type: ignore[no-untyped-def]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Lines ``[y, y + extent)`` of columns ``[left, left + width)`` for each ``y`` of the sorted
+        ``rows``, as a ``(top, bottom)`` pair of line blocks to stack.
+
+        libvips decodes a sequential PNG in 16-line chunks and cannot go back: a read that starts inside
+        a chunk already decoded fails ("out of order read"). So every read starts where the previous one
+        stopped and stops on a multiple of ``STRIP_ALIGN`` lines; the few lines read past a row's end are
+        kept (copied, so the decoded strip itself can go) as the next row's ``top``.
+        """
+        carry, decoded = np.zeros((0, width, 3), np.uint8), 0  # carry: lines [decoded - len(carry), decoded)
+        for y in rows:
+            stop = max(decoded, min(self.height, -(-(y + extent) // STRIP_ALIGN) * STRIP_ALIGN))
+            start = max(y, decoded)
+            fresh = image.crop(left, start, width, stop - start).numpy() if stop > start else carry[:0]
+            held = carry[len(carry) - (decoded - y) :] if y < decoded else carry[:0]  # lines [y, decoded)
+            if len(held) >= extent:  # the whole row was read with the previous one (rows < STRIP_ALIGN apart)
+                yield held[:extent], fresh
+                rest = held[extent:]
+            else:
+                yield held, fresh[: extent - len(held)]
+                rest = fresh[extent - len(held) :]
+            carry, decoded = rest.copy(), stop
+            del fresh, rest, held
 
 
 class InMemorySlide(SlideReader):
