@@ -273,8 +273,7 @@ def _quality_fallback(
     if not tiles:
         return
     info = prepared.info
-    why = (f"every tissue tile failed the quality filters ({info['rejected_blur']} blurry, "
-           f"{info['rejected_artefact']} artefact): kept the {len(tiles)} sharpest")
+    why = f"{_quality_rejections(info)}: kept the {len(tiles)} sharpest"
     info["fallback"] = "; ".join(filter(None, [info.get("fallback", ""), why]))
     info["quality_fallback_tiles"] = len(tiles)
     boxes = [box for box, _, _ in tiles]
@@ -287,13 +286,16 @@ def _quality_fallback(
         yield _record(prepared, x, y, fraction_by_box[(x, y)], score), rgb
 
 
+def _quality_rejections(info: Mapping) -> str:
+    return (f"every tissue tile failed the quality filters ({info.get('rejected_blur', 0)} blurry, "
+            f"{info.get('rejected_artefact', 0)} artefact)")
+
+
 def no_tiles_message(info: Mapping) -> str:
     """Why a slide yielded no tile: background only, or tissue that the quality filters all rejected."""
-    rejected = info.get("rejected_blur", 0) + info.get("rejected_artefact", 0)
-    if rejected:
-        return (f"every tissue tile failed the quality filters ({info.get('rejected_blur', 0)} blurry, "
-                f"{info.get('rejected_artefact', 0)} artefact; tiling.min_blur_score, "
-                "tiling.max_artefact_fraction and tiling.quality_fallback_tiles set them)")
+    if info.get("rejected_blur", 0) + info.get("rejected_artefact", 0):
+        return (f"{_quality_rejections(info)}; tiling.min_blur_score, tiling.max_artefact_fraction and "
+                "tiling.quality_fallback_tiles set them")
     return "no tissue found: every tile is background (blank or all-black image?)"
 
 
