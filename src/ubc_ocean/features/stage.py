@@ -88,7 +88,7 @@ def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torc
 
 
 def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
-    """Embed one slide's tiles (skipped when its h5 is complete)."""
+    """Embed one slide's tiles (skipped when its h5 was made from the tile folder as it is now)."""
     slide_id = row["slide_id"]
     out = cache.embedding_path(root, row["source"], row["image_id"])
     folder = store.slide_dir(cfg, row["source"], row["image_id"])
