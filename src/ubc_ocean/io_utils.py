@@ -67,7 +67,7 @@ def _is_stale(path: Path) -> bool:
         except ProcessLookupError:
             return True
         except PermissionError:  # alive, another user's
-            return False
+            pass
         return False
     return time.time() - path.lstat().st_mtime > FOREIGN_TEMPORARY_MAX_AGE_S
 

@@ -40,10 +40,10 @@ def shard_output(folder: Path, name: str, shard: str | None) -> Path:
     index, count = parse_shard(shard)
     stem, ext = Path(name).stem, Path(name).suffix
     own = name if count == 1 else f"{stem}_shard{index}of{count}{ext}"
-    layout = re.compile(re.escape(stem) + (r"_shard\d+of" + str(count) if count > 1 else "") + re.escape(ext) + "$")
+    layout = re.compile(re.escape(stem) + r"(?:_shard\d+of(\d+))?" + re.escape(ext))  # group: shard count
     for path in folder.glob(f"{stem}*{ext}"):
-        other_layout = re.fullmatch(re.escape(stem) + r"(_shard\d+of\d+)?" + re.escape(ext), path.name)
-        if other_layout and not layout.fullmatch(path.name):
+        match = layout.fullmatch(path.name)
+        if match and int(match.group(1) or 1) != count:
             log.info("removing %s: written by a run sharded otherwise", path)
             path.unlink(missing_ok=True)
     return folder / own

@@ -90,4 +90,3 @@ def run(cfg: Mapping) -> pd.DataFrame:
              "fraction of tiles kept by min_blur_score (columns):\n%s\nper-tile scores -> %s",
              metric, len(scores), len(frames), quantiles.round(1).to_string(), table.round(3).to_string(), out)
     return table
-
