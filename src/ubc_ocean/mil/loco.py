@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from ubc_ocean import layout
 from ubc_ocean.device import resolve_device
 from ubc_ocean.io_utils import atomic_write_csv
-from ubc_ocean.mil.train import fit, predict_bags
+from ubc_ocean.mil.bags import load_bags
+from ubc_ocean.mil.predict import predict_bags
+from ubc_ocean.mil.train import fit, model_training_config
 from ubc_ocean.outliers.scores import score_table
 
 log = logging.getLogger(__name__)
@@ -76,13 +78,8 @@ def leave_one_class_out(
 
 def run(cfg: Mapping) -> pd.DataFrame:
     """Leave-one-class-out AUROC for every model in ``mil.models``; writes ``{run}/loco_auroc.csv``."""
-    from ubc_ocean.features import cache
-    from ubc_ocean.mil.bags import load_bags
-    from ubc_ocean.mil.stage import embeddings_root_from_config, model_training_config, run_dir, training_table
-
-    table = training_table(cfg)
-    root = embeddings_root_from_config(cfg)
-    bags, _ = load_bags({r.slide_id: cache.embedding_path(root, r.source, r.image_id) for r in table.itertuples()})
+    table = layout.read_training_table(cfg)
+    bags, _ = load_bags(layout.embedding_paths(layout.embeddings_root(cfg), table))
     table = table[table["slide_id"].isin(bags)]
     device = resolve_device(cfg["runtime"]["device"])
     options = cfg["mil"]["model_options"] or {}
@@ -93,7 +90,7 @@ def run(cfg: Mapping) -> pd.DataFrame:
         for name in cfg["mil"]["models"]
     ]
     result = pd.concat(frames, ignore_index=True)
-    out = Path(run_dir(cfg)) / "loco_auroc.csv"
+    out = layout.run_dir(cfg) / "loco_auroc.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(result, out)
     summary = result.pivot_table(index=["model", "held_out"], columns="score", values="auroc")
