@@ -20,11 +20,12 @@ import numpy as np
 import pyvips
 import torch
 
+from ubc_ocean import layout
 from ubc_ocean.config import load_config
 from ubc_ocean.device import resolve_device
-from ubc_ocean.features.embed import embed_batches, prepare_encoder
+from ubc_ocean.features.embed import embed_batches, encoder_from_config, prepare_encoder
 from ubc_ocean.features.fused import embed_slide_streaming
-from ubc_ocean.features.stage import embed_tile_folder, encoder_from_config
+from ubc_ocean.features.stage import embed_tile_folder
 from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
@@ -56,7 +57,7 @@ def main() -> int:
     pyvips.Image.thumbnail(str(png), 2048).pngsave(str(thumb))
     spec = SlideSpec("bench", "slide", png, thumbnail=thumb, is_tma=False, competition_scale=True)
     assert tile_slide(spec, cfg).status == "done"
-    folder = store.slide_dir(cfg, "bench", "slide")
+    folder = layout.slide_tiles_dir(cfg, "bench", "slide")
     n_tiles = len(store.read_index(folder))
     encoder = prepare_encoder(encoder_from_config(cfg), device)
     print(f"{args.encoder} on {device} ({torch.get_num_threads()} threads), {n_tiles} tiles of "

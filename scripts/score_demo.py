@@ -8,26 +8,25 @@ import json
 import sys
 from pathlib import Path
 
+from ubc_ocean import layout
 from ubc_ocean.cli import build_parser, config_from_args
-from ubc_ocean.mil.stage import run_dir
 from ubc_ocean.submit.score import score_submission
-from ubc_ocean.submit.stage import submission_path
 
 
 def main() -> int:
     cfg = config_from_args(build_parser(__doc__).parse_args())
-    report = json.loads((run_dir(cfg) / "ensemble.json").read_text())
+    report = json.loads(layout.ensemble_report_path(cfg).read_text())
     labels = Path(cfg.paths.hidden_test_labels)
     if not labels.is_file():
         print(f"no hidden labels at {labels}: only synthetic data can be scored", file=sys.stderr)
         return 2
-    test = score_submission(submission_path(cfg), labels)
+    test = score_submission(layout.submission_path(cfg), labels)
     for name, value in report["oof_balanced_accuracy_per_model"].items():
         print(f"OOF balanced accuracy ({name}): {value:.3f}")
     print(f"OOF balanced accuracy (ensemble): {report['oof_balanced_accuracy']:.3f}")
     recalls = ", ".join(f"{k} {v:.2f}" for k, v in test["per_class_recall"].items())
     print(f"test balanced accuracy (synthetic, hidden labels): {test['balanced_accuracy']:.3f}  [{recalls}]")
-    print(f"submission: {submission_path(cfg)}")
+    print(f"submission: {layout.submission_path(cfg)}")
     return 0
 
 

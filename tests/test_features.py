@@ -9,6 +9,7 @@ import torch
 from skimage import data
 
 from tests.conftest import tiny_config
+from ubc_ocean import layout
 from ubc_ocean.features import WeightsMismatchError, cache, create_encoder
 from ubc_ocean.features.embed import embed_batches
 from ubc_ocean.features.encoders import efficientnet_lite0_imagenet
@@ -77,7 +78,7 @@ def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path,
     cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "tiling.format=png")
     spec = competition_specs(cfg, TRAIN)[0]
     assert tile_slide(spec, cfg).status == "done"
-    folder = store.slide_dir(cfg, spec.source, spec.image_id)
+    folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
     features, coords, bad = embed_tile_folder(folder, encoder, cfg, CPU)
     assert not bad and features.shape == (len(store.read_index(folder)), 1280)
     # Two-step features equal a direct forward over the same tile files.
@@ -92,7 +93,7 @@ def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path,
     strict = tiny_config(tmp_path / "strict", f"paths.raw={tiny_raw.paths.raw}", "tiling.format=png",
                          "tiling.min_blur_score=1e9", "tiling.quality_fallback_tiles=3")
     assert tile_slide(spec, strict).status == "done"
-    index = store.read_index(store.slide_dir(strict, spec.source, spec.image_id))
+    index = store.read_index(layout.slide_tiles_dir(strict, spec.source, spec.image_id))
     few, few_coords, few_info = embed_slide_streaming(spec, strict, encoder, CPU)
     assert len(few) == 3 == len(index) and (few_coords == index[["x", "y"]].to_numpy()).all()
     assert "failed the quality filters" in few_info["fallback"]
@@ -103,10 +104,10 @@ def test_cache_folders_keyed_by_encoder_and_tiling(tmp_path, encoder):
     other_tiling = tiny_config(tmp_path, "tiling.tile_size=96")
     other_mask = tiny_config(tmp_path, "tiling.min_tissue_fraction=0.6")
     roots = {
-        cache.embeddings_root(base, encoder.cache_name),
-        cache.embeddings_root(other_tiling, encoder.cache_name),
-        cache.embeddings_root(other_mask, encoder.cache_name),
-        cache.embeddings_root(base, create_encoder("efficientnet_lite0", input_size=96).cache_name),
+        layout.embeddings_root(base),
+        layout.embeddings_root(other_tiling),
+        layout.embeddings_root(other_mask),
+        layout.embeddings_root(tiny_config(tmp_path, "features.input_size=96")),
     }
     assert len(roots) == 4
     assert store.tiling_key(base) == store.tiling_key(tiny_config(tmp_path, "runtime.workers=2"))  # runtime-only
@@ -121,13 +122,13 @@ def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
     tile(cfg)
     manifest = merge(cfg)
     victim = manifest.iloc[0]
-    folder = store.slide_dir(cfg, victim.source, victim.image_id)
+    folder = layout.slide_tiles_dir(cfg, victim.source, victim.image_id)
     broken = folder / store.read_index(folder)["file"][0]
     broken.write_bytes(b"not a jpeg")
     root = embed(cfg)
     files = sorted(root.glob("*/*.h5"))
     assert len(files) == len(manifest)
-    features, _, _ = cache.read_embeddings(cache.embedding_path(root, victim.source, victim.image_id))
+    features, _, _ = cache.read_embeddings(layout.embedding_path(root, victim.source, victim.image_id))
     assert len(features) == victim.n_tiles - 1  # the unreadable tile is skipped ...
     failures = pd.read_csv(root / "failures.csv")
     assert broken.name in failures.loc[failures.slide == victim.slide_id, "message"].iloc[0]  # ... and recorded
@@ -144,11 +145,11 @@ def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
     patches = manifest[manifest.source == "synthetic_patches"]
     counts = tile(changed)
     assert (counts["done"], counts["skipped"], counts["failed"]) == (len(patches), len(manifest) - len(patches), 0)
-    info = store.read_slide_info(store.slide_dir(changed, "synthetic_patches", patches.image_id.iloc[0]))
+    info = store.read_slide_info(layout.slide_tiles_dir(changed, "synthetic_patches", patches.image_id.iloc[0]))
     assert info["source_magnification"] == 40.0 and info["extent"] == 2 * changed.tiling.tile_size
     embed(changed)
     rewritten = {p for p in files if p.stat().st_mtime_ns != stamps[p]}
-    assert rewritten == {cache.embedding_path(root, "synthetic_patches", i) for i in patches.image_id}
+    assert rewritten == {layout.embedding_path(root, "synthetic_patches", i) for i in patches.image_id}
 
 
 def test_dihedral_tta_makes_features_rotation_invariant(encoder):
@@ -175,9 +176,9 @@ def test_stain_augmentation_is_seeded_and_keys_the_cache(tmp_path, encoder):
     c = stain_augmenter("train/2", 0.3)(batch)
     assert a.shape == batch.shape and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c) and not np.array_equal(a, batch)
-    plain = cache.embeddings_root(tiny_config(tmp_path), encoder.cache_name)
-    jittered = cache.embeddings_root(tiny_config(tmp_path, "features.stain_augmentation=0.3"), encoder.cache_name)
-    averaged = cache.embeddings_root(tiny_config(tmp_path, "features.tta=flips"), encoder.cache_name)
+    plain = layout.embeddings_root(tiny_config(tmp_path))
+    jittered = layout.embeddings_root(tiny_config(tmp_path, "features.stain_augmentation=0.3"))
+    averaged = layout.embeddings_root(tiny_config(tmp_path, "features.tta=flips"))
     assert len({plain, jittered, averaged}) == 3
 
 

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import tiny_config
+from ubc_ocean import layout
 from ubc_ocean.config import load_config
-from ubc_ocean.tiling import focus_calibration, store
+from ubc_ocean.tiling import focus_calibration
 from ubc_ocean.tiling.tiler import SlideSpec
 
 
@@ -34,6 +35,6 @@ def test_run_samples_training_slides_and_saves_scores(tiny_raw, tmp_path):
                       "focus_calibration.defocus_sigmas=[2]", "focus_calibration.thresholds=[5,50]")
     table = focus_calibration.run(cfg)
     assert list(table.index) == [0.0, 2.0] and list(table.columns) == [5.0, 50.0]
-    saved = pd.read_csv(store.tiles_root(cfg).parent / "focus_calibration_laplacian.csv")
+    saved = pd.read_csv(layout.tiles_root(cfg).parent / "focus_calibration_laplacian.csv")
     assert list(saved.columns) == ["slide", "0.0", "2.0"] and saved.slide.nunique() == 2
     assert (saved["0.0"] > saved["2.0"]).all()

@@ -16,12 +16,13 @@ import pyvips
 import tifffile
 
 from tests.conftest import tiny_config
+from ubc_ocean import layout
 from ubc_ocean.io_utils import clean_stale_temporaries
 from ubc_ocean.sources import TEST, competition_specs
 from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.grid import cell_fractions, grid_origin
-from ubc_ocean.tiling.stage import read_tiling_failures, run, tile_slide, tiling_tasks
+from ubc_ocean.tiling.stage import run, tile_slide, tiling_tasks
 from ubc_ocean.tiling.tiler import SlideSpec, finalise, iter_tiles, prepare_slide
 
 
@@ -32,7 +33,7 @@ def _png(path: Path, rgb: np.ndarray) -> Path:
 
 
 def _tiles(cfg, spec) -> tuple[pd.DataFrame, dict, Path]:
-    folder = store.slide_dir(cfg, spec.source, spec.image_id)
+    folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
     return store.read_index(folder), store.read_slide_info(folder), folder
 
 
@@ -172,17 +173,17 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path):
     cfg = tiny_config(tmp_path, "external.sources=[]", "runtime.workers=2")  # two processes
     counts = run(cfg)
     assert counts == {"done": 1, "skipped": 0, "failed": 5, "tiles": counts["tiles"]} and counts["tiles"] > 0
-    failures = read_tiling_failures(cfg).set_index("slide")
+    failures = layout.read_tiling_failures(cfg).set_index("slide")
     assert set(failures.index) == set(expected)
     for slide, words in expected.items():
         assert words in failures.loc[slide, "message"], failures.loc[slide, "message"]
     assert (failures.stage == "01_tile_slides").all()
-    assert store.is_complete(store.slide_dir(cfg, "train", "1"))
-    assert not store.slide_dir(cfg, "train", "2").exists()  # nothing half-written
+    assert store.is_complete(layout.slide_tiles_dir(cfg, "train", "1"))
+    assert not layout.slide_tiles_dir(cfg, "train", "2").exists()  # nothing half-written
     # A rerun skips the good slide and retries (and again records) the bad ones.
     again = run(cfg)
     assert (again["done"], again["skipped"], again["failed"]) == (0, 1, 5)
-    assert len(read_tiling_failures(cfg)) == 5
+    assert len(layout.read_tiling_failures(cfg)) == 5
 
 
 KILLABLE = """
@@ -206,7 +207,7 @@ def test_slide_killed_half_way_is_redone_never_left_complete(tmp_path):
     rgb, _ = render_slide("CC", 900, 640, is_tma=False, hospital=0, seed=5)
     png = _png(tmp_path / "slide.png", rgb)
     cfg = tiny_config(tmp_path)
-    folder = store.slide_dir(cfg, "t", "slide")
+    folder = layout.slide_tiles_dir(cfg, "t", "slide")
     child = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path), str(png)],
                              cwd=Path(__file__).resolve().parents[1])
     deadline = time.time() + 120
@@ -227,7 +228,7 @@ def test_shards_partition_the_slides(tiny_raw, tmp_path):
     for shard in ("0/3", "1/3", "2/3"):
         cfg = tiny_config(tmp_path, *shared, f"runtime.shard={shard}")
         assert run(cfg)["failed"] == 0
-        complete = {f"{p.parent.name}/{p.name}" for p in store.tiles_root(cfg).glob("*/*") if store.is_complete(p)}
+        complete = {f"{p.parent.name}/{p.name}" for p in layout.tiles_root(cfg).glob("*/*") if store.is_complete(p)}
         done.append(complete - set().union(*done))  # what this shard added
     everything = tiny_config(tmp_path, *shared)
     expected = {task.slide_id for task in tiling_tasks(everything)}
@@ -235,7 +236,7 @@ def test_shards_partition_the_slides(tiny_raw, tmp_path):
     assert sum(len(d) for d in done) == len(expected) and all(done)
     assert run(everything)["skipped"] == len(expected)
     # The default tissue settings find tissue on every synthetic slide without falling back.
-    infos = [store.read_slide_info(p) for p in store.tiles_root(everything).glob("*/*")]
+    infos = [store.read_slide_info(p) for p in layout.tiles_root(everything).glob("*/*")]
     assert infos and not [i["image_id"] for i in infos if i.get("fallback")]
 
 

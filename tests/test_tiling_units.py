@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import pyvips
 
+from ubc_ocean import layout
 from ubc_ocean.config import load_config
 from ubc_ocean.slides import SlideError, is_tma_by_size, open_slide
 from ubc_ocean.tiling import store
@@ -159,7 +160,7 @@ def test_real_aperio_slide_through_openslide(tmp_path):
         prepared.close()
     assert len(tiles) > 20
     result = tile_slide(SlideSpec("ext", "cmu", svs), cfg)  # the stage path writes tiles and the QC overlay
-    folder = store.slide_dir(cfg, "ext", "cmu")
+    folder = layout.slide_tiles_dir(cfg, "ext", "cmu")
     assert result.count == len(tiles) and store.read_tile(folder / store.QC_FILE).shape[2] == 3
     for record, rgb in tiles:
         assert rgb.shape == (128, 128, 3)

@@ -12,9 +12,9 @@ import torch
 from ubc_ocean.config import ConfigError, load_config
 from ubc_ocean.mil.bags import BagError, check_bag, drop_features, sample_instances
 from ubc_ocean.mil.checkpoint import load_checkpoint, save_checkpoint
-from ubc_ocean.mil.stage import model_training_config
-from ubc_ocean.mil.train import class_weights, fit, predict_bags
-from ubc_ocean.submit.stage import ensemble_weights, label_predictions, weighted_mean
+from ubc_ocean.mil.predict import predict_bags
+from ubc_ocean.mil.train import class_weights, fit, model_training_config
+from ubc_ocean.submit.ensemble import ensemble_weights, label_predictions, weighted_mean
 
 CPU = torch.device("cpu")
 
@@ -139,7 +139,7 @@ def test_onecycle_balanced_sampling_and_feature_detector():
 
 def test_huge_bag_is_capped_at_prediction():
     from ubc_ocean.mil import create_mil_model
-    from ubc_ocean.mil.train import evenly_spaced
+    from ubc_ocean.mil.predict import evenly_spaced
 
     bag = torch.randn(100_000, 8)
     assert evenly_spaced(bag, 1000).shape == (1000, 8) and torch.equal(evenly_spaced(bag, 1000)[0], bag[0])
@@ -149,7 +149,7 @@ def test_huge_bag_is_capped_at_prediction():
 
 
 def test_leave_one_class_out_auroc_well_above_chance():
-    from ubc_ocean.outliers.loco import leave_one_class_out
+    from ubc_ocean.mil.loco import leave_one_class_out
 
     bags, labels = _bags(8, n_classes=4, dim=16)
     names = ["A", "B", "C", "D"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ubc_ocean import layout
 from ubc_ocean.config import save_config
 from ubc_ocean.folds import TRAIN_ONLY, assign_folds, small_classes
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv
@@ -23,14 +24,6 @@ STAGE = "02_merge_external"
 MANIFEST_COLUMNS = [
     "slide_id", "source", "image_id", "label", "is_tma", "group", "n_tiles", "provenance", "tiling_key",
 ]
-
-
-def manifest_path(cfg: Mapping) -> Path:
-    return Path(cfg["paths"]["processed"]) / "manifest.csv"
-
-
-def folds_path(cfg: Mapping) -> Path:
-    return Path(cfg["paths"]["processed"]) / "folds.csv"
 
 
 def _groups(frame: pd.DataFrame, column: str | None, prefix: str) -> list[str]:
@@ -63,11 +56,11 @@ def _candidate_rows(cfg: Mapping) -> list[dict]:
 def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataFrame:
     """Keep the slides that stage 01 tiled and whose label is a known class; record the others."""
     classes = set(cfg["data"]["classes"])
-    key = store.tiling_key(cfg)
+    key = layout.tiling_key(cfg)
     kept = []
     for row in _candidate_rows(cfg):
         slide_id = f"{row['source']}/{row['image_id']}"
-        folder = store.slide_dir(cfg, row["source"], row["image_id"])
+        folder = layout.slide_tiles_dir(cfg, row["source"], row["image_id"])
         problem = None
         if row["label"] not in classes:
             problem = f"label {row['label']!r} is not one of {sorted(classes)}"
@@ -109,9 +102,9 @@ def run(cfg: Mapping) -> pd.DataFrame:
         manifest, int(folds_cfg["n_splits"]), int(cfg["seed"]),
         group_column="group" if folds_cfg["group_column"] else None, validate_mask=is_competition,
     )
-    atomic_write_csv(manifest.drop(columns="fold"), manifest_path(cfg))
-    atomic_write_csv(manifest[["slide_id", "image_id", "source", "label", "is_tma", "fold"]], folds_path(cfg))
+    atomic_write_csv(manifest.drop(columns="fold"), layout.manifest_path(cfg))
+    atomic_write_csv(manifest[["slide_id", "image_id", "source", "label", "is_tma", "fold"]], layout.folds_path(cfg))
     summary = manifest.groupby(["provenance", "label"]).size().unstack(fill_value=0)
     log.info("stage 02: %d slides (%d external, train-only) -> %s\n%s", len(manifest),
-             int((manifest["fold"] == TRAIN_ONLY).sum()), manifest_path(cfg), summary.to_string())
+             int((manifest["fold"] == TRAIN_ONLY).sum()), layout.manifest_path(cfg), summary.to_string())
     return manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -10,9 +11,28 @@ import torch
 
 from ubc_ocean.device import autocast, autocast_dtype
 from ubc_ocean.features.augment import stain_augmenter, tta_views
-from ubc_ocean.features.encoders import Encoder
+from ubc_ocean.features.encoders import Encoder, create_encoder
 
 log = logging.getLogger(__name__)
+_ENCODERS: dict[tuple, Encoder] = {}
+
+
+def set_cpu_threads(cfg: Mapping) -> None:
+    """``features.cpu_threads`` (0: every core) shared among the ``runtime.workers`` processes."""
+    threads = int(cfg["features"]["cpu_threads"]) or os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads // max(1, int(cfg["runtime"]["workers"]))))
+
+
+def encoder_from_config(cfg: Mapping) -> Encoder:
+    """The configured encoder, built once per process (which also sets its CPU thread count)."""
+    set_cpu_threads(cfg)
+    features = cfg["features"]
+    key = (features["encoder"], features["weights"], features["input_size"])
+    if key not in _ENCODERS:
+        _ENCODERS[key] = create_encoder(
+            features["encoder"], weights=features["weights"], input_size=features["input_size"]
+        )
+    return _ENCODERS[key]
 
 
 def prepare_encoder(encoder: Encoder, device: torch.device) -> Encoder:

@@ -4,46 +4,25 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ubc_ocean import layout
 from ubc_ocean.config import save_config
 from ubc_ocean.device import resolve_device
-from ubc_ocean.external.merge import manifest_path
 from ubc_ocean.features import cache
-from ubc_ocean.features.embed import embed_batches, embedding_options, prepare_encoder
-from ubc_ocean.features.encoders import Encoder, create_encoder
+from ubc_ocean.features.embed import embed_batches, embedding_options, encoder_from_config, prepare_encoder
+from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.io_utils import FailureLog, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.tiling import store
 
 log = logging.getLogger(__name__)
 STAGE = "03_cache_embeddings"
-_ENCODERS: dict[tuple, Encoder] = {}
-
-
-def set_cpu_threads(cfg: Mapping) -> None:
-    """``features.cpu_threads`` (0: every core) shared among the ``runtime.workers`` processes."""
-    threads = int(cfg["features"]["cpu_threads"]) or os.cpu_count() or 1
-    torch.set_num_threads(max(1, threads // max(1, int(cfg["runtime"]["workers"]))))
-
-
-def encoder_from_config(cfg: Mapping) -> Encoder:
-    """The configured encoder, built once per process (which also sets its CPU thread count)."""
-    set_cpu_threads(cfg)
-    features = cfg["features"]
-    key = (features["encoder"], features["weights"], features["input_size"])
-    if key not in _ENCODERS:
-        _ENCODERS[key] = create_encoder(
-            features["encoder"], weights=features["weights"], input_size=features["input_size"]
-        )
-    return _ENCODERS[key]
 
 
 class TileFiles(Dataset):
@@ -90,8 +69,8 @@ def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torc
 def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
     """Embed one slide's tiles (skipped when its h5 was made from the tile folder as it is now)."""
     slide_id = row["slide_id"]
-    out = cache.embedding_path(root, row["source"], row["image_id"])
-    folder = store.slide_dir(cfg, row["source"], row["image_id"])
+    out = layout.embedding_path(root, row["source"], row["image_id"])
+    folder = layout.slide_tiles_dir(cfg, row["source"], row["image_id"])
     if not store.is_complete(folder):
         if cache.is_complete(out):  # tiles deleted after embedding (to save disk): the embeddings stand
             return TaskResult(slide_id, "skipped")
@@ -107,36 +86,19 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
         return TaskResult(slide_id, "failed", "zero readable tiles")
     if not np.isfinite(features).all():
         return TaskResult(slide_id, "failed", "encoder produced NaN/inf features")
-    cache.write_embeddings(out, features, coords, {
-        "encoder": encoder.name, "weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
-        "tile_size": int(cfg["tiling"]["tile_size"]),
-        "magnification": float(cfg["tiling"]["target_magnification"]), "slide_id": slide_id,
-        "tiling_key": store.tiling_key(cfg), "tiles_fingerprint": tiles_fingerprint, "tta": cfg["features"]["tta"],
-        "stain_augmentation": float(cfg["features"]["stain_augmentation"]),
-    })
+    attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
+                                   tiles_fingerprint=tiles_fingerprint)
+    cache.write_embeddings(out, features, coords, attrs)
     message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""
     return TaskResult(slide_id, "done", message, count=len(features))
 
 
-def read_manifest(cfg: Mapping) -> pd.DataFrame:
-    path = manifest_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run stage 02 first")
-    manifest = pd.read_csv(path, dtype={"image_id": str})
-    stale = set(manifest["tiling_key"]) - {store.tiling_key(cfg)}
-    if stale:
-        raise ValueError(f"manifest was built for tiling {sorted(stale)}, config gives {store.tiling_key(cfg)}: "
-                         "re-run stages 01 and 02 with this config")
-    return manifest
-
-
 def run(cfg: Mapping) -> Path:
     """Embed every manifest slide (this shard's share); returns the embeddings folder."""
-    encoder = encoder_from_config(cfg)
-    root = cache.embeddings_root(cfg, encoder.cache_name)
+    root = layout.embeddings_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
-    manifest = read_manifest(cfg)
+    manifest = layout.read_manifest(cfg)
     rows = select_shard(manifest.to_dict("records"), cfg["runtime"]["shard"], key=lambda r: r["slide_id"])
     for source in manifest["source"].unique():
         clean_stale_temporaries(root / source)

@@ -16,32 +16,30 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ubc_ocean import layout
 from ubc_ocean.config import save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.features import cache
-from ubc_ocean.features.embed import prepare_encoder
+from ubc_ocean.features.embed import encoder_from_config, prepare_encoder
 from ubc_ocean.features.fused import embed_slide_streaming
-from ubc_ocean.features.stage import encoder_from_config
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import BagError, check_bag, load_bags
 from ubc_ocean.mil.checkpoint import load_checkpoint
-from ubc_ocean.mil.stage import embeddings_root_from_config, model_training_config, prediction_frame, run_dir
-from ubc_ocean.mil.train import predict_bags
+from ubc_ocean.mil.predict import predict_bags, prediction_frame
+from ubc_ocean.mil.train import model_training_config
 from ubc_ocean.outliers import SCORE_NAMES, FeatureSpaceDetector
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import TEST, competition_specs
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.tiler import SlideSpec, check_tiling_config
 
 log = logging.getLogger(__name__)
 STAGE = "05_infer_test"
-PREDICTIONS_FILE = "test_predictions.csv"
 
 
 def embed_test_slide(spec: SlideSpec, cfg: Mapping, root: Path) -> TaskResult:
     """Fused tiling + embedding of one test image into its h5 (skipped when already complete)."""
-    out = cache.embedding_path(root, spec.source, spec.image_id)
+    out = layout.embedding_path(root, spec.source, spec.image_id)
     if cache.is_complete(out):
         return TaskResult(spec.slide_id, "skipped")
     encoder = encoder_from_config(cfg)
@@ -52,41 +50,40 @@ def embed_test_slide(spec: SlideSpec, cfg: Mapping, root: Path) -> TaskResult:
         check_bag(features, spec.slide_id)
     except (SlideError, OSError, ValueError, BagError) as err:
         return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
-    cache.write_embeddings(out, features, coords, {
-        "encoder": encoder.name, "weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
-        "tile_size": int(cfg["tiling"]["tile_size"]), "magnification": float(cfg["tiling"]["target_magnification"]),
-        "slide_id": spec.slide_id, "tiling_key": store.tiling_key(cfg), "is_tma": bool(info["is_tma"]),
-    })
+    attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, spec.slide_id,
+                                   is_tma=bool(info["is_tma"]))
+    cache.write_embeddings(out, features, coords, attrs)
     return TaskResult(spec.slide_id, "done", info.get("fallback", ""), count=len(features))
 
 
-def model_names(cfg: Mapping, folder: Path) -> list[str]:
-    """Models to predict with: ``inference.models`` or every model folder that holds checkpoints."""
+def model_names(cfg: Mapping) -> list[str]:
+    """Models to predict with: ``inference.models`` or every model of the run that holds checkpoints."""
     chosen = cfg["inference"]["models"]
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("fold*_seed*.pt")))
+    found = layout.trained_models(cfg)
     if chosen:
         missing = sorted(set(chosen) - set(found))
         if missing:
-            raise FileNotFoundError(f"no checkpoints for {missing} in {folder} (run stage 04)")
+            raise FileNotFoundError(f"no checkpoints for {missing} in {layout.run_dir(cfg)} (run stage 04)")
         return list(chosen)
     if not found:
-        raise FileNotFoundError(f"no checkpoints in {folder}: run stage 04 first")
+        raise FileNotFoundError(f"no checkpoints in {layout.run_dir(cfg)}: run stage 04 first")
     return found
 
 
-def predict_model(model_dir: Path, slide_ids: list[str], bags: dict[str, torch.Tensor], cfg: Mapping) -> pd.DataFrame:
+def predict_model(model: layout.ModelDir, slide_ids: list[str], bags: dict[str, torch.Tensor],
+                  cfg: Mapping) -> pd.DataFrame:
     """Probabilities and outlier scores averaged over every fold x seed checkpoint of one model."""
     if not slide_ids:  # every image of this shard failed, or the shard is empty: an empty table, no crash
         classes = list(cfg["data"]["classes"])
         return pd.DataFrame(columns=["image_id", *classes, *(f"score_{name}" for name in SCORE_NAMES)])
     device = resolve_device(cfg["runtime"]["device"])
-    checkpoints = sorted(model_dir.glob("fold*_seed*.pt"))
-    training = model_training_config(cfg["mil"], model_dir.name)
+    checkpoints = model.checkpoints()
+    training = model_training_config(cfg["mil"], model.name)
     cap, precision = int(training["max_instances_predict"]), str(training["precision"])
     total = None
     for path in checkpoints:
-        model, payload = load_checkpoint(path, device)
-        outputs = predict_bags(model, [bags[s] for s in slide_ids], device, precision, cap)
+        network, payload = load_checkpoint(path, device)
+        outputs = predict_bags(network, [bags[s] for s in slide_ids], device, precision, cap)
         detector = FeatureSpaceDetector.from_dict(payload["detector"]) if "detector" in payload else None
         frame = prediction_frame(outputs, payload["classes"], detector)
         total = frame if total is None else total + frame
@@ -98,11 +95,11 @@ def predict_model(model_dir: Path, slide_ids: list[str], bags: dict[str, torch.T
 def run(cfg: Mapping) -> dict[str, Path]:
     """Embed (this shard's share of) the test images, then predict them with every model."""
     check_tiling_config(cfg["tiling"])
-    root = embeddings_root_from_config(cfg)
+    root = layout.embeddings_root(cfg)
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(test_root)
-    out = run_dir(cfg)
+    out = layout.run_dir(cfg)
     save_config(cfg, out, "config_05.yaml")
     shard = cfg["runtime"]["shard"]
     specs = select_shard(competition_specs(cfg, TEST), shard, key=lambda s: s.slide_id)
@@ -113,16 +110,17 @@ def run(cfg: Mapping) -> dict[str, Path]:
         if result.status == "failed":
             log.error("%s: %s", result.item, result.message)
             failures.record(result.item, result.message)
-    bags, problems = load_bags({s.slide_id: cache.embedding_path(root, TEST, s.image_id) for s in specs})
+    bags, problems = load_bags({s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs})
     already_recorded = set(failures.read()["slide"])
     for slide_id, message in problems.items():
         if slide_id not in already_recorded:
             failures.record(slide_id, message)
     slide_ids = sorted(bags)
     written = {}
-    for name in model_names(cfg, out):
-        frame = predict_model(out / name, slide_ids, bags, cfg)
-        path = shard_output(out / name, PREDICTIONS_FILE, shard)
+    for name in model_names(cfg):
+        model = layout.model_dir(cfg, name)
+        frame = predict_model(model, slide_ids, bags, cfg)
+        path = model.predictions(shard)
         atomic_write_csv(frame, path)
         written[name] = path
         log.info("stage 05: %s predicted %d test images -> %s", name, len(frame), path)
@@ -130,16 +128,3 @@ def run(cfg: Mapping) -> dict[str, Path]:
         log.warning("stage 05: %d test images without prediction (see %s); stage 06 labels them",
                     failures.count, failures.path)
     return written
-
-
-def read_test_predictions(model_dir: Path) -> pd.DataFrame:
-    """All shards of one model's test predictions, as one table."""
-    paths = sorted(model_dir.glob("test_predictions*.csv"))
-    if not paths:
-        raise FileNotFoundError(f"no test predictions in {model_dir}: run stage 05")
-    frame = pd.concat([pd.read_csv(p, dtype={"image_id": str}) for p in paths], ignore_index=True)
-    repeated = frame["image_id"][frame["image_id"].duplicated()].unique().tolist()
-    if repeated:
-        raise ValueError(f"{model_dir}: image ids predicted more than once across {[p.name for p in paths]}: "
-                         f"{repeated[:5]} (rerun stage 05 with one sharding)")
-    return frame

@@ -19,18 +19,10 @@ from ubc_ocean.device import autocast, grad_scaler, seed_everything
 from ubc_ocean.metrics import balanced_accuracy
 from ubc_ocean.mil import create_mil_model
 from ubc_ocean.mil.bags import drop_features, sample_instances
+from ubc_ocean.mil.predict import BagOutputs, predict_bags
 from ubc_ocean.outliers.feature_space import FeatureSpaceDetector
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BagOutputs:
-    """Model outputs for a list of bags: softmax probabilities, logits and bag embeddings."""
-
-    probs: np.ndarray
-    logits: np.ndarray
-    embeddings: np.ndarray
 
 
 @dataclass
@@ -55,33 +47,6 @@ def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
     counts = np.bincount(np.asarray(labels), minlength=n_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
     return torch.tensor(weights / weights[weights > 0].mean(), dtype=torch.float32)
-
-
-def evenly_spaced(bag: torch.Tensor, max_instances: int) -> torch.Tensor:
-    """A deterministic subsample (every k-th instance) capping very large bags at prediction time."""
-    if max_instances <= 0 or bag.shape[0] <= max_instances:
-        return bag
-    keep = torch.linspace(0, bag.shape[0] - 1, max_instances).round().long()
-    return bag[keep]
-
-
-@torch.inference_mode()
-def predict_bags(
-    model: nn.Module, bags: Sequence[torch.Tensor], device: torch.device, precision: str = "auto",
-    max_instances: int = 0,
-) -> BagOutputs:
-    """Probabilities [N, C], logits [N, C] and bag embeddings [N, E] for whole bags (capped at
-    ``max_instances`` by an even subsample, so a 100k-instance bag cannot exhaust memory)."""
-    model.eval()
-    logits, embeddings = [], []
-    for bag in bags:
-        with autocast(device, precision):
-            out = model(evenly_spaced(bag, max_instances).to(device).float())
-        logits.append(out["logits"].float().cpu().numpy()[0])
-        embeddings.append(out["embedding"].float().cpu().numpy()[0])
-    logit_array = np.stack(logits)
-    probs = torch.softmax(torch.from_numpy(logit_array), dim=-1).numpy()
-    return BagOutputs(probs, logit_array, np.stack(embeddings))
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, mil_cfg: Mapping, total_steps: int):  # type: ignore[no-untyped-def]
@@ -113,6 +78,21 @@ def _loss(out: Mapping[str, torch.Tensor], target: torch.Tensor, weights: torch.
 
 
 EPOCH_SELECTIONS = ("best_valid", "last")
+_NOT_PER_MODEL = ("models", "model_options", "model_training")
+
+
+def model_training_config(mil_cfg: Mapping, name: str) -> dict:
+    """The ``mil`` section as model ``name`` trains with it: ``mil.model_training[name]`` replaces the
+    training keys it names (``lr``, ``epochs``, ...). An unknown or non-training key is an error naming it."""
+    overrides = dict((mil_cfg.get("model_training") or {}).get(name) or {})
+    allowed = sorted(key for key in mil_cfg if key not in _NOT_PER_MODEL)
+    for key in overrides:
+        if key not in allowed:
+            raise ConfigError(f"mil.model_training.{name}.{key} is not a per-model training key "
+                              f"(choose among: {', '.join(allowed)})")
+    merged = {**mil_cfg, **overrides}
+    epoch_selection(merged)
+    return merged
 
 
 def epoch_selection(mil_cfg: Mapping) -> str:

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ubc_ocean import layout
 from ubc_ocean.config import as_plain
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import TRAIN, competition_specs
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.quality import focus_score
 from ubc_ocean.tiling.tiler import SlideSpec, check_tiling_config, finalise, iter_tiles, prepare_slide
 
@@ -81,7 +81,7 @@ def run(cfg: Mapping) -> pd.DataFrame:
     scores = pd.concat(frames, ignore_index=True)
     table = kept_fractions(scores, settings["thresholds"])
     metric = str(cfg["tiling"]["blur_metric"])
-    out = store.tiles_root(cfg).parent / f"focus_calibration_{metric}.csv"
+    out = layout.tiles_root(cfg).parent / f"focus_calibration_{metric}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     scores.to_csv(out, index=False)
     quantiles = scores.drop(columns="slide").quantile([0.01, 0.05, 0.5]).T

@@ -8,8 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
+from ubc_ocean import layout
 from ubc_ocean.config import save_config
 from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
@@ -61,7 +60,7 @@ def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
 def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
     """Tile one slide into its folder (atomically); a complete folder cut with today's settings is skipped."""
     tiling = cfg["tiling"]
-    folder = store.slide_dir(cfg, spec.source, spec.image_id)
+    folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
     if store.is_current(folder, spec.magnification):
         return TaskResult(spec.slide_id, "skipped")
     try:
@@ -107,7 +106,7 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
 def ingest_patch_bag(bag: PatchBag, cfg: Mapping) -> TaskResult:
     """Copy a bag of pre-cut patches into the tile store at the target tile size, with an index."""
     tiling = cfg["tiling"]
-    folder = store.slide_dir(cfg, bag.source, bag.image_id)
+    folder = layout.slide_tiles_dir(cfg, bag.source, bag.image_id)
     if store.is_current(folder, bag.magnification):
         return TaskResult(bag.slide_id, "skipped")
     tile_size = int(tiling["tile_size"])
@@ -170,7 +169,7 @@ def _run_task(task: SlideSpec | PatchBag, cfg: Mapping) -> TaskResult:
 def run(cfg: Mapping) -> dict:
     """Tile every training and external slide (this shard's share), resumably; returns the counts."""
     check_tiling_config(cfg["tiling"])
-    root = store.tiles_root(cfg)
+    root = layout.tiles_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
     shard = cfg["runtime"]["shard"]
@@ -195,7 +194,3 @@ def run(cfg: Mapping) -> dict:
         log.info("failures listed in %s", failures.path)
     return counts
 
-
-def read_tiling_failures(cfg: Mapping) -> pd.DataFrame:
-    frames = [pd.read_csv(path) for path in sorted(store.tiles_root(cfg).glob("failures*.csv"))]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(FailureLog.columns))

@@ -1,6 +1,6 @@
-"""On-disk layout of tiles: one folder per slide, written atomically, keyed by the tiling parameters.
+"""The tile store's format: one folder per slide, written atomically, keyed by the tiling parameters.
 
-    {paths.interim}/tiles/{tiling_key}/{source}/{image_id}/
+    {layout.tiles_root}/{source}/{image_id}/
         {x}_{y}.jpg ...    tiles at the target magnification
         index.csv          file, x, y, extent, magnification, tissue_fraction, blur_score (level-0 coords)
         slide.json         slide facts (size, magnification, TMA or WSI, label, fallback note)
@@ -46,14 +46,6 @@ def tiling_key(cfg: Mapping) -> str:
     digest = hashlib.sha1(yaml.safe_dump(fields, sort_keys=True).encode()).hexdigest()[:8]
     magnification = f"{float(tiling['target_magnification']):g}"
     return f"t{int(tiling['tile_size'])}_m{magnification}x_{digest}"
-
-
-def tiles_root(cfg: Mapping) -> Path:
-    return Path(cfg["paths"]["interim"]) / "tiles" / tiling_key(cfg)
-
-
-def slide_dir(cfg: Mapping, source: str, image_id: str) -> Path:
-    return tiles_root(cfg) / source / str(image_id)
 
 
 def is_complete(folder: Path) -> bool:
