@@ -114,7 +114,7 @@ def test_cache_folders_keyed_by_encoder_and_tiling(tmp_path, encoder):
 
 
 def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
-    from ubc_ocean.external.merge import run as merge
+    from ubc_ocean.external.stage import run as merge
     from ubc_ocean.features.stage import run as embed
     from ubc_ocean.tiling.stage import run as tile
 

@@ -40,7 +40,7 @@ def test_misspelt_key_fails_naming_it():
 
 @pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path):
-    from ubc_ocean.external.merge import run as merge
+    from ubc_ocean.external.stage import run as merge
     from ubc_ocean.features.stage import run as embed
     from ubc_ocean.inference.stage import run as infer
     from ubc_ocean.mil.stage import run as train

@@ -1,0 +1,95 @@
+"""Imports go one way, down the layers: entry points (each stage's ``run``) -> layout -> library -> base.
+
+Read from the source with ``ast`` (nothing is imported), so a new module is checked the day it is added.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ubc_ocean"
+BASE = {"ubc_ocean", "ubc_ocean.config", "ubc_ocean.io_utils", "ubc_ocean.parallel", "ubc_ocean.device",
+        "ubc_ocean.memory", "ubc_ocean.metrics"}
+FRONT_DOOR = "ubc_ocean.cli"
+LAYOUT = "ubc_ocean.layout"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@cache
+def _modules() -> dict[str, ast.Module]:
+    return {_module_name(path): ast.parse(path.read_text(), str(path)) for path in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str) -> set[str]:
+    """The project modules that ``name`` imports (``from ubc_ocean.x import y`` counts ``ubc_ocean.x.y``
+    when that is a module, else ``ubc_ocean.x``)."""
+    modules, found = _modules(), set()
+    for node in ast.walk(modules[name]):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("ubc_ocean")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ubc_ocean"):
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in modules else node.module)
+    return found - {name}
+
+
+def _is_entry_point(name: str) -> bool:
+    """A module with a top-level ``run(cfg)``: a stage, or a tool a script opens (focus calibration, LOCO)."""
+    return any(isinstance(node, ast.FunctionDef) and node.name == "run" for node in _modules()[name].body)
+
+
+def _is_package(name: str) -> bool:
+    return (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()
+
+
+@cache
+def _layer(name: str) -> int:
+    if name in BASE:
+        return 0
+    if name == LAYOUT:
+        return 2
+    if name == FRONT_DOOR or _is_entry_point(name):
+        return 3
+    if _is_package(name):  # a package's __init__ re-exports its modules: it sits where they sit
+        return max([1, *(_layer(m) for m in _imports(name) if m.startswith(name + "."))])
+    return 1  # library: slides, tiling, features, mil, outliers, sources, folds, synthetic helpers
+
+
+MODULES = sorted(_modules())
+
+
+def test_layers_are_recognised():
+    stages = {name for name in MODULES if name.endswith(".stage")}
+    assert len(stages) == 6 and all(_layer(name) == 3 for name in stages)
+    assert _layer("ubc_ocean.mil.registry") == 1 and _layer("ubc_ocean.config") == 0
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_imports_only_go_down(name):
+    """A module imports only lower layers (a library may import its own layer: models use outlier scores)."""
+    layer = _layer(name)
+    own = (lambda m: m.startswith(name + ".")) if _is_package(name) else (lambda m: False)
+    upward = sorted(m for m in _imports(name)
+                    if not own(m) and (_layer(m) > layer or (layer == 3 and _layer(m) == 3)))
+    assert not upward, f"{name} (layer {layer}) imports {upward}"
+
+
+def test_no_stage_imports_another_stage():
+    offenders = {name: sorted(m for m in _imports(name) if m.endswith(".stage"))
+                 for name in MODULES if name != FRONT_DOOR}
+    assert not {name: found for name, found in offenders.items() if found}
+
+
+def test_outliers_and_sources_stay_below_their_users():
+    outliers = {m for name in MODULES if name.startswith("ubc_ocean.outliers") for m in _imports(name)}
+    assert not {m for m in outliers if m.startswith("ubc_ocean.mil")}
+    assert not {m for m in _imports("ubc_ocean.sources") if m.startswith("ubc_ocean.tiling")}
