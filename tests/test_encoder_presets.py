@@ -20,6 +20,12 @@ EXPECTED_DIM = {
 }
 
 
+@pytest.fixture(autouse=True)
+def private_checksum_cache(tmp_path, monkeypatch):
+    """The checkpoints these tests write are hashed into their own cache, not the user's."""
+    monkeypatch.setenv("UBC_OCEAN_CACHE", str(tmp_path / "checksum-cache"))
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_architecture_builds(name):
     preset = PRESETS[name]

