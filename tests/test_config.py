@@ -87,7 +87,7 @@ def test_free_form_mapping_merges_across_layers():
 
 
 def test_bad_shard_and_looping_base_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"runtime\.shard: .*0 <= i < n"):
+    with pytest.raises(ConfigError, match=r"runtime\.shard must be .*0 <= i < n.*got .2/2."):
         load_config(None, ["runtime.shard=2/2"])
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
