@@ -117,7 +117,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override '{text}' has an empty key")
     rule, raw = text_rule(dotted), raw.strip()
     if rule is None or raw[:1] in ("'", '"'):
-        value: Any = yaml.safe_load(raw) if raw else None
+        value: Any = _yaml(raw, f"override '{text}'") if raw else None
     else:
         value = None if rule.null and raw in ("", "~", "null", "Null", "NULL") else raw
     nested: dict = {}
@@ -129,11 +129,17 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+    data = _yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     return dict(data)
