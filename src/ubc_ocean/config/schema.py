@@ -24,7 +24,6 @@ from ubc_ocean.parallel import parse_shard
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 
 
-
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
@@ -64,9 +63,9 @@ class Rule:
         elif self.kind is list:
             element = replace(self, kind=self.item, null=False, nonempty=False, size=None)
             head = f"a list of {self.size} " if self.size else "a non-empty list of " if self.nonempty else "a list of "
-            plural = _PLURALS[self.item] if not self.choices else f"values among {', '.join(self.choices)}"
             bounds = element._bounds()
-            text = head + plural + (f" {bounds}" if bounds else "") + (", without repeats" if self.unique else "")
+            text = head + _PLURALS[self.item] + (f" {bounds}" if bounds else "")
+            text += ", without repeats" if self.unique else ""
         elif self.choices:
             text = f"one of {', '.join(self.choices)}"
         elif self.kind is str and self.nonempty:
@@ -195,7 +194,9 @@ def _model_mapping(key: str, value: Any, what: str) -> None:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key} must be a mapping {{model: {{...}}}}; got {value!r}")
     for model, settings in value.items():
-        if not isinstance(model, str) or not (settings is None or isinstance(settings, Mapping)):
+        if not isinstance(model, str):
+            raise ConfigError(f"{key} must map model names to {what}; got the name {model!r}")
+        if not (settings is None or isinstance(settings, Mapping)):
             raise ConfigError(f"{key}.{model} must be a mapping of {what}; got {settings!r}")
 
 
