@@ -62,7 +62,7 @@ def require_data_root(cfg: Config) -> None:
 
 def config_error(err: ConfigError) -> int:
     """Print ``config error: <one line>`` on stderr; the exit status of a config error (2)."""
-    print(f"config error: {' '.join(str(err).split())}", file=sys.stderr)
+    print(f"config error: {' '.join(str(err).splitlines())}", file=sys.stderr)
     return 2
 
 
