@@ -3,7 +3,6 @@
 tile store, with tile indexes, QC overlays and a failures list."""
 
 from ubc_ocean.cli import main
-from ubc_ocean.tiling.stage import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(run, __doc__))
+    raise SystemExit(main("ubc_ocean.tiling.stage:run", __doc__))

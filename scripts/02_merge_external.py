@@ -3,7 +3,6 @@
 and write the cross-validation folds."""
 
 from ubc_ocean.cli import main
-from ubc_ocean.external.stage import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(run, __doc__))
+    raise SystemExit(main("ubc_ocean.external.stage:run", __doc__))

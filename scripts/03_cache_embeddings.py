@@ -3,7 +3,6 @@
 coords, attrs)."""
 
 from ubc_ocean.cli import main
-from ubc_ocean.features.stage import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(run, __doc__))
+    raise SystemExit(main("ubc_ocean.features.stage:run", __doc__))

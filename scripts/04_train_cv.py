@@ -3,7 +3,6 @@
 predictions, metrics and the outlier threshold."""
 
 from ubc_ocean.cli import main
-from ubc_ocean.mil.stage import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(run, __doc__))
+    raise SystemExit(main("ubc_ocean.mil.stage:run", __doc__))

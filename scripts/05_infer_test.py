@@ -3,7 +3,6 @@
 every trained model."""
 
 from ubc_ocean.cli import main
-from ubc_ocean.inference.stage import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(run, __doc__))
+    raise SystemExit(main("ubc_ocean.inference.stage:run", __doc__))

@@ -3,7 +3,6 @@
 submissions/<name>.csv."""
 
 from ubc_ocean.cli import main
-from ubc_ocean.submit.stage import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(run, __doc__))
+    raise SystemExit(main("ubc_ocean.submit.stage:run", __doc__))

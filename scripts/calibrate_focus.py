@@ -5,7 +5,6 @@ prints score quantiles and the fraction of tiles each candidate threshold keeps,
 scores beside the tile store. Uses tiling.blur_metric."""
 
 from ubc_ocean.cli import main
-from ubc_ocean.tiling.focus_calibration import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(run, __doc__))
+    raise SystemExit(main("ubc_ocean.tiling.focus_calibration:run", __doc__))

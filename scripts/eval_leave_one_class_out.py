@@ -4,7 +4,6 @@ well max_prob, entropy, energy, Mahalanobis and kNN separate it from known class
 embeddings and folds of stages 02-03; writes {run}/loco_auroc.csv."""
 
 from ubc_ocean.cli import main
-from ubc_ocean.mil.loco import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(run, __doc__))
+    raise SystemExit(main("ubc_ocean.mil.loco:run", __doc__))

@@ -9,12 +9,17 @@ import sys
 from pathlib import Path
 
 from ubc_ocean import layout
-from ubc_ocean.cli import build_parser, config_from_args
+from ubc_ocean.cli import build_parser, config_error, config_from_args, require_data_root
+from ubc_ocean.config import ConfigError
 from ubc_ocean.submit.score import score_submission
 
 
 def main() -> int:
-    cfg = config_from_args(build_parser(__doc__).parse_args())
+    try:
+        cfg = config_from_args(build_parser(__doc__).parse_intermixed_args())
+        require_data_root(cfg)
+    except ConfigError as err:
+        return config_error(err)
     report = json.loads(layout.ensemble_report_path(cfg).read_text())
     labels = Path(cfg.paths.hidden_test_labels)
     if not labels.is_file():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ubc_ocean.config import Config, ConfigError, load_config
@@ -23,14 +25,16 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
+    """Flags and ``KEY=VALUE`` overrides, in any order (parse with ``parse_intermixed_args``)."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Overrides are dotted keys, e.g. tiling.tile_size=256 mil.epochs=10 "
+        epilog="Overrides are dotted keys, e.g. tiling.tile_size=256 mil.epochs=10, before or after the flags "
         "(every key: src/ubc_ocean/config/defaults.yaml).",
     )
     parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("--workers", type=int, help="processes, one slide each (runtime.workers)")
+    # No type=int: the config schema checks the value and names runtime.workers when it is bad.
+    parser.add_argument("--workers", help="processes, one slide each (runtime.workers)")
     parser.add_argument("--shard", help="i/n: process only the i-th of n deterministic slide shards")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (runtime.device)")
     parser.add_argument("--log-level", help="DEBUG | INFO | WARNING (runtime.log_level)")
@@ -39,6 +43,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The checked config of parsed arguments (flags become ``runtime.*`` overrides, applied last)."""
     overrides = list(args.overrides)
     for flag, key in (("workers", "workers"), ("shard", "shard"), ("device", "device"), ("log_level", "log_level")):
         value = getattr(args, flag)
@@ -47,14 +52,44 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def main(run: Callable[[Config], Any], description: str, argv: Sequence[str] | None = None) -> int:
-    """Parse ``--config`` and overrides, set up logging and call the stage's ``run(cfg)``."""
-    args = build_parser(description).parse_args(argv)
+def require_data_root(cfg: Config) -> None:
+    """Refuse a ``paths.data_root`` that does not exist (every stage but 00, which creates it, reads it)."""
+    root = Path(cfg.paths.data_root)
+    if not root.is_dir():
+        raise ConfigError(f"paths.data_root must be an existing folder (stage 00 creates the synthetic one); "
+                          f"got '{root}'")
+
+
+def config_error(err: ConfigError) -> int:
+    """Print ``config error: <one line>`` on stderr; the exit status of a config error (2)."""
+    print(f"config error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+    return 2
+
+
+def main(
+    run: Callable[[Config], Any] | str,
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    creates_data_root: bool = False,
+) -> int:
+    """Parse ``--config``, flags and overrides (in any order), check the config whole, set up logging and
+    call the stage's ``run(cfg)``. A bad config is one ``config error:`` line on stderr and exit status 2,
+    before ``run`` starts; ``paths.data_root`` must exist unless the stage ``creates_data_root``.
+
+    ``run`` may be named as ``"package.module:function"``: it is imported only once the config is good,
+    so a bad config is refused without the seconds that torch and friends take to import.
+    """
+    args = build_parser(description).parse_intermixed_args(argv)
     try:
         cfg = config_from_args(args)
+        if not creates_data_root:
+            require_data_root(cfg)
         setup_logging(cfg.runtime.log_level)
-        run(cfg)  # stages check their free-form sections (sources, per-model keys) and raise ConfigError
+        if isinstance(run, str):
+            module, _, name = run.partition(":")
+            run = getattr(importlib.import_module(module), name)
+        run(cfg)  # stages may still raise ConfigError for what the config cannot know (e.g. an encoder's sizes)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
     return 0

@@ -1,29 +1,27 @@
 """Layered YAML configuration: package defaults <- config file(s) <- dotted command-line overrides.
 
 Every key must exist in ``defaults.yaml``; an unknown key is an error that names it. A config file may
-name a ``base`` file (relative to itself) that is applied first.
+name a ``base`` file (relative to itself) that is applied first. The merged config is checked whole
+(types, ranges, choices, free-form sections: :mod:`ubc_ocean.config.schema`) before any stage sees it.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ubc_ocean.parallel import parse_shard
+from ubc_ocean.config.schema import DEFAULTS_FILE, ConfigError, check_config, defaults, text_rule, unknown_key
 
-DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+__all__ = ["DEFAULTS_FILE", "REPO_ROOT", "Config", "ConfigError", "as_plain", "free_form_keys", "load_config",
+           "parse_override", "save_config"]
+
 _SOURCE_ROOT = Path(__file__).resolve().parents[3]
 # Editable install (the repo): paths are relative to the repo root; an installed wheel: to the working dir.
 REPO_ROOT = _SOURCE_ROOT if (_SOURCE_ROOT / "pyproject.toml").is_file() else Path.cwd()
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 class Config(dict):
@@ -65,13 +63,6 @@ def _wrap(node: Any) -> Any:
     return node
 
 
-def _unknown_key(dotted: str, known: Iterable[str]) -> ConfigError:
-    leaf = dotted.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, list(known), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{dotted}'{hint}")
-
-
 def free_form_keys(node: Mapping, prefix: str = "") -> set[str]:
     """Dotted keys whose default is an empty mapping: their contents are not checked against a schema."""
     keys = set()
@@ -94,7 +85,7 @@ def _merge(base: dict, layer: Mapping, free: set[str], prefix: str = "") -> None
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
         if key not in base:
-            raise _unknown_key(dotted, base.keys())
+            raise unknown_key(dotted, base.keys())
         current = base[key]
         if dotted in free:
             if not isinstance(value, Mapping):
@@ -112,14 +103,23 @@ def _merge(base: dict, layer: Mapping, free: set[str], prefix: str = "") -> None
 
 
 def parse_override(text: str) -> dict:
-    """Turn ``a.b.c=value`` into ``{"a": {"b": {"c": value}}}``; the value is parsed as YAML."""
+    """Turn ``a.b.c=value`` into ``{"a": {"b": {"c": value}}}``.
+
+    The value is parsed as YAML, except for a key that takes a string: it keeps its raw text
+    (``experiment=0123`` stays '0123', ``submit.name=on`` stays 'on'), unquoted if quoted; ``null``,
+    ``~`` or nothing is null where the key may be null.
+    """
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     dotted, raw = text.split("=", 1)
     dotted = dotted.strip()
     if not dotted:
         raise ConfigError(f"override '{text}' has an empty key")
-    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    rule, raw = text_rule(dotted), raw.strip()
+    if rule is None or raw[:1] in ("'", '"'):
+        value: Any = _yaml(raw, f"override '{text}'") if raw else None
+    else:
+        value = None if rule.null and raw in ("", "~", "null", "Null", "NULL") else raw
     nested: dict = {}
     node = nested
     parts = dotted.split(".")
@@ -129,11 +129,17 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+    data = _yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     return dict(data)
@@ -163,20 +169,18 @@ def load_config(
     overrides: Iterable[str] = (),
     root: str | Path | None = None,
 ) -> Config:
-    """Load defaults, then ``path`` (and its ``base`` chain), then dotted ``overrides``.
+    """Load defaults, then ``path`` (and its ``base`` chain), then dotted ``overrides``, and check the
+    result whole: a bad value raises a one-line :class:`ConfigError` naming its key.
 
     Relative paths in ``paths`` are resolved against ``root`` (default: the repository root).
     """
-    cfg = _read_yaml(DEFAULTS_FILE)
+    cfg = copy.deepcopy(defaults())
     free = free_form_keys(cfg)
     layers = _file_layers(Path(path).resolve()) if path else []
     layers += [parse_override(text) for text in overrides]
     for layer in layers:
         _merge(cfg, layer, free)
-    try:
-        parse_shard(cfg["runtime"]["shard"])
-    except ValueError as err:
-        raise ConfigError(f"runtime.shard: {err}") from None
+    check_config(cfg)
     _resolve_paths(cfg, Path(root).resolve() if root else REPO_ROOT)
     return _wrap(cfg)
 
