@@ -120,7 +120,7 @@ def test_epoch_selection_last_keeps_the_final_epoch():
     assert last.best_score == pytest.approx(last.curves[-1]["valid_balanced_accuracy"])
     np.testing.assert_allclose(predict_bags(last.model, valid_bags, CPU).probs, last.valid_probs, atol=1e-6)
     with pytest.raises(ConfigError, match="epoch_selection"):
-        model_training_config({**_mil_cfg(), "model_training": {"abmil": {"epoch_selection": "best"}}}, "abmil")
+        load_config(None, ["mil.model_training={abmil: {epoch_selection: best}}"])
 
 
 def test_flagged_rows_become_other():
@@ -212,10 +212,10 @@ def test_per_model_training_keys_override_the_mil_section():
     assert (chowder["lr"], chowder["epochs"]) == (0.001, 3)
     abmil = model_training_config(cfg.mil, "abmil")
     assert (abmil["lr"], abmil["epochs"]) == (cfg.mil.lr, cfg.mil.epochs)
-    with pytest.raises(ConfigError, match=r"mil\.model_training\.chowder\.learning_rate"):
-        model_training_config(load_config(None, ["mil.model_training={chowder: {learning_rate: 0.1}}"]).mil, "chowder")
+    with pytest.raises(ConfigError, match=r"mil\.model_training\.chowder\.learning_rate"):  # when it loads
+        load_config(None, ["mil.model_training={chowder: {learning_rate: 0.1}}"])
     with pytest.raises(ConfigError, match=r"mil\.model_training\.abmil\.models"):
-        model_training_config(load_config(None, ["mil.model_training={abmil: {models: [x]}}"]).mil, "abmil")
+        load_config(None, ["mil.model_training={abmil: {models: [x]}}"])
 
 
 def test_feature_dropout_keeps_the_expected_share_scaled_and_seeded():

@@ -20,7 +20,7 @@ _ENCODERS: dict[tuple, Encoder] = {}
 def set_cpu_threads(cfg: Mapping) -> None:
     """``features.cpu_threads`` (0: every core) shared among the ``runtime.workers`` processes."""
     threads = int(cfg["features"]["cpu_threads"]) or os.cpu_count() or 1
-    torch.set_num_threads(max(1, threads // max(1, int(cfg["runtime"]["workers"]))))
+    torch.set_num_threads(max(1, threads // int(cfg["runtime"]["workers"])))
 
 
 def encoder_from_config(cfg: Mapping) -> Encoder:

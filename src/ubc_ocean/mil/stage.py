@@ -110,7 +110,5 @@ def run(cfg: Mapping) -> dict:
     table = table[table["slide_id"].isin(bags)].reset_index(drop=True)
     if table.empty:
         raise RuntimeError(f"no usable bags under {root}: run stage 03 first")
-    for name in cfg["mil"]["models"]:
-        model_training_config(cfg["mil"], name)  # a misspelt per-model key fails before any training
     results = {name: train_model(name, table, bags, cfg, layout.model_dir(cfg, name)) for name in cfg["mil"]["models"]}
     return results

@@ -169,19 +169,7 @@ def run_job(job: SlideJob) -> TaskResult:
 
 
 def _check(cfg: Config) -> None:
-    syn = cfg.synthetic
-    if not 0 <= syn.test_other <= syn.test_images:
-        raise ValueError(f"synthetic.test_other={syn.test_other} must lie in 0..test_images={syn.test_images}")
-    if not 0.0 <= float(syn.test_tma_fraction) <= 1.0:
-        raise ValueError(f"synthetic.test_tma_fraction={syn.test_tma_fraction} must lie in [0, 1]")
-    for key in ("wsi_width", "wsi_height"):
-        lo, hi = syn[key]
-        if not 64 <= lo <= hi:
-            raise ValueError(f"synthetic.{key}={syn[key]} must be [low, high] with 64 <= low <= high")
-    if not syn.tma_sides or min(syn.tma_sides) < 64:
-        raise ValueError(f"synthetic.tma_sides={syn.tma_sides} must list square sides >= 64")
-    if syn.train_hospitals < 1:
-        raise ValueError("synthetic.train_hospitals must be >= 1")
+    """Ranges are checked when the config loads; only the class names can differ from what is drawn."""
     if list(cfg.data.classes) != list(CLASSES):
         log.warning("data.classes %s differ from the synthetic classes %s", cfg.data.classes, CLASSES)
 
