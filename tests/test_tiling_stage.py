@@ -17,12 +17,12 @@ import tifffile
 
 from tests.conftest import tiny_config
 from ubc_ocean.io_utils import clean_stale_temporaries
-from ubc_ocean.sources import TEST, competition_specs
+from ubc_ocean.sources import TEST, SlideSpec, competition_specs
 from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.grid import cell_fractions, grid_origin
 from ubc_ocean.tiling.stage import read_tiling_failures, run, tile_slide, tiling_tasks
-from ubc_ocean.tiling.tiler import SlideSpec, finalise, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import finalise, iter_tiles, prepare_slide
 
 
 def _png(path: Path, rgb: np.ndarray) -> Path:
@@ -189,9 +189,9 @@ KILLABLE = """
 import sys, time
 from pathlib import Path
 from tests.conftest import tiny_config
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
-from ubc_ocean.tiling.tiler import SlideSpec
 original = store.write_tile
 def slow_write(*args):
     original(*args)

@@ -8,10 +8,11 @@ import pyvips
 
 from ubc_ocean.config import load_config
 from ubc_ocean.slides import SlideError, is_tma_by_size, open_slide
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.grid import cell_fractions, grid_origin, plan_tiles
 from ubc_ocean.tiling.stage import tile_slide
-from ubc_ocean.tiling.tiler import SlideSpec, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import iter_tiles, prepare_slide
 from ubc_ocean.tiling.tissue import detect_tissue
 
 
@@ -230,3 +231,14 @@ def test_tiling_choices_are_checked_before_any_slide():
                        ("saturation_threshold", "auto")]:
         with pytest.raises(ConfigError, match=f"tiling.{key}"):
             check_tiling_config(load_config(None, [f"tiling.{key}={value}"]).tiling)
+
+
+def test_sources_do_not_import_the_tiler():
+    """Slides are described in ``sources``; the tiler imports them, never the other way round."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ubc_ocean.sources; "
+            "print(sorted(m for m in sys.modules if m.startswith('ubc_ocean.tiling')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

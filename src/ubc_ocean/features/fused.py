@@ -10,7 +10,8 @@ import torch
 from ubc_ocean.features.embed import chunked, embed_batches, embedding_options
 from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.slides import SlideError
-from ubc_ocean.tiling.tiler import SlideSpec, TileRecord, finalise, iter_tiles, no_tiles_message, prepare_slide
+from ubc_ocean.sources import SlideSpec
+from ubc_ocean.tiling.tiler import TileRecord, finalise, iter_tiles, no_tiles_message, prepare_slide
 
 
 def embed_slide_streaming(

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from ubc_ocean.config import as_plain
 from ubc_ocean.slides import SlideError
-from ubc_ocean.sources import TRAIN, competition_specs
+from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.quality import focus_score
-from ubc_ocean.tiling.tiler import SlideSpec, check_tiling_config, finalise, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import check_tiling_config, finalise, iter_tiles, prepare_slide
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
 from ubc_ocean.slides.reader import resize_to
-from ubc_ocean.sources import TRAIN, competition_specs, external_slide_specs, external_sources
+from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.qc import draw_overlay, save_overlay
 from ubc_ocean.tiling.tiler import (
-    SlideSpec,
     check_tiling_config,
     finalise,
     iter_tiles,

@@ -7,7 +7,6 @@ import itertools
 import logging
 from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -15,30 +14,12 @@ from ubc_ocean.config import ConfigError
 from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
 from ubc_ocean.slides.reader import InMemorySlide, resize_area
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling.grid import TilePlan, grid_origin, plan_tiles, slide_seed
 from ubc_ocean.tiling.quality import FOCUS_METRICS, artefact_fraction, focus_score
 from ubc_ocean.tiling.tissue import TissueMasks, background_mask, detect_tissue
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SlideSpec:
-    """What the tiler needs to know about one slide before opening it."""
-
-    source: str
-    image_id: str
-    path: Path
-    thumbnail: Path | None = None
-    is_tma: bool | None = None
-    magnification: float | None = None  # per-source setting, used when the file has no mpp
-    expected_size: tuple[int, int] | None = None  # (width, height) from the CSV, checked against the file
-    label: str | None = None
-    competition_scale: bool = False  # no mpp: WSI 20x / TMA 40x (slides.*), as for the competition's PNGs
-
-    @property
-    def slide_id(self) -> str:
-        return f"{self.source}/{self.image_id}"
 
 
 @dataclass
