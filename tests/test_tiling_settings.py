@@ -70,7 +70,8 @@ def test_settings_are_typed_and_frozen():
     assert settings.slides.in_memory_max_pixels == 64_000_000 and settings.seed == 42
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.tile_size = 64  # type: ignore[misc]
-    for bad in ("tiling.tile_size=12.5", "tiling.min_blur_score=x", "tiling.jpeg_quality=true"):
+    for bad in ("tiling.tile_size=12.5", "tiling.tile_size=.inf", "tiling.min_blur_score=x",
+                "tiling.jpeg_quality=true"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             TilingSettings.from_config(load_config(None, [bad]))
 

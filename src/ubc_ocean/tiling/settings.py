@@ -96,7 +96,7 @@ def _typed(cls: type, values: Mapping, section: str, extra: tuple[str, ...] = ()
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{section}.{unknown[0]} is not a setting of {cls.__name__}: add it to "
-                          f"ubc_ocean/tiling/settings.py (and to the tiling key if it shapes the tiles)")
+                          f"ubc_ocean/tiling/settings.py (metadata=RUNTIME_ONLY if it never changes a tile)")
     missing = [name for name in names if name not in values]
     if missing:
         raise ConfigError(f"config lacks {section}.{missing[0]}")
@@ -124,6 +124,6 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             return str(value)
         if hint == str | float:
             return value if isinstance(value, str | int) else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{where} must be a {getattr(hint, '__name__', hint)}, got {value!r}") from None
     return value  # a nested settings object, already converted
