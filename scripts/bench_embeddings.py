@@ -26,10 +26,10 @@ from ubc_ocean.device import resolve_device
 from ubc_ocean.features.embed import embed_batches, encoder_from_config, prepare_encoder
 from ubc_ocean.features.fused import embed_slide_streaming
 from ubc_ocean.features.stage import embed_tile_folder
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
-from ubc_ocean.tiling.tiler import SlideSpec
 
 
 def main() -> int:

@@ -46,8 +46,8 @@ CHILD_TILE = """
 import sys
 from pathlib import Path
 from ubc_ocean.config import load_config
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling.stage import tile_slide
-from ubc_ocean.tiling.tiler import SlideSpec
 import time
 png, thumb, out, tile_size, cap = sys.argv[1:6]
 cfg = load_config(None, [f"paths.data_root={out}", f"tiling.tile_size={tile_size}",

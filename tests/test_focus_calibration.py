@@ -8,8 +8,8 @@ import pytest
 from tests.conftest import tiny_config
 from ubc_ocean import layout
 from ubc_ocean.config import load_config
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling import focus_calibration
-from ubc_ocean.tiling.tiler import SlideSpec
 
 
 @pytest.mark.parametrize("metric", ["laplacian", "wavelet"])

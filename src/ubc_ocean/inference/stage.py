@@ -30,8 +30,8 @@ from ubc_ocean.mil.train import model_training_config
 from ubc_ocean.outliers import SCORE_NAMES, FeatureSpaceDetector
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
-from ubc_ocean.sources import TEST, competition_specs
-from ubc_ocean.tiling.tiler import SlideSpec, check_tiling_config
+from ubc_ocean.sources import TEST, SlideSpec, competition_specs
+from ubc_ocean.tiling.tiler import check_tiling_config
 
 log = logging.getLogger(__name__)
 STAGE = "05_infer_test"

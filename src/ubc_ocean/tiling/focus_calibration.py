@@ -8,6 +8,7 @@ pick one that keeps nearly all scanned tiles and drops the defocus you consider 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -17,11 +18,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ubc_ocean import layout
-from ubc_ocean.config import as_plain
 from ubc_ocean.slides import SlideError
-from ubc_ocean.sources import TRAIN, competition_specs
+from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs
 from ubc_ocean.tiling.quality import focus_score
-from ubc_ocean.tiling.tiler import SlideSpec, check_tiling_config, finalise, iter_tiles, prepare_slide
+from ubc_ocean.tiling.settings import TilingSettings
+from ubc_ocean.tiling.tiler import SlideTiler, check_tiling_config
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,15 @@ def defocus_scores(rgb: np.ndarray, metric: str, sigmas: Sequence[float]) -> lis
 def slide_focus_scores(spec: SlideSpec, cfg: Mapping, sigmas: Sequence[float]) -> pd.DataFrame:
     """One row per tissue tile of the slide (tiled as stage 01 would, without the quality filters) and
     one column per sigma (0 = as scanned)."""
-    unfiltered = as_plain(cfg)
-    unfiltered["tiling"].update(min_blur_score=0.0, max_artefact_fraction=1.0)
-    metric = str(cfg["tiling"]["blur_metric"])
-    prepared = prepare_slide(spec, unfiltered)
-    try:
+    settings = TilingSettings.from_config(cfg)
+    unfiltered = dataclasses.replace(settings, min_blur_score=0.0, max_artefact_fraction=1.0)
+    with SlideTiler(spec, unfiltered) as tiler:
         records, rows = [], []
-        for record, rgb in iter_tiles(prepared):
+        for record, rgb in tiler:
             records.append(record)
-            rows.append(defocus_scores(rgb, metric, sigmas))
-        keep = finalise(prepared, records)
-    finally:
-        prepared.close()
-    frame = pd.DataFrame([row for row, kept in zip(rows, keep, strict=True) if kept],
+            rows.append(defocus_scores(rgb, settings.blur_metric, sigmas))
+        kept = {record.box for record in tiler.finish(records)}
+    frame = pd.DataFrame([row for row, record in zip(rows, records, strict=True) if record.box in kept],
                          columns=[0.0, *map(float, sigmas)])
     frame.insert(0, "slide", spec.slide_id)
     return frame

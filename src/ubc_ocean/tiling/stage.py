@@ -14,17 +14,11 @@ from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
 from ubc_ocean.slides.reader import resize_to
-from ubc_ocean.sources import TRAIN, competition_specs, external_slide_specs, external_sources
+from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
-from ubc_ocean.tiling.qc import draw_overlay, save_overlay
-from ubc_ocean.tiling.tiler import (
-    SlideSpec,
-    check_tiling_config,
-    finalise,
-    iter_tiles,
-    no_tiles_message,
-    prepare_slide,
-)
+from ubc_ocean.tiling.qc import save_overlay
+from ubc_ocean.tiling.settings import TilingSettings
+from ubc_ocean.tiling.tiler import SlideTiler, check_tiling_config
 
 log = logging.getLogger(__name__)
 STAGE = "01_tile_slides"
@@ -59,48 +53,36 @@ def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
 
 def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
     """Tile one slide into its folder (atomically); a complete folder cut with today's settings is skipped."""
-    tiling = cfg["tiling"]
+    settings = TilingSettings.from_config(cfg)
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
     if store.is_current(folder, spec.magnification):
         return TaskResult(spec.slide_id, "skipped")
     try:
-        prepared = prepare_slide(spec, cfg)
-        try:
-            with atomic_path(folder) as tmp:
-                tmp.mkdir(parents=True)
-                records = []
-                with store.TileWriter(tiling["format"], tiling["jpeg_quality"]) as writer:
-                    for record, rgb in iter_tiles(prepared):
-                        writer.submit(tmp / store.tile_file_name(record.x, record.y, tiling["format"]), rgb)
-                        records.append(record)
-                rows = []
-                for record, keep in zip(records, finalise(prepared, records), strict=True):
-                    name = store.tile_file_name(record.x, record.y, tiling["format"])
-                    if keep:
-                        rows.append(_tile_record_row(record, name))
-                    else:  # a streamed candidate that the tissue mask, known only now, leaves out
-                        (tmp / name).unlink()
-                if not rows:
-                    raise SlideError(no_tiles_message(prepared.info))
-                store.write_index(tmp, rows)
-                info = {**prepared.info, "source": spec.source, "image_id": spec.image_id, "label": spec.label,
-                        "n_tiles": len(rows), "path": str(spec.path)}
-                store.write_slide_info(tmp, info, spec.magnification)
-                kept = [(row["x"], row["y"]) for row in rows]
-                overlay = draw_overlay(
-                    prepared.low_res, prepared.masks.tissue, kept, prepared.plan.extent,
-                    prepared.view_size or (prepared.reader.width, prepared.reader.height),
-                    view_origin=prepared.view_origin,
-                )
-                save_overlay(tmp / store.QC_FILE, overlay)
-        finally:
-            prepared.close()
+        with SlideTiler(spec, settings) as tiler, atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            records = []
+            with store.TileWriter(settings.format, settings.jpeg_quality) as writer:
+                for record, rgb in tiler:
+                    writer.submit(tmp / store.tile_file_name(record.x, record.y, settings.format), rgb)
+                    records.append(record)
+            kept = tiler.finish(records)
+            kept_boxes = {record.box for record in kept}
+            for record in records:  # a streamed candidate that the tissue mask, known only now, leaves out goes
+                if record.box not in kept_boxes:
+                    (tmp / store.tile_file_name(record.x, record.y, settings.format)).unlink()
+            if not kept:
+                raise SlideError(tiler.info.no_tiles_message())
+            store.write_index(tmp, [
+                _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format)) for record in kept
+            ])
+            store.write_slide_info(tmp, tiler.info.to_dict(), spec.magnification)
+            save_overlay(tmp / store.QC_FILE, tiler.qc_overlay(kept))
     except (SlideError, OSError, ValueError) as err:
         return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
-    fallback = prepared.info.get("fallback", "")
+    fallback = tiler.info.fallback
     if fallback:
         log.warning("%s: fallback tiling (%s)", spec.slide_id, fallback)
-    return TaskResult(spec.slide_id, "done", fallback, count=len(rows))
+    return TaskResult(spec.slide_id, "done", fallback, count=len(kept))
 
 
 def ingest_patch_bag(bag: PatchBag, cfg: Mapping) -> TaskResult:

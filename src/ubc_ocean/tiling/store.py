@@ -19,33 +19,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import yaml
 
 from ubc_ocean.memory import limit_malloc_arenas
+from ubc_ocean.tiling.settings import TilingSettings
 
 INDEX_COLUMNS = ["file", "x", "y", "extent", "magnification", "tissue_fraction", "blur_score"]
 INDEX_FILE = "index.csv"
 SLIDE_FILE = "slide.json"
 QC_FILE = "qc.png"
 
-# Keys that change tile pixels or the tile set; runtime-only keys are left out.
-_TILING_KEY_FIELDS = (
-    "target_magnification", "tile_size", "format", "jpeg_quality", "max_tiles_per_slide", "sampling",
-    "mask_max_side", "min_tissue_fraction", "saturation_threshold", "min_saturation", "black_value",
-    "white_value", "morphology_radius", "max_hole_fraction", "blur_metric", "min_blur_score", "max_artefact_fraction",
-    "dark_value", "quality_fallback_tiles",
-)
-
 
 def tiling_key(cfg: Mapping) -> str:
-    """A short, readable folder name that changes whenever a parameter that shapes the tiles changes."""
-    tiling = cfg["tiling"]
-    fields = {name: tiling[name] for name in _TILING_KEY_FIELDS}
-    fields["slides"] = dict(cfg["slides"])
-    fields["seed"] = cfg["seed"]
-    digest = hashlib.sha1(yaml.safe_dump(fields, sort_keys=True).encode()).hexdigest()[:8]
-    magnification = f"{float(tiling['target_magnification']):g}"
-    return f"t{int(tiling['tile_size'])}_m{magnification}x_{digest}"
+    """A short, readable folder name that changes whenever a setting that shapes the tiles changes
+    (:attr:`TilingSettings.key <ubc_ocean.tiling.settings.TilingSettings.key>`)."""
+    return TilingSettings.from_config(cfg).key
 
 
 def is_complete(folder: Path) -> bool:

@@ -1,13 +1,29 @@
-"""Cut one slide into tiles at the target magnification: the code shared by stage 01 and fused inference."""
+"""Cut one slide into tiles at the target magnification: the code shared by stage 01, fused inference and
+focus calibration.
+
+One :class:`SlideTiler` is one slide's tiling session::
+
+    with SlideTiler(spec, settings) as tiler:  # opens the slide; plans now when it has a low-res view
+        records = []
+        for record, rgb in tiler:              # the one row-major pass (candidates, when streaming)
+            records.append(record)
+        kept = tiler.finish(records)           # the records the plan keeps, with their tissue fractions
+        overlay = tiler.qc_overlay(kept)       # the QC picture
+        info = tiler.info                      # SlideTilingInfo: what slide.json records
+
+Steps out of order (a second pass, ``finish`` before the pass is drained, ``info`` before ``finish``)
+raise :class:`TilerUsageError`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import heapq
 import itertools
 import logging
-from collections.abc import Container, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Container, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,64 +31,28 @@ from ubc_ocean.config import ConfigError
 from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
 from ubc_ocean.slides.reader import InMemorySlide, resize_area
+from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling.grid import TilePlan, grid_origin, plan_tiles, slide_seed
+from ubc_ocean.tiling.qc import draw_overlay
 from ubc_ocean.tiling.quality import FOCUS_METRICS, artefact_fraction, focus_score
+from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tissue import TissueMasks, background_mask, detect_tissue
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class SlideSpec:
-    """What the tiler needs to know about one slide before opening it."""
-
-    source: str
-    image_id: str
-    path: Path
-    thumbnail: Path | None = None
-    is_tma: bool | None = None
-    magnification: float | None = None  # per-source setting, used when the file has no mpp
-    expected_size: tuple[int, int] | None = None  # (width, height) from the CSV, checked against the file
-    label: str | None = None
-    competition_scale: bool = False  # no mpp: WSI 20x / TMA 40x (slides.*), as for the competition's PNGs
-
-    @property
-    def slide_id(self) -> str:
-        return f"{self.source}/{self.image_id}"
+MASK_FROM_VIEW = "low-resolution view"
+MASK_IN_MEMORY = "the whole image, held in memory"
+MASK_STREAMED = "built in the decoding pass"
 
 
-@dataclass
-class PreparedSlide:
-    """An opened slide with its tissue masks and tile plan, ready to be read."""
-
-    spec: SlideSpec
-    reader: SlideReader
-    is_tma: bool
-    native_magnification: float
-    target_magnification: float
-    tile_size: int
-    extent: int
-    low_res: np.ndarray | None  # None until the streaming pass has built it (PNG without thumbnail)
-    masks: TissueMasks | None
-    plan: TilePlan | None
-    quality: dict
-    planning: dict
-    info: dict = field(default_factory=dict)
-    view_size: tuple[int, int] | None = None  # level-0 (width, height) the low-res view covers; None: all
-    view_origin: tuple[int, int] = (0, 0)  # level-0 (x, y) where that view starts
-
-    @property
-    def streaming(self) -> bool:
-        """True when the tissue mask is built during the one decoding pass (no low-resolution view)."""
-        return self.plan is None
-
-    def close(self) -> None:
-        self.reader.close()
+class TilerUsageError(RuntimeError):
+    """A :class:`SlideTiler` used out of order: a bug in the caller, not a bad slide."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TileRecord:
-    """One kept tile: level-0 box, the magnification it was cut at, and its scores."""
+    """One tile: level-0 box, the magnification it was cut at, and its scores (a streamed candidate's
+    tissue fraction is NaN until :meth:`SlideTiler.finish` gives it the plan's)."""
 
     x: int
     y: int
@@ -81,15 +61,62 @@ class TileRecord:
     tissue_fraction: float
     blur_score: float
 
+    @property
+    def box(self) -> tuple[int, int]:
+        return self.x, self.y
 
-def _check_size(spec: SlideSpec, reader: SlideReader) -> None:
-    if spec.expected_size is None:
-        return
-    expected = tuple(int(v) for v in spec.expected_size)
-    if expected != (reader.width, reader.height):
-        raise SlideError(
-            f"size mismatch: CSV says {expected[0]}x{expected[1]}, file is {reader.width}x{reader.height}"
-        )
+
+@dataclass(frozen=True)
+class SlideTilingInfo:
+    """What one slide's tiling found: the facts ``slide.json`` records (:meth:`to_dict`)."""
+
+    source: str
+    image_id: str
+    label: str | None
+    path: str
+    width: int
+    height: int
+    mpp: float | None
+    is_tma: bool
+    native_magnification: float
+    target_magnification: float
+    extent: int  # a tile's level-0 side
+    reader: str  # the reader class
+    mask_source: str  # MASK_FROM_VIEW, MASK_IN_MEMORY or MASK_STREAMED
+    planned_tiles: int  # cells the tissue plan chose
+    fallback: str  # why the tiles are not the plain tissue-threshold selection ('' when they are)
+    rejected_blur: int
+    rejected_artefact: int
+    rejected_background: int  # planned tiles whose own pixels were background (not counted when streaming)
+    quality_fallback_tiles: int  # rejected tiles kept because every tissue tile failed the filters (0: none)
+    streamed_not_kept: int  # streamed candidates that the plan, known only after the pass, left out
+    n_tiles: int  # tiles kept
+
+    @property
+    def streaming(self) -> bool:
+        return self.mask_source == MASK_STREAMED
+
+    def to_dict(self) -> dict:
+        """The facts as ``slide.json`` holds them, in its key order (which follows the order the tiler
+        learns them: streaming plans after the pass); ``quality_fallback_tiles`` only when nonzero."""
+        facts = ("width", "height", "mpp", "is_tma", "native_magnification", "target_magnification", "extent",
+                 "reader", "mask_source")
+        plan, rejections = ("planned_tiles", "fallback"), ("rejected_blur", "rejected_artefact", "rejected_background")
+        names = [*facts, *(rejections + plan if self.streaming else plan + rejections)]
+        names += ["quality_fallback_tiles"] if self.quality_fallback_tiles else []
+        names += ["streamed_not_kept", "source", "image_id", "label", "n_tiles", "path"]
+        return {name: getattr(self, name) for name in names}
+
+    def no_tiles_message(self) -> str:
+        """Why a slide yielded no tile: background only, or tissue that the quality filters all rejected."""
+        if self.rejected_blur + self.rejected_artefact:
+            return (f"{_quality_rejections(self.rejected_blur, self.rejected_artefact)}; tiling.min_blur_score, "
+                    "tiling.max_artefact_fraction and tiling.quality_fallback_tiles set them")
+        return "no tissue found: every tile is background (blank or all-black image?)"
+
+
+def _quality_rejections(blur: int, artefact: int) -> str:
+    return f"every tissue tile failed the quality filters ({blur} blurry, {artefact} artefact)"
 
 
 _TILING_CHOICES = {
@@ -113,86 +140,14 @@ def check_tiling_config(tiling: Mapping) -> None:
                               f"got {tiling['saturation_threshold']!r}") from None
 
 
-def prepare_slide(spec: SlideSpec, cfg: Mapping) -> PreparedSlide:
-    """Open a slide, harmonise its scale, find tissue and plan the tiles (no tile pixels read yet)."""
-    tiling, slides_cfg = cfg["tiling"], cfg["slides"]
-    in_memory = round(float(slides_cfg["in_memory_max_megapixels"]) * 1e6)
-    reader = open_slide(spec.path, thumbnail=spec.thumbnail, in_memory_max_pixels=in_memory)
-    try:
-        _check_size(spec, reader)
-        is_tma = spec.is_tma
-        if is_tma is None:
-            is_tma = is_tma_by_size(
-                reader.width, reader.height, slides_cfg["tma_max_side"], slides_cfg["tma_square_tolerance"]
-            )
-        try:
-            native = native_magnification(
-                is_tma=is_tma,
-                mpp=reader.mpp,
-                objective_power=reader.objective_power,
-                source_magnification=spec.magnification,
-                slides_cfg=slides_cfg if spec.competition_scale else None,
-            )
-        except ValueError as err:
-            raise SlideError(str(err)) from err
-        target = float(tiling["target_magnification"])
-        tile_size = int(tiling["tile_size"])
-        extent = max(1, round(tile_size * native / target))
-        if reader.width < extent or reader.height < extent:
-            raise SlideError(f"image {reader.width}x{reader.height} is smaller than one tile ({extent} px at "
-                             f"{native:g}x for {tile_size} px at {target:g}x)")
-        planning = {
-            "min_fraction": float(tiling["min_tissue_fraction"]),
-            "max_tiles": int(tiling["max_tiles_per_slide"]),
-            "sampling": str(tiling["sampling"]),
-            "seed": slide_seed(spec.slide_id, int(cfg["seed"])),
-            "mask_max_side": int(tiling["mask_max_side"]),
-            "tissue_cfg": dict(tiling),
-        }
-        low_res = masks = plan = None
-        if reader.has_low_resolution_view:
-            low_res = reader.low_resolution(planning["mask_max_side"])
-            masks = detect_tissue(low_res, tiling)
-            plan = _plan(masks, reader.width, reader.height, extent, planning)
-    except Exception:
-        reader.close()
-        raise
-    info = {
-        "width": reader.width,
-        "height": reader.height,
-        "mpp": reader.mpp,
-        "is_tma": bool(is_tma),
-        "native_magnification": native,
-        "target_magnification": target,
-        "extent": extent,
-        "reader": type(reader).__name__,
-        "mask_source": _mask_source(reader, plan),
-    }
-    if plan is not None:
-        info.update(planned_tiles=len(plan), fallback=plan.fallback)
-    quality = {
-        "blur_metric": str(tiling["blur_metric"]),
-        "min_blur_score": float(tiling["min_blur_score"]),
-        "max_artefact_fraction": float(tiling["max_artefact_fraction"]),
-        "black_value": int(tiling["black_value"]),
-        "dark_value": int(tiling["dark_value"]),
-        "white_value": int(tiling["white_value"]),
-        "fallback_tiles": int(tiling["quality_fallback_tiles"]),
-    }
-    return PreparedSlide(spec, reader, bool(is_tma), native, target, tile_size, extent, low_res, masks, plan,
-                         quality, planning, info)
+@dataclass(frozen=True)
+class _MaskView:
+    """The low-resolution picture the tissue mask was found on: ``size`` level-0 pixels from ``origin``."""
 
-
-def _mask_source(reader: SlideReader, plan: TilePlan | None) -> str:
-    if plan is None:
-        return "built in the decoding pass"
-    return "the whole image, held in memory" if isinstance(reader, InMemorySlide) else "low-resolution view"
-
-
-def _plan(masks: TissueMasks, width: int, height: int, extent: int, planning: Mapping,
-          offset: tuple[int, int] = (0, 0)) -> TilePlan:
-    return plan_tiles(masks.tissue, masks.foreground, width, height, extent, planning["min_fraction"],
-                      planning["max_tiles"], planning["sampling"], planning["seed"], offset=offset)
+    low_res: np.ndarray
+    masks: TissueMasks
+    size: tuple[int, int]
+    origin: tuple[int, int]
 
 
 @dataclass
@@ -205,39 +160,18 @@ class _Verdict:
     artefact: bool = False
 
 
-def _judge(prepared: PreparedSlide, rgb: np.ndarray) -> _Verdict:
+def _judge(settings: TilingSettings, rgb: np.ndarray) -> _Verdict:
     """Foreground, focus and artefact checks of one tile (OpenCV work: runs on helper threads)."""
-    quality = prepared.quality
-    background = background_mask(rgb[::4, ::4], quality["black_value"], quality["white_value"])
+    background = background_mask(rgb[::4, ::4], settings.black_value, settings.white_value)
     # At least half the minimum tissue fraction of the tile's own pixels must not be black or white fill.
-    if 1.0 - background.mean() < 0.5 * prepared.planning["min_fraction"]:
+    if 1.0 - background.mean() < 0.5 * float(settings.min_tissue_fraction):
         return _Verdict(foreground_ok=False, blur=0.0)
-    score = focus_score(rgb, quality["blur_metric"])
-    if score < quality["min_blur_score"]:
+    score = focus_score(rgb, settings.blur_metric)
+    if score < float(settings.min_blur_score):
         return _Verdict(True, score, blurry=True)
-    artefact = artefact_fraction(rgb, quality["black_value"], quality["dark_value"]) > quality["max_artefact_fraction"]
+    artefact = (artefact_fraction(rgb, settings.black_value, settings.dark_value)
+                > float(settings.max_artefact_fraction))
     return _Verdict(True, score, artefact=artefact)
-
-
-def _judged(prepared: PreparedSlide, boxes: list[tuple[int, int]]) -> Iterator[tuple[int, int, np.ndarray, _Verdict]]:
-    """Read ``boxes`` in one pass while helper threads judge the tiles already read."""
-    tiles = prepared.reader.read_boxes(boxes, prepared.extent, prepared.tile_size)
-    for ((x, y), rgb), verdict in threaded_map(lambda tile: _judge(prepared, tile[1]), tiles):
-        yield x, y, rgb, verdict
-
-
-def _record(prepared: PreparedSlide, x: int, y: int, fraction: float, score: float) -> TileRecord:
-    return TileRecord(x=int(x), y=int(y), extent=prepared.extent, magnification=prepared.target_magnification,
-                      tissue_fraction=round(float(fraction), 4), blur_score=round(score, 2))
-
-
-def _kept(prepared: PreparedSlide, verdict: _Verdict) -> bool:
-    """Count a quality rejection in ``prepared.info``; True when the tile is kept."""
-    if verdict.blurry:
-        prepared.info["rejected_blur"] += 1
-    elif verdict.artefact:
-        prepared.info["rejected_artefact"] += 1
-    return not (verdict.blurry or verdict.artefact)
 
 
 class _Reserve:
@@ -263,115 +197,272 @@ class _Reserve:
         return sorted(kept, key=lambda item: (item[0][1], item[0][0]))
 
 
-def _quality_fallback(
-    prepared: PreparedSlide, reserve: _Reserve, eligible: TilePlan
-) -> Iterator[tuple[TileRecord, np.ndarray]]:
-    """Yield the reserve's tiles that lie in ``eligible``; they become the slide's plan, and
-    ``prepared.info['fallback']`` says why."""
-    fraction_by_box = dict(zip(eligible.boxes, eligible.tissue_fraction.tolist(), strict=True))
-    tiles = reserve.tiles(fraction_by_box)
-    if not tiles:
-        return
-    info = prepared.info
-    why = f"{_quality_rejections(info)}: kept the {len(tiles)} sharpest"
-    info["fallback"] = "; ".join(filter(None, [info.get("fallback", ""), why]))
-    info["quality_fallback_tiles"] = len(tiles)
-    boxes = [box for box, _, _ in tiles]
-    prepared.plan = TilePlan(
-        xs=np.array([x for x, _ in boxes], np.int64), ys=np.array([y for _, y in boxes], np.int64),
-        tissue_fraction=np.array([fraction_by_box[box] for box in boxes], np.float32),
-        extent=eligible.extent, fallback=info["fallback"],
-    )
-    for (x, y), score, rgb in tiles:
-        yield _record(prepared, x, y, fraction_by_box[(x, y)], score), rgb
+class _State(enum.Enum):
+    """Where a tiler is in its session (the words end its error messages)."""
+
+    READY = "not read yet"
+    READING = "half read (its pass was left before the end)"
+    READ = "read"
+    FINISHED = "finished"
 
 
-def _quality_rejections(info: Mapping) -> str:
-    return (f"every tissue tile failed the quality filters ({info.get('rejected_blur', 0)} blurry, "
-            f"{info.get('rejected_artefact', 0)} artefact)")
+def _fractions(plan: TilePlan) -> dict[tuple[int, int], float]:
+    return dict(zip(plan.boxes, plan.tissue_fraction.tolist(), strict=True))
 
 
-def no_tiles_message(info: Mapping) -> str:
-    """Why a slide yielded no tile: background only, or tissue that the quality filters all rejected."""
-    if info.get("rejected_blur", 0) + info.get("rejected_artefact", 0):
-        return (f"{_quality_rejections(info)}; tiling.min_blur_score, tiling.max_artefact_fraction and "
-                "tiling.quality_fallback_tiles set them")
-    return "no tissue found: every tile is background (blank or all-black image?)"
+class SlideTiler:
+    """One slide's tiling: open, harmonise the scale, find tissue, plan, read in one pass, keep.
 
-
-def iter_tiles(prepared: PreparedSlide) -> Iterator[tuple[TileRecord, np.ndarray]]:
-    """Read the slide in one row-major pass, yielding the tiles that pass the quality filters.
-
-    With a low-resolution view (thumbnail, pyramid) only the planned tiles are read. Without one (a PNG
-    with no thumbnail) every grid cell streams past once: its shrink builds the tissue mask while
-    cells with enough non-background pixels are yielded as candidates; call :func:`finalise` afterwards
-    to learn which candidates the plan keeps. Rejections are counted in ``prepared.info``. Should the
-    quality filters reject every tissue tile, the sharpest ``tiling.quality_fallback_tiles`` of them are
-    yielded at the end instead, and ``info['fallback']`` says so.
+    Opening reads no tile pixels. With a low-resolution view (thumbnail, pyramid, or an image small enough
+    to hold in memory) the tissue mask and the plan are made now and the pass reads only the planned
+    tiles. Without one (a large PNG with no thumbnail) every grid cell streams past once: its shrink builds
+    the mask while the cells with enough non-background pixels are yielded as candidates, and
+    :meth:`finish` says which of them the plan, known only then, keeps. Should the quality filters reject
+    every tissue tile, the pass ends with the sharpest ``quality_fallback_tiles`` of them instead, and
+    ``info.fallback`` says so.
     """
-    prepared.info.update(rejected_blur=0, rejected_artefact=0, rejected_background=0)
-    limit, cap = prepared.quality["fallback_tiles"], prepared.planning["max_tiles"]
-    reserve = _Reserve(min(limit, cap) if cap > 0 else limit)
-    if not prepared.streaming:
-        plan = prepared.plan
-        fraction_by_box = dict(zip(plan.boxes, plan.tissue_fraction.tolist(), strict=True))
+
+    def __init__(self, spec: SlideSpec, settings: TilingSettings):
+        self.spec, self.settings = spec, settings
+        self.reader: SlideReader = open_slide(spec.path, thumbnail=spec.thumbnail,
+                                              in_memory_max_pixels=settings.slides.in_memory_max_pixels)
+        self._state, self._closed = _State.READY, False
+        self._pass: Generator[tuple[TileRecord, np.ndarray], None, None] | None = None
+        self._view: _MaskView | None = None
+        self._plan: TilePlan | None = None  # the tissue plan
+        self._keep: dict[tuple[int, int], float] | None = None  # what finish keeps: box -> tissue fraction
+        self._yielded: dict[tuple[int, int], TileRecord] = {}
+        self._fallback = ""
+        self._rejected = {"blur": 0, "artefact": 0, "background": 0}
+        self._quality_fallback_tiles = 0
+        self._info: SlideTilingInfo | None = None
+        try:
+            self._open()
+        except Exception:
+            self.reader.close()
+            raise
+
+    def _open(self) -> None:
+        spec, reader, slides = self.spec, self.reader, self.settings.slides
+        _check_size(spec, reader)
+        is_tma = spec.is_tma
+        if is_tma is None:
+            is_tma = is_tma_by_size(reader.width, reader.height, slides.tma_max_side, slides.tma_square_tolerance)
+        try:
+            native = native_magnification(
+                is_tma=is_tma, mpp=reader.mpp, objective_power=reader.objective_power,
+                source_magnification=spec.magnification,
+                slides_cfg=dataclasses.asdict(slides) if spec.competition_scale else None,
+            )
+        except ValueError as err:
+            raise SlideError(str(err)) from err
+        target, tile_size = float(self.settings.target_magnification), self.settings.tile_size
+        extent = max(1, round(tile_size * native / target))
+        if reader.width < extent or reader.height < extent:
+            raise SlideError(f"image {reader.width}x{reader.height} is smaller than one tile ({extent} px at "
+                             f"{native:g}x for {tile_size} px at {target:g}x)")
+        self.is_tma, self.native_magnification, self.target_magnification = bool(is_tma), native, target
+        self.extent = extent
+        self.seed = slide_seed(spec.slide_id, self.settings.seed)
+        if not reader.has_low_resolution_view:
+            self.mask_source = MASK_STREAMED
+            return
+        self.mask_source = MASK_IN_MEMORY if isinstance(reader, InMemorySlide) else MASK_FROM_VIEW
+        low_res = reader.low_resolution(self.settings.mask_max_side)
+        self._set_view(_MaskView(low_res, detect_tissue(low_res, self.settings), (reader.width, reader.height),
+                                 (0, 0)))
+
+    @property
+    def streaming(self) -> bool:
+        """True when the tissue mask is built during the one decoding pass (no low-resolution view)."""
+        return self.mask_source == MASK_STREAMED
+
+    # --- the pass ---------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[TileRecord, np.ndarray]]:
+        """The one row-major pass: ``(record, rgb)`` of each tile that passes the quality filters."""
+        if self._closed:
+            raise TilerUsageError(f"{self.spec.slide_id}: the tiler is closed; open a new SlideTiler to read it")
+        if self._state is not _State.READY:
+            raise TilerUsageError(f"{self.spec.slide_id}: a SlideTiler reads its slide once, in one pass; this "
+                                  f"slide is {self._state.value}: open a new SlideTiler to read it again")
+        self._state = _State.READING
+        self._pass = self._read()
+        return self._pass
+
+    def _read(self) -> Generator[tuple[TileRecord, np.ndarray], None, None]:
+        limit, cap = self.settings.quality_fallback_tiles, self.settings.max_tiles_per_slide
+        reserve = _Reserve(min(limit, cap) if cap > 0 else limit)
+        tiles = self._stream_all_cells(reserve) if self.streaming else self._read_planned(reserve)
+        for record, rgb in tiles:
+            self._yielded[record.box] = record
+            yield record, rgb
+        if self._keep is None:  # no quality fallback: the tissue plan decides
+            self._keep = _fractions(self._plan)
+        self._state = _State.READ
+
+    def _judged(self, boxes: list[tuple[int, int]]) -> Iterator[tuple[int, int, np.ndarray, _Verdict]]:
+        """Read ``boxes`` in one pass while helper threads judge the tiles already read."""
+        settings = self.settings
+        tiles = self.reader.read_boxes(boxes, self.extent, settings.tile_size)
+        for ((x, y), rgb), verdict in threaded_map(lambda tile: _judge(settings, tile[1]), tiles):
+            yield x, y, rgb, verdict
+
+    def _passes(self, verdict: _Verdict) -> bool:
+        """Count a quality rejection; True when the tile is kept."""
+        if verdict.blurry:
+            self._rejected["blur"] += 1
+        elif verdict.artefact:
+            self._rejected["artefact"] += 1
+        return not (verdict.blurry or verdict.artefact)
+
+    def _record(self, x: int, y: int, fraction: float, score: float) -> TileRecord:
+        return TileRecord(x=int(x), y=int(y), extent=self.extent, magnification=self.target_magnification,
+                          tissue_fraction=round(float(fraction), 4), blur_score=round(score, 2))
+
+    def _read_planned(self, reserve: _Reserve) -> Iterator[tuple[TileRecord, np.ndarray]]:
+        plan = self._plan
+        fraction_by_box = _fractions(plan)
         passed = 0
-        for x, y, rgb, verdict in _judged(prepared, plan.boxes):
+        for x, y, rgb, verdict in self._judged(plan.boxes):
             if not verdict.foreground_ok:  # the low-resolution mask overstated this tile's tissue
-                prepared.info["rejected_background"] += 1
-            elif _kept(prepared, verdict):
+                self._rejected["background"] += 1
+            elif self._passes(verdict):
                 passed += 1
-                yield _record(prepared, x, y, fraction_by_box[(x, y)], verdict.blur), rgb
+                yield self._record(x, y, fraction_by_box[(x, y)], verdict.blur), rgb
             else:
                 reserve.offer(verdict.blur, (x, y), rgb)
         if not passed:
-            yield from _quality_fallback(prepared, reserve, plan)
+            yield from self._quality_fallback(reserve, plan)
+
+    def _stream_all_cells(self, reserve: _Reserve) -> Iterator[tuple[TileRecord, np.ndarray]]:
+        reader, extent = self.reader, self.extent
+        # The view covers the complete cells of the centred grid only: the margins outside it are never read.
+        width, height = (reader.width // extent) * extent, (reader.height // extent) * extent
+        ox, oy = grid_origin(reader.width, reader.height, extent)
+        factor = max(1.0, max(width, height) / self.settings.mask_max_side)
+        canvas = np.zeros((max(1, int(np.ceil(height / factor))), max(1, int(np.ceil(width / factor))), 3), np.uint8)
+        grid = [(ox + x, oy + y) for y in range(0, height, extent) for x in range(0, width, extent)]
+        candidates = []
+        for x, y, rgb, verdict in self._judged(grid):
+            x0, y0 = round((x - ox) / factor), round((y - oy) / factor)
+            x1 = min(canvas.shape[1], max(x0 + 1, round((x - ox + extent) / factor)))
+            y1 = min(canvas.shape[0], max(y0 + 1, round((y - oy + extent) / factor)))
+            canvas[y0:y1, x0:x1] = resize_area(rgb, x1 - x0, y1 - y0)
+            if not verdict.foreground_ok:
+                continue
+            if self._passes(verdict):
+                candidates.append((x, y))
+                yield self._record(x, y, float("nan"), verdict.blur), rgb
+            else:
+                reserve.offer(verdict.blur, (x, y), rgb)
+        self._set_view(_MaskView(canvas, detect_tissue(canvas, self.settings), (width, height), (ox, oy)))
+        planned = set(self._plan.boxes)
+        if not any(box in planned for box in candidates):  # the plan keeps none of the tiles that passed
+            yield from self._quality_fallback(reserve, self._plan_view(max_tiles=0))
+
+    def _set_view(self, view: _MaskView) -> None:
+        """The mask's view and the tissue plan made on it (once: before the pass, or at its end)."""
+        self._view = view
+        self._plan = self._plan_view()
+        self._fallback = self._plan.fallback
+
+    def _plan_view(self, max_tiles: int | None = None) -> TilePlan:
+        view, settings = self._view, self.settings
+        return plan_tiles(
+            view.masks.tissue, view.masks.foreground, *view.size, self.extent, float(settings.min_tissue_fraction),
+            settings.max_tiles_per_slide if max_tiles is None else max_tiles, settings.sampling, self.seed,
+            offset=view.origin,
+        )
+
+    def _quality_fallback(self, reserve: _Reserve, eligible: TilePlan) -> Iterator[tuple[TileRecord, np.ndarray]]:
+        """Yield the reserve's tiles that lie in ``eligible``: they become what :meth:`finish` keeps, and
+        the fallback note says why."""
+        fraction_by_box = _fractions(eligible)
+        tiles = reserve.tiles(fraction_by_box)
+        if not tiles:
+            return
+        rejections = _quality_rejections(self._rejected["blur"], self._rejected["artefact"])
+        why = f"{rejections}: kept the {len(tiles)} sharpest"
+        self._fallback = "; ".join(filter(None, [self._fallback, why]))
+        self._quality_fallback_tiles = len(tiles)
+        self._keep = {box: fraction_by_box[box] for box, _, _ in tiles}
+        for (x, y), score, rgb in tiles:
+            yield self._record(x, y, fraction_by_box[(x, y)], score), rgb
+
+    # --- after the pass ---------------------------------------------------------------------------------
+
+    def finish(self, records: Iterable[TileRecord]) -> list[TileRecord]:
+        """The ``records`` (yielded by the pass) that the plan keeps, in their order, each with the plan's
+        tissue fraction: all of them unless the mask was built while streaming. Call once, after the pass
+        was drained; :attr:`info` is complete from then on."""
+        if self._state is _State.FINISHED:
+            raise TilerUsageError(f"{self.spec.slide_id}: finish() was already called")
+        if self._state is not _State.READ:
+            raise TilerUsageError(f"{self.spec.slide_id}: finish() needs the whole pass, but the slide is "
+                                  f"{self._state.value}: iterate the tiler to its end first")
+        records = list(records)
+        for record in records:
+            if self._yielded.get(record.box) is not record:
+                raise TilerUsageError(f"{self.spec.slide_id}: finish() got a record this tiler's pass did not "
+                                      f"yield: {record}")
+        kept = [dataclasses.replace(record, tissue_fraction=round(float(self._keep[record.box]), 4))
+                for record in records if record.box in self._keep]
+        spec, reader = self.spec, self.reader
+        self._info = SlideTilingInfo(
+            source=spec.source, image_id=spec.image_id, label=spec.label, path=str(spec.path),
+            width=reader.width, height=reader.height, mpp=reader.mpp, is_tma=self.is_tma,
+            native_magnification=self.native_magnification, target_magnification=self.target_magnification,
+            extent=self.extent, reader=type(reader).__name__, mask_source=self.mask_source,
+            planned_tiles=len(self._plan), fallback=self._fallback, rejected_blur=self._rejected["blur"],
+            rejected_artefact=self._rejected["artefact"], rejected_background=self._rejected["background"],
+            quality_fallback_tiles=self._quality_fallback_tiles, streamed_not_kept=len(records) - len(kept),
+            n_tiles=len(kept),
+        )
+        self._state = _State.FINISHED
+        return kept
+
+    @property
+    def info(self) -> SlideTilingInfo:
+        """The slide's tiling facts, known once :meth:`finish` has run."""
+        if self._info is None:
+            raise TilerUsageError(f"{self.spec.slide_id}: info is complete only after finish() "
+                                  f"(the slide is {self._state.value})")
+        return self._info
+
+    def qc_overlay(self, kept: Sequence[TileRecord]) -> np.ndarray:
+        """The QC picture: the low-resolution view, the tissue mask tinted, the ``kept`` tiles outlined."""
+        if self._state is not _State.FINISHED:
+            raise TilerUsageError(f"{self.spec.slide_id}: qc_overlay() draws the kept tiles: call finish() first")
+        view = self._view
+        return draw_overlay(view.low_res, view.masks.tissue, [record.box for record in kept], self.extent,
+                            view.size, view_origin=view.origin)
+
+    # --- resources ----------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop a pass left half-way and release the slide (the results of :meth:`finish` stay)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._pass is not None:
+                self._pass.close()
+        finally:
+            self.reader.close()
+
+    def __enter__(self) -> SlideTiler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_size(spec: SlideSpec, reader: SlideReader) -> None:
+    if spec.expected_size is None:
         return
-    yield from _stream_all_cells(prepared, reserve)
-
-
-def _stream_all_cells(prepared: PreparedSlide, reserve: _Reserve) -> Iterator[tuple[TileRecord, np.ndarray]]:
-    reader, extent, planning = prepared.reader, prepared.extent, prepared.planning
-    # The view covers the complete cells of the centred grid only: the margins outside it are never read.
-    width, height = (reader.width // extent) * extent, (reader.height // extent) * extent
-    ox, oy = grid_origin(reader.width, reader.height, extent)
-    factor = max(1.0, max(width, height) / planning["mask_max_side"])
-    canvas = np.zeros((max(1, int(np.ceil(height / factor))), max(1, int(np.ceil(width / factor))), 3), np.uint8)
-    grid = [(ox + x, oy + y) for y in range(0, height, extent) for x in range(0, width, extent)]
-    candidates = []
-    for x, y, rgb, verdict in _judged(prepared, grid):
-        x0, y0 = round((x - ox) / factor), round((y - oy) / factor)
-        x1 = min(canvas.shape[1], max(x0 + 1, round((x - ox + extent) / factor)))
-        y1 = min(canvas.shape[0], max(y0 + 1, round((y - oy + extent) / factor)))
-        canvas[y0:y1, x0:x1] = resize_area(rgb, x1 - x0, y1 - y0)
-        if not verdict.foreground_ok:
-            continue
-        if _kept(prepared, verdict):
-            candidates.append((x, y))
-            yield _record(prepared, x, y, float("nan"), verdict.blur), rgb
-        else:
-            reserve.offer(verdict.blur, (x, y), rgb)
-    prepared.low_res, prepared.view_size, prepared.view_origin = canvas, (width, height), (ox, oy)
-    prepared.masks = detect_tissue(canvas, planning["tissue_cfg"])
-    prepared.plan = _plan(prepared.masks, width, height, extent, planning, offset=(ox, oy))
-    prepared.info.update(planned_tiles=len(prepared.plan), fallback=prepared.plan.fallback)
-    planned = set(prepared.plan.boxes)
-    if not any(box in planned for box in candidates):  # the plan keeps none of the tiles that passed
-        uncapped = _plan(prepared.masks, width, height, extent, {**planning, "max_tiles": 0}, offset=(ox, oy))
-        yield from _quality_fallback(prepared, reserve, uncapped)
-
-
-def finalise(prepared: PreparedSlide, records: list[TileRecord]) -> list[bool]:
-    """Which of the yielded ``records`` the plan keeps (all, unless the mask was built while streaming).
-
-    Kept records get their tissue fraction from the plan.
-    """
-    fraction_by_box = dict(zip(prepared.plan.boxes, prepared.plan.tissue_fraction.tolist(), strict=True))
-    keep = []
-    for record in records:
-        fraction = fraction_by_box.get((record.x, record.y))
-        keep.append(fraction is not None)
-        if fraction is not None:
-            record.tissue_fraction = round(float(fraction), 4)
-    prepared.info["streamed_not_kept"] = keep.count(False)
-    return keep
+    expected = tuple(int(v) for v in spec.expected_size)
+    if expected != (reader.width, reader.height):
+        raise SlideError(
+            f"size mismatch: CSV says {expected[0]}x{expected[1]}, file is {reader.width}x{reader.height}"
+        )

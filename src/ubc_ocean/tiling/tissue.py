@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from scipy import ndimage
+
+from ubc_ocean.tiling.settings import TilingSettings
 
 
 def background_mask(rgb: np.ndarray, black_value: int, white_value: int) -> np.ndarray:
@@ -58,24 +59,24 @@ class TissueMasks:
     foreground: np.ndarray
 
 
-def detect_tissue(rgb: np.ndarray, cfg: Mapping) -> TissueMasks:
-    """Tissue masks of a low-resolution RGB view, using the ``tiling`` config section.
+def detect_tissue(rgb: np.ndarray, settings: TilingSettings) -> TissueMasks:
+    """Tissue masks of a low-resolution RGB view, with the tissue settings of ``settings``.
 
     Background (black fill, white glass) is removed first; Otsu then splits the remaining pixels on
     saturation; a closing-then-opening and hole filling clean the mask.
     """
-    candidate = ~background_mask(rgb, int(cfg["black_value"]), int(cfg["white_value"]))
+    candidate = ~background_mask(rgb, settings.black_value, settings.white_value)
     sat = saturation(rgb)
-    threshold = saturation_threshold(sat, candidate, cfg["saturation_threshold"], cfg["min_saturation"])
+    threshold = saturation_threshold(sat, candidate, settings.saturation_threshold, settings.min_saturation)
     mask = candidate & (sat > threshold)
-    radius = int(cfg["morphology_radius"])
+    radius = settings.morphology_radius
     if radius > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
         mask8 = mask.astype(np.uint8)
         mask8 = cv2.morphologyEx(mask8, cv2.MORPH_CLOSE, kernel)
         mask8 = cv2.morphologyEx(mask8, cv2.MORPH_OPEN, kernel)
         mask = mask8.astype(bool)
-    return TissueMasks(tissue=fill_small_holes(mask, float(cfg["max_hole_fraction"])), foreground=candidate)
+    return TissueMasks(tissue=fill_small_holes(mask, float(settings.max_hole_fraction)), foreground=candidate)
 
 
 def fill_small_holes(mask: np.ndarray, max_fraction: float) -> np.ndarray:
