@@ -222,24 +222,11 @@ def test_small_holes_filled_large_holes_kept():
     assert filled.sum() == mask.sum() + 9
 
 
-def test_tiling_choices_are_checked_before_any_slide():
+def test_tiling_choices_are_checked_when_the_config_loads():
     from ubc_ocean.config import ConfigError, load_config
-    from ubc_ocean.tiling.tiler import check_tiling_config
 
-    check_tiling_config(load_config(None, []).tiling)
-    check_tiling_config(load_config(None, ["tiling.saturation_threshold=30"]).tiling)
+    load_config(None, ["tiling.saturation_threshold=30"])
     for key, value in [("sampling", "grid"), ("blur_metric", "fft"), ("format", "bmp"),
                        ("saturation_threshold", "auto")]:
         with pytest.raises(ConfigError, match=f"tiling.{key}"):
-            check_tiling_config(load_config(None, [f"tiling.{key}={value}"]).tiling)
-
-
-def test_sources_do_not_import_the_tiler():
-    """Slides are described in ``sources``; the tiler imports them, never the other way round."""
-    import subprocess
-    import sys
-
-    code = ("import sys, ubc_ocean.sources; "
-            "print(sorted(m for m in sys.modules if m.startswith('ubc_ocean.tiling')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+            load_config(None, [f"tiling.{key}={value}"])

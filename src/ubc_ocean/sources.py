@@ -15,11 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ubc_ocean.config import ConfigError
-
 TRAIN, TEST = "train", "test"
-EXTERNAL_KINDS = ("slides", "patches")
-_SOURCE_KEYS = {"name", "kind", "root", "labels_csv", "magnification"}
 LABEL_COLUMNS = ("image_id", "file", "label")
 
 
@@ -61,17 +57,10 @@ class ExternalSource:
 
 
 def external_sources(cfg: Mapping) -> list[ExternalSource]:
-    """Validate and resolve ``external.sources``; roots are relative to ``paths.external``."""
+    """Resolve ``external.sources``; roots are relative to ``paths.external``."""
     sources = []
-    for position, entry in enumerate(cfg["external"]["sources"] or []):
-        unknown = set(entry) - _SOURCE_KEYS
-        if unknown:
-            raise ConfigError(f"unknown config key 'external.sources[{position}].{sorted(unknown)[0]}'")
-        name, kind = entry.get("name"), entry.get("kind", "slides")
-        if not name or name in (TRAIN, TEST):
-            raise ConfigError(f"external.sources[{position}] needs a name other than 'train'/'test'")
-        if kind not in EXTERNAL_KINDS:
-            raise ConfigError(f"external.sources[{position}].kind must be one of {EXTERNAL_KINDS}, got {kind!r}")
+    for entry in cfg["external"]["sources"] or []:  # checked when the config loads (config/schema.py)
+        name, kind = entry["name"], entry.get("kind", "slides")
         root = Path(cfg["paths"]["external"]) / str(entry.get("root", name))
         labels = root / str(entry.get("labels_csv", "labels.csv"))
         magnification = entry.get("magnification")

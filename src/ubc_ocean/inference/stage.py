@@ -31,7 +31,6 @@ from ubc_ocean.outliers import SCORE_NAMES, FeatureSpaceDetector
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs
-from ubc_ocean.tiling.tiler import check_tiling_config
 
 log = logging.getLogger(__name__)
 STAGE = "05_infer_test"
@@ -94,7 +93,6 @@ def predict_model(model: layout.ModelDir, slide_ids: list[str], bags: dict[str, 
 
 def run(cfg: Mapping) -> dict[str, Path]:
     """Embed (this shard's share of) the test images, then predict them with every model."""
-    check_tiling_config(cfg["tiling"])
     root = layout.embeddings_root(cfg)
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)

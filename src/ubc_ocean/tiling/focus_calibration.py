@@ -22,7 +22,7 @@ from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs
 from ubc_ocean.tiling.quality import focus_score
 from ubc_ocean.tiling.settings import TilingSettings
-from ubc_ocean.tiling.tiler import SlideTiler, check_tiling_config
+from ubc_ocean.tiling.tiler import SlideTiler
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ def kept_fractions(scores: pd.DataFrame, thresholds: Iterable[float]) -> pd.Data
 
 def run(cfg: Mapping) -> pd.DataFrame:
     """Score a seeded sample of ``focus_calibration.slides`` training slides; print and save the tables."""
-    check_tiling_config(cfg["tiling"])
     settings = cfg["focus_calibration"]
     sigmas = [float(s) for s in settings["defocus_sigmas"]]
     specs = competition_specs(cfg, TRAIN)

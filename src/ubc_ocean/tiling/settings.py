@@ -1,9 +1,9 @@
 """The tiler's settings, read once from the config: the ``tiling`` section, the ``slides`` section and the
 global ``seed``, as frozen typed values; their :attr:`TilingSettings.key` names the tile store's folder.
 
-Numbers keep the type the config gave them (``target_magnification: 20`` stays the int 20, ``0.0`` stays a
-float): the key hashes them as the YAML wrote them, so it is the same key as before these settings existed.
-Use ``float()`` where a float is written out.
+The config's schema checked every value when it loaded. Numbers keep the type the config gave them
+(``target_magnification: 20`` stays the int 20, ``0.0`` stays a float): the key hashes them as the YAML
+wrote them, so it is the same key as before these settings existed. Use ``float()`` where a float is written out.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
 
@@ -70,8 +70,7 @@ class TilingSettings:
         """The settings of ``cfg`` (a loaded config); a ``tiling`` or ``slides`` key that these settings
         lack is an error, never silently dropped."""
         slides = _typed(SlideSettings, cfg["slides"], "slides")
-        return _typed(cls, {**cfg["tiling"], "slides": slides, "seed": cfg["seed"]}, "tiling",
-                      extra=("slides", "seed"))
+        return _typed(cls, {**cfg["tiling"], "slides": slides, "seed": cfg["seed"]}, "tiling")
 
     @property
     def key(self) -> str:
@@ -91,7 +90,9 @@ def _keyed(settings: Any) -> dict:
     return values
 
 
-def _typed(cls: type, values: Mapping, section: str, extra: tuple[str, ...] = ()) -> Any:
+def _typed(cls: type, values: Mapping, section: str) -> Any:
+    """``cls`` built from a config section whose values the schema checked when it loaded; a key the
+    settings lack (or lack a value for) is an error, so no tiling key is silently left out of the key."""
     names = [item.name for item in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -100,30 +101,4 @@ def _typed(cls: type, values: Mapping, section: str, extra: tuple[str, ...] = ()
     missing = [name for name in names if name not in values]
     if missing:
         raise ConfigError(f"config lacks {section}.{missing[0]}")
-    hints = get_type_hints(cls)
-    converted = {}
-    for name in names:
-        where = name if name in extra else f"{section}.{name}"
-        converted[name] = _convert(values[name], hints[name], where)
-    return cls(**converted)
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    """``value`` as ``hint`` says, keeping ints as ints where a float is asked (the key hashes them)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a {getattr(hint, '__name__', hint)}, got {value!r}")
-    try:
-        if hint is int:
-            number = value if isinstance(value, int) else float(value)
-            if number != int(number):
-                raise ValueError
-            return int(number)
-        if hint is float:
-            return value if isinstance(value, int) else float(value)
-        if hint is str:
-            return str(value)
-        if hint == str | float:
-            return value if isinstance(value, str | int) else float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{where} must be a {getattr(hint, '__name__', hint)}, got {value!r}") from None
-    return value  # a nested settings object, already converted
+    return cls(**{name: values[name] for name in names})

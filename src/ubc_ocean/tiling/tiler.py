@@ -22,19 +22,18 @@ import enum
 import heapq
 import itertools
 import logging
-from collections.abc import Container, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ubc_ocean.config import ConfigError
 from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
 from ubc_ocean.slides.reader import InMemorySlide, resize_area
 from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling.grid import TilePlan, grid_origin, plan_tiles, slide_seed
 from ubc_ocean.tiling.qc import draw_overlay
-from ubc_ocean.tiling.quality import FOCUS_METRICS, artefact_fraction, focus_score
+from ubc_ocean.tiling.quality import artefact_fraction, focus_score
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tissue import TissueMasks, background_mask, detect_tissue
 
@@ -117,27 +116,6 @@ class SlideTilingInfo:
 
 def _quality_rejections(blur: int, artefact: int) -> str:
     return f"every tissue tile failed the quality filters ({blur} blurry, {artefact} artefact)"
-
-
-_TILING_CHOICES = {
-    "format": ("jpg", "jpeg", "png"),
-    "sampling": ("random", "stratified"),
-    "blur_metric": tuple(sorted(FOCUS_METRICS)),
-}
-
-
-def check_tiling_config(tiling: Mapping) -> None:
-    """Refuse, before any slide is opened, a ``tiling`` section whose choices would fail every slide."""
-    for key, choices in _TILING_CHOICES.items():
-        if str(tiling[key]).lower() not in choices:
-            raise ConfigError(f"tiling.{key} must be one of {', '.join(choices)}, got {tiling[key]!r}")
-    threshold = str(tiling["saturation_threshold"]).lower()
-    if threshold != "otsu":
-        try:
-            float(threshold)
-        except ValueError:
-            raise ConfigError(f"tiling.saturation_threshold must be 'otsu' or a number, "
-                              f"got {tiling['saturation_threshold']!r}") from None
 
 
 @dataclass(frozen=True)

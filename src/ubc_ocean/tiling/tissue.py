@@ -43,7 +43,7 @@ def saturation_threshold(sat: np.ndarray, candidate: np.ndarray, setting: str | 
     Background pixels count as saturation 0 (dark fill can be noisy in hue and saturation), so Otsu
     separates tissue from background rather than splitting the tissue's own stains.
     """
-    if str(setting).lower() != "otsu":
+    if setting != "otsu":
         return float(setting)
     values = np.where(candidate, sat, 0).astype(np.uint8)
     if values.size < 2 or values.min() == values.max():
