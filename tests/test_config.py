@@ -3,10 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.builders import REPO
 from ubc_ocean.cli import build_parser, config_from_args, main
 from ubc_ocean.config import ConfigError, load_config, parse_override, save_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_load_and_paths_resolve(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage import data
 
-from tests.conftest import tiny_config
+from tests.builders import tiny_config
 from ubc_ocean import layout
 from ubc_ocean.features import WeightsMismatchError, cache, create_encoder
 from ubc_ocean.features.embed import embed_batches

