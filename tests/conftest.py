@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,18 @@ import torch
 
 from tests.builders import tiny_config
 from ubc_ocean.config import Config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Weights checksums are remembered in a folder of the test session, never the user's cache."""
+    before = os.environ.get("UBC_OCEAN_CACHE")
+    os.environ["UBC_OCEAN_CACHE"] = str(tmp_path_factory.mktemp("weights_cache"))
+    yield
+    if before is None:
+        os.environ.pop("UBC_OCEAN_CACHE", None)
+    else:
+        os.environ["UBC_OCEAN_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

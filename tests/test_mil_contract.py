@@ -80,11 +80,6 @@ EXPECTED: dict[str, Expected] = {
         embedding_dim=64,
         default_options={"hidden_dim": 512, "attention_dim": 256, "dropout": 0.25},
         default_embedding_dim=512,
-        exceptions={
-            "bf16_attention_fp32": "ABMIL casts its softmax back to the instances' dtype for the weighted sum, "
-            "so under bf16 autocast its attention is bfloat16 and sums to 1 only to bf16 resolution (2**-8)",
-        },
-        bf16_attention_tolerance=2**-8,
     ),
     "chowder": Expected(
         outputs=frozenset({"logits", "embedding", "instance_scores"}),

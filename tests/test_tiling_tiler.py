@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import pyvips
 
-from tests.conftest import tiny_config
+from tests.builders import tiny_config
 from ubc_ocean import layout
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import SlideSpec

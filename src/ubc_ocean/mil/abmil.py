@@ -45,7 +45,7 @@ class ABMIL(MILModel):
         h = self.instance_encoder(bag)  # [1, N, hidden]
         gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
         scores = self.attention_w(gate).squeeze(-1)  # [1, N]
-        attention = torch.softmax(scores.float(), dim=-1).to(h.dtype)
-        embedding = torch.bmm(attention.unsqueeze(1), h).squeeze(1)  # [1, hidden]
+        attention = torch.softmax(scores.float(), dim=-1)  # fp32 under autocast too: heatmaps read it
+        embedding = torch.bmm(attention.unsqueeze(1).to(h.dtype), h).squeeze(1)  # [1, hidden]
         logits = self.classifier(embedding)
         return {"logits": logits, "embedding": embedding, "attention": attention, "attention_scores": scores}
