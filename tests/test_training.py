@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.builders import class_centre_bags
+from tests.builders import SMALL_MIL_OPTIONS, class_centre_bags
 from ubc_ocean.config import ConfigError, load_config
+from ubc_ocean.mil import available_models
 from ubc_ocean.mil.bags import BagError, check_bag, drop_features, sample_instances
 from ubc_ocean.mil.checkpoint import load_checkpoint, save_checkpoint
 from ubc_ocean.mil.predict import predict_bags
@@ -171,14 +172,10 @@ def test_bad_bags_are_named_and_left_out(tmp_path):
     assert "width 5, expected 8" in problems["narrow"]
 
 
-@pytest.mark.parametrize(("model", "options"), [
-    ("dsmil", {"hidden_dim": 32, "query_dim": 16}),
-    ("chowder", {"n_top": 3, "n_bottom": 3, "hidden_dims": [32]}),
-    ("meanpool", {"hidden_dim": 32}),
-])
-def test_fit_trains_every_registered_head(model, options):
+@pytest.mark.parametrize("model", available_models())
+def test_fit_trains_every_registered_head(model):
     train_bags, train_labels = class_centre_bags(8)
-    result = fit(model, options, train_bags, train_labels, *class_centre_bags(4, seed=1), 3,
+    result = fit(model, SMALL_MIL_OPTIONS.get(model, {}), train_bags, train_labels, *class_centre_bags(4, seed=1), 3,
                  _mil_cfg(epochs=12, lr=0.003), 0, CPU)
     assert result.best_score >= 0.9 and result.detector is not None
 
