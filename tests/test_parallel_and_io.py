@@ -1,10 +1,15 @@
+import logging
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from tests.builders import REPO
+from ubc_ocean.config import ConfigError
 from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
-from ubc_ocean.parallel import TaskResult, parse_shard, run_tasks, select_shard, shard_output
+from ubc_ocean.parallel import AllTasksFailed, TaskResult, parse_shard, run_tasks, select_shard, shard_output
 
 
 def test_shards_are_disjoint_and_complete():
@@ -32,6 +37,93 @@ def test_run_tasks_yields_every_result(workers):
     results = list(run_tasks(range(7), _square, workers=workers, desc="t"))
     assert sorted(int(r.item) for r in results) == list(range(7))
     assert sum(r.count for r in results) == sum(x * x for x in range(7))
+
+
+class Stubborn(Exception):
+    """Does not survive pickling (unpickling calls ``__init__`` with the message alone), as many library
+    exceptions: it must be turned into text inside the worker."""
+
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"code {code}: {detail}")
+
+
+@dataclass(frozen=True)
+class Item:
+    slide_id: str
+    path: Path
+
+
+def _tile_or_explode(item: Item) -> TaskResult:
+    if item.slide_id.endswith(("1", "3")):
+        raise Stubborn(7, "Not a JPEG file:\n starts with 0x00")
+    return TaskResult(item.slide_id, "done", count=1)
+
+
+def _raise(kind: str) -> TaskResult:
+    if kind == "interrupt":
+        raise KeyboardInterrupt
+    if kind == "exit":
+        raise SystemExit(3)
+    if kind == "config":
+        raise ConfigError("features.input_size must be 224 for this preset")
+    if kind == "done":
+        return TaskResult(kind, "done")
+    if kind == "skipped":
+        return TaskResult(kind, "skipped")
+    raise {"key": KeyError, "type": TypeError}[kind.split("-")[0]](kind)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_raising_task_is_its_items_failure_and_the_run_goes_on(workers, caplog):
+    items = [Item(f"ext/{i}", Path(f"/data/slide{i}.svs")) for i in range(5)]
+    with caplog.at_level(logging.DEBUG, logger="ubc_ocean.parallel"):
+        results = {r.item: r for r in run_tasks(items, _tile_or_explode, workers=workers, desc="t")}
+    assert sorted(results) == [item.slide_id for item in items]
+    assert [results[f"ext/{i}"].status for i in range(5)] == ["done", "failed", "done", "failed", "done"]
+    failed = results["ext/3"]
+    assert failed.message == "slide3.svs: unexpected Stubborn: code 7: Not a JPEG file: starts with 0x00"
+    assert failed.error == "Stubborn" and "_tile_or_explode" in failed.traceback
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(m.startswith("ext/3: traceback") and "raise Stubborn" in m for m in debug)
+    assert "2 of 5 slides failed with an unexpected error (Stubborn x2)" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["interrupt", "exit", "config"])
+def test_interrupts_and_config_errors_still_stop_the_run(kind):
+    expected = {"interrupt": KeyboardInterrupt, "exit": SystemExit, "config": ConfigError}[kind]
+    with pytest.raises(expected):
+        list(run_tasks(["done", kind, "done"], _raise))
+
+
+def test_config_error_in_a_worker_process_stops_the_run():
+    with pytest.raises(ConfigError, match="input_size"):
+        list(run_tasks(["done", "config"], _raise, workers=2))
+
+
+@pytest.mark.parametrize(("kinds", "stops"), [
+    (["key-1", "key-2", "skipped"], True),     # every slide tried raised the same: a bug, not bad files
+    (["key-1"], False),                        # one slide cannot tell a bug from a bad file
+    (["key-1", "type-2"], False),              # different errors: different files
+    (["key-1", "key-2", "done"], False),       # something worked
+])
+def test_a_stage_where_every_slide_fails_alike_ends_in_error(kinds, stops):
+    seen = []
+    if stops:
+        with pytest.raises(AllTasksFailed, match="all 2 slides tried failed with the same unexpected KeyError"):
+            seen.extend(run_tasks(kinds, _raise))
+    else:
+        seen.extend(run_tasks(kinds, _raise))
+    assert sorted(r.item for r in seen) == sorted(kinds)  # every row was handed out before the error
+
+
+def test_cli_reports_a_stage_that_failed_throughout_as_exit_1(tmp_path, caplog):
+    from ubc_ocean.cli import main
+
+    def run(cfg):
+        raise AllTasksFailed("tiling: all 3 slides tried failed with the same unexpected TypeError")
+
+    assert main(run, "t", ["--config", str(REPO / "configs" / "demo.yaml"), f"paths.data_root={tmp_path}"]) == 1
+    assert "all 3 slides tried failed" in caplog.text
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ubc_ocean.config import Config, ConfigError, load_config
+from ubc_ocean.parallel import AllTasksFailed
 
 log = logging.getLogger("ubc_ocean")
 
@@ -75,7 +76,9 @@ def main(
 ) -> int:
     """Parse ``--config``, flags and overrides (in any order), check the config whole, set up logging and
     call the stage's ``run(cfg)``. A bad config is one ``config error:`` line on stderr and exit status 2,
-    before ``run`` starts; ``paths.data_root`` must exist unless the stage ``creates_data_root``.
+    before ``run`` starts; ``paths.data_root`` must exist unless the stage ``creates_data_root``. A stage
+    where every slide tried failed with the same unexpected exception (:class:`AllTasksFailed`) ends with
+    one error line and exit status 1.
 
     ``run`` may be named as ``"package.module:function"``: it is imported only once the config is good,
     so a bad config is refused without the seconds that torch and friends take to import.
@@ -92,4 +95,7 @@ def main(
         run(cfg)  # stages may still raise ConfigError for what the config cannot know (e.g. an encoder's sizes)
     except ConfigError as err:
         return config_error(err)
+    except AllTasksFailed as err:  # each slide's row is written; the run as a whole did nothing
+        log.error("%s", err)
+        return 1
     return 0

@@ -1,12 +1,19 @@
-"""Sharding and per-slide process pools with a progress bar, shared by the slide-level stages."""
+"""Sharding and per-slide process pools with a progress bar, shared by the slide-level stages.
+
+One bad slide never stops a stage: :func:`run_tasks` runs each task under a guard that turns any
+``Exception`` the task raises (a reader, decoder, encoder or writer error the task did not classify itself)
+into that slide's ``failed`` :class:`TaskResult`, inside the worker process, so nothing unpicklable crosses
+the process boundary. ``KeyboardInterrupt``, ``SystemExit`` and config errors still stop the run.
+"""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
 import re
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import traceback
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +65,67 @@ def select_shard(items: Sequence[T], shard: str | None, key: Callable[[T], str] 
 
 @dataclass
 class TaskResult:
-    """What one per-slide task reports back: a status (done/skipped/failed) and free-form numbers."""
+    """What one per-slide task reports back: a status (done/skipped/failed) and free-form numbers.
+
+    ``error`` is the exception's type name when the task raised instead of returning (see
+    :func:`run_tasks`), with the formatted ``traceback``; both are empty for a result the task returned.
+    """
 
     item: str
     status: str
     message: str = ""
     count: int = 0
+    error: str = ""
+    traceback: str = ""
+
+
+class AllTasksFailed(RuntimeError):
+    """Every slide a stage tried failed with the same unexpected exception: a bug or a broken install,
+    not that many bad files. Raised by :func:`run_tasks` once every result has been yielded (and so
+    recorded by the stage)."""
+
+
+def describe_item(item: Any) -> tuple[str, str]:
+    """``(slide id, file name)`` of a task item, for the failure row of a task that raised.
+
+    The id is the item's ``slide_id`` (attribute or mapping key), else ``str(item)``; the file name is
+    that of its ``path`` attribute when it has one, else the id.
+    """
+    slide_id = getattr(item, "slide_id", None)
+    if slide_id is None and isinstance(item, Mapping):
+        slide_id = item.get("slide_id")
+    slide_id = str(item if slide_id is None else slide_id)
+    path = getattr(item, "path", None)
+    return slide_id, Path(path).name if path is not None else slide_id
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+class GuardedTask:
+    """``task`` with any ``Exception`` turned into a ``failed`` result naming the file, the exception's type
+    and text (one line), with the traceback as text. Picklable whenever ``task`` is, so it runs in the
+    worker process and only strings come back. A :class:`ConfigError` (what the config cannot know until a
+    task tries it, e.g. an encoder's input size) is the run's, not the slide's: it propagates."""
+
+    def __init__(self, task: Callable[[Any], TaskResult]):
+        self.task = task
+
+    def __call__(self, item: Any) -> TaskResult:
+        try:
+            return self.task(item)
+        except Exception as err:  # any error of one slide stays that slide's
+            from ubc_ocean.config import ConfigError  # imported here: the config schema imports this module
+
+            if isinstance(err, ConfigError):
+                raise
+            slide_id, name = describe_item(item)
+            kind = type(err).__name__
+            text = one_line(str(err)) or "(no message)"
+            return TaskResult(slide_id, "failed", f"{name}: unexpected {kind}: {text}", error=kind,
+                              traceback=traceback.format_exc())
 
 
 def run_tasks(
@@ -75,19 +137,26 @@ def run_tasks(
 ) -> Iterator[TaskResult]:
     """Run ``task`` on every item, in ``workers`` processes when > 1, yielding results as they finish.
 
-    The progress bar shows items done, the summed ``count`` (e.g. tiles cut) and the ETA.
+    The progress bar shows items done, the summed ``count`` (e.g. tiles cut) and the ETA. An exception
+    raised by ``task`` becomes that item's ``failed`` result (:class:`GuardedTask`; its message names
+    the item's file, see :func:`describe_item`), its traceback logged at DEBUG and the run goes on. When
+    at least two items were tried (not skipped), none succeeded and every one raised the same exception
+    type, it raises :class:`AllTasksFailed` after yielding the last result.
     """
     items = list(items)
     totals = {"done": 0, "skipped": 0, "failed": 0}
     counted = 0
+    unexpected: Counter[str] = Counter()
+    last_unexpected = ""
+    guarded = GuardedTask(task)
     bar = tqdm(total=len(items), desc=desc, unit="slide", dynamic_ncols=True)
     if workers > 1 and len(items) > 1:
         context = mp.get_context("spawn")
         pool = context.Pool(processes=min(workers, len(items)))
-        results: Iterable[TaskResult] = pool.imap_unordered(task, items)
+        results: Iterable[TaskResult] = pool.imap_unordered(guarded, items)
     else:
         pool = None
-        results = map(task, items)
+        results = map(guarded, items)
     try:
         for result in results:
             totals[result.status] = totals.get(result.status, 0) + 1
@@ -96,12 +165,29 @@ def run_tasks(
             elapsed = max(bar.format_dict["elapsed"], 1e-9)
             rate = f"{counted / elapsed:.1f}"
             bar.set_postfix({unit_counted: counted, f"{unit_counted}/s": rate, **totals}, refresh=False)
+            if result.error:
+                unexpected[result.error] += 1
+                last_unexpected = result.message
+                log.debug("%s: traceback of the unexpected error:\n%s", result.item, result.traceback.rstrip())
             yield result
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
+    if not unexpected:
+        return
+    kinds = ", ".join(f"{kind} x{n}" for kind, n in unexpected.most_common())
+    hint = "" if log.isEnabledFor(logging.DEBUG) else "; rerun with --log-level DEBUG for the tracebacks"
+    log.warning("%s: %d of %d slides failed with an unexpected error (%s)%s",
+                desc, unexpected.total(), len(items), kinds, hint)
+    tried = totals["done"] + totals["failed"]
+    if tried >= 2 and len(unexpected) == 1 and unexpected.total() == tried:
+        raise AllTasksFailed(
+            f"{desc}: all {tried} slides tried failed with the same unexpected {next(iter(unexpected))} "
+            f"(last: {last_unexpected}), more often a bug or a broken install than {tried} bad files; "
+            f"each has its row in the stage's failures file, tracebacks at --log-level DEBUG"
+        )
 
 
 def threaded_map(
