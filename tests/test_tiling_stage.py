@@ -213,8 +213,15 @@ def test_slide_killed_half_way_is_redone_never_left_complete(tmp_path):
     assert list(folder.parent.glob(".tmp-slide@*")), "the child should have died mid-slide"
     assert not folder.exists() and not store.is_complete(folder)
     assert clean_stale_temporaries(folder.parent) == 1  # what stage 01 does first in every source folder
-    assert tile_slide(SlideSpec("t", "slide", png, is_tma=False, competition_scale=True), cfg).status == "done"
+    spec = SlideSpec("t", "slide", png, is_tma=False, competition_scale=True)
+    assert tile_slide(spec, cfg).status == "done"
     assert store.is_complete(folder) and not list(folder.parent.glob(".tmp-*"))
+    # The resumed slide is byte for byte what an uninterrupted run writes.
+    clean = tiny_config(tmp_path / "clean")
+    assert tile_slide(spec, clean).status == "done"
+    resumed, uninterrupted = ({p.name: p.read_bytes() for p in f.iterdir()}
+                              for f in (folder, layout.slide_tiles_dir(clean, "t", "slide")))
+    assert resumed == uninterrupted and len(resumed) > 4  # tiles, index, slide.json, QC picture
 
 
 def test_shards_partition_the_slides(tiny_raw, tmp_path):
