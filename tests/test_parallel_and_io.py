@@ -1,5 +1,6 @@
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,28 @@ def test_a_stage_where_every_slide_fails_alike_ends_in_error(kinds, stops):
     else:
         seen.extend(run_tasks(kinds, _raise))
     assert sorted(r.item for r in seen) == sorted(kinds)  # every row was handed out before the error
+
+
+def _die_on(item: str) -> TaskResult:
+    if item == "poison":
+        os.kill(os.getpid(), signal.SIGKILL)  # a native crash or the OOM killer: no Python exception
+    time.sleep(0.2)
+    return TaskResult(item, "done", count=1)
+
+
+def test_a_worker_process_that_dies_costs_only_its_slide(caplog):
+    """The pool is restarted and the slides the dead worker may have held are retried alone: the poison
+    one is a failure row, every other slide is done, and nothing hangs (an alarm stops a hang)."""
+    items = ["a", "b", "poison", "c", "d", "e"]
+    signal.alarm(240)
+    try:
+        results = {r.item: r for r in run_tasks(items, _die_on, workers=2)}
+    finally:
+        signal.alarm(0)
+    assert sorted(results) == sorted(items)
+    assert results["poison"].status == "failed" and "worker process died" in results["poison"].message
+    assert all(results[i].status == "done" for i in items if i != "poison")
+    assert "a worker process died" in caplog.text
 
 
 def test_cli_reports_a_stage_that_failed_throughout_as_exit_1(tmp_path, caplog):

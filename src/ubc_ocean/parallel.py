@@ -3,7 +3,10 @@
 One bad slide never stops a stage: :func:`run_tasks` runs each task under a guard that turns any
 ``Exception`` the task raises (a reader, decoder, encoder or writer error the task did not classify itself)
 into that slide's ``failed`` :class:`TaskResult`, inside the worker process, so nothing unpicklable crosses
-the process boundary. ``KeyboardInterrupt``, ``SystemExit`` and config errors still stop the run.
+the process boundary. ``KeyboardInterrupt``, ``SystemExit`` and config errors still stop the run. A
+worker process that dies without a Python exception (a native decoder's segfault, the OOM killer) costs
+only the slide it was working on: the pool is restarted and the slides it may have held are retried one
+by one, so the culprit ends as a failure row instead of hanging or stopping the stage.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import re
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,11 +155,8 @@ def run_tasks(
     guarded = GuardedTask(task)
     bar = tqdm(total=len(items), desc=desc, unit="slide", dynamic_ncols=True)
     if workers > 1 and len(items) > 1:
-        context = mp.get_context("spawn")
-        pool = context.Pool(processes=min(workers, len(items)))
-        results: Iterable[TaskResult] = pool.imap_unordered(guarded, items)
+        results: Iterator[TaskResult] = _in_processes(guarded, items, workers)
     else:
-        pool = None
         results = map(guarded, items)
     try:
         for result in results:
@@ -172,9 +173,9 @@ def run_tasks(
             yield result
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        close = getattr(results, "close", None)
+        if close is not None:  # stops the worker processes when the caller leaves early
+            close()
     if not unexpected:
         return
     kinds = ", ".join(f"{kind} x{n}" for kind, n in unexpected.most_common())
@@ -188,6 +189,84 @@ def run_tasks(
             f"(last: {last_unexpected}), more often a bug or a broken install than {tried} bad files; "
             f"each has its row in the stage's failures file, tracebacks at --log-level DEBUG"
         )
+
+
+_ANNOUNCE: Any = None  # in a worker process: where it says which item it starts
+
+
+def _remember_announcer(queue: Any) -> None:
+    global _ANNOUNCE
+    _ANNOUNCE = queue
+
+
+def _announced(task: Callable[[Any], TaskResult], index: int, item: Any) -> tuple[int, TaskResult]:
+    _ANNOUNCE.put(index)
+    return index, task(item)
+
+
+def _in_processes(task: GuardedTask, items: Sequence[Any], workers: int) -> Iterator[TaskResult]:
+    """``task`` over ``items`` in ``workers`` spawned processes, results as they finish.
+
+    Each worker announces the item it starts. When a worker dies (no Python exception can tell which slide
+    killed it), the items started but not finished are retried one at a time, each in a process of its
+    own: the one that kills its process again gets a failure row; the rest run on in a fresh pool.
+    """
+    context = mp.get_context("spawn")
+    pending = dict(enumerate(items))
+    while pending:
+        queue = context.SimpleQueue()
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
+                                   initializer=_remember_announcer, initargs=(queue,))
+        broken = finished = False
+        try:
+            futures = [pool.submit(_announced, task, index, item) for index, item in pending.items()]
+            for future in as_completed(futures):
+                try:
+                    index, result = future.result()
+                except BrokenProcessPool:  # every unfinished future says so; the finished ones still count
+                    broken = True
+                    continue
+                del pending[index]
+                yield result
+            finished = True
+        finally:
+            _stop(pool, wait_for_workers=finished)
+        if not broken:
+            return
+        suspects = sorted(_drain(queue) & set(pending))
+        log.warning("a worker process died; retrying the %d slides it may have held one at a time", len(suspects))
+        for index in suspects:
+            yield _alone(task, pending.pop(index), context)
+
+
+def _drain(queue: Any) -> set[int]:
+    started = set()
+    while not queue.empty():
+        started.add(queue.get())
+    return started
+
+
+def _alone(task: GuardedTask, item: Any, context: Any) -> TaskResult:
+    """``task(item)`` in a process of its own; a process that dies is the item's failure row."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_remember_announcer,
+                               initargs=(context.SimpleQueue(),))
+    try:
+        return pool.submit(_announced, task, 0, item).result()[1]
+    except BrokenProcessPool:
+        slide_id, name = describe_item(item)
+        return TaskResult(slide_id, "failed", f"{name}: the worker process died while processing it (a crash "
+                          "in a native reader or decoder, or out of memory)", error="WorkerDied")
+    finally:
+        _stop(pool, wait_for_workers=True)
+
+
+def _stop(pool: ProcessPoolExecutor, wait_for_workers: bool) -> None:
+    """Shut ``pool`` down; on an early exit (interrupt, error) its workers are killed, not awaited."""
+    if not wait_for_workers:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            if process.is_alive():
+                process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def threaded_map(
