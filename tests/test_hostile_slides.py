@@ -15,10 +15,9 @@ import openslide
 import pandas as pd
 import pytest
 import pyvips
-import tifffile
 import torch
 
-from tests.builders import tiny_config, write_png
+from tests.builders import tiny_config, write_plain_tiff, write_png
 from ubc_ocean import layout
 from ubc_ocean.features import create_encoder
 from ubc_ocean.features.fused import embed_slide_streaming
@@ -152,18 +151,12 @@ def test_fused_mode_takes_the_image_path_for_a_zero_byte_test_thumbnail(tmp_path
 # ---------------------------------------------------------------------------------- libvips-only images
 
 
-def _plain_tiff(path: Path, rgb: np.ndarray, **options) -> Path:
-    """A plain RGB TIFF, in strips, with no tiles and no pyramid (as histolab's kidney-48-5.tif)."""
-    tifffile.imwrite(path, rgb, photometric="rgb", rowsperstrip=options.pop("rowsperstrip", 7), **options)
-    return path
-
-
 @pytest.fixture(scope="module")
 def kidney(tmp_path_factory) -> SimpleNamespace:
     """An RGB image of kidney-48-5.tif's size (1493x901) as a plain TIFF and as a PNG."""
     folder = tmp_path_factory.mktemp("plain_tiff")
     rgb, _ = render_slide("EC", 1493, 901, is_tma=False, hospital=0, seed=2)
-    return SimpleNamespace(rgb=rgb, tif=_plain_tiff(folder / "kidney-48-5.tif", rgb),
+    return SimpleNamespace(rgb=rgb, tif=write_plain_tiff(folder / "kidney-48-5.tif", rgb),
                            png=write_png(folder / "kidney-48-5.png", rgb))
 
 
@@ -205,7 +198,7 @@ def test_libvips_images_stream_pixel_exact_top_to_bottom(tmp_path, name):
     if name.endswith(".jpg"):
         pyvips.Image.new_from_array(rgb).jpegsave(str(path), Q=95)
     else:
-        _plain_tiff(path, rgb, **({"compression": "zlib", "rowsperstrip": 33} if "deflate" in name else {}))
+        write_plain_tiff(path, rgb, **({"rows_per_strip": 33, "compression": "zlib"} if "deflate" in name else {}))
     pixels = pyvips.Image.new_from_file(str(path)).numpy()
     extent = 90
     boxes = [(x, y) for y in range(0, 700 - extent + 1, extent) for x in range(0, 650 - extent + 1, extent)]
