@@ -98,6 +98,16 @@ def write_png(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
+def write_plain_tiff(path: Path, rgb: np.ndarray, rows_per_strip: int = 7, compression: str | None = None) -> Path:
+    """Write ``rgb`` as a plain RGB TIFF in strips of ``rows_per_strip`` lines: no tiles, no pyramid, no
+    resolution (as histolab's kidney-48-5.tif; openslide refuses it). Returns ``path``."""
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, rgb, photometric="rgb", rowsperstrip=rows_per_strip, compression=compression)
+    return path
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """An image file's pixels as a [H, W, bands] array, through libvips."""
     return pyvips.Image.new_from_file(str(path)).numpy()

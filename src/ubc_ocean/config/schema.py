@@ -237,6 +237,7 @@ RULES: dict[str, Rule] = {
     "slides.tma_max_side": at_least(1),
     "slides.tma_square_tolerance": FRACTION,
     "slides.in_memory_max_megapixels": at_least(0, kind=float),
+    "slides.thumbnail_aspect_tolerance": FRACTION,
     "tiling.target_magnification": above(0, kind=float),
     "tiling.tile_size": at_least(2),  # the wavelet focus score takes 2x2 blocks: a 1-px tile scores NaN
     "tiling.format": one_of("jpg", "jpeg", "png"),

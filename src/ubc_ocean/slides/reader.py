@@ -1,8 +1,12 @@
-"""One reader interface over streaming PNGs (pyvips) and pyramidal slides (openslide).
+"""One reader interface over pyramidal slides (openslide) and any other image libvips reads (PNG, plain
+or strip TIFF, JPEG, ...), streaming.
 
 The tiler asks a reader for a low-resolution view (for the tissue mask) and for square level-0 boxes,
-row by row, resized to the tile size. PNGs are decoded once, top to bottom, in strips: memory follows the
-slide's width, never its area. Small images without a thumbnail (TMAs) are decoded whole, once, instead.
+row by row, resized to the tile size. Non-pyramidal images are decoded once, top to bottom, in strips:
+memory follows the slide's width, never its area. Small images without a usable thumbnail (TMAs) are
+decoded whole, once, instead. A thumbnail stands for its image only when it decodes completely and has
+the image's aspect ratio; otherwise the reader says why (``thumbnail_rejected``) and the image's own
+pixels give the view.
 """
 
 from __future__ import annotations
@@ -21,10 +25,15 @@ from ubc_ocean.memory import limit_malloc_arenas
 log = logging.getLogger(__name__)
 
 PYRAMIDAL_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+THUMBNAIL_ASPECT_TOLERANCE = 0.02  # the default of slides.thumbnail_aspect_tolerance
 
 
 class SlideError(RuntimeError):
     """A slide that cannot be read as asked (missing, corrupt, wrong size, unsupported)."""
+
+
+class UnsupportedBySlideLibrary(SlideError):
+    """openslide does not know the file's format (a plain TIFF, say): libvips may still read it."""
 
 
 def resize_area(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -51,6 +60,7 @@ class SlideReader(ABC):
     mpp: float | None = None
     objective_power: float | None = None
     has_low_resolution_view: bool = True  # False: a low-res view would cost a full decoding pass
+    thumbnail_rejected: str = ""  # why a thumbnail given with the slide does not stand for it ('' if none)
 
     @abstractmethod
     def low_resolution(self, max_side: int) -> np.ndarray:
@@ -75,7 +85,10 @@ class SlideReader(ABC):
         self.close()
 
 
-STRIP_ALIGN = 64  # lines; a multiple of libvips' 16-line PNG decoding chunk
+STRIP_ALIGN = 64  # lines; a multiple of libvips' 16-line PNG and 8- or 16-line JPEG decoding chunks
+# Loaders that read any strip or tile on demand, never decoding the whole image: they are opened for random
+# access, since a sequential TIFF read must stop on its strips' boundaries (which libvips does not report).
+RANDOM_ACCESS_LOADERS = {"tiffload"}
 
 
 def _to_rgb_vips(image):  # type: ignore[no-untyped-def]
@@ -93,20 +106,32 @@ def _to_rgb_vips(image):  # type: ignore[no-untyped-def]
     return image
 
 
-class PngSlide(SlideReader):
-    """A PNG (or any non-pyramidal pyvips-readable image) read in one sequential, streaming pass."""
+class VipsSlide(SlideReader):
+    """Any image libvips reads (PNG, plain or strip TIFF, JPEG, ...), read in one streaming pass, top to
+    bottom (sequential access, except for the loaders in ``RANDOM_ACCESS_LOADERS``). Its low-resolution
+    view is its ``thumbnail`` when that decodes completely and has the image's aspect ratio (within
+    ``thumbnail_aspect_tolerance``, relative); else :attr:`thumbnail_rejected` says why and the reader has
+    no cheap view. No mpp: the scale comes from the source's configuration."""
 
-    def __init__(self, path: str | Path, thumbnail: str | Path | None = None):
+    def __init__(self, path: str | Path, thumbnail: str | Path | None = None,
+                 thumbnail_aspect_tolerance: float = THUMBNAIL_ASPECT_TOLERANCE):
         import pyvips
 
         self.path = Path(path)
-        self.thumbnail_path = Path(thumbnail) if thumbnail else None
-        self.has_low_resolution_view = bool(self.thumbnail_path and self.thumbnail_path.is_file())
         try:
             header = pyvips.Image.new_from_file(str(self.path), access="sequential")
         except pyvips.Error as err:
             raise SlideError(f"cannot open: {_error_text(err)}") from err
         self.width, self.height = header.width, header.height
+        loader = header.get("vips-loader") if header.get_typeof("vips-loader") else ""
+        self._access = "random" if loader in RANDOM_ACCESS_LOADERS else "sequential"
+        self.thumbnail_path: Path | None = None
+        self._thumbnail = None  # the thumbnail, decoded whole (a few MB): the view is made from it
+        if thumbnail is not None and Path(thumbnail).is_file():
+            self._thumbnail, self.thumbnail_rejected = _load_thumbnail(
+                Path(thumbnail), self.width, self.height, thumbnail_aspect_tolerance)
+            self.thumbnail_path = Path(thumbnail) if self._thumbnail is not None else None
+        self.has_low_resolution_view = self._thumbnail is not None
 
     def _open(self):  # type: ignore[no-untyped-def]
         import pyvips
@@ -117,19 +142,23 @@ class PngSlide(SlideReader):
         pyvips.cache_set_max(0)
         pyvips.concurrency_set(1)
         # fail_on="error" turns truncated or corrupt data into an error instead of grey rows.
-        image = pyvips.Image.new_from_file(str(self.path), access="sequential", fail_on="error")
+        image = pyvips.Image.new_from_file(str(self.path), access=self._access, fail_on="error")
         return _to_rgb_vips(image)
 
     def low_resolution(self, max_side: int) -> np.ndarray:
         import pyvips
 
-        source = self.thumbnail_path if self.thumbnail_path and self.thumbnail_path.is_file() else self.path
-        try:
-            image = pyvips.Image.thumbnail(str(source), max_side, height=max_side, size="down", fail_on="error")
+        if self._thumbnail is not None:  # decoded and checked when the slide was opened
+            image = self._thumbnail.thumbnail_image(max_side, height=max_side, size="down")
+            return _to_rgb_vips(image).numpy()
+        try:  # no usable thumbnail: a whole decoding pass of the image itself
+            image = pyvips.Image.thumbnail(str(self.path), max_side, height=max_side, size="down", fail_on="error")
             return _to_rgb_vips(image).numpy()
         except pyvips.Error as err:
-            what = f"thumbnail {source.name}" if source != self.path else "image data"
-            raise SlideError(f"truncated or corrupt {what}: {_error_text(err)}") from err
+            raise SlideError(f"truncated or corrupt image data: {_error_text(err)}") from err
+
+    def close(self) -> None:
+        self._thumbnail = None
 
     def read_all(self) -> np.ndarray:
         """The whole image as one RGB array, decoded once (for images small enough to hold)."""
@@ -167,8 +196,9 @@ class PngSlide(SlideReader):
         """Lines ``[y, y + extent)`` of columns ``[left, left + width)`` for each ``y`` of the sorted
         ``rows``, as a ``(top, bottom)`` pair of line blocks to stack.
 
-        libvips decodes a sequential PNG in 16-line chunks and cannot go back: a read that starts inside
-        a chunk already decoded fails ("out of order read"). So every read starts where the previous one
+        libvips decodes a sequential image in chunks of lines (16 for a PNG, a strip for a TIFF, an MCU row
+        for a JPEG) and cannot go back: a read that starts inside a chunk already decoded fails ("out of
+        order read"). So every read starts where the previous one
         stopped and stops on a multiple of ``STRIP_ALIGN`` lines; the few lines read past a row's end are
         kept (copied, so the decoded strip itself can go) as the next row's ``top``.
         """
@@ -188,14 +218,20 @@ class PngSlide(SlideReader):
             del fresh, rest, held
 
 
+class PngSlide(VipsSlide):
+    """A PNG (the competition's images): a :class:`VipsSlide` under its own name, which ``slide.json``
+    records as the reader."""
+
+
 class InMemorySlide(SlideReader):
     """An image held whole in memory: its low-resolution view is a shrink of the pixels themselves, so
     the tiler plans before cutting and reads only the planned tiles (no streamed candidates)."""
 
-    def __init__(self, path: str | Path, rgb: np.ndarray):
+    def __init__(self, path: str | Path, rgb: np.ndarray, thumbnail_rejected: str = ""):
         self.path = Path(path)
         self.rgb = rgb
         self.height, self.width = rgb.shape[:2]
+        self.thumbnail_rejected = thumbnail_rejected
 
     def low_resolution(self, max_side: int) -> np.ndarray:
         scale = min(1.0, max_side / max(self.width, self.height))  # never enlarged, as a pyvips thumbnail
@@ -220,7 +256,9 @@ class OpenSlideSlide(SlideReader):
         self.path = Path(path)
         try:
             self._slide = openslide.OpenSlide(str(self.path))
-        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
+        except openslide.OpenSlideUnsupportedFormatError as err:
+            raise UnsupportedBySlideLibrary(f"openslide cannot open it: {_error_text(err)}") from err
+        except openslide.OpenSlideError as err:
             raise SlideError(f"openslide cannot open it: {_error_text(err)}") from err
         self.width, self.height = self._slide.dimensions
         props = self._slide.properties
@@ -267,21 +305,59 @@ def _error_text(err: BaseException) -> str:
 
 
 def open_slide(
-    path: str | Path, thumbnail: str | Path | None = None, in_memory_max_pixels: int = 0
+    path: str | Path,
+    thumbnail: str | Path | None = None,
+    in_memory_max_pixels: int = 0,
+    thumbnail_aspect_tolerance: float = THUMBNAIL_ASPECT_TOLERANCE,
 ) -> SlideReader:
-    """Open ``path`` with the right reader: openslide for pyramidal formats; for other images pyvips,
-    streaming, except that one with no thumbnail and at most ``in_memory_max_pixels`` pixels (a TMA) is
-    decoded whole, once, into an :class:`InMemorySlide`."""
+    """Open ``path`` with the right reader: openslide for pyramidal formats; libvips, streaming, for other
+    images and for the files with a pyramidal suffix that openslide refuses (a plain or strip TIFF). A
+    non-pyramidal image without a usable ``thumbnail`` and of at most ``in_memory_max_pixels`` pixels (a
+    TMA) is decoded whole, once, into an :class:`InMemorySlide`."""
     limit_malloc_arenas()  # before libvips or tile writers start threads
     path = Path(path)
     if not path.is_file():
         raise SlideError(f"file not found: {path}")
+    refused = ""
     if path.suffix.lower() in PYRAMIDAL_SUFFIXES:
-        return OpenSlideSlide(path)
-    png = PngSlide(path, thumbnail=thumbnail)
-    if not png.has_low_resolution_view and png.width * png.height <= in_memory_max_pixels:
-        return InMemorySlide(path, png.read_all())
-    return png
+        try:
+            return OpenSlideSlide(path)
+        except UnsupportedBySlideLibrary as err:
+            refused = str(err)
+    reader_class = PngSlide if path.suffix.lower() == ".png" else VipsSlide
+    try:
+        image = reader_class(path, thumbnail=thumbnail, thumbnail_aspect_tolerance=thumbnail_aspect_tolerance)
+    except SlideError as err:
+        if not refused:
+            raise
+        raise SlideError(f"{refused}; libvips {err}") from err
+    if not image.has_low_resolution_view and image.width * image.height <= in_memory_max_pixels:
+        return InMemorySlide(path, image.read_all(), thumbnail_rejected=image.thumbnail_rejected)
+    return image
+
+
+def aspect_mismatch(thumbnail_size: tuple[int, int], image_size: tuple[int, int], tolerance: float) -> bool:
+    """True when a ``(width, height)`` thumbnail cannot be a shrink of the image: its aspect ratio differs
+    from the image's by more than ``tolerance`` (relative) and by more than rounding to whole pixels."""
+    (tw, th), (width, height) = thumbnail_size, image_size
+    if abs(th - tw * height / width) <= 1 or abs(tw - th * width / height) <= 1:  # rounded, not distorted
+        return False
+    return abs((tw / th) / (width / height) - 1.0) > tolerance
+
+
+def _load_thumbnail(path: Path, width: int, height: int, tolerance: float):  # type: ignore[no-untyped-def]
+    """``(thumbnail decoded whole, '')``, or ``(None, why it cannot stand for the width x height image)``."""
+    import pyvips
+
+    if path.stat().st_size == 0:
+        return None, "unreadable: empty file (0 bytes)"
+    try:
+        header = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="error")
+        if aspect_mismatch((header.width, header.height), (width, height), tolerance):
+            return None, f"aspect {header.width / header.height:.3f} vs image {width / height:.3f}"
+        return header.copy_memory(), ""  # truncated or corrupt data fails here, before any tile is planned
+    except pyvips.Error as err:
+        return None, f"unreadable: {_error_text(err)}"
 
 
 def sorted_boxes(boxes: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

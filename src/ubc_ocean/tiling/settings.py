@@ -32,6 +32,7 @@ class SlideSettings:
     tma_max_side: int
     tma_square_tolerance: float
     in_memory_max_megapixels: float
+    thumbnail_aspect_tolerance: float
 
     @property
     def in_memory_max_pixels(self) -> int:

@@ -35,7 +35,7 @@ from ubc_ocean.tiling.grid import TilePlan, grid_origin, plan_tiles, slide_seed
 from ubc_ocean.tiling.qc import draw_overlay
 from ubc_ocean.tiling.quality import artefact_fraction, focus_score
 from ubc_ocean.tiling.settings import TilingSettings
-from ubc_ocean.tiling.tissue import TissueMasks, background_mask, detect_tissue
+from ubc_ocean.tiling.tissue import INTENSITY, SATURATION, TissueMasks, background_mask, detect_tissue
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class SlideTilingInfo:
     extent: int  # a tile's level-0 side
     reader: str  # the reader class
     mask_source: str  # MASK_FROM_VIEW, MASK_IN_MEMORY or MASK_STREAMED
+    thumbnail_rejected: str  # why the slide's thumbnail was not used for the mask ('' when used, or none)
+    tissue_signal: str  # SATURATION, or INTENSITY for a view without colour (a greyscale image)
     planned_tiles: int  # cells the tissue plan chose
     fallback: str  # why the tiles are not the plain tissue-threshold selection ('' when they are)
     rejected_blur: int
@@ -97,9 +99,13 @@ class SlideTilingInfo:
 
     def to_dict(self) -> dict:
         """The facts as ``slide.json`` holds them, in its key order (which follows the order the tiler
-        learns them: streaming plans after the pass); ``quality_fallback_tiles`` only when nonzero."""
-        facts = ("width", "height", "mpp", "is_tma", "native_magnification", "target_magnification", "extent",
-                 "reader", "mask_source")
+        learns them: streaming plans after the pass); the exceptions only when they happened:
+        ``thumbnail_rejected`` when set, ``tissue_signal`` when not saturation, ``quality_fallback_tiles``
+        when nonzero."""
+        facts = ["width", "height", "mpp", "is_tma", "native_magnification", "target_magnification", "extent",
+                 "reader", "mask_source"]
+        facts += ["thumbnail_rejected"] if self.thumbnail_rejected else []
+        facts += ["tissue_signal"] if self.tissue_signal != SATURATION else []
         plan, rejections = ("planned_tiles", "fallback"), ("rejected_blur", "rejected_artefact", "rejected_background")
         names = [*facts, *(rejections + plan if self.streaming else plan + rejections)]
         names += ["quality_fallback_tiles"] if self.quality_fallback_tiles else []
@@ -191,9 +197,10 @@ def _fractions(plan: TilePlan) -> dict[tuple[int, int], float]:
 class SlideTiler:
     """One slide's tiling: open, harmonise the scale, find tissue, plan, read in one pass, keep.
 
-    Opening reads no tile pixels. With a low-resolution view (thumbnail, pyramid, or an image small enough
-    to hold in memory) the tissue mask and the plan are made now and the pass reads only the planned
-    tiles. Without one (a large PNG with no thumbnail) every grid cell streams past once: its shrink builds
+    Opening reads no tile pixels. With a low-resolution view (a thumbnail that decodes and has the image's
+    aspect ratio, a pyramid, or an image small enough to hold in memory) the tissue mask and the plan are
+    made now and the pass reads only the planned tiles. Without one (a large PNG with no usable thumbnail:
+    ``info.thumbnail_rejected`` says why one was set aside) every grid cell streams past once: its shrink builds
     the mask while the cells with enough non-background pixels are yielded as candidates, and
     :meth:`finish` says which of them the plan, known only then, keeps. Should the quality filters reject
     every tissue tile, the pass ends with the sharpest ``quality_fallback_tiles`` of them instead, and
@@ -202,8 +209,9 @@ class SlideTiler:
 
     def __init__(self, spec: SlideSpec, settings: TilingSettings):
         self.spec, self.settings = spec, settings
-        self.reader: SlideReader = open_slide(spec.path, thumbnail=spec.thumbnail,
-                                              in_memory_max_pixels=settings.slides.in_memory_max_pixels)
+        self.reader: SlideReader = open_slide(
+            spec.path, thumbnail=spec.thumbnail, in_memory_max_pixels=settings.slides.in_memory_max_pixels,
+            thumbnail_aspect_tolerance=float(settings.slides.thumbnail_aspect_tolerance))
         self._state, self._closed = _State.READY, False
         self._pass: Generator[tuple[TileRecord, np.ndarray], None, None] | None = None
         self._view: _MaskView | None = None
@@ -244,8 +252,14 @@ class SlideTiler:
         self.seed = slide_seed(spec.slide_id, self.settings.seed)
         if not reader.has_low_resolution_view:
             self.mask_source = MASK_STREAMED
+        else:
+            self.mask_source = MASK_IN_MEMORY if isinstance(reader, InMemorySlide) else MASK_FROM_VIEW
+        if reader.thumbnail_rejected:  # never stretched onto the image: the mask comes from its own pixels
+            log.warning("%s: thumbnail %s not used (%s); the tissue mask comes from the image itself (%s)",
+                        spec.slide_id, spec.thumbnail.name if spec.thumbnail else "", reader.thumbnail_rejected,
+                        self.mask_source)
+        if self.streaming:
             return
-        self.mask_source = MASK_IN_MEMORY if isinstance(reader, InMemorySlide) else MASK_FROM_VIEW
         low_res = reader.low_resolution(self.settings.mask_max_side)
         self._set_view(_MaskView(low_res, detect_tissue(low_res, self.settings), (reader.width, reader.height),
                                  (0, 0)))
@@ -341,6 +355,9 @@ class SlideTiler:
 
     def _set_view(self, view: _MaskView) -> None:
         """The mask's view and the tissue plan made on it (once: before the pass, or at its end)."""
+        if view.masks.signal == INTENSITY:
+            log.warning("%s: the image has no colour (greyscale, not H&E): tissue found by intensity, not "
+                        "saturation; its embeddings are out of the encoder's colour domain", self.spec.slide_id)
         self._view = view
         self._plan = self._plan_view()
         self._fallback = self._plan.fallback
@@ -392,6 +409,7 @@ class SlideTiler:
             width=reader.width, height=reader.height, mpp=reader.mpp, is_tma=self.is_tma,
             native_magnification=self.native_magnification, target_magnification=self.target_magnification,
             extent=self.extent, reader=type(reader).__name__, mask_source=self.mask_source,
+            thumbnail_rejected=reader.thumbnail_rejected, tissue_signal=self._view.masks.signal,
             planned_tiles=len(self._plan), fallback=self._fallback, rejected_blur=self._rejected["blur"],
             rejected_artefact=self._rejected["artefact"], rejected_background=self._rejected["background"],
             quality_fallback_tiles=self._quality_fallback_tiles, streamed_not_kept=len(records) - len(kept),

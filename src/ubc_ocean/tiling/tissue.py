@@ -1,4 +1,9 @@
-"""Tissue detection on a low-resolution view: Otsu on HSV saturation, black and white fill as background."""
+"""Tissue detection on a low-resolution view: Otsu on HSV saturation, black and white fill as background.
+
+H&E is colour: stained tissue is saturated, glass and fill are not. A view without colour (a greyscale
+image: saturation 0 everywhere, so Otsu on it finds nothing) is split on intensity instead: how far a
+pixel is from white, among the pixels that are not black or white fill.
+"""
 
 from __future__ import annotations
 
@@ -51,24 +56,53 @@ def saturation_threshold(sat: np.ndarray, candidate: np.ndarray, setting: str | 
     return max(otsu_threshold(values), float(floor))
 
 
+SATURATION = "saturation"  # the tissue signals: colour (H&E) ...
+INTENSITY = "intensity"    # ... or, in a view without colour, darkness (255 - grey level)
+GREY_MAX_CHROMA = 12       # max(R,G,B) - min(R,G,B) up to this (0-255) is grey (a little JPEG chroma noise)
+GREY_MAX_COLOURED = 0.001  # a view with at most this fraction of coloured foreground pixels is greyscale
+
+
+def is_colourless(rgb: np.ndarray, foreground: np.ndarray) -> bool:
+    """True when (nearly) every ``foreground`` pixel is grey: a greyscale image, where saturation has no
+    tissue to find. A view with no foreground at all (blank, all black) is not called greyscale."""
+    total = int(np.count_nonzero(foreground))
+    if total == 0:
+        return False
+    red, green, blue = cv2.split(np.ascontiguousarray(rgb))
+    chroma = cv2.subtract(cv2.max(cv2.max(red, green), blue), cv2.min(cv2.min(red, green), blue))
+    coloured = int(np.count_nonzero((chroma > GREY_MAX_CHROMA) & foreground))
+    return coloured <= GREY_MAX_COLOURED * total
+
+
+def darkness(rgb: np.ndarray) -> np.ndarray:
+    """255 minus the grey level (uint8): stained tissue is darker than glass."""
+    return 255 - cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+
+
 @dataclass
 class TissueMasks:
-    """``tissue``: the cleaned tissue mask; ``foreground``: every pixel that is not black or white fill."""
+    """``tissue``: the cleaned tissue mask; ``foreground``: every pixel that is not black or white fill;
+    ``signal``: what split tissue from the rest, :data:`SATURATION` or (a greyscale view) :data:`INTENSITY`."""
 
     tissue: np.ndarray
     foreground: np.ndarray
+    signal: str = SATURATION
 
 
 def detect_tissue(rgb: np.ndarray, settings: TilingSettings) -> TissueMasks:
     """Tissue masks of a low-resolution RGB view, with the tissue settings of ``settings``.
 
     Background (black fill, white glass) is removed first; Otsu then splits the remaining pixels on
-    saturation; a closing-then-opening and hole filling clean the mask.
+    saturation (on darkness, always by Otsu, when the view has no colour); a closing-then-opening and hole
+    filling clean the mask.
     """
     candidate = ~background_mask(rgb, settings.black_value, settings.white_value)
-    sat = saturation(rgb)
-    threshold = saturation_threshold(sat, candidate, settings.saturation_threshold, settings.min_saturation)
-    mask = candidate & (sat > threshold)
+    if is_colourless(rgb, candidate):
+        signal, values, setting = INTENSITY, darkness(rgb), "otsu"  # a fixed threshold is one of saturation
+    else:
+        signal, values, setting = SATURATION, saturation(rgb), settings.saturation_threshold
+    threshold = saturation_threshold(values, candidate, setting, settings.min_saturation)
+    mask = candidate & (values > threshold)
     radius = settings.morphology_radius
     if radius > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
@@ -76,7 +110,8 @@ def detect_tissue(rgb: np.ndarray, settings: TilingSettings) -> TissueMasks:
         mask8 = cv2.morphologyEx(mask8, cv2.MORPH_CLOSE, kernel)
         mask8 = cv2.morphologyEx(mask8, cv2.MORPH_OPEN, kernel)
         mask = mask8.astype(bool)
-    return TissueMasks(tissue=fill_small_holes(mask, float(settings.max_hole_fraction)), foreground=candidate)
+    return TissueMasks(tissue=fill_small_holes(mask, float(settings.max_hole_fraction)), foreground=candidate,
+                       signal=signal)
 
 
 def fill_small_holes(mask: np.ndarray, max_fraction: float) -> np.ndarray:
