@@ -165,11 +165,11 @@ def test_bad_bags_are_named_and_left_out(tmp_path):
     cache.write_embeddings(paths["inf"], np.full((2, 8), np.inf, np.float32), np.zeros((2, 2)), {})
     cache.write_embeddings(paths["empty"], np.zeros((0, 8), np.float32), np.zeros((0, 2)), {})
     cache.write_embeddings(paths["narrow"], np.ones((3, 5), np.float32), np.zeros((3, 2)), {})
-    bags, problems = load_bags(paths)
+    bags, problems = load_bags(paths, in_dim=8)
     assert list(bags) == ["good"] and bags["good"].dtype == torch.float16
     assert "NaN or inf" in problems["nan"] and "NaN or inf" in problems["inf"]
     assert "empty bag" in problems["empty"] and "no embeddings file" in problems["missing"]
-    assert "width 5, expected 8" in problems["narrow"]
+    assert "width 5, expected 8 (the encoder's)" in problems["narrow"]
 
 
 @pytest.mark.parametrize("model", available_models())

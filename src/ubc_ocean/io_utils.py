@@ -19,7 +19,10 @@ import pandas as pd
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it over ``final`` only if the block succeeds.
 
-    Works for files and directories. A crash leaves a ``.tmp-*`` leftover, never a half-written final.
+    Works for files and directories. A crash leaves a ``.tmp-*`` leftover, never a half-written final. A
+    folder being replaced is renamed aside (``.old-*``) and deleted only once the new one is in place, so a
+    process killed at any moment leaves the old folder whole: under its name, or aside for
+    :func:`clean_stale_temporaries` to put back.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -27,9 +30,14 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
-        if final.exists() and final.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.is_dir() and not final.is_symlink():
+            aside = final.parent / f".old-{final.name}@{_HOST}@{os.getpid()}"
+            _remove(aside)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            _remove(aside)
+        else:
+            os.replace(tmp, final)
     finally:
         _remove(tmp)
 
@@ -74,10 +82,17 @@ def _is_stale(path: Path) -> bool:
 
 def clean_stale_temporaries(folder: str | Path) -> int:
     """Remove ``.tmp-*`` leftovers of killed runs in ``folder``, never one that a live process (another
-    shard, say) is still writing; returns how many were removed."""
+    shard, say) is still writing; returns how many were removed. A folder that a killed process had renamed
+    aside (``.old-{name}@...``, see :func:`atomic_path`) is put back when ``{name}`` is missing, else removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    for aside in [path for path in folder.glob(".old-*") if _is_stale(path)]:
+        original = folder / aside.name.removeprefix(".old-").rsplit("@", 2)[0]
+        if original.exists() or original.is_symlink():
+            _remove(aside)
+        else:
+            os.replace(aside, original)
     stale = [path for path in folder.glob(".tmp-*") if _is_stale(path)]
     for path in stale:
         _remove(path)

@@ -11,23 +11,31 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
         {source}/{image_id}.h5   features [N, D], coords [N, 2], attrs (embedding_attrs)
     {runs}/{experiment}/                                stages 04-06
         {model}/fold{k}_seed{s}.pt, oof.csv, curves.csv, metrics.json, confusion.*, outlier.json,
-        {model}/test_predictions*.csv, ensemble.json, failures_04.csv, failures_05*.csv
+        {model}/complete.json         written last by stage 04: the model is whole (ModelDir.problem)
+        {model}/test_predictions*.csv, .json (what made them), ensemble.json, failures_04.csv, failures_05*.csv
     {submissions}/{submit.name}.csv                     stage 06
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from ubc_ocean.config import ConfigError
 from ubc_ocean.features.augment import variant_name
-from ubc_ocean.features.encoders import encoder_cache_name
-from ubc_ocean.io_utils import FailureLog
+from ubc_ocean.features.encoders import encoder_cache_name, encoder_out_dim
+from ubc_ocean.features.weights import file_checksum
+from ubc_ocean.io_utils import FailureLog, atomic_write_text
 from ubc_ocean.parallel import shard_output
 from ubc_ocean.tiling.store import tiling_key
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------- tiles (01)
 
@@ -93,6 +101,25 @@ def embeddings_root(cfg: Mapping) -> Path:
     return Path(cfg["paths"]["processed"]) / "embeddings" / f"{encoder}{variant}__{tiling_key(cfg)}"
 
 
+def feature_width(cfg: Mapping) -> int:
+    """The width D of the features the configured encoder makes (every bag's, every MIL model's
+    ``in_dim``): from the encoder's architecture, without loading its weights; never from the data."""
+    features = cfg["features"]
+    return encoder_out_dim(features["encoder"], features["weights"], features["input_size"])
+
+
+def test_features_fingerprint(cfg: Mapping) -> dict:
+    """What shapes the test features stage 05 predicts from: the embeddings folder, and by name the
+    encoder (weights, input size), the tiling key and the TTA / stain variant it is named after.
+    Recorded beside each model's test predictions; stage 06 refuses predictions whose record differs."""
+    features = cfg["features"]
+    return {  # the named parts first: a mismatch is reported by the first key that differs
+        "encoder": encoder_cache_name(features["encoder"], features["weights"], features["input_size"]),
+        "tiling_key": tiling_key(cfg), "tta": str(features["tta"]),
+        "stain_augmentation": float(features["stain_augmentation"]), "embeddings": embeddings_root(cfg).name,
+    }
+
+
 def embedding_path(root: Path, source: str, image_id: str) -> Path:
     """One slide's h5 under an embeddings root."""
     return root / source / f"{image_id}.h5"
@@ -124,9 +151,18 @@ def run_dir(cfg: Mapping) -> Path:
     return Path(cfg["paths"]["runs"]) / str(cfg["experiment"])
 
 
+COMPLETION_FILE = "complete.json"
+PREDICTIONS_FILE = "test_predictions.csv"
+PREDICTIONS_RECORD = "test_predictions.json"
+_COMPLETION_FORMAT = 1
+
+
 @dataclass(frozen=True)
 class ModelDir:
-    """One trained model's folder in a run: its checkpoints (one per fold x seed) and reports."""
+    """One trained model's folder in a run: its checkpoints (one per fold x seed) and reports.
+
+    Stage 04 trains a model in a temporary folder and renames it into place once whole, its
+    ``complete.json`` written last; stages 05 and 06 use only folders that :meth:`is_complete`."""
 
     path: Path
 
@@ -150,16 +186,117 @@ class ModelDir:
         return self.path / "curves.csv"
 
     @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
     def outlier(self) -> Path:
         """The model's own "Other" threshold, calibrated on its OOF predictions."""
         return self.path / "outlier.json"
+
+    # --------------------------------------------------------------------------------- completeness (04)
+
+    @property
+    def completion(self) -> Path:
+        """The completion record, written last: the checkpoints' names, sizes and sha256, and what the
+        model was trained on (``in_dim``, classes, embeddings folder, folds, seeds)."""
+        return self.path / COMPLETION_FILE
+
+    def write_completion(self, model: str, folds: Iterable[int], seeds: Iterable[int], **facts: object) -> dict:
+        """Record this folder as a complete model once every fold x seed checkpoint, the OOF predictions,
+        the metrics and the outlier threshold are in place (anything missing or extra raises)."""
+        folds, seeds = [int(f) for f in folds], [int(s) for s in seeds]
+        expected = sorted(self.checkpoint(f, s) for f in folds for s in seeds)
+        found = self.checkpoints()
+        if found != expected:
+            raise RuntimeError(f"{self.path}: checkpoints {[p.name for p in found]} are not the folds x seeds "
+                               f"{[p.name for p in expected]}")
+        missing = [p.name for p in (self.oof, self.metrics, self.outlier) if not p.is_file()]
+        if missing:
+            raise RuntimeError(f"{self.path}: {missing} missing; the model is not complete")
+        record = {
+            "format": _COMPLETION_FORMAT, "model": model, **facts, "folds": folds, "seeds": seeds,
+            "checkpoints": {p.name: {"size": p.stat().st_size, "sha256": file_checksum(p)} for p in found},
+            "completed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_text(self.completion, json.dumps(record, indent=2))
+        return record
+
+    def read_completion(self) -> dict:
+        """The completion record (``FileNotFoundError`` without one, ``ValueError`` when unreadable)."""
+        record = json.loads(self.completion.read_text())
+        if not isinstance(record, dict) or record.get("format") != _COMPLETION_FORMAT \
+                or not isinstance(record.get("checkpoints"), dict) or not record["checkpoints"]:
+            raise ValueError(f"{self.completion} is not a completion record of format {_COMPLETION_FORMAT}")
+        return record
+
+    def problem(self) -> str | None:
+        """Why this folder is not a complete model (None when it is): no or unreadable completion record
+        (a training that was interrupted, a folder some other program made), a listed checkpoint missing
+        or of another size, a checkpoint not listed, or a missing report."""
+        try:
+            record = self.read_completion()
+        except FileNotFoundError:
+            return f"no {COMPLETION_FILE} (an unfinished training, or not a stage-04 model)"
+        except (OSError, ValueError) as err:
+            return f"unreadable {COMPLETION_FILE} ({err})"
+        listed = record["checkpoints"]
+        for name, entry in listed.items():
+            path = self.path / name
+            if not path.is_file():
+                return f"checkpoint {name} listed in {COMPLETION_FILE} is missing"
+            if not isinstance(entry, dict) or path.stat().st_size != entry.get("size"):
+                return f"checkpoint {name} is not the one {COMPLETION_FILE} lists (size differs)"
+        extra = [p.name for p in self.checkpoints() if p.name not in listed]
+        if extra:
+            return f"checkpoints {extra} are not listed in {COMPLETION_FILE}"
+        missing = [p.name for p in (self.oof, self.metrics, self.outlier) if not p.is_file()]
+        return f"{missing} missing" if missing else None
+
+    def is_complete(self) -> bool:
+        return self.problem() is None
+
+    # ---------------------------------------------------------------------------- test predictions (05)
 
     def predictions(self, shard: str | None) -> Path:
         """This shard's test predictions (files of another sharding layout are removed as stale)."""
         return shard_output(self.path, PREDICTIONS_FILE, shard)
 
-    def has_predictions(self) -> bool:
-        return any(self.path.glob("test_predictions*.csv"))
+    def predictions_record(self, shard: str | None) -> Path:
+        """The record beside this shard's test predictions: the checkpoints (sha256) and the test features
+        (:func:`test_features_fingerprint`) they were made from. Another layout's records are removed."""
+        return shard_output(self.path, PREDICTIONS_RECORD, shard)
+
+    def write_predictions_record(self, shard: str | None, checkpoints: Mapping[str, str], features: Mapping) -> Path:
+        path = self.predictions_record(shard)
+        record = {"model": self.name, "checkpoints": dict(sorted(checkpoints.items())), "features": dict(features)}
+        return atomic_write_text(path, json.dumps(record, indent=2))
+
+    def stale_predictions(self, features: Mapping) -> str | None:
+        """Why this model's test predictions may not be used (None when they may): none at all, a file
+        without its record, one made from other checkpoints than the completion record lists (retrained
+        after stage 05), or from test features other than ``features`` (the current config's)."""
+        paths = sorted(self.path.glob("test_predictions*.csv"))
+        if not paths:
+            return "no test predictions (trained after stage 05?)"
+        current = {name: entry.get("sha256") for name, entry in self.read_completion()["checkpoints"].items()}
+        for path in paths:
+            record_path = path.with_suffix(".json")
+            try:
+                record = json.loads(record_path.read_text())
+            except FileNotFoundError:
+                return f"{path.name} has no record of the checkpoints it was made from ({record_path.name})"
+            except (OSError, ValueError) as err:
+                return f"{record_path.name} is unreadable ({err})"
+            if not isinstance(record, dict) or record.get("checkpoints") != current:
+                return f"{path.name} was made from other checkpoints than the current ones (retrained after stage 05)"
+            made_from = record.get("features") if isinstance(record.get("features"), dict) else {}
+            differ = [key for key in features if made_from.get(key) != features[key]]
+            if differ:
+                key = differ[0]
+                return (f"{path.name} was made from test features with {key} {made_from.get(key)!r}, "
+                        f"the config gives {features[key]!r}")
+        return None
 
     def read_oof(self) -> pd.DataFrame:
         if not self.oof.is_file():
@@ -179,19 +316,43 @@ class ModelDir:
         return frame
 
 
-PREDICTIONS_FILE = "test_predictions.csv"
-
-
 def model_dir(cfg: Mapping, name: str) -> ModelDir:
     return ModelDir(run_dir(cfg) / name)
 
 
-def trained_models(cfg: Mapping) -> list[str]:
-    """Names of the run's models that hold checkpoints, sorted."""
+def model_folders(cfg: Mapping) -> list[ModelDir]:
+    """Every visible sub-folder of the run, complete model or not (``.tmp-*`` trainings are hidden)."""
     run = run_dir(cfg)
     if not run.is_dir():
         return []
-    return sorted(p.name for p in run.iterdir() if p.is_dir() and ModelDir(p).checkpoints())
+    return [ModelDir(p) for p in sorted(run.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def trained_models(cfg: Mapping) -> list[str]:
+    """Names of the run's complete models (:meth:`ModelDir.is_complete`), sorted."""
+    return [folder.name for folder in model_folders(cfg) if folder.is_complete()]
+
+
+def chosen_models(cfg: Mapping) -> list[str]:
+    """The models stages 05 and 06 use: ``inference.models``, each of which must be complete (else a
+    ``ConfigError`` naming it and why), or else every complete model of the run, the other folders
+    skipped with a warning each. May be empty."""
+    chosen = cfg["inference"]["models"]
+    if chosen:
+        for name in chosen:
+            problem = model_dir(cfg, name).problem() if model_dir(cfg, name).path.is_dir() else "no such folder"
+            if problem:
+                raise ConfigError(f"inference.models names {name!r}, which is not a complete model in "
+                                  f"{run_dir(cfg)}: {problem}; run stage 04 for it or leave it out")
+        return list(chosen)
+    found = []
+    for folder in model_folders(cfg):
+        problem = folder.problem()
+        if problem:
+            log.warning("skipping %s: not a complete model: %s", folder.path, problem)
+        else:
+            found.append(folder.name)
+    return found
 
 
 def ensemble_report_path(cfg: Mapping) -> Path:

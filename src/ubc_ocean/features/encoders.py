@@ -8,6 +8,7 @@ Which weights, which fingerprint and which input size is decided once, by
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ubc_ocean.config import ConfigError
 from ubc_ocean.features.hf_convert import hf_vit_to_timm
 from ubc_ocean.features.presets import POOLERS, resolved_options
 from ubc_ocean.features.weights import (
@@ -33,7 +35,7 @@ from ubc_ocean.features.weights import (
 __all__ = [
     "DEFAULT_ENCODER", "Encoder", "ResolvedWeights", "WeightsMismatchError", "build_encoder", "cache_name",
     "create_encoder", "efficientnet_lite0_imagenet", "efficientnet_lite0_weights_file", "encoder_cache_name",
-    "file_checksum", "load_state_dict_file", "load_weights", "resolve_weights",
+    "encoder_out_dim", "file_checksum", "load_state_dict_file", "load_weights", "resolve_weights", "resolved_out_dim",
 ]
 
 
@@ -73,6 +75,38 @@ class Encoder:
 def encoder_cache_name(name: str, weights: str | Path | None, input_size: int | None) -> str:
     """An encoder's cache folder name without building the model (stages 04-06 need only the name)."""
     return resolve_weights(name, weights, input_size).cache_name
+
+
+@functools.lru_cache(maxsize=16)
+def encoder_out_dim(name: str, weights: str | Path | None, input_size: int | None) -> int:
+    """The width of the features the configured encoder makes, without loading its weights (stage 04 checks
+    its bags and builds its models with it, stage 05 checks the checkpoints against it)."""
+    return resolved_out_dim(resolve_weights(name, weights, input_size))
+
+
+def resolved_out_dim(resolved: ResolvedWeights) -> int:
+    """The feature width of the encoder ``resolved`` describes: its timm architecture is built on the
+    ``meta`` device (no memory, no weights read, well under a second even for ViT-g) with the same options
+    and token pooling as :func:`build_encoder`. A hub model outside timm's registry needs its hub config
+    (internet, or the Hugging Face cache of an earlier download)."""
+    import timm
+
+    preset = resolved.preset
+    if preset is not None:
+        architecture, options = preset.architecture, resolved_options(preset)
+    elif resolved.kind == HUB and resolved.name.startswith("hf-hub:timm/"):
+        architecture, options = resolved.name.removeprefix("hf-hub:timm/").partition("@")[0], {}
+    else:
+        architecture, options = resolved.architecture, {}
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(architecture, pretrained=False, num_classes=0, **options)
+            if preset is not None:
+                model = POOLERS[preset.pooling](model)
+    except Exception as err:  # whatever timm or the hub raise, the width stays unknown
+        raise ConfigError(f"cannot tell the feature width of encoder {resolved.name!r} without loading it "
+                          f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
+    return int(model.num_features)
 
 
 def efficientnet_lite0_imagenet() -> nn.Module:

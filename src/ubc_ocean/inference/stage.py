@@ -3,12 +3,18 @@
 Test embeddings are cached beside the training ones (``{embeddings}/test/{image_id}.h5``) so a rerun or a
 second model costs no re-embedding; tiles are never written. Per model it writes
 ``{run}/{model}/test_predictions.csv``: image_id, one probability column per class (mean over every
-fold x seed checkpoint), and the outlier scores.
+fold x seed checkpoint), and the outlier scores; beside it ``test_predictions.json`` records the
+checkpoints (sha256) and the test features they were made from, which stage 06 checks.
+
+Only complete models are used (``layout.chosen_models``), and before any image is embedded every
+checkpoint's ``in_dim`` must agree with the others' and with the configured encoder's feature width.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,14 +23,14 @@ import pandas as pd
 import torch
 
 from ubc_ocean import layout
-from ubc_ocean.config import save_config
+from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.features import cache
 from ubc_ocean.features.embed import encoder_from_config, prepare_encoder
 from ubc_ocean.features.fused import embed_slide_streaming
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import BagError, check_bag, load_bags
-from ubc_ocean.mil.checkpoint import load_checkpoint
+from ubc_ocean.mil.checkpoint import checkpoint_in_dim, load_checkpoint
 from ubc_ocean.mil.predict import predict_bags, prediction_frame
 from ubc_ocean.mil.train import model_training_config
 from ubc_ocean.outliers import SCORE_NAMES, FeatureSpaceDetector
@@ -56,43 +62,62 @@ def embed_test_slide(spec: SlideSpec, cfg: Mapping, root: Path) -> TaskResult:
 
 
 def model_names(cfg: Mapping) -> list[str]:
-    """Models to predict with: ``inference.models`` or every model of the run that holds checkpoints."""
-    chosen = cfg["inference"]["models"]
-    found = layout.trained_models(cfg)
-    if chosen:
-        missing = sorted(set(chosen) - set(found))
-        if missing:
-            raise FileNotFoundError(f"no checkpoints for {missing} in {layout.run_dir(cfg)} (run stage 04)")
-        return list(chosen)
-    if not found:
-        raise FileNotFoundError(f"no checkpoints in {layout.run_dir(cfg)}: run stage 04 first")
-    return found
+    """Models to predict with: ``inference.models`` (each a complete model, else a ``ConfigError``) or every
+    complete model of the run (other folders skipped with a warning)."""
+    names = layout.chosen_models(cfg)
+    if not names:
+        raise FileNotFoundError(f"no complete trained model in {layout.run_dir(cfg)}: run stage 04 first")
+    return names
+
+
+def check_feature_widths(cfg: Mapping, names: list[str], width: int) -> None:
+    """Every checkpoint of ``names`` must take ``width``-wide features (the configured encoder's), and so
+    agree with each other: a ``ConfigError`` naming the checkpoints (and the encoder) otherwise."""
+    widths = {f"{name}/{path.name}": checkpoint_in_dim(path)
+              for name in names for path in layout.model_dir(cfg, name).checkpoints()}
+    first = next(iter(widths.items()), None)
+    other = next(((key, dim) for key, dim in widths.items() if first and dim != first[1]), None)
+    if first and other:
+        raise ConfigError(f"the checkpoints disagree on the feature width: {first[0]} takes {first[1]}, {other[0]} "
+                          f"takes {other[1]} (trained on different encoders' features); choose models with "
+                          "inference.models or retrain (stage 04)")
+    if first and first[1] != width:
+        raise ConfigError(f"{first[0]} takes {first[1]}-wide features, but features.encoder "
+                          f"{cfg['features']['encoder']!r} makes {width}-wide ones: set the encoder the models "
+                          "were trained with, or retrain them (stage 04)")
 
 
 def predict_model(model: layout.ModelDir, slide_ids: list[str], bags: dict[str, torch.Tensor],
-                  cfg: Mapping) -> pd.DataFrame:
-    """Probabilities and outlier scores averaged over every fold x seed checkpoint of one model."""
+                  cfg: Mapping) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Probabilities and outlier scores averaged over every fold x seed checkpoint of one model, and the
+    sha256 of each checkpoint as it was read (``{file name: sha256}``)."""
+    checkpoints = model.checkpoints()
     if not slide_ids:  # every image of this shard failed, or the shard is empty: an empty table, no crash
         classes = list(cfg["data"]["classes"])
-        return pd.DataFrame(columns=["image_id", *classes, *(f"score_{name}" for name in SCORE_NAMES)])
+        used = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in checkpoints}
+        return pd.DataFrame(columns=["image_id", *classes, *(f"score_{name}" for name in SCORE_NAMES)]), used
     device = resolve_device(cfg["runtime"]["device"])
-    checkpoints = model.checkpoints()
     training = model_training_config(cfg["mil"], model.name)
     cap, precision = int(training["max_instances_predict"]), str(training["precision"])
-    total = None
+    total, used = None, {}
     for path in checkpoints:
-        network, payload = load_checkpoint(path, device)
+        data = path.read_bytes()  # hashed and loaded from the same bytes
+        used[path.name] = hashlib.sha256(data).hexdigest()
+        network, payload = load_checkpoint(io.BytesIO(data), device)
         outputs = predict_bags(network, [bags[s] for s in slide_ids], device, precision, cap)
         detector = FeatureSpaceDetector.from_dict(payload["detector"]) if "detector" in payload else None
         frame = prediction_frame(outputs, payload["classes"], detector)
         total = frame if total is None else total + frame
     mean = total / len(checkpoints)
     mean.insert(0, "image_id", [s.split("/", 1)[1] for s in slide_ids])
-    return mean
+    return mean, used
 
 
 def run(cfg: Mapping) -> dict[str, Path]:
     """Embed (this shard's share of) the test images, then predict them with every model."""
+    names = model_names(cfg)
+    width = layout.feature_width(cfg)
+    check_feature_widths(cfg, names, width)
     root = layout.embeddings_root(cfg)
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)
@@ -108,18 +133,22 @@ def run(cfg: Mapping) -> dict[str, Path]:
         if result.status == "failed":
             log.error("%s: %s", result.item, result.message)
             failures.record(result.item, result.message)
-    bags, problems = load_bags({s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs})
+    bags, problems = load_bags({s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs}, width)
     already_recorded = set(failures.read()["slide"])
     for slide_id, message in problems.items():
         if slide_id not in already_recorded:
             failures.record(slide_id, message)
     slide_ids = sorted(bags)
     written = {}
-    for name in model_names(cfg):
+    features = layout.test_features_fingerprint(cfg)
+    for name in names:
         model = layout.model_dir(cfg, name)
-        frame = predict_model(model, slide_ids, bags, cfg)
+        record = model.predictions_record(shard)
+        record.unlink(missing_ok=True)  # predictions without their record are refused by stage 06
+        frame, used = predict_model(model, slide_ids, bags, cfg)
         path = model.predictions(shard)
         atomic_write_csv(frame, path)
+        model.write_predictions_record(shard, used, features)
         written[name] = path
         log.info("stage 05: %s predicted %d test images -> %s", name, len(frame), path)
     if failures.count:

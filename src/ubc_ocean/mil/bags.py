@@ -18,20 +18,22 @@ class BagError(ValueError):
 
 
 def check_bag(features: np.ndarray, slide_id: str, in_dim: int | None = None) -> None:
-    """Refuse empty bags, NaN/inf features and a feature width that differs from the others."""
+    """Refuse empty bags, NaN/inf features and a feature width other than ``in_dim``."""
     if features.ndim != 2 or features.shape[0] == 0:
         raise BagError(f"{slide_id}: empty bag (shape {features.shape})")
     if in_dim is not None and features.shape[1] != in_dim:
-        raise BagError(f"{slide_id}: feature width {features.shape[1]}, expected {in_dim}")
+        raise BagError(f"{slide_id}: feature width {features.shape[1]}, expected {in_dim} (the encoder's)")
     if not np.isfinite(features).all():
         raise BagError(f"{slide_id}: bag holds NaN or inf features")
 
 
-def load_bags(paths: dict[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read each slide's h5 features into fp16 tensors; returns ``(bags, problems)`` (slide -> message)."""
+def load_bags(paths: dict[str, Path], in_dim: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read each slide's h5 features into fp16 tensors; returns ``(bags, problems)`` (slide -> message).
+
+    ``in_dim`` is the width the encoder makes (``features.encoders.encoder_out_dim``), never taken from the
+    data: a bag of another width is that slide's problem, whichever order the files come in."""
     bags: dict[str, torch.Tensor] = {}
     problems: dict[str, str] = {}
-    in_dim: int | None = None
     for slide_id, path in paths.items():
         try:
             if not cache.is_complete(path):
@@ -41,7 +43,6 @@ def load_bags(paths: dict[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str
         except (BagError, OSError) as err:
             problems[slide_id] = str(err)
             continue
-        in_dim = features.shape[1]
         bags[slide_id] = torch.from_numpy(features.astype(np.float16))
     return bags, problems
 

@@ -16,7 +16,7 @@ from ubc_ocean.device import resolve_device
 from ubc_ocean.io_utils import atomic_write_csv
 from ubc_ocean.mil.bags import load_bags
 from ubc_ocean.mil.predict import predict_bags
-from ubc_ocean.mil.train import fit, model_training_config
+from ubc_ocean.mil.train import check_models, fit, model_training_config
 from ubc_ocean.outliers.scores import score_table
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ def leave_one_class_out(
 
 def run(cfg: Mapping) -> pd.DataFrame:
     """Leave-one-class-out AUROC for every model in ``mil.models``; writes ``{run}/loco_auroc.csv``."""
+    in_dim = layout.feature_width(cfg)
+    check_models(cfg["mil"], in_dim, len(cfg["data"]["classes"]))
     table = layout.read_training_table(cfg)
-    bags, _ = load_bags(layout.embedding_paths(layout.embeddings_root(cfg), table))
+    bags, _ = load_bags(layout.embedding_paths(layout.embeddings_root(cfg), table), in_dim)
     table = table[table["slide_id"].isin(bags)]
     device = resolve_device(cfg["runtime"]["device"])
     options = cfg["mil"]["model_options"] or {}

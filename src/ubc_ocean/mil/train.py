@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ubc_ocean.config import ConfigError
 from ubc_ocean.device import autocast, grad_scaler, seed_everything
 from ubc_ocean.metrics import balanced_accuracy
-from ubc_ocean.mil import create_mil_model
+from ubc_ocean.mil import available_models, create_mil_model
 from ubc_ocean.mil.bags import drop_features, sample_instances
 from ubc_ocean.mil.predict import BagOutputs, predict_bags
 from ubc_ocean.outliers.feature_space import FeatureSpaceDetector
@@ -82,6 +83,24 @@ def model_training_config(mil_cfg: Mapping, name: str) -> dict:
     """The ``mil`` section as model ``name`` trains with it: ``mil.model_training[name]`` replaces the
     training keys it names (``lr``, ``epochs``, ...; checked, like every key, when the config loads)."""
     return {**mil_cfg, **((mil_cfg.get("model_training") or {}).get(name) or {})}
+
+
+def check_models(mil_cfg: Mapping, in_dim: int, n_classes: int) -> None:
+    """Build every model of ``mil.models`` once, as training will (``in_dim`` features in, its
+    ``mil.model_options``), and refuse model names the registry lacks in ``mil.model_options`` and
+    ``mil.model_training`` too: a one-line ``ConfigError`` naming the key, the model and the bad name or
+    option with the accepted ones, in a second or two, before any bag is read or any folder touched."""
+    known = available_models()
+    for key in ("model_options", "model_training"):
+        unknown = sorted(set(mil_cfg.get(key) or {}) - set(known))
+        if unknown:
+            raise ConfigError(f"mil.{key}: unknown MIL model {unknown[0]!r}; known models: {', '.join(known)}")
+    for name in mil_cfg["models"]:
+        key = f"mil.model_options.{name}" if name in known else "mil.models"
+        try:
+            create_mil_model(name, in_dim, n_classes, **dict((mil_cfg.get("model_options") or {}).get(name) or {}))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"{key}: {' '.join(str(err).split())}") from None
 
 
 def epoch_selection(mil_cfg: Mapping) -> str:

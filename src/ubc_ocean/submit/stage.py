@@ -2,6 +2,9 @@
 
 The "Other" threshold is calibrated on the ensemble's OOF predictions only (never on test). Every
 ``test.csv`` id gets exactly one row; an image with no prediction (failed in stage 05) is labelled Other.
+Only complete models are ensembled, and only with test predictions made from their current checkpoints
+and from the test features the config gives (stage 05's record beside them): anything else is an error
+naming the model, never a silent reuse or drop.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ubc_ocean import layout
-from ubc_ocean.config import save_config
+from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.mil.report import oof_metrics, seed_mean
 from ubc_ocean.outliers import PROBABILITY_SCORES, calibrate_threshold
@@ -30,12 +33,16 @@ def run(cfg: Mapping) -> Path:
     out = layout.run_dir(cfg)
     classes = list(cfg["data"]["classes"])
     outlier = cfg["data"]["outlier_label"]
-    dirs = {p.parent.name: layout.model_dir(cfg, p.parent.name) for p in sorted(out.glob("*/oof.csv"))}
-    models = [m for m, folder in dirs.items() if folder.has_predictions()]
-    if cfg["inference"]["models"]:
-        models = [m for m in models if m in cfg["inference"]["models"]]
+    models = layout.chosen_models(cfg)
     if not models:
-        raise FileNotFoundError(f"no model in {out} has both oof.csv and test predictions: run stages 04-05")
+        raise FileNotFoundError(f"no complete trained model in {out}: run stages 04-05")
+    dirs = {m: layout.model_dir(cfg, m) for m in models}
+    features = layout.test_features_fingerprint(cfg)
+    for name, folder in dirs.items():
+        problem = folder.stale_predictions(features)
+        if problem:
+            raise ConfigError(f"model {name!r}: {problem}: rerun stage 05 with this config "
+                              "(or leave the model out with inference.models)")
     oof = {m: seed_mean(dirs[m].read_oof(), classes) for m in models}
     scores = {m: oof_metrics(frame, classes)["balanced_accuracy"] for m, frame in oof.items()}
     weights = ensemble_weights(scores, cfg["submit"]["weighting"])
