@@ -295,6 +295,10 @@ RULES: dict[str, Rule] = {
     "outliers.in_distribution_flag_rate": FRACTION,
     "outliers.knn_k": at_least(1),
     "inference.models": Rule(list, item=str, null=True, nonempty=True, unique=True),
+    "inference.queue_depth": at_least(1),
+    "inference.time_budget_minutes": above(0, kind=float, null=True),
+    "inference.budget_reserve": Rule(low=0, high=1, test=lambda v: v < 1, accepts="a number in [0, 1)"),
+    "inference.budget_min_tiles": at_least(1),
     "submit.name": TEXT,
     "submit.weighting": one_of("equal", "oof"),
 }
