@@ -27,8 +27,9 @@ from ubc_ocean.tiling.tiler import SlideTiler, TileRecord
 @dataclass(frozen=True)
 class SlideJob:
     """One slide to embed, and how much of it: ``max_tiles`` (None: ``tiling.max_tiles_per_slide``) and
-    ``row_fraction`` (< 1: only the tiles in the top fraction of its rows, so a PNG is decoded only that
-    far). Anything but the defaults is a time budget's lower-cost mode."""
+    ``row_fraction`` (< 1: only the tiles in that fraction of its rows from the top, or from the first
+    row with tissue when a thumbnail shows it, so a PNG is decoded only that far). Anything but the
+    defaults is a time budget's lower-cost mode."""
 
     spec: SlideSpec
     max_tiles: int | None = None
@@ -97,11 +98,10 @@ class SlideBatches:
                 yield batch
                 started = time.perf_counter()
             kept = tiler.finish(records)
-            width, height = tiler.reader.width, tiler.reader.height
+            width, rows = tiler.reader.width, min(tiler.reader.height, tiler.row_limit or tiler.reader.height)
         if not kept:
             raise SlideError(tiler.info.no_tiles_message())
         kept_boxes = {record.box for record in kept}
-        rows = height if job.row_fraction >= 1.0 else min(height, self._row_limit() or height)
         self.result = TiledSlide(
             keep=np.array([record.box in kept_boxes for record in records], dtype=bool),
             coords=np.array([[r.x, r.y] for r in kept], dtype=np.int64).reshape(-1, 2),

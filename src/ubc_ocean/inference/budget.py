@@ -32,6 +32,9 @@ PRIOR_DECODE_S_PER_MPX = 0.03   # PNG decoding and tiling, per megapixel
 PRIOR_ENCODE_S_PER_TILE = 0.01  # the encoder, per tile
 PRIOR_TILES_PER_MPX = 4.0       # tissue tiles per megapixel of a WSI (before the cap)
 PRIOR_TMA_TILES = 30.0
+PLAN_MARGIN = 0.9               # plans fill this share of the time left: room for the estimates' error
+UNMEASURED_WSI_FACTOR = 1.5     # WSIs' decoding per megapixel, until one is measured: TMAs' rate times this
+                                # (a WSI streams, and builds its mask; a TMA is decoded whole, in memory)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class Rates:
         s = self.sums
         if s["wsi_px"]:
             return s["wsi_decode_s"] / s["wsi_px"] * MPX
-        return s["decode_s"] / s["px"] * MPX if s["px"] else PRIOR_DECODE_S_PER_MPX
+        return UNMEASURED_WSI_FACTOR * s["decode_s"] / s["px"] * MPX if s["px"] else PRIOR_DECODE_S_PER_MPX
 
     @property
     def encode_s_per_tile(self) -> float:
@@ -184,7 +187,8 @@ class BudgetPlanner:
         return max(decode, encode) if self.pipelined else decode + encode
 
     def left_s(self) -> float:
-        return float("inf") if self.deadline is None else self.deadline - self.clock()
+        """Seconds the plans may fill: ``PLAN_MARGIN`` of those left before the deadline."""
+        return float("inf") if self.deadline is None else PLAN_MARGIN * (self.deadline - self.clock())
 
     def plan(self) -> Plan:
         """The caps for the images not yet started: none if they fit, else the mildest that fit."""
@@ -228,11 +232,13 @@ class BudgetPlanner:
         while self.queue:
             image = self.queue.pop(0)
             mode = self._mode(image, plan)
-            if self._image_s(image, mode) <= self.left_s():
+            if self._image_s(image, mode) > self.left_s():  # the plan is behind: as much as still ends in time
+                mode = self._squeezed(image)
+            if mode is not None:
                 self.modes[image.key] = mode
                 return image, mode
             self.skipped.append(image)
-            log.warning("time budget: %s not started, it cannot end before the deadline", image.key)
+            log.debug("time budget: %s not started, it cannot end before the deadline", image.key)
         return None
 
     def _mode(self, image: BudgetImage, plan: Plan) -> Mode:
@@ -243,6 +249,14 @@ class BudgetPlanner:
             fraction = max(plan.mpx_cap * MPX / image.pixels, 1e-3)
         cap = plan.tile_cap if plan.tile_cap is not None and plan.tile_cap < self.full_tiles else None
         return Mode(cap, fraction)
+
+    def _squeezed(self, image: BudgetImage) -> Mode | None:
+        """The largest share of a WSI's rows (at ``min_tiles``) that ends before the deadline, if any."""
+        if image.is_tma:
+            return None
+        left = self.left_s()
+        steps = self._largest(lambda k: self._image_s(image, Mode(self.min_tiles, k / 1000)) <= left, 1, 1000)
+        return None if steps is None else Mode(self.min_tiles, steps / 1000)
 
     def _image_s(self, image: BudgetImage, mode: Mode) -> float:
         """Seconds one image takes in ``mode`` on one decoder and one consumer."""

@@ -208,8 +208,10 @@ class SlideTiler:
     """
 
     def __init__(self, spec: SlideSpec, settings: TilingSettings, row_limit: int | None = None):
-        """``row_limit`` (level-0 rows, None: the whole slide) confines the tiles to the slide's top rows,
-        so a sequential decoder (PNG) stops there: the lower-cost mode of a time-budgeted inference."""
+        """``row_limit`` (level-0 rows, None: the whole slide) confines the tiles to that many rows from the
+        top (from the first row with tissue when the mask comes before the pass), so a sequential decoder
+        (PNG) stops there: the lower-cost mode of a time-budgeted inference. Once open, ``row_limit`` is
+        the level-0 row the pass reads down to."""
         self.spec, self.settings = spec, settings
         self.row_limit = None if row_limit is None else max(1, int(row_limit))
         self.reader: SlideReader = open_slide(
@@ -364,6 +366,11 @@ class SlideTiler:
             log.warning("%s: the image has no colour (greyscale, not H&E): tissue found by intensity, not "
                         "saturation; its embeddings are out of the encoder's colour domain", self.spec.slide_id)
         self._view = view
+        if self.row_limit is not None and not self.streaming:  # the rows counted from the first with tissue
+            rows = np.flatnonzero(view.masks.tissue.any(axis=1))
+            first = int(rows[0] * view.size[1] / view.masks.tissue.shape[0]) if rows.size else 0
+            band = max(self.row_limit, 2 * self.extent)  # at least two rows of cells hold tissue
+            self.row_limit = min(view.origin[1] + view.size[1], band + view.origin[1] + first)
         self._plan = self._plan_view()
         self._fallback = self._plan.fallback
 
