@@ -7,7 +7,13 @@ fold x seed checkpoint), and the outlier scores; beside it ``test_predictions.js
 checkpoints (sha256) and the test features they were made from, which stage 06 checks.
 
 Only complete models are used (``layout.chosen_models``), and before any image is embedded every
-checkpoint's ``in_dim`` must agree with the others' and with the configured encoder's feature width.
+checkpoint's ``in_dim`` must agree with the others' and with the configured encoder's feature width, and
+every model must have been trained on features of the identity this config computes
+(``layout.feature_identity``).
+
+Images are embedded by the pipelined fused inference (:mod:`ubc_ocean.features.pipeline`) under the time
+budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive; an unsharded
+run rewrites a complete provisional submission (:mod:`ubc_ocean.submit.submission`) as they do.
 """
 
 from __future__ import annotations
