@@ -344,9 +344,8 @@ def test_stage_06_refuses_predictions_made_under_another_config(pipeline, capsys
 
 def test_a_model_that_did_not_learn_is_flagged_in_metrics_and_log(pipeline, caplog):
     """A model trained with a learning rate too small to move it scores at chance: stage 04 still writes it,
-    sets ``learned: false`` in ``metrics.json`` and warns, naming the training keys to check; the models
-    of the shared run (default training) are flagged as learned, and every checkpoint records its
-    resolved training keys."""
+    sets ``learned: false`` in ``metrics.json`` and warns, naming the training keys to check; every
+    checkpoint records its resolved training keys."""
     from ubc_ocean.mil.stage import run as train
 
     cfg = _cfg(pipeline, "experiment=stuck", "mil.models=[abmil]", "mil.model_training.abmil.lr=1e-12",
@@ -360,6 +359,3 @@ def test_a_model_that_did_not_learn_is_flagged_in_metrics_and_log(pipeline, capl
     assert "abmil did not learn" in caplog.text and "mil.model_training.abmil" in caplog.text
     payload = torch.load(layout.model_dir(cfg, "abmil").checkpoints()[0], weights_only=False)
     assert payload["training"] == metrics["training"]
-
-    shared = json.loads((layout.model_dir(_cfg(pipeline), "abmil").path / "metrics.json").read_text())
-    assert shared["learned"] is True and shared["balanced_accuracy"] > shared["chance_balanced_accuracy_p99"]

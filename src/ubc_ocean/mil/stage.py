@@ -99,7 +99,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
                     "shufflings score below %.3f). Check its training keys (lr %s, epochs %s; "
                     "mil.model_training.%s) and the features", name, metrics["balanced_accuracy"],
                     metrics["chance_balanced_accuracy"], metrics["chance_balanced_accuracy_p99"],
-                    training["lr"], training["epochs"], name, name)
+                    training["lr"], training["epochs"], name)
     return metrics
 
 
