@@ -177,9 +177,8 @@ def test_heatmaps_script_writes_pictures_of_tissue_and_heat(tiny_run, tmp_path):
         rgb = read_rgb(path)[..., :3].astype(int)
         r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
         tissue = (r > 120) & (b > 120) & (g < r - 30)  # H&E pink / purple
-        heat_red = (r > 150) & (g < 80) & (b < 80)
-        heat_blue = (b > 150) & (r < 80)
-        assert tissue.sum() > 500 and heat_red.sum() > 50 and heat_blue.sum() > 50, path.name
+        greenish = (g > r + 30) & (g > b + 20)  # jet's middle over tissue: only the overlay makes it
+        assert tissue.sum() > 500 and greenish.sum() > 100, (path.name, tissue.sum(), greenish.sum())
     with pytest.raises(KeyError, match="no-such-slide"):
         heatmaps(tiny_run, "no-such-slide")
 
@@ -202,7 +201,8 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     page = path.read_text()
     sources = re.findall(r'src="([^"]*)"', page)
     assert len(sources) >= 6 and all(s.startswith("data:image/png;base64,") for s in sources)
-    assert "http" not in page.replace("http-equiv", "")  # nothing fetched from anywhere
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert "http" not in text and "file:" not in text  # nothing fetched from anywhere
     copy = tmp_path / "report.html"  # rendered from a folder with nothing else in it: self-contained
     copy.write_text(page)
     shot = tmp_path / "shot.png"

@@ -19,7 +19,7 @@ from ubc_ocean.outliers import OutlierThreshold
 from ubc_ocean.viz.cv import cv_figure, model_summary
 from ubc_ocean.viz.html import Section, figure_png, write_report
 from ubc_ocean.viz.neighbours import mean_embedding
-from ubc_ocean.viz.slide import explain, load_slide, slide_figure
+from ubc_ocean.viz.slide import SlideFiles, explain, load_slide, slide_figure
 
 log = logging.getLogger(__name__)
 WORST_SLIDES = 3
@@ -29,7 +29,10 @@ def slide_heatmap(cfg: Mapping, slide: str, n_tiles: int = 3):  # type: ignore[n
     """The heatmap figure of one slide (id ``source/image_id`` or a bare competition image id) for every
     model of the run (``layout.chosen_models``): a training slide with the checkpoints of its own
     validation fold (they never saw it), a test slide with every checkpoint."""
-    files = layout.find_slide(cfg, slide)
+    return _heatmap_of(cfg, layout.find_slide(cfg, slide), n_tiles)
+
+
+def _heatmap_of(cfg: Mapping, files: SlideFiles, n_tiles: int = 3):  # type: ignore[no-untyped-def]
     data = load_slide(files)
     checkpoints = {name: layout.oof_checkpoints(layout.model_dir(cfg, name), files.fold)
                    for name in layout.chosen_models(cfg)}
@@ -51,8 +54,9 @@ def heatmaps(cfg: Mapping, slides: str | Sequence[str] | None = None) -> list[Pa
         raise FileNotFoundError(f"no complete trained model in {layout.run_dir(cfg)}: run stage 04 first")
     written = []
     for slide in tqdm(wanted, desc="heatmaps", unit="slide", dynamic_ncols=True):
-        fig = slide_heatmap(cfg, slide)
-        path = layout.heatmap_path(cfg, layout.find_slide(cfg, slide).slide_id)
+        files = layout.find_slide(cfg, slide)
+        fig = _heatmap_of(cfg, files)
+        path = layout.heatmap_path(cfg, files.slide_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(figure_png(fig, dpi=100))
         log.info("%s -> %s", slide, path)

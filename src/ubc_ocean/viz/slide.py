@@ -53,7 +53,7 @@ class SlideData:
         boxes = [(int(x), int(y)) for x, y in self.coords[list(index)]]
         if self.files.tiles is not None:
             rows = store.read_index(self.files.tiles).set_index(["x", "y"])["file"]
-            return [store.read_tile(self.files.tiles / rows[box]) for box in boxes]
+            return [store.read_tile(self.files.tiles / rows.loc[box]) for box in boxes]
         with open_slide(self.files.image, in_memory_max_pixels=IN_MEMORY_MAX_PIXELS) as reader:
             read = dict(reader.read_boxes(sorted_boxes(set(boxes)), self.files.extent, size))
         return [read[box] for box in boxes]
