@@ -173,6 +173,7 @@ def test_heatmaps_script_writes_pictures_of_tissue_and_heat(tiny_run, tmp_path):
 
     paths = sorted(layout.heatmap_path(tiny_run, layout.find_slide(tiny_run, s).slide_id) for s in slides)
     assert sorted(p for p in (layout.run_dir(tiny_run) / "heatmaps").glob("*.png")) == paths
+    assert layout.HEATMAPS_DIR not in {folder.name for folder in layout.model_folders(tiny_run)}  # not a model
     for path in paths:
         rgb = read_rgb(path)[..., :3].astype(int)
         r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]

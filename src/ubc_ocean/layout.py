@@ -157,6 +157,7 @@ def run_dir(cfg: Mapping) -> Path:
 
 
 COMPLETION_FILE = "complete.json"
+HEATMAPS_DIR = "heatmaps"  # scripts/heatmaps.py's pictures: the one sub-folder of a run that is not a model
 PREDICTIONS_FILE = "test_predictions.csv"
 PREDICTIONS_RECORD = "test_predictions.json"
 _COMPLETION_FORMAT = 1
@@ -326,11 +327,13 @@ def model_dir(cfg: Mapping, name: str) -> ModelDir:
 
 
 def model_folders(cfg: Mapping) -> list[ModelDir]:
-    """Every visible sub-folder of the run, complete model or not (``.tmp-*`` trainings are hidden)."""
+    """Every visible sub-folder of the run, complete model or not (``.tmp-*`` trainings are hidden), but
+    the pictures' folder (:data:`HEATMAPS_DIR`)."""
     run = run_dir(cfg)
     if not run.is_dir():
         return []
-    return [ModelDir(p) for p in sorted(run.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return [ModelDir(p) for p in sorted(run.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and p.name != HEATMAPS_DIR]
 
 
 def trained_models(cfg: Mapping) -> list[str]:
@@ -388,7 +391,7 @@ def loco_scores_path(cfg: Mapping) -> Path:
 
 def heatmap_path(cfg: Mapping, slide_id: str) -> Path:
     """``{run}/heatmaps/{source}_{image_id}.png`` (``scripts/heatmaps.py``)."""
-    return run_dir(cfg) / "heatmaps" / f"{slide_id.replace('/', '_')}.png"
+    return run_dir(cfg) / HEATMAPS_DIR / f"{slide_id.replace('/', '_')}.png"
 
 
 def report_path(cfg: Mapping) -> Path:

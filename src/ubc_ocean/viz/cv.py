@@ -64,8 +64,10 @@ def draw_confusion(ax, confusion: pd.DataFrame, title: str) -> None:  # type: ig
     ax.set_yticks(range(len(confusion.index)), confusion.index)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for (row, col), value in np.ndenumerate(confusion.to_numpy()):
-        ax.text(col, row, str(value), ha="center", va="center", fontsize=9)
+    counts = confusion.to_numpy()
+    for (row, col), value in np.ndenumerate(counts):  # white on the dark cells
+        ax.text(col, row, str(value), ha="center", va="center", fontsize=9,
+                color="white" if value > counts.max() / 2 else "black")
     ax.set_title(title, fontsize=10)
 
 
