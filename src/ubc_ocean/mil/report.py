@@ -11,7 +11,6 @@ import pandas as pd
 
 from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.metrics import balanced_accuracy, confusion_frame, per_class_recall
-from ubc_ocean.viz.cv import draw_confusion
 
 
 def seed_mean(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
@@ -57,6 +56,8 @@ def plot_confusion(confusion: pd.DataFrame, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ubc_ocean.viz.cv import draw_confusion
 
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     draw_confusion(ax, confusion, title)
