@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.builders import tiny_config
+from tests.builders import build_tiny_run, tiny_config
 from ubc_ocean.config import Config
 
 
@@ -32,6 +32,13 @@ def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Config:
     cfg = tiny_config(tmp_path_factory.mktemp("tiny"))
     generate(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """A tiny trained run (stages 00-06, ABMIL, DSMIL, Chowder and TransMIL; ``builders.build_tiny_run``),
+    built once per session and shared read-only by the notebook, heatmap and report tests."""
+    return build_tiny_run(tmp_path_factory.mktemp("tiny_run"))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
         {model}/complete.json         written last by stage 04: the model is whole (ModelDir.problem)
         {model}/test_predictions*.csv, .json (what made them), ensemble.json, failures_04.csv, failures_05*.csv
     {submissions}/{submit.name}.csv                     stage 06
+    {runs}/{experiment}/heatmaps/*.png, report.html, loco_*.csv   scripts/heatmaps.py, report.py, LOCO
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import pandas as pd
 
 from ubc_ocean.config import ConfigError
@@ -33,7 +35,10 @@ from ubc_ocean.features.encoders import encoder_cache_name, encoder_out_dim
 from ubc_ocean.features.weights import file_checksum
 from ubc_ocean.io_utils import FailureLog, atomic_write_text
 from ubc_ocean.parallel import shard_output
-from ubc_ocean.tiling.store import tiling_key
+from ubc_ocean.slides.magnification import native_magnification
+from ubc_ocean.sources import TEST, TRAIN, competition_specs, raw_path
+from ubc_ocean.tiling.store import read_slide_info, tiling_key
+from ubc_ocean.viz.slide import SlideFiles
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +157,7 @@ def run_dir(cfg: Mapping) -> Path:
 
 
 COMPLETION_FILE = "complete.json"
+HEATMAPS_DIR = "heatmaps"  # scripts/heatmaps.py's pictures: the one sub-folder of a run that is not a model
 PREDICTIONS_FILE = "test_predictions.csv"
 PREDICTIONS_RECORD = "test_predictions.json"
 _COMPLETION_FORMAT = 1
@@ -321,11 +327,13 @@ def model_dir(cfg: Mapping, name: str) -> ModelDir:
 
 
 def model_folders(cfg: Mapping) -> list[ModelDir]:
-    """Every visible sub-folder of the run, complete model or not (``.tmp-*`` trainings are hidden)."""
+    """Every visible sub-folder of the run, complete model or not (``.tmp-*`` trainings are hidden), but
+    the pictures' folder (:data:`HEATMAPS_DIR`)."""
     run = run_dir(cfg)
     if not run.is_dir():
         return []
-    return [ModelDir(p) for p in sorted(run.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return [ModelDir(p) for p in sorted(run.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and p.name != HEATMAPS_DIR]
 
 
 def trained_models(cfg: Mapping) -> list[str]:
@@ -366,3 +374,66 @@ def submission_path(cfg: Mapping) -> Path:
 def _read_failures(paths: Iterable[Path]) -> pd.DataFrame:
     frames = [pd.read_csv(path) for path in sorted(paths)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(FailureLog.columns))
+
+
+# ------------------------------------------------------------------------------- pictures of a run (viz)
+
+
+def loco_path(cfg: Mapping) -> Path:
+    """Leave-one-class-out AUROC table (``scripts/eval_leave_one_class_out.py``)."""
+    return run_dir(cfg) / "loco_auroc.csv"
+
+
+def loco_scores_path(cfg: Mapping) -> Path:
+    """The per-slide outlier scores behind :func:`loco_path`'s AUROCs (for ROC curves)."""
+    return run_dir(cfg) / "loco_scores.csv"
+
+
+def heatmap_path(cfg: Mapping, slide_id: str) -> Path:
+    """``{run}/heatmaps/{source}_{image_id}.png`` (``scripts/heatmaps.py``)."""
+    return run_dir(cfg) / HEATMAPS_DIR / f"{slide_id.replace('/', '_')}.png"
+
+
+def report_path(cfg: Mapping) -> Path:
+    """The run's self-contained HTML report (``scripts/report.py``)."""
+    return run_dir(cfg) / "report.html"
+
+
+def oof_checkpoints(model: ModelDir, fold: int | None) -> list[Path]:
+    """The checkpoints that never trained on a slide of validation ``fold`` (every seed of that fold);
+    every checkpoint for a slide outside the folds (``None``: a test slide; -1: train only)."""
+    if fold is None or fold < 0:
+        return model.checkpoints()
+    return sorted(model.path.glob(f"fold{int(fold)}_seed*.pt"))
+
+
+def find_slide(cfg: Mapping, slide: str) -> SlideFiles:
+    """Where a training or test slide's pieces are, for a heatmap: ``slide`` is a slide id
+    (``train/123``, ``test/456``, ``{external source}/{id}``) or a bare competition image id (training
+    first, then test). Raises ``KeyError`` naming the slide when neither stage 02 nor test.csv lists it."""
+    source, _, image_id = slide.rpartition("/")
+    table = read_training_table(cfg)
+    found = table[(table["image_id"] == image_id) & ((table["source"] == source) if source else
+                                                     (table["source"] == TRAIN))]
+    if len(found):
+        row = found.iloc[0]
+        tiles = slide_tiles_dir(cfg, row.source, image_id)
+        facts = read_slide_info(tiles)
+        if "path" not in facts:
+            raise KeyError(f"{row.slide_id}: a bag of pre-cut patches has no slide to draw a heatmap on")
+        thumbnail = raw_path(cfg, "train_thumbnails") / f"{image_id}_thumbnail.png" if row.source == TRAIN else None
+        return SlideFiles(row.slide_id, str(row.label), Path(facts["path"]), thumbnail,
+                          embedding_path(embeddings_root(cfg), row.source, image_id), int(facts["extent"]),
+                          tiles=tiles, fold=int(row.fold))
+    if source in ("", TEST):
+        spec = next((s for s in competition_specs(cfg, TEST) if s.image_id == image_id), None)
+        if spec is not None:
+            h5 = embedding_path(embeddings_root(cfg), TEST, image_id)
+            if not h5.is_file():
+                raise FileNotFoundError(f"{spec.slide_id}: no test embeddings {h5}: run stage 05 first")
+            with h5py.File(h5, "r") as handle:
+                attrs = dict(handle.attrs)
+            native = native_magnification(is_tma=bool(attrs["is_tma"]), slides_cfg=cfg["slides"])
+            extent = max(1, round(int(attrs["tile_size"]) * native / float(attrs["magnification"])))
+            return SlideFiles(spec.slide_id, None, spec.path, spec.thumbnail, h5, extent)
+    raise KeyError(f"slide {slide!r} is neither in the training manifest nor in test.csv")
