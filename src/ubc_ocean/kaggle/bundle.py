@@ -66,7 +66,7 @@ class BundleReport:
 
 
 def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
+    return f"{size / 1e6:.2f} MB"
 
 
 def run(cfg: Mapping, out: str, experiments: str | None = None, python_version: str = wheels.DEFAULT_PYTHON,
