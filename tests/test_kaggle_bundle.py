@@ -25,6 +25,7 @@ from packaging.utils import canonicalize_name
 from tests.builders import REPO, tiny_config, tiny_overrides
 from ubc_ocean import layout
 from ubc_ocean.config import Config, ConfigError, load_config
+from ubc_ocean.kaggle import bundle as kaggle_bundle
 from ubc_ocean.kaggle import notebook, rehearsal, runner, wheels
 
 NAMESPACES = rehearsal.namespaces_problem()
@@ -319,6 +320,21 @@ def test_missing_wheels_follows_requirements_the_image_lacks_offline(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in fetched)
     with pytest.raises(wheels.WheelError, match="omega"):
         wheels.missing_wheels(["omega"], [], tmp_path / "out2", target, source=source)
+
+
+def test_imports_the_requirements_miss_are_bundled_and_unknown_ones_refused(tmp_path):
+    """The package's source is read for imports: one that neither the image nor the pins name (yaml here) is
+    bundled at this venv's version; the standard library, the package itself and relative imports are not."""
+    package = tmp_path / "src" / "ubc_ocean"
+    (package / "sub").mkdir(parents=True)
+    (package / "sub" / "a.py").write_text("import os.path\nimport packaging.version\nfrom . import b\n"
+                                          "from ubc_ocean import layout\n\ndef f():\n    import yaml\n")
+    assert wheels.third_party_imports(package) == {"packaging": ["packaging"], "yaml": ["PyYAML"]}
+    assert kaggle_bundle.imported_roots(tmp_path, {"packaging"}) == [f"PyYAML=={importlib.metadata.version('PyYAML')}"]
+    assert kaggle_bundle.imported_roots(tmp_path, {"packaging", "pyyaml"}) == []
+    (package / "c.py").write_text("import surely_not_installed_module\n")
+    with pytest.raises(ConfigError, match="imports 'surely_not_installed_module', which no installed distribution"):
+        kaggle_bundle.imported_roots(tmp_path, {"packaging", "pyyaml"})
 
 
 def test_target_platforms_take_older_manylinux_wheels():

