@@ -4,7 +4,8 @@
 The competition folder and the bundle are copied into an input tree that the notebook sees read-only (a
 read-only bind mount in its own mount namespace); a venv of what Kaggle's image preinstalls
 (kaggle/image-requirements.txt: another torch than our pins, none of our extra packages) runs it, so the
-notebook must install everything else from the bundle's wheels, as on Kaggle; nbclient executes it in a
+notebook must install everything else from the bundle's wheels, as on Kaggle (into a fresh layer over that
+venv, so every rehearsal starts from the untouched image); nbclient executes it in a
 network namespace with no network (root needed; without it the rehearsal stops, it never runs online).
 The submission is then checked against test.csv (every id once, labels CC EC HGSC LGSC MC Other).
 Ends with: RESULT rows=N missing=0 extra=0 network=none seconds=S python=X torch=Y
@@ -26,6 +27,7 @@ from ubc_ocean.kaggle.rehearsal import (
     check_submission,
     execute_notebook,
     input_tree,
+    layered_venv,
     namespaces_problem,
     submission_ok,
 )
@@ -75,8 +77,8 @@ def main() -> int:
     if problem:  # never rehearse with the network on
         print(f"rehearsal: cannot isolate the notebook: {problem}", file=sys.stderr)
         return 2
-    python = image_venv(args.image_requirements, args.venv)
-    python_version, torch_version = versions(python)
+    image_python = image_venv(args.image_requirements, args.venv)
+    python_version, torch_version = versions(image_python)
     manifest = json.loads(manifest_path.read_text())
     if ".".join(python_version.split(".")[:2]) != manifest["python_version"]:
         print(f"rehearsal: the bundle's wheels are for Python {manifest['python_version']}, the image venv runs "
@@ -88,6 +90,7 @@ def main() -> int:
     working = work / "working"
     shutil.rmtree(working, ignore_errors=True)
     input_root, bundle = input_tree(args.bundle, args.competition_data, work / "input")
+    python = layered_venv(image_python, work / "venv")  # the notebook installs here; the image venv stays clean
     print(f"input (read-only in the notebook): {input_root}\nworking: {working}\n"
           f"image venv: python {python_version}, torch {torch_version}", flush=True)
     try:

@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -245,21 +244,12 @@ def test_notebook_finds_its_inputs_by_content_and_names_no_dataset():
     assert "ubc-ocean-bundle" not in cells and "/kaggle/input/ubc" not in cells
 
 
-def _layered_venv(path: Path) -> Path:
-    """A venv that sees this venv's packages (a .pth line) but installs into its own site-packages: pip in the
-    notebook installs the bundle's wheel there, this venv is left as it is."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
-    site = next(path.glob("lib/python*/site-packages"))
-    (site / "zz_project_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    return path / "bin" / "python"
-
-
 @needs_namespaces
 def test_notebook_runs_the_bundle_offline_on_a_read_only_input(bundle, tiny_raw, tmp_path):
     root, _ = bundle
     input_root, copy = rehearsal.input_tree(root, Path(tiny_raw.paths.raw), tmp_path / "input")
     before = _checksums(input_root)
-    python = _layered_venv(tmp_path / "venv")
+    python = rehearsal.layered_venv(Path(sys.executable), tmp_path / "venv")
     execution = rehearsal.execute_notebook(copy / "submission.ipynb", python, input_root, tmp_path / "working",
                                            timeout=600, echo=False)
     assert execution.returncode == 0, execution.output[-4000:]

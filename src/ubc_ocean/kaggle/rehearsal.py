@@ -130,6 +130,20 @@ def clean_environment(base: Mapping[str, str], python: Path, input_root: Path, w
     return env
 
 
+def layered_venv(base_python: Path, path: Path) -> Path:
+    """A fresh venv at ``path`` that sees ``base_python``'s packages (a ``.pth`` line) but installs into its own
+    site-packages: what the notebook's pip installs lands there and the base venv stays as it was, as every
+    Kaggle session starts from the untouched image. Returns the layer's python."""
+    shutil.rmtree(path, ignore_errors=True)
+    code = "import sysconfig; p = sysconfig.get_paths(); print(p['purelib']); print(p['platlib'])"
+    base_paths = subprocess.run([str(base_python), "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split()
+    subprocess.run([str(base_python), "-m", "venv", "--without-pip", str(path)], check=True)
+    site = next(path.glob("lib/python*/site-packages"))
+    (site / "zz_base_venv.pth").write_text("".join(f"{p}\n" for p in dict.fromkeys(base_paths)))
+    return path / "bin" / "python"
+
+
 @dataclass
 class Execution:
     returncode: int
