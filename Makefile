@@ -12,11 +12,13 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # pip warns once per package about this machine's local index folders; keep real errors visible.
 PIP_FILTER := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: demo test lint venv clean-demo help
+.PHONY: demo test lint venv clean-demo help kaggle-bundle kaggle-rehearsal
 
 help:
 	@echo "make demo   install, then run stages 00-06 on synthetic data and write submissions/submission.csv"
 	@echo "make test   install, then lint and run the test suite"
+	@echo "make kaggle-bundle      (after make demo) package the demo run for Kaggle (Python 3.12) in $(KAGGLE_BUNDLE)"
+	@echo "make kaggle-rehearsal   (after make demo) run that bundle's notebook offline, read-only, as Kaggle would"
 
 venv: $(STAMP)
 
@@ -39,6 +41,19 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The demo run as a Kaggle dataset; the rehearsal builds it for the rehearsal venv's Python (this machine's).
+KAGGLE_BUNDLE ?= data/demo/kaggle-bundle
+KAGGLE_REHEARSAL_BUNDLE ?= data/demo/kaggle-bundle-rehearsal
+DEMO_RAW ?= data/demo/raw
+
+kaggle-bundle: $(STAMP)
+	$(PY) scripts/07_package_kaggle.py --config $(DEMO_CONFIG) --out $(KAGGLE_BUNDLE)
+
+kaggle-rehearsal: $(STAMP)
+	$(PY) scripts/07_package_kaggle.py --config $(DEMO_CONFIG) --out $(KAGGLE_REHEARSAL_BUNDLE) \
+	    --python-version $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+	$(PY) scripts/kaggle_rehearsal.py --bundle $(KAGGLE_REHEARSAL_BUNDLE) --competition-data $(DEMO_RAW)
 
 clean-demo:
 	rm -rf data/demo submissions/submission.csv

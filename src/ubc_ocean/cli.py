@@ -85,10 +85,10 @@ def main(
     so a bad config is refused without the seconds that torch and friends take to import.
 
     ``arguments`` adds a tool's own flags to the parser; their values are passed to ``run`` by keyword
-    (``--slides a,b`` -> ``run(cfg, slides="a,b")``).
+    (``--slides a,b`` -> ``run(cfg, slides="a,b")``, ``--out DIR`` -> ``out=...``).
     """
     parser = build_parser(description)
-    common = set(vars(parser.parse_intermixed_args([])))  # the front door's own flags
+    common = {action.dest for action in parser._actions}  # the front door's own flags
     if arguments is not None:
         arguments(parser)
     args = parser.parse_intermixed_args(argv)
