@@ -260,7 +260,7 @@ def test_per_model_sections_are_checked_at_load(override, message):
 def test_per_model_training_keys_load():
     cfg = load_config(REPO / "configs" / "demo.yaml", ["mil.model_training.chowder.precision=fp32",
                                                          "mil.model_options.chowder.anything=1"])
-    assert cfg.mil.model_training["chowder"] == {"lr": 0.001, "precision": "fp32"}
+    assert cfg.mil.model_training["chowder"] == {"precision": "fp32"}
     assert cfg.mil.model_options["chowder"]["anything"] == 1  # option names are the MIL registry's to check
 
 

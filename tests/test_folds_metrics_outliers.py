@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from ubc_ocean.folds import TRAIN_ONLY, assign_folds, small_classes
-from ubc_ocean.metrics import balanced_accuracy, per_class_recall
+from ubc_ocean.metrics import balanced_accuracy, chance_balanced_accuracy, per_class_recall
 from ubc_ocean.outliers import calibrate_threshold, outlier_scores
 
 
@@ -44,6 +44,23 @@ def test_class_smaller_than_folds_is_named_and_still_folded():
     assert folds[frame.label == "CC"].nunique() == 2  # each CC slide validates in some fold
     with pytest.raises(ValueError, match="no class has 3 slides"):
         assign_folds(_table(n_per_class=2, external=0), 3, seed=0)
+
+
+def test_chance_balanced_accuracy_is_a_permutation_test():
+    """Against shuffled labels any predictions score 1/k on average; the 99th percentile narrows with n
+    (about 1/k + 2.3 standard deviations), and guessing stays below it while a real signal clears it."""
+    rng = np.random.default_rng(0)
+    classes = np.array(["CC", "EC", "HGSC", "LGSC", "MC"])
+    for n, (low, high) in ((500, (0.22, 0.27)), (40, (0.3, 0.5))):
+        truth = classes[np.arange(n) % 5]
+        chance, upper = chance_balanced_accuracy(truth, truth)  # a perfect model, shuffled
+        assert chance == pytest.approx(0.2) and low < upper < high
+    truth = classes[np.arange(500) % 5]
+    guesses = rng.choice(classes, 500)
+    assert balanced_accuracy(truth, guesses) < chance_balanced_accuracy(truth, guesses)[1]
+    noisy = np.where(rng.random(500) < 0.3, truth, guesses)  # right 30% of the time, else a guess
+    assert balanced_accuracy(truth, noisy) > chance_balanced_accuracy(truth, noisy)[1]
+    assert chance_balanced_accuracy(truth[:4], ["CC", "XX", "EC", "EC"])[0] == pytest.approx(0.25)
 
 
 def test_balanced_accuracy_is_mean_recall():

@@ -9,6 +9,7 @@ One tiny pipeline (stages 01-05 on the shared stage-00 data) is built per module
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -339,3 +340,22 @@ def test_stage_06_refuses_predictions_made_under_another_config(pipeline, capsys
            "'flips'" in lines[0]
     assert "rerun stage 05" in lines[0]
     assert not layout.ensemble_report_path(cfg).exists()
+
+
+def test_a_model_that_did_not_learn_is_flagged_in_metrics_and_log(pipeline, caplog):
+    """A model trained with a learning rate too small to move it scores at chance: stage 04 still writes it,
+    sets ``learned: false`` in ``metrics.json`` and warns, naming the training keys to check; every
+    checkpoint records its resolved training keys."""
+    from ubc_ocean.mil.stage import run as train
+
+    cfg = _cfg(pipeline, "experiment=stuck", "mil.models=[abmil]", "mil.model_training.abmil.lr=1e-12",
+               "mil.epochs=1")
+    with caplog.at_level("WARNING", logger="ubc_ocean.mil.stage"):
+        train(cfg)
+    metrics = json.loads((layout.model_dir(cfg, "abmil").path / "metrics.json").read_text())
+    assert metrics["learned"] is False
+    assert metrics["balanced_accuracy"] <= metrics["chance_balanced_accuracy_p99"]
+    assert metrics["training"]["lr"] == 1e-12 and metrics["training"]["epochs"] == 1
+    assert "abmil did not learn" in caplog.text and "mil.model_training.abmil" in caplog.text
+    payload = torch.load(layout.model_dir(cfg, "abmil").checkpoints()[0], weights_only=False)
+    assert payload["training"] == metrics["training"]

@@ -21,12 +21,22 @@ def test_embedding_is_top_and_bottom_scores() -> None:
     assert isinstance(model, Chowder)
     with torch.no_grad():
         out = model(torch.randn(25, MIL_IN_DIM))
-    scores = out["instance_scores"][0]  # [N, C]
+    scores = out["channel_scores"][0]  # [N, C * channels_per_class]
     ordered = scores.sort(dim=0, descending=True).values
     expected = torch.cat([ordered[:3], ordered[-3:].flip(0)], dim=0).T.reshape(1, -1)
     torch.testing.assert_close(out["embedding"], expected)
     with torch.no_grad():
         torch.testing.assert_close(out["logits"], model.mlp(expected))
+
+
+def test_instance_scores_average_each_class_channel_group() -> None:
+    model = small_mil_model("chowder", channels_per_class=2).eval()
+    with torch.no_grad():
+        out = model(torch.randn(7, MIL_IN_DIM))
+    channels = out["channel_scores"][0]
+    assert channels.shape == (7, 2 * model.n_classes)
+    torch.testing.assert_close(out["instance_scores"][0], (channels[:, 0::2] + channels[:, 1::2]) / 2)
+    assert out["embedding"].shape == (1, 2 * model.n_classes * 6)
 
 
 def test_extreme_scores_pad_small_bags() -> None:
@@ -39,7 +49,8 @@ def test_extreme_scores_pad_small_bags() -> None:
 
 
 def test_default_options_and_head() -> None:
-    assert model_options("chowder") == {"n_top": 5, "n_bottom": 5, "hidden_dims": (200, 100), "dropout": 0.5}
+    assert model_options("chowder") == {"n_top": 5, "n_bottom": 5, "hidden_dims": (200, 100), "dropout": 0.5,
+                                        "channels_per_class": 3}
     chowder = create_mil_model("chowder", 1024, 5)
     widths = [layer.out_features for layer in chowder.mlp if isinstance(layer, nn.Linear)]
     assert widths == [200, 100, 5]
@@ -62,6 +73,7 @@ def test_hidden_dims_tuple_or_list() -> None:
         ({"hidden_dims": [16, 0]}, "hidden_dims"),
         ({"hidden_dims": 16}, "hidden_dims"),
         ({"hidden_dims": "16"}, "hidden_dims"),
+        ({"channels_per_class": 0}, "channels_per_class"),
     ],
 )
 def test_bad_options(options: dict[str, Any], match: str) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from tests.builders import SMALL_MIL_OPTIONS, class_centre_bags
 from ubc_ocean.config import ConfigError, load_config
-from ubc_ocean.mil import available_models
+from ubc_ocean.mil import available_models, default_training
 from ubc_ocean.mil.bags import BagError, check_bag, drop_features, sample_instances
 from ubc_ocean.mil.checkpoint import load_checkpoint, save_checkpoint
 from ubc_ocean.mil.predict import predict_bags
@@ -204,6 +204,30 @@ def test_per_model_training_keys_override_the_mil_section():
         load_config(None, ["mil.model_training={chowder: {learning_rate: 0.1}}"])
     with pytest.raises(ConfigError, match=r"mil\.model_training\.abmil\.models"):
         load_config(None, ["mil.model_training={abmil: {models: [x]}}"])
+
+
+def test_a_models_own_defaults_sit_between_the_section_and_model_training(caplog):
+    """Precedence, lowest first: the mil section, the model's ``default_training``, then
+    ``mil.model_training.<name>``; a section key the user set that a model default overrides is a
+    warning naming the key to use; the resolved keys are what checkpoints record."""
+    from ubc_ocean.mil.train import check_models, training_record
+
+    own = default_training("chowder")
+    assert own and own["lr"] != load_config(None).mil.lr
+    assert model_training_config(load_config(None).mil, "chowder")["lr"] == own["lr"]
+    assert model_training_config(load_config(None).mil, "abmil")["lr"] == load_config(None).mil.lr
+    user = load_config(None, ["mil.lr=0.0005", "mil.models=[abmil,chowder]"]).mil
+    assert model_training_config(user, "chowder")["lr"] == own["lr"]
+    assert model_training_config(user, "abmil")["lr"] == 0.0005
+    with caplog.at_level("WARNING", logger="ubc_ocean.mil.train"):
+        check_models(user, in_dim=8, n_classes=3)
+    assert "chowder trains with its own default lr=0.002, not mil.lr=0.0005" in caplog.text
+    assert "mil.model_training.chowder.lr" in caplog.text and "abmil" not in caplog.text
+    chosen = load_config(None, ["mil.lr=0.0005", "mil.model_training.chowder.lr=0.004"]).mil
+    assert model_training_config(chosen, "chowder")["lr"] == 0.004
+    record = training_record(chosen, "chowder")
+    assert record["lr"] == 0.004 and record["epochs"] == chosen.epochs
+    assert not {"models", "model_options", "model_training"} & set(record)
 
 
 def test_feature_dropout_keeps_the_expected_share_scaled_and_seeded():

@@ -2,6 +2,12 @@
 
 from ubc_ocean.mil import abmil, chowder, dsmil, meanpool, transmil  # noqa: F401  (import registers the models)
 from ubc_ocean.mil.base import MILModel
-from ubc_ocean.mil.registry import available_models, create_mil_model, mil_model_from_config, register
+from ubc_ocean.mil.registry import (
+    available_models,
+    create_mil_model,
+    default_training,
+    mil_model_from_config,
+    register,
+)
 
-__all__ = ["MILModel", "available_models", "create_mil_model", "mil_model_from_config", "register"]
+__all__ = ["MILModel", "available_models", "create_mil_model", "default_training", "mil_model_from_config", "register"]

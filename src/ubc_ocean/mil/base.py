@@ -22,10 +22,15 @@ class MILModel(nn.Module):
     ``config`` holds ``name``, ``in_dim``, ``n_classes`` and the fully resolved ``options``, so that
     ``create_mil_model(**config)``-style rebuilding (see ``registry.mil_model_from_config``) gives the
     same architecture. Subclasses implement ``forward_bag`` on a validated ``[1, N, D]`` tensor.
+
+    ``default_training`` holds the ``mil`` training keys (``lr``, ``epochs``, ...) this model needs
+    where they differ from the ``mil`` section's; ``mil.model_training.<name>`` overrides them (see
+    ``mil.train.model_training_config``). Each subclass says where its values come from.
     """
 
     model_name: ClassVar[str] = ""
     provides_attention: ClassVar[bool] = False
+    default_training: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, in_dim: int, n_classes: int, options: Mapping[str, Any], embedding_dim: int) -> None:
         super().__init__()

@@ -44,6 +44,11 @@ def model_options(name: str) -> dict[str, Any]:
     }
 
 
+def default_training(name: str) -> dict[str, Any]:
+    """The ``mil`` training keys model ``name`` sets for itself (its class's ``default_training``)."""
+    return dict(_lookup(name).default_training)
+
+
 def create_mil_model(name: str, in_dim: int, n_classes: int, **options: Any) -> MILModel:
     """Build the registered model ``name``.
 

@@ -32,7 +32,7 @@ from ubc_ocean.mil.bags import load_bags
 from ubc_ocean.mil.checkpoint import save_checkpoint
 from ubc_ocean.mil.predict import prediction_frame
 from ubc_ocean.mil.report import seed_mean, write_report
-from ubc_ocean.mil.train import check_models, epoch_selection, fit, model_training_config
+from ubc_ocean.mil.train import check_models, epoch_selection, fit, model_training_config, training_record
 from ubc_ocean.outliers import calibrate_threshold
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
     """Every fold x seed of one model, in a temporary folder that replaces ``out`` once it holds the
     checkpoints, OOF predictions, curves, metrics, outlier threshold and, last, the completion record."""
     mil_cfg, classes = model_training_config(cfg["mil"], name), list(cfg["data"]["classes"])
+    training = training_record(cfg["mil"], name)
     class_index = {label: i for i, label in enumerate(classes)}
     options = dict((mil_cfg["model_options"] or {}).get(name, {}))
     device = resolve_device(cfg["runtime"]["device"])
@@ -71,6 +72,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
             save_checkpoint(work.checkpoint(fold, seed), result.model, classes,
                             {"fold": int(fold), "seed": seed, "best_epoch": result.best_epoch,
                              "valid_balanced_accuracy": result.best_score, "config": as_plain(cfg),
+                             "training": training,
                              "detector": result.detector.to_dict()})
             meta = valid[["slide_id", "image_id", "label", "is_tma", "fold"]].reset_index(drop=True)
             oof_rows.append(pd.concat([meta.assign(seed=seed),
@@ -81,7 +83,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         atomic_write_csv(pd.DataFrame(curves), work.curves)
         per_slide = seed_mean(oof, classes)
         metrics = write_report(per_slide, classes, work.path, name,
-                               notes={"epoch_selection": epoch_selection(mil_cfg)})
+                               notes={"epoch_selection": epoch_selection(mil_cfg), "training": training})
         score = cfg["outliers"]["score"]
         threshold = calibrate_threshold(per_slide[f"score_{score}"].to_numpy(), score,
                                         float(cfg["outliers"]["in_distribution_flag_rate"]))
@@ -92,6 +94,12 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         log.info("%s: the previous training in %s was replaced", name, out.path)
     log.info("%s: OOF balanced accuracy %.3f (WSI %s, TMA %s)", name, metrics["balanced_accuracy"],
              _fmt(metrics["balanced_accuracy_wsi"]), _fmt(metrics["balanced_accuracy_tma"]))
+    if not metrics["learned"]:
+        log.warning("%s did not learn: OOF balanced accuracy %.3f is not above chance (%.3f; 99%% of label "
+                    "shufflings score below %.3f). Check its training keys (lr %s, epochs %s; "
+                    "mil.model_training.%s) and the features", name, metrics["balanced_accuracy"],
+                    metrics["chance_balanced_accuracy"], metrics["chance_balanced_accuracy_p99"],
+                    training["lr"], training["epochs"], name)
     return metrics
 
 

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubc_ocean.config import ConfigError
+from ubc_ocean.config import ConfigError, as_plain
+from ubc_ocean.config.schema import NOT_PER_MODEL
+from ubc_ocean.config.schema import defaults as schema_defaults
 from ubc_ocean.device import autocast, grad_scaler, seed_everything
 from ubc_ocean.metrics import balanced_accuracy
-from ubc_ocean.mil import available_models, create_mil_model
+from ubc_ocean.mil import available_models, create_mil_model, default_training
 from ubc_ocean.mil.bags import drop_features, sample_instances
 from ubc_ocean.mil.predict import BagOutputs, predict_bags
 from ubc_ocean.outliers.feature_space import FeatureSpaceDetector
@@ -77,12 +79,26 @@ def _loss(out: Mapping[str, torch.Tensor], target: torch.Tensor, weights: torch.
     return loss
 
 
-
-
 def model_training_config(mil_cfg: Mapping, name: str) -> dict:
-    """The ``mil`` section as model ``name`` trains with it: ``mil.model_training[name]`` replaces the
-    training keys it names (``lr``, ``epochs``, ...; checked, like every key, when the config loads)."""
-    return {**mil_cfg, **((mil_cfg.get("model_training") or {}).get(name) or {})}
+    """The ``mil`` section as model ``name`` trains with it. Precedence, lowest first: the section's keys,
+    the model's own ``default_training`` (its class's values, e.g. Chowder's learning rate), then
+    ``mil.model_training[name]`` (checked, like every key, when the config loads)."""
+    return {**mil_cfg, **default_training(name), **((mil_cfg.get("model_training") or {}).get(name) or {})}
+
+
+def training_record(mil_cfg: Mapping, name: str) -> dict:
+    """The resolved training keys of model ``name`` (no model list or options), as saved with each
+    checkpoint."""
+    return {k: v for k, v in as_plain(model_training_config(mil_cfg, name)).items() if k not in NOT_PER_MODEL}
+
+
+def _shadowed_section_keys(mil_cfg: Mapping, name: str) -> dict[str, tuple]:
+    """Section keys set away from the package default that model ``name``'s own default overrides:
+    ``{key: (section value, model value)}`` (``mil.model_training.<name>`` is the key to change)."""
+    package, own = schema_defaults()["mil"], default_training(name)
+    user = (mil_cfg.get("model_training") or {}).get(name) or {}
+    return {key: (mil_cfg[key], value) for key, value in own.items()
+            if key not in user and mil_cfg.get(key) != package.get(key)}
 
 
 def check_models(mil_cfg: Mapping, in_dim: int, n_classes: int) -> None:
@@ -101,6 +117,9 @@ def check_models(mil_cfg: Mapping, in_dim: int, n_classes: int) -> None:
             create_mil_model(name, in_dim, n_classes, **dict((mil_cfg.get("model_options") or {}).get(name) or {}))
         except (TypeError, ValueError, RuntimeError) as err:
             raise ConfigError(f"{key}: {' '.join(str(err).split())}") from None
+        for key, (section, own) in _shadowed_section_keys(mil_cfg, name).items():
+            log.warning("%s trains with its own default %s=%s, not mil.%s=%s: set mil.model_training.%s.%s "
+                        "to change it", name, key, own, key, section, name, key)
 
 
 def epoch_selection(mil_cfg: Mapping) -> str:

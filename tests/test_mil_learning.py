@@ -1,0 +1,88 @@
+"""Known-answer learning test: every registered MIL head, trained with the package defaults (the ``mil``
+section of ``load_config(None)`` and the head's own ``default_training``), must find a signal planted in
+about 1% of each bag's instances, and the heads that pool by attention or extreme scores must beat mean
+pooling, which dilutes that signal, by a clear margin. "It trains" becomes "it learns what MIL must learn".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from ubc_ocean.config import load_config
+from ubc_ocean.metrics import balanced_accuracy
+from ubc_ocean.mil import available_models, default_training
+from ubc_ocean.mil.predict import predict_bags
+from ubc_ocean.mil.train import FitResult, fit, model_training_config
+from ubc_ocean.synthetic.witness_bags import WitnessBags, WitnessProblem, witness_bags
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+# 4 classes, bags of 40-120 instances of which one carries its class's direction (about 1%).
+PROBLEM = WitnessProblem(n_classes=4, dim=32, min_bag=40, max_bag=120, witness_rate=0.0, min_witnesses=1,
+                         strength=8.0)
+BASELINE = "meanpool"
+MIN_BALANCED_ACCURACY = 0.9
+MIN_MARGIN_OVER_BASELINE = 0.3
+# TransMIL does not learn this problem with the package defaults (0.65 test balanced accuracy at
+# hidden_dim 128; 0.50 / 0.60 with lr 1e-3 / 5e-4) and takes minutes on 2 cores: a known failure, left
+# open in issue 16 and measured on the larger problem by scripts/known_answer_mil.py.
+KNOWN_FAILURES = {"transmil": "does not learn 64 bags with one witness each with the package defaults (0.65)"}
+
+
+@functools.cache
+def splits() -> tuple[WitnessBags, WitnessBags, WitnessBags]:
+    return witness_bags(PROBLEM, 16, seed=0), witness_bags(PROBLEM, 6, seed=1), witness_bags(PROBLEM, 12, seed=2)
+
+
+@functools.cache
+def trained(name: str) -> tuple[FitResult, float]:
+    """Model ``name`` trained with the package defaults; its balanced accuracy on the fresh test bags."""
+    train, valid, test = splits()
+    mil_cfg = model_training_config(load_config(None)["mil"], name)
+    result = fit(name, {}, train.bags, train.labels, valid.bags, valid.labels, PROBLEM.n_classes, mil_cfg,
+                 seed=0, device=torch.device("cpu"))
+    predicted = predict_bags(result.model, test.bags, torch.device("cpu")).probs.argmax(1)
+    return result, balanced_accuracy(test.labels, predicted.tolist())
+
+
+def test_the_problem_dilutes_mean_pooling() -> None:
+    """The baseline learns something but stays far from the planted answer: the problem needs MIL."""
+    score = trained(BASELINE)[1]
+    assert 1 / PROBLEM.n_classes < score <= MIN_BALANCED_ACCURACY - MIN_MARGIN_OVER_BASELINE
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[n], run=False)) if n in KNOWN_FAILURES else n
+    for n in available_models() if n != BASELINE])
+def test_head_finds_the_planted_witnesses(name: str) -> None:
+    score, baseline = trained(name)[1], trained(BASELINE)[1]
+    assert score >= MIN_BALANCED_ACCURACY, f"{name}: test balanced accuracy {score:.3f} with the package defaults"
+    assert score - baseline >= MIN_MARGIN_OVER_BASELINE, f"{name} {score:.3f} vs {BASELINE} {baseline:.3f}"
+
+
+@pytest.mark.parametrize("name", ["abmil", "dsmil"])
+def test_attention_points_at_the_witnesses(name: str) -> None:
+    """Attention ranks the witness first in nearly every correctly classified test bag."""
+    model = trained(name)[0].model.eval()
+    test = splits()[2]
+    hits = []
+    with torch.no_grad():
+        for bag, label, witnesses in zip(test.bags, test.labels, test.witnesses, strict=True):
+            out = model(bag.float())
+            if int(out["logits"].argmax()) != label:
+                continue
+            hits.append(bool(witnesses[int(out["attention"][0].argmax())]))
+    assert len(hits) >= 0.9 * len(test.bags) and np.mean(hits) >= 0.9, f"{name}: {np.mean(hits):.2f} of {len(hits)}"
+
+
+def test_every_model_default_is_a_known_training_key() -> None:
+    """A model's own defaults name ``mil`` training keys and pass the config's checks (they are applied
+    where ``mil.model_training.<name>`` would be)."""
+    for name in available_models():
+        overrides = [f"mil.model_training.{name}.{key}={value}" for key, value in default_training(name).items()]
+        mil = load_config(None, overrides)["mil"]
+        assert mil["model_training"].get(name, {}) == default_training(name)
