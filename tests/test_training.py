@@ -20,6 +20,9 @@ from ubc_ocean.submit.ensemble import ensemble_weights, label_predictions, weigh
 
 CPU = torch.device("cpu")
 
+# tiny bags: one intra-op thread is fastest, and with torch 2.4 on a busy machine two threads are 5-10x slower
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def _mil_cfg(**changes):
     cfg = load_config(None, ["mil.epochs=8", "mil.lr=0.001", "mil.max_instances=16", "mil.feature_dropout=0.0"])

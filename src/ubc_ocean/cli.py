@@ -73,6 +73,7 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     creates_data_root: bool = False,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """Parse ``--config``, flags and overrides (in any order), check the config whole, set up logging and
     call the stage's ``run(cfg)``. A bad config is one ``config error:`` line on stderr and exit status 2,
@@ -82,8 +83,16 @@ def main(
 
     ``run`` may be named as ``"package.module:function"``: it is imported only once the config is good,
     so a bad config is refused without the seconds that torch and friends take to import.
+
+    ``arguments`` adds a tool's own flags to the parser; their values are passed to ``run`` by keyword
+    (``--slides a,b`` -> ``run(cfg, slides="a,b")``, ``--out DIR`` -> ``out=...``).
     """
-    args = build_parser(description).parse_intermixed_args(argv)
+    parser = build_parser(description)
+    common = {action.dest for action in parser._actions}  # the front door's own flags
+    if arguments is not None:
+        arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    extra = {key: value for key, value in vars(args).items() if key not in common}
     try:
         cfg = config_from_args(args)
         if not creates_data_root:
@@ -92,7 +101,7 @@ def main(
         if isinstance(run, str):
             module, _, name = run.partition(":")
             run = getattr(importlib.import_module(module), name)
-        run(cfg)  # stages may still raise ConfigError for what the config cannot know (e.g. an encoder's sizes)
+        run(cfg, **extra)  # stages may still raise ConfigError for what the config cannot know (an encoder's sizes)
     except ConfigError as err:
         return config_error(err)
     except AllTasksFailed as err:  # each slide's row is written; the run as a whole did nothing

@@ -9,11 +9,19 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
     {processed}/manifest.csv, folds.csv, failures_02.csv          stage 02
     {processed}/embeddings/{encoder}{variant}__{tiling key}/      stage 03 (training), 05 (test)
         {source}/{image_id}.h5   features [N, D], coords [N, 2], attrs (embedding_attrs)
-    {runs}/{experiment}/                                stages 04-06
+    {runs}/{experiment}/                                stage 04 (read by 05-06)
+        config.yaml, failures_04.csv
         {model}/fold{k}_seed{s}.pt, oof.csv, curves.csv, metrics.json, confusion.*, outlier.json,
         {model}/complete.json         written last by stage 04: the model is whole (ModelDir.problem)
-        {model}/test_predictions*.csv, .json (what made them), ensemble.json, failures_04.csv, failures_05*.csv
+    {predictions}/{experiment}/                         stages 05-06 (default {predictions} = {runs}: the same folder)
+        {model}/test_predictions*.csv, .json (what made them), failures_05*.csv, config_05.yaml,
+        ensemble.json, config_06.yaml
     {submissions}/{submit.name}.csv                     stage 06
+    {runs}/{experiment}/heatmaps/*.png, report.html, loco_*.csv   scripts/heatmaps.py, report.py, LOCO
+
+Trained models may be read-only (a Kaggle dataset): stages 05-06 write only under ``paths.predictions``,
+``paths.processed`` (test embeddings) and ``paths.submissions``, each checked writable before any work
+(:func:`require_writable`).
 """
 
 from __future__ import annotations
@@ -21,10 +29,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import pandas as pd
 
 from ubc_ocean.config import ConfigError
@@ -33,7 +44,10 @@ from ubc_ocean.features.encoders import encoder_cache_name, encoder_out_dim, res
 from ubc_ocean.features.weights import file_checksum
 from ubc_ocean.io_utils import FailureLog, atomic_write_text
 from ubc_ocean.parallel import shard_output
-from ubc_ocean.tiling.store import tiling_key
+from ubc_ocean.slides.magnification import native_magnification
+from ubc_ocean.sources import TEST, TRAIN, competition_specs, raw_path
+from ubc_ocean.tiling.store import read_slide_info, tiling_key
+from ubc_ocean.viz.slide import SlideFiles
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +178,49 @@ def embedding_attrs(cfg: Mapping, encoder_name: str, weights_id: str, input_size
 # ------------------------------------------------------------------------------------------ runs (04-06)
 
 
-def run_dir(cfg: Mapping) -> Path:
-    """``{runs}/{experiment}``: one experiment's models, predictions and reports."""
-    return Path(cfg["paths"]["runs"]) / str(cfg["experiment"])
+def run_dir(cfg: Mapping, experiment: str | None = None) -> Path:
+    """``{runs}/{experiment}``: one experiment's trained models and reports (``experiment``: the config's)."""
+    return Path(cfg["paths"]["runs"]) / str(experiment if experiment is not None else cfg["experiment"])
+
+
+def predictions_dir(cfg: Mapping, experiment: str | None = None) -> Path:
+    """``{predictions}/{experiment}``: what stages 05-06 write for one experiment (test predictions and their
+    records, failures, resolved configs, the ensemble report). The run folder itself by default."""
+    return Path(cfg["paths"]["predictions"]) / str(experiment if experiment is not None else cfg["experiment"])
+
+
+def writable_problem(path: str | Path) -> str | None:
+    """Why nothing can be written at ``path`` (None when it can): its nearest existing folder is not a
+    folder, or refuses a new file (a read-only mount, permissions). Tried with a temporary file that is
+    removed at once; nothing is created or left behind."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        handle, name = tempfile.mkstemp(dir=existing, prefix=".ubc-ocean-write-check-")
+    except OSError as err:
+        return f"{existing} is not writable ({err.strerror or err})"
+    os.close(handle)
+    os.unlink(name)
+    return None
+
+
+def require_writable(cfg: Mapping, *keys: str) -> None:
+    """A ``ConfigError`` naming the folder and the ``paths.*`` key to change when a stage could not write
+    under ``paths.{key}``: raised before any work, not after hours of embedding."""
+    for key in keys:
+        path = Path(cfg["paths"][key])
+        problem = writable_problem(path)
+        if problem:
+            raise ConfigError(f"paths.{key} ({path}) cannot be written: {problem}; set paths.{key} to a writable "
+                              "folder (e.g. under /kaggle/working on Kaggle)")
 
 
 COMPLETION_FILE = "complete.json"
+HEATMAPS_DIR = "heatmaps"  # scripts/heatmaps.py's pictures: the one sub-folder of a run that is not a model
 PREDICTIONS_FILE = "test_predictions.csv"
 PREDICTIONS_RECORD = "test_predictions.json"
 _COMPLETION_FORMAT = 1
@@ -180,9 +231,16 @@ class ModelDir:
     """One trained model's folder in a run: its checkpoints (one per fold x seed) and reports.
 
     Stage 04 trains a model in a temporary folder and renames it into place once whole, its
-    ``complete.json`` written last; stages 05 and 06 use only folders that :meth:`is_complete`."""
+    ``complete.json`` written last; stages 05 and 06 use only folders that :meth:`is_complete`. Its test
+    predictions live in ``outputs`` (``{predictions}/{experiment}/{model}``; the folder itself by default)."""
 
     path: Path
+    outputs: Path | None = None
+
+    @property
+    def predictions_folder(self) -> Path:
+        """Where stage 05 writes this model's test predictions and their records (stage 06 reads them)."""
+        return self.outputs if self.outputs is not None else self.path
 
     @property
     def name(self) -> str:
@@ -278,26 +336,29 @@ class ModelDir:
 
     def predictions(self, shard: str | None) -> Path:
         """This shard's test predictions (files of another sharding layout are removed as stale)."""
-        return shard_output(self.path, PREDICTIONS_FILE, shard)
+        return shard_output(self.predictions_folder, PREDICTIONS_FILE, shard)
 
     def predictions_record(self, shard: str | None) -> Path:
         """The record beside this shard's test predictions: the checkpoints (sha256) and the test features
         (:func:`test_features_fingerprint`) they were made from. Another layout's records are removed."""
-        return shard_output(self.path, PREDICTIONS_RECORD, shard)
+        return shard_output(self.predictions_folder, PREDICTIONS_RECORD, shard)
 
     def write_predictions_record(self, shard: str | None, checkpoints: Mapping[str, str], features: Mapping) -> Path:
         path = self.predictions_record(shard)
         record = {"model": self.name, "checkpoints": dict(sorted(checkpoints.items())), "features": dict(features)}
         return atomic_write_text(path, json.dumps(record, indent=2))
 
-    def stale_predictions(self, features: Mapping) -> str | None:
+    def stale_predictions(self, features: Mapping | None) -> str | None:
         """Why this model's test predictions may not be used (None when they may): none at all, a file
         without its record, one made from other checkpoints than the completion record lists (retrained
-        after stage 05), or from test features other than ``features`` (the current config's)."""
-        paths = sorted(self.path.glob("test_predictions*.csv"))
+        after stage 05), or from test features other than ``features`` (the current config's). With
+        ``features`` None (another experiment's model, whose config stage 06 does not have), the test
+        features must come from the encoder and tiling the model was trained on (its completion record)."""
+        paths = sorted(self.predictions_folder.glob("test_predictions*.csv"))
         if not paths:
-            return "no test predictions (trained after stage 05?)"
-        current = {name: entry.get("sha256") for name, entry in self.read_completion()["checkpoints"].items()}
+            return f"no test predictions in {self.predictions_folder} (trained after stage 05?)"
+        completion = self.read_completion()
+        current = {name: entry.get("sha256") for name, entry in completion["checkpoints"].items()}
         for path in paths:
             record_path = path.with_suffix(".json")
             try:
@@ -309,6 +370,13 @@ class ModelDir:
             if not isinstance(record, dict) or record.get("checkpoints") != current:
                 return f"{path.name} was made from other checkpoints than the current ones (retrained after stage 05)"
             made_from = record.get("features") if isinstance(record.get("features"), dict) else {}
+            if features is None:
+                trained = str(completion.get("embeddings", ""))
+                encoder, tiling = str(made_from.get("encoder")), str(made_from.get("tiling_key"))
+                if not (trained.startswith(encoder) and trained.endswith(f"__{tiling}")):
+                    return (f"{path.name} was made from test features of encoder {encoder} and tiling {tiling}, "
+                            f"the model was trained on {trained}")
+                continue
             differ = [key for key in features if made_from.get(key) != features[key]]
             if differ:
                 key = differ[0]
@@ -323,39 +391,45 @@ class ModelDir:
 
     def read_test_predictions(self) -> pd.DataFrame:
         """All shards of this model's test predictions, as one table (an id predicted twice is an error)."""
-        paths = sorted(self.path.glob("test_predictions*.csv"))
+        paths = sorted(self.predictions_folder.glob("test_predictions*.csv"))
         if not paths:
-            raise FileNotFoundError(f"no test predictions in {self.path}: run stage 05")
+            raise FileNotFoundError(f"no test predictions in {self.predictions_folder}: run stage 05")
         frame = pd.concat([pd.read_csv(p, dtype={"image_id": str}) for p in paths], ignore_index=True)
         repeated = frame["image_id"][frame["image_id"].duplicated()].unique().tolist()
         if repeated:
-            raise ValueError(f"{self.path}: image ids predicted more than once across {[p.name for p in paths]}: "
-                             f"{repeated[:5]} (rerun stage 05 with one sharding)")
+            raise ValueError(f"{self.predictions_folder}: image ids predicted more than once across "
+                             f"{[p.name for p in paths]}: {repeated[:5]} (rerun stage 05 with one sharding)")
         return frame
 
 
-def model_dir(cfg: Mapping, name: str) -> ModelDir:
-    return ModelDir(run_dir(cfg) / name)
+def model_dir(cfg: Mapping, name: str, experiment: str | None = None) -> ModelDir:
+    """One model of the config's experiment (or of ``experiment``), its test predictions under
+    ``paths.predictions``."""
+    return ModelDir(run_dir(cfg, experiment) / name, predictions_dir(cfg, experiment) / name)
 
 
-def model_folders(cfg: Mapping) -> list[ModelDir]:
-    """Every visible sub-folder of the run, complete model or not (``.tmp-*`` trainings are hidden)."""
-    run = run_dir(cfg)
+def model_folders(cfg: Mapping, experiment: str | None = None) -> list[ModelDir]:
+    """Every visible sub-folder of the run, complete model or not (``.tmp-*`` trainings are hidden), but
+    the pictures' folder (:data:`HEATMAPS_DIR`)."""
+    run = run_dir(cfg, experiment)
     if not run.is_dir():
         return []
-    return [ModelDir(p) for p in sorted(run.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return [model_dir(cfg, p.name, experiment) for p in sorted(run.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and p.name != HEATMAPS_DIR]
 
 
-def trained_models(cfg: Mapping) -> list[str]:
+def trained_models(cfg: Mapping, experiment: str | None = None) -> list[str]:
     """Names of the run's complete models (:meth:`ModelDir.is_complete`), sorted."""
-    return [folder.name for folder in model_folders(cfg) if folder.is_complete()]
+    return [folder.name for folder in model_folders(cfg, experiment) if folder.is_complete()]
 
 
-def chosen_models(cfg: Mapping) -> list[str]:
+def chosen_models(cfg: Mapping, experiment: str | None = None) -> list[str]:
     """The models stages 05 and 06 use: ``inference.models``, each of which must be complete (else a
     ``ConfigError`` naming it and why), or else every complete model of the run, the other folders
-    skipped with a warning each. May be empty."""
-    chosen = cfg["inference"]["models"]
+    skipped with a warning each. May be empty. For another ``experiment`` than the config's (stage 06's
+    ``submit.experiments``), every complete model of that run: ``inference.models`` names the config's own."""
+    own = experiment is None or experiment == str(cfg["experiment"])
+    chosen = cfg["inference"]["models"] if own else None
     if chosen:
         for name in chosen:
             problem = model_dir(cfg, name).problem() if model_dir(cfg, name).path.is_dir() else "no such folder"
@@ -364,7 +438,7 @@ def chosen_models(cfg: Mapping) -> list[str]:
                                   f"{run_dir(cfg)}: {problem}; run stage 04 for it or leave it out")
         return list(chosen)
     found = []
-    for folder in model_folders(cfg):
+    for folder in model_folders(cfg, experiment):
         problem = folder.problem()
         if problem:
             log.warning("skipping %s: not a complete model: %s", folder.path, problem)
@@ -374,7 +448,7 @@ def chosen_models(cfg: Mapping) -> list[str]:
 
 
 def ensemble_report_path(cfg: Mapping) -> Path:
-    return run_dir(cfg) / "ensemble.json"
+    return predictions_dir(cfg) / "ensemble.json"
 
 
 def submission_path(cfg: Mapping) -> Path:
@@ -384,3 +458,66 @@ def submission_path(cfg: Mapping) -> Path:
 def _read_failures(paths: Iterable[Path]) -> pd.DataFrame:
     frames = [pd.read_csv(path) for path in sorted(paths)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(FailureLog.columns))
+
+
+# ------------------------------------------------------------------------------- pictures of a run (viz)
+
+
+def loco_path(cfg: Mapping) -> Path:
+    """Leave-one-class-out AUROC table (``scripts/eval_leave_one_class_out.py``)."""
+    return run_dir(cfg) / "loco_auroc.csv"
+
+
+def loco_scores_path(cfg: Mapping) -> Path:
+    """The per-slide outlier scores behind :func:`loco_path`'s AUROCs (for ROC curves)."""
+    return run_dir(cfg) / "loco_scores.csv"
+
+
+def heatmap_path(cfg: Mapping, slide_id: str) -> Path:
+    """``{run}/heatmaps/{source}_{image_id}.png`` (``scripts/heatmaps.py``)."""
+    return run_dir(cfg) / HEATMAPS_DIR / f"{slide_id.replace('/', '_')}.png"
+
+
+def report_path(cfg: Mapping) -> Path:
+    """The run's self-contained HTML report (``scripts/report.py``)."""
+    return run_dir(cfg) / "report.html"
+
+
+def oof_checkpoints(model: ModelDir, fold: int | None) -> list[Path]:
+    """The checkpoints that never trained on a slide of validation ``fold`` (every seed of that fold);
+    every checkpoint for a slide outside the folds (``None``: a test slide; -1: train only)."""
+    if fold is None or fold < 0:
+        return model.checkpoints()
+    return sorted(model.path.glob(f"fold{int(fold)}_seed*.pt"))
+
+
+def find_slide(cfg: Mapping, slide: str) -> SlideFiles:
+    """Where a training or test slide's pieces are, for a heatmap: ``slide`` is a slide id
+    (``train/123``, ``test/456``, ``{external source}/{id}``) or a bare competition image id (training
+    first, then test). Raises ``KeyError`` naming the slide when neither stage 02 nor test.csv lists it."""
+    source, _, image_id = slide.rpartition("/")
+    table = read_training_table(cfg)
+    found = table[(table["image_id"] == image_id) & ((table["source"] == source) if source else
+                                                     (table["source"] == TRAIN))]
+    if len(found):
+        row = found.iloc[0]
+        tiles = slide_tiles_dir(cfg, row.source, image_id)
+        facts = read_slide_info(tiles)
+        if "path" not in facts:
+            raise KeyError(f"{row.slide_id}: a bag of pre-cut patches has no slide to draw a heatmap on")
+        thumbnail = raw_path(cfg, "train_thumbnails") / f"{image_id}_thumbnail.png" if row.source == TRAIN else None
+        return SlideFiles(row.slide_id, str(row.label), Path(facts["path"]), thumbnail,
+                          embedding_path(embeddings_root(cfg), row.source, image_id), int(facts["extent"]),
+                          tiles=tiles, fold=int(row.fold))
+    if source in ("", TEST):
+        spec = next((s for s in competition_specs(cfg, TEST) if s.image_id == image_id), None)
+        if spec is not None:
+            h5 = embedding_path(embeddings_root(cfg), TEST, image_id)
+            if not h5.is_file():
+                raise FileNotFoundError(f"{spec.slide_id}: no test embeddings {h5}: run stage 05 first")
+            with h5py.File(h5, "r") as handle:
+                attrs = dict(handle.attrs)
+            native = native_magnification(is_tma=bool(attrs["is_tma"]), slides_cfg=cfg["slides"])
+            extent = max(1, round(int(attrs["tile_size"]) * native / float(attrs["magnification"])))
+            return SlideFiles(spec.slide_id, None, spec.path, spec.thumbnail, h5, extent)
+    raise KeyError(f"slide {slide!r} is neither in the training manifest nor in test.csv")

@@ -8,6 +8,7 @@ name a ``base`` file (relative to itself) that is applied first. The merged conf
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -156,12 +157,24 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
 
 
 def _resolve_paths(cfg: dict, root: Path) -> None:
+    """Replace ``{key}`` in each ``paths`` value by that key's resolved path (``{data_root}``, ``{runs}``, ...)
+    and make relative paths absolute under ``root``. A chain of references that loops is a ConfigError."""
     paths = cfg["paths"]
-    data_root = str(paths["data_root"])
-    for key, value in paths.items():
-        text = str(value).replace("{data_root}", data_root)
-        resolved = Path(text)
-        paths[key] = str(resolved if resolved.is_absolute() else (root / resolved))
+    given = {key: str(value) for key, value in paths.items()}
+    resolved: dict[str, str] = {}
+
+    def resolve(key: str, chain: tuple[str, ...]) -> str:
+        if key in chain:
+            raise ConfigError(f"paths.{key} refers to itself: {' -> '.join(f'paths.{k}' for k in (*chain, key))}")
+        if key not in resolved:
+            text = re.sub(r"\{(\w+)\}", lambda m: resolve(m.group(1), (*chain, key)) if m.group(1) in given
+                          else m.group(0), given[key])
+            path = Path(text)
+            resolved[key] = str(path if path.is_absolute() else (root / path))
+        return resolved[key]
+
+    for key in given:
+        paths[key] = resolve(key, ())
 
 
 def load_config(

@@ -301,6 +301,9 @@ RULES: dict[str, Rule] = {
     "inference.budget_min_tiles": at_least(1),
     "submit.name": TEXT,
     "submit.weighting": one_of("equal", "oof"),
+    "submit.experiments": Rule(list, item=str, null=True, nonempty=True, unique=True,
+                               test=lambda v: v is None or all(x.strip() and "/" not in x for x in v),
+                               accepts="null or a non-empty list of distinct experiment names"),
 }
 
 

@@ -83,6 +83,7 @@ def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataF
 
 def run(cfg: Mapping) -> pd.DataFrame:
     """Write manifest.csv and folds.csv (external slides get fold -1: train-only)."""
+    layout.require_writable(cfg, "processed")
     out = Path(cfg["paths"]["processed"])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, "config_02.yaml")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from ubc_ocean.config import ConfigError
 
 TTA_MODES = ("none", "flips", "dihedral")
 
@@ -25,8 +28,12 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
 
 def stain_augmenter(seed_text: str, strength: float) -> Callable[[np.ndarray], np.ndarray]:
     """A seeded albumentations H&E stain jitter (``HEStain``) for uint8 tile batches [B, H, W, 3]."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations 2 asks PyPI for news at import
     import albumentations as A
 
+    if not hasattr(A, "HEStain"):  # albumentations < 2.0.4, e.g. Kaggle's images of 2024
+        raise ConfigError(f"features.stain_augmentation needs albumentations >= 2.0.4 (HEStain); this environment "
+                          f"has {A.__version__}: upgrade it or set features.stain_augmentation=0")
     transform = A.Compose(
         [A.HEStain(method="random_preset", intensity_scale_range=(1 - strength, 1 + strength),
                    intensity_shift_range=(-strength, strength), p=1.0)],

@@ -8,14 +8,16 @@ Which weights, which fingerprint and which input size is decided once, by
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ubc_ocean.config import ConfigError
 from ubc_ocean.features.hf_convert import hf_vit_to_timm
@@ -35,7 +37,8 @@ from ubc_ocean.features.weights import (
 __all__ = [
     "DEFAULT_ENCODER", "Encoder", "ResolvedWeights", "WeightsMismatchError", "build_encoder", "cache_name",
     "create_encoder", "efficientnet_lite0_imagenet", "efficientnet_lite0_weights_file", "encoder_cache_name",
-    "encoder_out_dim", "file_checksum", "load_state_dict_file", "load_weights", "resolve_weights", "resolved_out_dim",
+    "encoder_out_dim", "file_checksum", "load_state_dict_file", "load_weights", "meta_device", "resolve_weights",
+    "resolved_out_dim",
 ]
 
 
@@ -99,7 +102,7 @@ def resolved_out_dim(resolved: ResolvedWeights) -> int:
     else:
         architecture, options = resolved.architecture, {}
     try:
-        with torch.device("meta"):
+        with meta_device():
             model = timm.create_model(architecture, pretrained=False, num_classes=0, **options)
             if preset is not None:
                 model = POOLERS[preset.pooling](model)
@@ -107,6 +110,26 @@ def resolved_out_dim(resolved: ResolvedWeights) -> int:
         raise ConfigError(f"cannot tell the feature width of encoder {resolved.name!r} without loading it "
                           f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
     return int(model.num_features)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """``torch.device("meta")`` for building a timm model as shapes only (no memory, no weights), except
+    that ``torch.linspace`` without a device stays on the CPU: timm before 1.0.21 (Kaggle's images of 2024-25)
+    reads its ViT and Swin stochastic-depth rates off one with ``.item()``/``.tolist()``, which a meta tensor
+    cannot do (newer timm asks for ``device="cpu"`` itself, so this changes nothing there)."""
+    with torch.device("meta"), _LinspaceOnCpu():
+        yield
+
+
+class _LinspaceOnCpu(TorchFunctionMode):
+    """Gives ``torch.linspace`` calls without a device ``device="cpu"``, before an outer device context."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = dict(kwargs or {})
+        if func is torch.linspace and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
 
 
 def efficientnet_lite0_imagenet() -> nn.Module:

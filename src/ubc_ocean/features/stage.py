@@ -95,6 +95,7 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
 
 def run(cfg: Mapping) -> Path:
     """Embed every manifest slide (this shard's share); returns the embeddings folder."""
+    layout.require_writable(cfg, "processed")
     root = layout.embeddings_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)

@@ -2,9 +2,10 @@
 
 Test embeddings are cached beside the training ones (``{embeddings}/test/{image_id}.h5``) so a rerun or a
 second model costs no re-embedding; tiles are never written. Per model it writes
-``{run}/{model}/test_predictions.csv``: image_id, one probability column per class (mean over every
-fold x seed checkpoint), and the outlier scores; beside it ``test_predictions.json`` records the
-checkpoints (sha256) and the test features they were made from, which stage 06 checks.
+``{predictions}/{experiment}/{model}/test_predictions.csv`` (``paths.predictions``: the run folder by
+default): image_id, one probability column per class (mean over every fold x seed checkpoint), and the
+outlier scores; beside it ``test_predictions.json`` records the checkpoints (sha256) and the test
+features they were made from, which stage 06 checks. The trained run is only read (it may be read-only).
 
 Only complete models are used (``layout.chosen_models``), and before any image is embedded every
 checkpoint's ``in_dim`` must agree with the others' and with the configured encoder's feature width, and
@@ -224,6 +225,9 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
 def run(cfg: Mapping) -> dict[str, Path]:
     """Embed (this shard's share of) the test images and predict each with every model as it arrives."""
     start = clock()
+    unsharded = cfg["runtime"]["shard"] in (None, "", "null")  # then it rewrites the provisional submission
+    # trained models may be read-only (Kaggle)
+    layout.require_writable(cfg, "processed", "predictions", *(["submissions"] if unsharded else []))
     names = model_names(cfg)
     width = layout.feature_width(cfg)
     check_feature_widths(cfg, names, width)
@@ -232,7 +236,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(test_root)
-    out = layout.run_dir(cfg)
+    out = layout.predictions_dir(cfg)
     save_config(cfg, out, "config_05.yaml")
     shard = cfg["runtime"]["shard"]
     specs = select_shard(competition_specs(cfg, TEST), shard, key=lambda s: s.slide_id)

@@ -64,15 +64,10 @@ def plot_confusion(confusion: pd.DataFrame, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ubc_ocean.viz.cv import draw_confusion
+
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    ax.imshow(confusion.to_numpy(), cmap="Blues")
-    ax.set_xticks(range(len(confusion.columns)), confusion.columns)
-    ax.set_yticks(range(len(confusion.index)), confusion.index)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (row, col), value in np.ndenumerate(confusion.to_numpy()):
-        ax.text(col, row, str(value), ha="center", va="center", fontsize=9)
-    ax.set_title(title, fontsize=10)
+    draw_confusion(ax, confusion, title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -114,6 +114,7 @@ def _fmt(value: float | None) -> str:
 
 def run(cfg: Mapping) -> dict:
     """Train every model in ``mil.models``; returns ``{model: metrics}``."""
+    layout.require_writable(cfg, "runs")
     in_dim = layout.feature_width(cfg)
     check_models(cfg["mil"], in_dim, len(cfg["data"]["classes"]))
     table = layout.read_training_table(cfg)

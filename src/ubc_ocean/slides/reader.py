@@ -140,7 +140,8 @@ class VipsSlide(SlideReader):
         # decoding is serial, so extra libvips worker threads would only add strip-sized buffers; slides
         # run in parallel as processes (--workers) instead.
         pyvips.cache_set_max(0)
-        pyvips.concurrency_set(1)
+        if hasattr(pyvips, "concurrency_set"):  # pyvips >= 3.2; with older ones libvips keeps its thread count
+            pyvips.concurrency_set(1)
         # fail_on="error" turns truncated or corrupt data into an error instead of grey rows.
         image = pyvips.Image.new_from_file(str(self.path), access=self._access, fail_on="error")
         return _to_rgb_vips(image)

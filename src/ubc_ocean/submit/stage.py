@@ -1,5 +1,8 @@
 """Stage 06: ensemble every model's OOF and test predictions, flag outliers as Other, write the submission.
 
+The models are the config's experiment's, or those of several experiments (``submit.experiments``: e.g. one
+per encoder, each predicted by its own stage 05), averaged together as ``{experiment}/{model}``.
+
 The "Other" threshold is calibrated on the ensemble's OOF predictions only (never on test). Every
 ``test.csv`` id gets exactly one row; an image with no prediction (failed in stage 05) is labelled Other.
 Only complete models are ensembled, and only with test predictions made from their current checkpoints
@@ -23,20 +26,47 @@ from ubc_ocean.submit.submission import EnsembleCalibration, write_submission
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Mapping) -> Path:
-    """Write ``submissions/{submit.name}.csv`` and ``{run}/ensemble.json``; returns the submission path."""
-    out = layout.run_dir(cfg)
-    outlier = cfg["data"]["outlier_label"]
-    models = layout.chosen_models(cfg)
-    if not models:
-        raise FileNotFoundError(f"no complete trained model in {out}: run stages 04-05")
-    dirs = {m: layout.model_dir(cfg, m) for m in models}
+def ensemble_members(cfg: Mapping) -> dict[str, layout.ModelDir]:
+    """The models to ensemble, by name: the config's experiment's (``layout.chosen_models``), or with
+    ``submit.experiments`` every complete model of each experiment named, as ``{experiment}/{model}``. Each
+    must have test predictions made from its current checkpoints and from the test features of its own
+    encoder and tiling (the config's, for the config's experiment): else a ``ConfigError`` naming it."""
+    experiments = cfg["submit"]["experiments"]
+    if not experiments:
+        models = layout.chosen_models(cfg)
+        if not models:
+            raise FileNotFoundError(f"no complete trained model in {layout.run_dir(cfg)}: run stages 04-05")
+        members = {m: layout.model_dir(cfg, m) for m in models}
+    else:
+        members = {}
+        for experiment in experiments:
+            models = layout.chosen_models(cfg, experiment) if layout.run_dir(cfg, experiment).is_dir() else []
+            if not models:
+                raise ConfigError(f"submit.experiments names {experiment!r}, which has no complete trained model in "
+                                  f"{layout.run_dir(cfg, experiment)}: train it (stage 04) or leave it out")
+            members |= {f"{experiment}/{m}": layout.model_dir(cfg, m, experiment) for m in models}
+    own = str(cfg["experiment"])
     features = layout.test_features_fingerprint(cfg)
-    for name, folder in dirs.items():
-        problem = folder.stale_predictions(features)
-        if problem:
+    for name, folder in members.items():
+        mine = not experiments or name.split("/", 1)[0] == own
+        problem = folder.stale_predictions(features if mine else None)
+        if problem and mine:
             raise ConfigError(f"model {name!r}: {problem}: rerun stage 05 with this config "
                               "(or leave the model out with inference.models)")
+        if problem:
+            raise ConfigError(f"model {name!r}: {problem}: rerun stage 05 with experiment "
+                              f"{name.split('/', 1)[0]!r}'s config (or leave it out of submit.experiments)")
+    return members
+
+
+def run(cfg: Mapping) -> Path:
+    """Write ``submissions/{submit.name}.csv`` and ``{predictions}/{experiment}/ensemble.json``; returns the
+    submission path."""
+    layout.require_writable(cfg, "predictions", "submissions")  # trained models may be read-only (Kaggle)
+    out = layout.predictions_dir(cfg)
+    outlier = cfg["data"]["outlier_label"]
+    dirs = ensemble_members(cfg)
+    models = list(dirs)
     calibration = EnsembleCalibration.from_oof({m: dirs[m].read_oof() for m in models}, cfg)
     predicted = calibration.labels({m: dirs[m].read_test_predictions() for m in models})
     test_ids = read_test_csv(cfg)["image_id"].astype(str)

@@ -150,6 +150,7 @@ def _run_task(task: SlideSpec | PatchBag, cfg: Mapping) -> TaskResult:
 
 def run(cfg: Mapping) -> dict:
     """Tile every training and external slide (this shard's share), resumably; returns the counts."""
+    layout.require_writable(cfg, "interim")
     root = layout.tiles_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
