@@ -127,7 +127,9 @@ def bench_encoder(cfg, specs: list[SlideSpec], workers: int, kaggle_cores: int, 
     wsi_decode_per_gpx = sum(r.decode_s for r in wsi_results) / gpx
     encode_per_tile = sum(r.encode_s for r in results) / max(1, sum(r.tiles for r in results))
     wsi_tiles_per_gpx = sum(r.tiles for r in wsi_results) / gpx  # at this WSI size (the cap binds on real ones)
-    hidden_wsi_tiles = min(HIDDEN_TILE_CAP, wsi_tiles_per_gpx * HIDDEN_WSI_GPX)
+    measuring_cap = int(cfg["tiling"]["max_tiles_per_slide"]) or 1 << 30
+    capped = any(r.tiles >= measuring_cap for r in wsi_results)  # the tissue density is then unknown: the cap
+    hidden_wsi_tiles = HIDDEN_TILE_CAP if capped else min(HIDDEN_TILE_CAP, wsi_tiles_per_gpx * HIDDEN_WSI_GPX)
     consumers = len(tma_pipe.devices)
     decode_s = HIDDEN_TMAS * tma_decode + HIDDEN_WSIS * HIDDEN_WSI_GPX * wsi_decode_per_gpx
     encode_s = (HIDDEN_TMAS * tma_tiles + HIDDEN_WSIS * hidden_wsi_tiles) * encode_per_tile
