@@ -49,6 +49,10 @@ TINY_OVERRIDES = [
 ]
 
 
+# The tiny config with one small MIL model trained briefly: stage 05 needs checkpoints, not good ones.
+LEAN = ("mil.models=[abmil]", "mil.epochs=1", "mil.seeds=[0]")
+
+
 def tiny_overrides(data_root: Path, *extra: str) -> list[str]:
     """Command-line overrides that shrink the demo config and write everything under ``data_root``."""
     return [*TINY_OVERRIDES, f"paths.data_root={data_root}", f"paths.submissions={data_root / 'submissions'}", *extra]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.builders import build_tiny_run, tiny_config
+from tests.builders import LEAN, build_tiny_run, tiny_config
 from ubc_ocean.config import Config
 
 
@@ -32,6 +33,28 @@ def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Config:
     cfg = tiny_config(tmp_path_factory.mktemp("tiny"))
     generate(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data root after stages 00-05 on the tiny data with one lean model (``LEAN``); read-only (tests
+    that write take a copy)."""
+    from ubc_ocean.external.stage import run as merge
+    from ubc_ocean.features.stage import run as embed
+    from ubc_ocean.inference.stage import run as infer
+    from ubc_ocean.mil.stage import run as train
+    from ubc_ocean.synthetic import generate
+    from ubc_ocean.tiling.stage import run as tile
+
+    root = tmp_path_factory.mktemp("hostile") / "data"
+    cfg = tiny_config(root, *LEAN)
+    generate(cfg)
+    assert tile(cfg)["failed"] == 0
+    merge(cfg)
+    embed(cfg)
+    train(cfg)
+    infer(cfg)
+    return root
 
 
 @pytest.fixture(scope="session")

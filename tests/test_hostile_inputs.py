@@ -29,38 +29,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.builders import read_rgb, tiny_config, write_png
+from tests.builders import LEAN, read_rgb, tiny_config, write_png
 from ubc_ocean import layout
 from ubc_ocean.config import Config
 from ubc_ocean.features import cache
 
-# The tiny config with one small MIL model trained briefly: stage 05 needs checkpoints, not good ones.
-LEAN = ("mil.models=[abmil]", "mil.epochs=1", "mil.seeds=[0]")
-
 
 def _config(root: Path, *extra: str) -> Config:
     return tiny_config(root, *LEAN, *extra)
-
-
-@pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The data root after stages 00-05 on the tiny data; read-only (tests that write take a copy)."""
-    from ubc_ocean.external.stage import run as merge
-    from ubc_ocean.features.stage import run as embed
-    from ubc_ocean.inference.stage import run as infer
-    from ubc_ocean.mil.stage import run as train
-    from ubc_ocean.synthetic import generate
-    from ubc_ocean.tiling.stage import run as tile
-
-    root = tmp_path_factory.mktemp("hostile") / "data"
-    cfg = _config(root)
-    generate(cfg)
-    assert tile(cfg)["failed"] == 0
-    merge(cfg)
-    embed(cfg)
-    train(cfg)
-    infer(cfg)
-    return root
 
 
 def _copy(pipeline: Path, tmp_path: Path) -> Path:

@@ -158,8 +158,15 @@ def test_stage_06_ensembles_two_experiments_from_a_read_only_run(experiments, tm
     assert set(submission.label) <= set(rehearsal.LABELS)
     assert {p.name for p in (tmp_path / "predictions" / "b").iterdir()} == {"meanpool", "config_05.yaml"}
 
-    # b's predictions made under a's encoder setting are refused, naming the model and both features
-    infer(_cfg(experiments, "b", *moved, "features.input_size=64", "inference.models=[meanpool]"))
+    # stage 05 refuses b's models under a's encoder setting, naming both sides, before embedding anything
+    with pytest.raises(ConfigError, match=r"model 'meanpool' was trained on other features .* input size 96 at "
+                                          r"training, 64 now"):
+        infer(_cfg(experiments, "b", *moved, "features.input_size=64", "inference.models=[meanpool]"))
+    # predictions recorded as made from other test features (e.g. by an older stage 05) are refused by stage 06
+    record = tmp_path / "predictions" / "b" / "meanpool" / "test_predictions.json"
+    made = json.loads(record.read_text())
+    made["features"]["encoder"] = made["features"]["encoder"].replace("-s96", "-s64")
+    record.write_text(json.dumps(made))
     with pytest.raises(ConfigError, match=r"model 'b/meanpool': .* was made from test features of encoder "
                                           r"efficientnet_lite0-\w+-s64 .* trained on efficientnet_lite0-\w+-s96"):
         submit(_cfg(experiments, "a", *moved, "submit.experiments=[a,b]"))

@@ -19,6 +19,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def visible_devices(name: str = "auto") -> list[torch.device]:
+    """Every device a data-parallel consumer should run on: with ``auto`` each visible GPU (``cuda:0`` ...
+    ``cuda:{n-1}``), else the CPU; any other name is that one device (:func:`resolve_device`)."""
+    if name == "auto" and torch.cuda.is_available():
+        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    return [resolve_device(name)]
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; ``None`` means full fp32.
 

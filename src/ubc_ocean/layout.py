@@ -40,7 +40,7 @@ import pandas as pd
 
 from ubc_ocean.config import ConfigError
 from ubc_ocean.features.augment import variant_name
-from ubc_ocean.features.encoders import encoder_cache_name, encoder_out_dim
+from ubc_ocean.features.encoders import encoder_cache_name, encoder_out_dim, resolve_weights
 from ubc_ocean.features.weights import file_checksum
 from ubc_ocean.io_utils import FailureLog, atomic_write_text
 from ubc_ocean.parallel import shard_output
@@ -120,6 +120,24 @@ def feature_width(cfg: Mapping) -> int:
     ``in_dim``): from the encoder's architecture, without loading its weights; never from the data."""
     features = cfg["features"]
     return encoder_out_dim(features["encoder"], features["weights"], features["input_size"])
+
+
+def feature_identity(cfg: Mapping) -> dict:
+    """What makes the features the config computes comparable with others: the encoder and its weights
+    (sha256 of the file, or of the hub name), input size, tile size and magnification, how the tiles are
+    stored (stage 03 embeds them after this encoding; fused inference applies the same round trip) and
+    the feature width. Stage 04 records it with each model; stage 05 refuses to predict with a model
+    trained on features of another identity."""
+    features, tiling = cfg["features"], cfg["tiling"]
+    resolved = resolve_weights(features["encoder"], features["weights"], features["input_size"])
+    fmt = "jpg" if tiling["format"] in ("jpg", "jpeg") else str(tiling["format"])
+    return {
+        "encoder": str(features["encoder"]), "weights_sha256": resolved.identity,
+        "input_size": int(resolved.input_size), "tile_size": int(tiling["tile_size"]),
+        "magnification": float(tiling["target_magnification"]),
+        "tile_encoding": f"jpg q{int(tiling['jpeg_quality'])}" if fmt == "jpg" else fmt,
+        "feature_dim": feature_width(cfg),
+    }
 
 
 def test_features_fingerprint(cfg: Mapping) -> dict:

@@ -47,6 +47,12 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
         return handle["features"][:], handle["coords"][:], dict(handle.attrs)
 
 
+def read_attrs(path: str | Path) -> dict:
+    """One slide's attributes alone (no features read)."""
+    with h5py.File(path, "r") as handle:
+        return dict(handle.attrs)
+
+
 def is_current(path: Path, tiles_fingerprint: str) -> bool:
     """Complete and made from the tile folder as it is now (files written before fingerprints were
     recorded are taken as current)."""

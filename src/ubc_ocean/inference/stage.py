@@ -8,58 +8,49 @@ outlier scores; beside it ``test_predictions.json`` records the checkpoints (sha
 features they were made from, which stage 06 checks. The trained run is only read (it may be read-only).
 
 Only complete models are used (``layout.chosen_models``), and before any image is embedded every
-checkpoint's ``in_dim`` must agree with the others' and with the configured encoder's feature width.
+checkpoint's ``in_dim`` must agree with the others' and with the configured encoder's feature width, and
+every model must have been trained on features of the identity this config computes
+(``layout.feature_identity``).
+
+Images are embedded by the pipelined fused inference (:mod:`ubc_ocean.features.pipeline`) under the time
+budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive; an unsharded
+run rewrites a complete provisional submission (:mod:`ubc_ocean.submit.submission`) as they do.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import io
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.features import cache
-from ubc_ocean.features.embed import encoder_from_config, prepare_encoder
-from ubc_ocean.features.fused import embed_slide_streaming
+from ubc_ocean.features.fused import SlideJob
+from ubc_ocean.features.identity import check_identity
+from ubc_ocean.features.pipeline import FusedPipeline
+from ubc_ocean.inference.budget import BudgetImage, BudgetPlanner
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import BagError, check_bag, load_bags
-from ubc_ocean.mil.checkpoint import checkpoint_in_dim, load_checkpoint
-from ubc_ocean.mil.predict import predict_bags, prediction_frame
+from ubc_ocean.mil.checkpoint import checkpoint_in_dim
+from ubc_ocean.mil.predict import CheckpointEnsemble
 from ubc_ocean.mil.train import model_training_config
-from ubc_ocean.outliers import SCORE_NAMES, FeatureSpaceDetector
-from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
-from ubc_ocean.slides import SlideError
-from ubc_ocean.sources import TEST, SlideSpec, competition_specs
+from ubc_ocean.outliers import SCORE_NAMES
+from ubc_ocean.parallel import select_shard, shard_output
+from ubc_ocean.slides import is_tma_by_size
+from ubc_ocean.sources import TEST, SlideSpec, competition_specs, read_test_csv
+from ubc_ocean.submit.submission import EnsembleCalibration, ProvisionalSubmission
 
 log = logging.getLogger(__name__)
 STAGE = "05_infer_test"
-
-
-def embed_test_slide(spec: SlideSpec, cfg: Mapping, root: Path) -> TaskResult:
-    """Fused tiling + embedding of one test image into its h5 (skipped when already complete)."""
-    out = layout.embedding_path(root, spec.source, spec.image_id)
-    if cache.is_complete(out):
-        return TaskResult(spec.slide_id, "skipped")
-    encoder = encoder_from_config(cfg)
-    device = resolve_device(cfg["runtime"]["device"])
-    prepare_encoder(encoder, device)
-    try:
-        features, coords, info = embed_slide_streaming(spec, cfg, encoder, device)
-        check_bag(features, spec.slide_id)
-    except (SlideError, OSError, ValueError, BagError) as err:
-        return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
-    attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, spec.slide_id,
-                                   is_tma=bool(info["is_tma"]))
-    cache.write_embeddings(out, features, coords, attrs)
-    return TaskResult(spec.slide_id, "done", info.get("fallback", ""), count=len(features))
+clock = time.monotonic  # the time budget's clock (tests simulate it)
 
 
 def model_names(cfg: Mapping) -> list[str]:
@@ -88,38 +79,159 @@ def check_feature_widths(cfg: Mapping, names: list[str], width: int) -> None:
                           "were trained with, or retrain them (stage 04)")
 
 
-def predict_model(model: layout.ModelDir, slide_ids: list[str], bags: dict[str, torch.Tensor],
-                  cfg: Mapping) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Probabilities and outlier scores averaged over every fold x seed checkpoint of one model, and the
-    sha256 of each checkpoint as it was read (``{file name: sha256}``)."""
-    checkpoints = model.checkpoints()
-    if not slide_ids:  # every image of this shard failed, or the shard is empty: an empty table, no crash
-        classes = list(cfg["data"]["classes"])
-        used = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in checkpoints}
-        return pd.DataFrame(columns=["image_id", *classes, *(f"score_{name}" for name in SCORE_NAMES)]), used
+def check_feature_identities(cfg: Mapping, names: list[str]) -> None:
+    """Every model must have been trained on features of the identity this config computes (encoder,
+    weights, input size, tile size, magnification, tile encoding, width): a ``ConfigError`` naming both
+    sides otherwise. Models recorded before identities were (no ``features`` in their completion record)
+    are checked by their embeddings folder name, which encodes the same facts."""
+    computed, folder = layout.feature_identity(cfg), layout.embeddings_root(cfg).name
+    for name in names:
+        record = layout.model_dir(cfg, name).read_completion()
+        trained = record.get("features")
+        if isinstance(trained, dict):
+            check_identity(name, trained, computed)
+        elif record.get("embeddings") not in (None, folder):
+            raise ConfigError(f"model {name!r} was trained on the features in {record['embeddings']!r}, this "
+                              f"config computes those of {folder!r}: set features.* and tiling.* as for its "
+                              "training, or retrain (stages 03-04)")
+
+
+def load_predictors(cfg: Mapping, names: list[str]) -> dict[str, CheckpointEnsemble]:
+    """Each model's checkpoints, loaded once, to predict every test image as its features arrive."""
     device = resolve_device(cfg["runtime"]["device"])
-    training = model_training_config(cfg["mil"], model.name)
-    cap, precision = int(training["max_instances_predict"]), str(training["precision"])
-    total, used = None, {}
-    for path in checkpoints:
-        data = path.read_bytes()  # hashed and loaded from the same bytes
-        used[path.name] = hashlib.sha256(data).hexdigest()
-        network, payload = load_checkpoint(io.BytesIO(data), device)
-        outputs = predict_bags(network, [bags[s] for s in slide_ids], device, precision, cap)
-        detector = FeatureSpaceDetector.from_dict(payload["detector"]) if "detector" in payload else None
-        frame = prediction_frame(outputs, payload["classes"], detector)
-        total = frame if total is None else total + frame
-    mean = total / len(checkpoints)
-    mean.insert(0, "image_id", [s.split("/", 1)[1] for s in slide_ids])
-    return mean, used
+    predictors = {}
+    for name in names:
+        training = model_training_config(cfg["mil"], name)
+        predictors[name] = CheckpointEnsemble(layout.model_dir(cfg, name).checkpoints(), device,
+                                              str(training["precision"]), int(training["max_instances_predict"]))
+    return predictors
+
+
+def provisional_submission(cfg: Mapping, names: list[str]) -> ProvisionalSubmission | None:
+    """The complete submission rewritten as predictions arrive (unsharded runs only: a shard knows only
+    its own images, and would overwrite what the others found)."""
+    if cfg["runtime"]["shard"] not in (None, "", "null"):
+        return None
+    calibration = EnsembleCalibration.from_oof({n: layout.model_dir(cfg, n).read_oof() for n in names}, cfg)
+    return ProvisionalSubmission(layout.submission_path(cfg), read_test_csv(cfg)["image_id"].astype(str),
+                                 calibration)
+
+
+def budget_image(spec: SlideSpec, cfg: Mapping) -> BudgetImage:
+    """A test image as the time budget sees it: its size from ``test.csv`` and whether it is a TMA."""
+    width, height = spec.expected_size or (0, 0)
+    slides = cfg["slides"]
+    is_tma = spec.is_tma if spec.is_tma is not None else is_tma_by_size(
+        width, height, int(slides["tma_max_side"]), float(slides["tma_square_tolerance"]))
+    return BudgetImage(spec.slide_id, int(width) * int(height), bool(is_tma))
+
+
+def reusable(path: Path, budgeted: bool) -> bool:
+    """A cached test embedding is reused when complete, and, if a time budget made it with fewer tiles,
+    only by another budgeted run (an unbudgeted run embeds the image in full)."""
+    if not cache.is_complete(path):
+        return False
+    return budgeted or cache.read_attrs(path).get("inference_mode", "full") == "full"
+
+
+class Predictions:
+    """Every model's test predictions as they arrive, written out at the end; the provisional submission
+    follows them."""
+
+    def __init__(self, predictors: dict[str, CheckpointEnsemble], provisional: ProvisionalSubmission | None):
+        self.predictors, self.provisional = predictors, provisional
+        self.frames: dict[str, list[pd.DataFrame]] = {name: [] for name in predictors}
+
+    def add(self, bags: dict[str, torch.Tensor]) -> None:
+        if not bags:
+            return
+        ids = [slide_id.split("/", 1)[1] for slide_id in bags]
+        new = {}
+        for name, predictor in self.predictors.items():
+            frame = predictor.predict(list(bags.values()))
+            frame.insert(0, "image_id", ids)
+            self.frames[name].append(frame)
+            new[name] = frame
+        if self.provisional is not None:
+            self.provisional.add(new)
+
+    def table(self, name: str, cfg: Mapping) -> pd.DataFrame:
+        if self.frames[name]:
+            return pd.concat(self.frames[name], ignore_index=True).sort_values("image_id", ignore_index=True)
+        classes = list(cfg["data"]["classes"])  # every image failed, or the shard is empty: an empty table
+        return pd.DataFrame(columns=["image_id", *classes, *(f"score_{name}" for name in SCORE_NAMES)])
+
+
+def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predictions: Predictions,
+                      failures: FailureLog, start: float) -> None:
+    """Embed the ``specs`` through the pipelined fused inference under the time budget (if any), writing
+    each image's h5 and predicting it as soon as its features arrive."""
+    inference = cfg["inference"]
+    minutes = inference["time_budget_minutes"]
+    budget_s = None if minutes is None else float(minutes) * 60 * (1 - float(inference["budget_reserve"]))
+    pipeline = FusedPipeline(cfg)
+    images = {spec.slide_id: budget_image(spec, cfg) for spec in specs}
+    by_id = {spec.slide_id: spec for spec in specs}
+    planner = BudgetPlanner(list(images.values()), budget_s, full_tiles=int(cfg["tiling"]["max_tiles_per_slide"]),
+                            min_tiles=int(inference["budget_min_tiles"]), decoders=pipeline.workers,
+                            consumers=len(pipeline.devices), pipelined=not pipeline.in_process,
+                            clock=clock, start=start)
+
+    def next_job() -> SlideJob | None:
+        chosen = planner.next()
+        if chosen is None:
+            return None
+        image, mode = chosen
+        return SlideJob(by_id[image.key], mode.max_tiles, mode.row_fraction)
+
+    encoder = pipeline.encoders[0]
+    finished: set[str] = set()
+    bar = tqdm(total=len(specs), desc="test slides", unit="slide", dynamic_ncols=True)
+    try:
+        for result in pipeline.run(next_job, should_stop=planner.expired):
+            slide_id = result.job.spec.slide_id
+            finished.add(slide_id)
+            bar.update(1)
+            if result.status == "done":
+                try:
+                    check_bag(result.features, slide_id)
+                except BagError as err:
+                    result.status, result.message = "failed", f"{result.job.spec.path.name}: {err}"
+            if result.status == "failed":
+                log.error("%s: %s", slide_id, result.message)
+                failures.record(slide_id, result.message)
+                continue
+            attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
+                                           is_tma=bool(result.info["is_tma"]),
+                                           inference_mode=result.job.describe())
+            cache.write_embeddings(layout.embedding_path(root, TEST, result.job.spec.image_id), result.features,
+                                   result.coords, attrs)
+            planner.observe(images[slide_id], result.decode_s, result.decoded_pixels, result.tiles, result.encode_s)
+            predictions.add({slide_id: torch.from_numpy(result.features.astype(np.float16))})
+    finally:
+        bar.close()
+    planner.give_up()
+    for spec in specs:
+        if spec.slide_id not in finished:
+            message = (f"{spec.path.name}: the time budget ({minutes:g} min) ran out before it was embedded; "
+                       "labelled by the submission's fallback")
+            log.warning("%s: %s", spec.slide_id, message)
+            failures.record(spec.slide_id, message)
+    stats = pipeline.stats
+    log.info("stage 05: %d images embedded in %.0f s, %d tiles; encoder busy %.0f%% of the time on %s",
+             len(finished), stats.wall_s, stats.tiles, 100 * stats.busy_fraction, ", ".join(stats.devices))
 
 
 def run(cfg: Mapping) -> dict[str, Path]:
-    """Embed (this shard's share of) the test images, then predict them with every model."""
-    layout.require_writable(cfg, "processed", "predictions")  # trained models may be read-only (Kaggle)
+    """Embed (this shard's share of) the test images and predict each with every model as it arrives."""
+    start = clock()
+    unsharded = cfg["runtime"]["shard"] in (None, "", "null")  # then it rewrites the provisional submission
+    # trained models may be read-only (Kaggle)
+    layout.require_writable(cfg, "processed", "predictions", *(["submissions"] if unsharded else []))
     names = model_names(cfg)
     width = layout.feature_width(cfg)
     check_feature_widths(cfg, names, width)
+    check_feature_identities(cfg, names)
     root = layout.embeddings_root(cfg)
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)
@@ -130,29 +242,31 @@ def run(cfg: Mapping) -> dict[str, Path]:
     specs = select_shard(competition_specs(cfg, TEST), shard, key=lambda s: s.slide_id)
     failures = FailureLog(shard_output(out, "failures_05.csv", shard), STAGE)
     failures.path.unlink(missing_ok=True)
-    task = functools.partial(embed_test_slide, cfg=cfg, root=root)
-    for result in run_tasks(specs, task, workers=int(cfg["runtime"]["workers"]), desc="test slides"):
-        if result.status == "failed":
-            log.error("%s: %s", result.item, result.message)
-            failures.record(result.item, result.message)
-    bags, problems = load_bags({s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs}, width)
-    already_recorded = set(failures.read()["slide"])
+    predictions = Predictions(load_predictors(cfg, names), provisional_submission(cfg, names))
+    budgeted = cfg["inference"]["time_budget_minutes"] is not None
+    cached = {s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs
+              if reusable(layout.embedding_path(root, TEST, s.image_id), budgeted)}
+    bags, problems = load_bags(cached, width)
     for slide_id, message in problems.items():
-        if slide_id not in already_recorded:
-            failures.record(slide_id, message)
-    slide_ids = sorted(bags)
+        failures.record(slide_id, message)
+    predictions.add(dict(sorted(bags.items())))
+    todo = [s for s in specs if s.slide_id not in cached]
+    if todo:
+        embed_and_predict(cfg, todo, root, predictions, failures, start)
     written = {}
     features = layout.test_features_fingerprint(cfg)
     for name in names:
         model = layout.model_dir(cfg, name)
         record = model.predictions_record(shard)
         record.unlink(missing_ok=True)  # predictions without their record are refused by stage 06
-        frame, used = predict_model(model, slide_ids, bags, cfg)
+        frame = predictions.table(name, cfg)
         path = model.predictions(shard)
         atomic_write_csv(frame, path)
-        model.write_predictions_record(shard, used, features)
+        model.write_predictions_record(shard, predictions.predictors[name].used, features)
         written[name] = path
         log.info("stage 05: %s predicted %d test images -> %s", name, len(frame), path)
+    if predictions.provisional is not None:
+        predictions.provisional.write(force=True)
     if failures.count:
         log.warning("stage 05: %d test images without prediction (see %s); stage 06 labels them",
                     failures.count, failures.path)

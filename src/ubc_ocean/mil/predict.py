@@ -3,8 +3,11 @@ of class probabilities and outlier scores that OOF and test predictions share.""
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from ubc_ocean.device import autocast
+from ubc_ocean.mil.checkpoint import load_checkpoint
 from ubc_ocean.outliers import FeatureSpaceDetector, score_table
 
 
@@ -57,3 +61,28 @@ def prediction_frame(outputs: BagOutputs, classes: list[str], detector: FeatureS
     for name, values in score_table(outputs.probs, outputs.logits, outputs.embeddings, detector).items():
         frame[f"score_{name}"] = values
     return frame
+
+
+class CheckpointEnsemble:
+    """Every fold x seed checkpoint of one model, each read once (hashed from the bytes it is loaded from):
+    the mean of their :func:`prediction_frame` rows for any bags, one slide at a time or many."""
+
+    def __init__(self, paths: Sequence[Path], device: torch.device, precision: str = "auto", max_instances: int = 0):
+        self.device, self.precision, self.max_instances = device, precision, max_instances
+        self.members: list[tuple[nn.Module, list[str], FeatureSpaceDetector | None]] = []
+        self.used: dict[str, str] = {}  # checkpoint file name -> sha256
+        for path in paths:
+            data = Path(path).read_bytes()
+            self.used[Path(path).name] = hashlib.sha256(data).hexdigest()
+            network, payload = load_checkpoint(io.BytesIO(data), device)
+            detector = FeatureSpaceDetector.from_dict(payload["detector"]) if "detector" in payload else None
+            self.members.append((network, list(payload["classes"]), detector))
+
+    def predict(self, bags: Sequence[torch.Tensor]) -> pd.DataFrame:
+        """One row per bag: mean class probabilities and outlier scores over the checkpoints."""
+        total = None
+        for network, classes, detector in self.members:
+            outputs = predict_bags(network, bags, self.device, self.precision, self.max_instances)
+            frame = prediction_frame(outputs, classes, detector)
+            total = frame if total is None else total + frame
+        return total / len(self.members)

@@ -89,7 +89,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
                                         float(cfg["outliers"]["in_distribution_flag_rate"]))
         threshold.save(work.outlier)
         work.write_completion(name, folds, seeds, classes=classes, in_dim=in_dim,
-                              embeddings=layout.embeddings_root(cfg).name)
+                              embeddings=layout.embeddings_root(cfg).name, features=layout.feature_identity(cfg))
     if replacing:  # its test predictions went with it: stage 05 predicts with the new checkpoints
         log.info("%s: the previous training in %s was replaced", name, out.path)
     log.info("%s: OOF balanced accuracy %.3f (WSI %s, TMA %s)", name, metrics["balanced_accuracy"],

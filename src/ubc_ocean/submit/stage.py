@@ -17,16 +17,11 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError, save_config
-from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
-from ubc_ocean.mil.report import oof_metrics, seed_mean
-from ubc_ocean.outliers import PROBABILITY_SCORES, calibrate_threshold
+from ubc_ocean.io_utils import atomic_write_text
 from ubc_ocean.sources import read_test_csv
-from ubc_ocean.submit.ensemble import ensemble_scores, ensemble_weights, label_predictions, weighted_mean
+from ubc_ocean.submit.submission import EnsembleCalibration, write_submission
 
 log = logging.getLogger(__name__)
 
@@ -69,32 +64,19 @@ def run(cfg: Mapping) -> Path:
     submission path."""
     layout.require_writable(cfg, "predictions", "submissions")  # trained models may be read-only (Kaggle)
     out = layout.predictions_dir(cfg)
-    classes = list(cfg["data"]["classes"])
     outlier = cfg["data"]["outlier_label"]
     dirs = ensemble_members(cfg)
     models = list(dirs)
-    oof = {m: seed_mean(dirs[m].read_oof(), classes) for m in models}
-    scores = {m: oof_metrics(frame, classes)["balanced_accuracy"] for m, frame in oof.items()}
-    weights = ensemble_weights(scores, cfg["submit"]["weighting"])
-    score = cfg["outliers"]["score"]
-    columns = [*classes, f"score_{score}"] if score not in PROBABILITY_SCORES else classes
-    oof_ensemble = weighted_mean(oof, weights, "slide_id", columns)
-    metrics = oof_metrics(oof_ensemble, classes)
-    threshold = calibrate_threshold(ensemble_scores(oof_ensemble, classes, score), score,
-                                    float(cfg["outliers"]["in_distribution_flag_rate"]))
-    test = {m: dirs[m].read_test_predictions() for m in models}
-    test_ensemble = weighted_mean(test, weights, "image_id", columns)
-    unpredicted = ~np.isfinite(test_ensemble[classes].to_numpy()).all(axis=1)
-    flagged = threshold.flag(ensemble_scores(test_ensemble, classes, score)) | unpredicted
-    labels = label_predictions(test_ensemble[classes].to_numpy(), flagged, classes, outlier)
-    predicted = dict(zip(test_ensemble["image_id"].astype(str), labels, strict=True))
+    calibration = EnsembleCalibration.from_oof({m: dirs[m].read_oof() for m in models}, cfg)
+    predicted = calibration.labels({m: dirs[m].read_test_predictions() for m in models})
     test_ids = read_test_csv(cfg)["image_id"].astype(str)
     missing = [i for i in test_ids if i not in predicted]
     if missing:
         log.warning("%d test images have no prediction; labelled %s: %s", len(missing), outlier, missing[:10])
-    submission = pd.DataFrame({"image_id": test_ids, "label": [predicted.get(i, outlier) for i in test_ids]})
     path = layout.submission_path(cfg)
-    atomic_write_csv(submission, path)
+    submission = write_submission(path, test_ids, predicted, outlier)
+    threshold, metrics, weights, scores = (calibration.threshold, calibration.metrics, calibration.weights,
+                                           calibration.scores)
     report = {
         "models": models, "weights": weights, "oof_balanced_accuracy_per_model": scores,
         "oof_balanced_accuracy": metrics["balanced_accuracy"], "oof_metrics": metrics,

@@ -66,11 +66,26 @@ def tile_file_name(x: int, y: int, fmt: str) -> str:
     return f"{x}_{y}.{fmt}"
 
 
+def _encode_params(fmt: str, jpeg_quality: int) -> list[int]:
+    return [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if fmt in ("jpg", "jpeg") else []
+
+
 def write_tile(path: Path, rgb: np.ndarray, fmt: str, jpeg_quality: int) -> None:
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if fmt in ("jpg", "jpeg") else []
-    if not cv2.imwrite(str(path), bgr, params):
+    if not cv2.imwrite(str(path), bgr, _encode_params(fmt, jpeg_quality)):
         raise OSError(f"could not write tile {path}")
+
+
+def round_trip(rgb: np.ndarray, fmt: str, jpeg_quality: int) -> np.ndarray:
+    """``rgb`` as :func:`read_tile` would give it back after :func:`write_tile`: the same JPEG encode and
+    decode (bit for bit: the same OpenCV codec and settings), unchanged for a lossless format. Fused
+    inference applies it so that test tiles look exactly like the training tiles stage 03 embedded."""
+    if fmt not in ("jpg", "jpeg"):
+        return rgb
+    ok, payload = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), _encode_params(fmt, jpeg_quality))
+    if not ok:
+        raise OSError("could not JPEG-encode a tile")
+    return cv2.cvtColor(cv2.imdecode(payload, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def read_tile(path: str | Path) -> np.ndarray:

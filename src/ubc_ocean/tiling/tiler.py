@@ -207,8 +207,13 @@ class SlideTiler:
     ``info.fallback`` says so.
     """
 
-    def __init__(self, spec: SlideSpec, settings: TilingSettings):
+    def __init__(self, spec: SlideSpec, settings: TilingSettings, row_limit: int | None = None):
+        """``row_limit`` (level-0 rows, None: the whole slide) confines the tiles to that many rows from the
+        top (from the first row with tissue when the mask comes before the pass), so a sequential decoder
+        (PNG) stops there: the lower-cost mode of a time-budgeted inference. Once open, ``row_limit`` is
+        the level-0 row the pass reads down to."""
         self.spec, self.settings = spec, settings
+        self.row_limit = None if row_limit is None else max(1, int(row_limit))
         self.reader: SlideReader = open_slide(
             spec.path, thumbnail=spec.thumbnail, in_memory_max_pixels=settings.slides.in_memory_max_pixels,
             thumbnail_aspect_tolerance=float(settings.slides.thumbnail_aspect_tolerance))
@@ -332,6 +337,8 @@ class SlideTiler:
         # The view covers the complete cells of the centred grid only: the margins outside it are never read.
         width, height = (reader.width // extent) * extent, (reader.height // extent) * extent
         ox, oy = grid_origin(reader.width, reader.height, extent)
+        if self.row_limit is not None:  # only the complete cells above the limit (at least one row)
+            height = min(height, max(extent, (self.row_limit - oy) // extent * extent))
         factor = max(1.0, max(width, height) / self.settings.mask_max_side)
         canvas = np.zeros((max(1, int(np.ceil(height / factor))), max(1, int(np.ceil(width / factor))), 3), np.uint8)
         grid = [(ox + x, oy + y) for y in range(0, height, extent) for x in range(0, width, extent)]
@@ -359,16 +366,36 @@ class SlideTiler:
             log.warning("%s: the image has no colour (greyscale, not H&E): tissue found by intensity, not "
                         "saturation; its embeddings are out of the encoder's colour domain", self.spec.slide_id)
         self._view = view
+        if self.row_limit is not None and not self.streaming:  # the rows counted from the first with tissue
+            rows = np.flatnonzero(view.masks.tissue.any(axis=1))
+            first = int(rows[0] * view.size[1] / view.masks.tissue.shape[0]) if rows.size else 0
+            band = max(self.row_limit, 2 * self.extent)  # at least two rows of cells hold tissue
+            self.row_limit = min(view.origin[1] + view.size[1], band + view.origin[1] + first)
         self._plan = self._plan_view()
         self._fallback = self._plan.fallback
 
     def _plan_view(self, max_tiles: int | None = None) -> TilePlan:
         view, settings = self._view, self.settings
-        return plan_tiles(
-            view.masks.tissue, view.masks.foreground, *view.size, self.extent, float(settings.min_tissue_fraction),
+        tissue, foreground = self._above_row_limit(view.masks.tissue), self._above_row_limit(view.masks.foreground)
+        plan = plan_tiles(
+            tissue, foreground, *view.size, self.extent, float(settings.min_tissue_fraction),
             settings.max_tiles_per_slide if max_tiles is None else max_tiles, settings.sampling, self.seed,
             offset=view.origin,
         )
+        if self.row_limit is None:
+            return plan
+        inside = plan.ys + self.extent <= max(self.row_limit, view.origin[1] + self.extent)
+        return TilePlan(plan.xs[inside], plan.ys[inside], plan.tissue_fraction[inside], plan.extent, plan.fallback)
+
+    def _above_row_limit(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` of the view with the rows below ``row_limit`` cleared (unchanged without a limit)."""
+        view = self._view
+        if self.row_limit is None or self.row_limit >= view.origin[1] + view.size[1]:
+            return mask
+        keep = max(1, int((self.row_limit - view.origin[1]) * mask.shape[0] / view.size[1]))
+        limited = mask.copy()
+        limited[keep:] = 0
+        return limited
 
     def _quality_fallback(self, reserve: _Reserve, eligible: TilePlan) -> Iterator[tuple[TileRecord, np.ndarray]]:
         """Yield the reserve's tiles that lie in ``eligible``: they become what :meth:`finish` keeps, and

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Benchmark stage 05's pipelined fused inference on a synthetic test set with the real composition, scaled
+down, and project the full hidden test set (1500 TMAs + 500 WSIs of 1.6 gigapixels) on a Kaggle machine.
+
+The set: TMAs of about 3000x3000 px (40x, white background) and WSIs of several hundred megapixels (20x,
+black background, with ~3000 px thumbnails as the competition gives), PNGs whose compression ratio is
+printed (real ones: about 4.7:1; the synthetic renders, already textured, about 3:1: their decoding is
+if anything dearer than real PNGs'). Each encoder (the default, and a ViT-B/16 with random weights: timing
+only) embeds the TMAs, then the WSIs, through :class:`~ubc_ocean.features.pipeline.FusedPipeline` with
+``--workers`` decoder processes and one consumer per visible GPU. Measured per image: the decoders' seconds
+(decoding, tiling, the JPEG round trip) and the encoder's seconds per tile. The projection gives the full
+set's decoding to ``--kaggle-cores`` decoder processes (cores assumed as fast as this machine's) and its
+tiles (WSIs at the tile cap) to the consumers, overlapped: hours = max(decode / cores, encode / GPUs).
+It also prints the cosine similarity of stage 01+03 features (JPEG tiles on disk) and fused features on
+one TMA. Lines start with ``RESULT`` per encoder::
+
+    RESULT tma_s=<wall s per TMA> wsi_s_per_gpx=<wall s per WSI gigapixel> projected_hours=<full set>
+           gpu_busy=<encoder busy fraction of the wall time> device=<devices> encoder=<name>
+
+``--quick`` shrinks everything for a smoke test (its figures mean nothing): the default encoder at input
+size 64, two small TMAs and a 2-megapixel WSI, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyvips
+import timm
+import torch
+
+from ubc_ocean import layout
+from ubc_ocean.config import load_config
+from ubc_ocean.device import resolve_device, visible_devices
+from ubc_ocean.features.embed import encoder_from_config, prepare_encoder
+from ubc_ocean.features.fused import SlideJob, embed_slide_streaming
+from ubc_ocean.features.pipeline import FusedPipeline
+from ubc_ocean.features.stage import embed_tile_folder
+from ubc_ocean.sources import SlideSpec
+from ubc_ocean.synthetic import render_slide
+from ubc_ocean.tiling.stage import tile_slide
+
+HIDDEN_TMAS, HIDDEN_WSIS, HIDDEN_WSI_GPX = 1500, 500, 1.6
+HIDDEN_TILE_CAP = 2000  # tiling.max_tiles_per_slide's default: the tiles of a real WSI in the projection
+
+
+def write_png(rgb: np.ndarray | pyvips.Image, path: Path) -> float:
+    """Save a PNG (libvips' default compression); returns its compression ratio (raw RGB bytes / file)."""
+    image = rgb if isinstance(rgb, pyvips.Image) else pyvips.Image.new_from_array(rgb)
+    image.pngsave(str(path))
+    return image.width * image.height * 3 / path.stat().st_size
+
+
+def make_test_set(folder: Path, tmas: int, tma_side: int, wsis: int, wsi_mpx: float, base_side: int) -> list:
+    """The synthetic test images as ``SlideSpec``; a WSI is a rendered base tiled (mirrored) to its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs, ratios = [], []
+    for i in range(tmas):
+        rgb, _ = render_slide("HGSC", tma_side, tma_side, is_tma=True, hospital=1, seed=i)
+        path = folder / f"tma{i}.png"
+        ratios.append(write_png(rgb, path))
+        specs.append(SlideSpec("test", f"tma{i}", path, None, None, expected_size=(tma_side, tma_side),
+                               competition_scale=True))
+    width = int(np.sqrt(wsi_mpx * 1e6 * 4 / 3))
+    height = int(width * 3 / 4)
+    for i in range(wsis):
+        rgb, _ = render_slide("EC", base_side, base_side * 3 // 4, is_tma=False, hospital=1, seed=100 + i)
+        base = pyvips.Image.new_from_array(rgb)
+        across = int(np.ceil(width / base.width)) + 1
+        down = int(np.ceil(height / base.height)) + 1
+        image = base.replicate(across, down).crop(0, 0, width, height)
+        path = folder / f"wsi{i}.png"
+        ratios.append(write_png(image, path))
+        thumbnail = folder / f"wsi{i}_thumbnail.png"
+        pyvips.Image.thumbnail(str(path), 3000).pngsave(str(thumbnail))
+        specs.append(SlideSpec("test", f"wsi{i}", path, thumbnail, None, expected_size=(width, height),
+                               competition_scale=True))
+    print(f"test set: {tmas} TMAs {tma_side}x{tma_side}, {wsis} WSIs {width}x{height} "
+          f"({width * height / 1e6:.0f} Mpx); PNG compression {np.mean(ratios):.1f}:1 (real: ~4.7:1)")
+    return specs
+
+
+def random_vit_weights(folder: Path) -> Path:
+    """A ViT-B/16 with random weights, as a local file (timing only: its features mean nothing)."""
+    path = folder / "vit_b16_random.pth"
+    torch.save(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).state_dict(), path)
+    return path
+
+
+def startup_s(cfg, workers: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds a run with no image takes: spawning the decoder processes (once per stage-05 run)."""
+    pipeline = FusedPipeline(cfg, workers=workers)
+    started = time.perf_counter()
+    list(pipeline.run(lambda: None))
+    return time.perf_counter() - started
+
+
+def run_set(cfg, specs: list[SlideSpec], workers: int) -> tuple[float, list, FusedPipeline]:  # type: ignore[no-untyped-def]
+    """Wall seconds (decoder start-up excluded), results and pipeline of one run over ``specs``."""
+    overhead = startup_s(cfg, workers)
+    pipeline = FusedPipeline(cfg, workers=workers)
+    jobs = iter([SlideJob(s) for s in specs])
+    started = time.perf_counter()
+    results = list(pipeline.run(lambda: next(jobs, None)))
+    wall = max(1e-3, time.perf_counter() - started - overhead)
+    pipeline.stats.wall_s = wall
+    failed = [r.message for r in results if r.status != "done"]
+    if failed:
+        raise RuntimeError(f"benchmark images failed: {failed}")
+    return wall, results, pipeline
+
+
+def bench_encoder(cfg, specs: list[SlideSpec], workers: int, kaggle_cores: int, label: str) -> str:  # type: ignore[no-untyped-def]
+    tmas = [s for s in specs if s.image_id.startswith("tma")]
+    wsis = [s for s in specs if s.image_id.startswith("wsi")]
+    tma_wall, tma_results, tma_pipe = run_set(cfg, tmas, workers)
+    wsi_wall, wsi_results, wsi_pipe = run_set(cfg, wsis, workers)
+    results = tma_results + wsi_results
+    gpx = sum(r.decoded_pixels for r in wsi_results) / 1e9
+    tma_decode = np.mean([r.decode_s for r in tma_results])
+    tma_tiles = np.mean([r.tiles for r in tma_results])
+    wsi_decode_per_gpx = sum(r.decode_s for r in wsi_results) / gpx
+    encode_per_tile = sum(r.encode_s for r in results) / max(1, sum(r.tiles for r in results))
+    wsi_tiles_per_gpx = sum(r.tiles for r in wsi_results) / gpx  # at this WSI size (the cap binds on real ones)
+    measuring_cap = int(cfg["tiling"]["max_tiles_per_slide"]) or 1 << 30
+    capped = any(r.tiles >= measuring_cap for r in wsi_results)  # the tissue density is then unknown: the cap
+    hidden_wsi_tiles = HIDDEN_TILE_CAP if capped else min(HIDDEN_TILE_CAP, wsi_tiles_per_gpx * HIDDEN_WSI_GPX)
+    consumers = len(tma_pipe.devices)
+    decode_s = HIDDEN_TMAS * tma_decode + HIDDEN_WSIS * HIDDEN_WSI_GPX * wsi_decode_per_gpx
+    encode_s = (HIDDEN_TMAS * tma_tiles + HIDDEN_WSIS * hidden_wsi_tiles) * encode_per_tile
+    hours = max(decode_s / kaggle_cores, encode_s / consumers) / 3600
+    busy = (sum(tma_pipe.stats.busy_s.values()) + sum(wsi_pipe.stats.busy_s.values())) / (
+        (tma_wall + wsi_wall) * consumers)
+    device = "+".join(tma_pipe.stats.devices)
+    if device.startswith("cuda"):
+        device += f"({torch.cuda.get_device_name(0).replace(' ', '_')})"
+    print(f"[{label}] TMAs: {tma_wall / len(tmas):.2f} s wall each ({tma_decode:.2f} s decoding in a worker, "
+          f"{tma_tiles:.0f} tiles); WSIs: {wsi_wall / gpx:.1f} s wall per Gpx ({wsi_decode_per_gpx:.1f} s decoding "
+          f"per Gpx in a worker, {wsi_tiles_per_gpx:.0f} tiles per Gpx before the cap); encoder "
+          f"{1000 * encode_per_tile:.2f} ms/tile on {device}")
+    print(f"[{label}] projection, {kaggle_cores} decoder cores + {consumers} x {device}: decoding "
+          f"{decode_s / 3600 / kaggle_cores:.2f} h, encoding {encode_s / 3600 / consumers:.2f} h "
+          f"({hidden_wsi_tiles:.0f} tiles per WSI) -> {hours:.2f} h overlapped")
+    return (f"RESULT tma_s={tma_wall / len(tmas):.3f} wsi_s_per_gpx={wsi_wall / gpx:.1f} projected_hours={hours:.2f} "
+            f"gpu_busy={busy:.2f} device={device} encoder={label}")
+
+
+def cosine_check(cfg, spec: SlideSpec) -> str:  # type: ignore[no-untyped-def]
+    """Stage 01+03 (JPEG tiles on disk) vs fused features of one image: min and mean cosine over tiles."""
+    device = resolve_device(cfg["runtime"]["device"])
+    encoder = prepare_encoder(encoder_from_config(cfg), device)
+    assert tile_slide(spec, cfg).status == "done"
+    stored, _, _ = embed_tile_folder(layout.slide_tiles_dir(cfg, spec.source, spec.image_id), encoder, cfg, device)
+    fused, _, _ = embed_slide_streaming(spec, cfg, encoder, device)
+    a, b = stored.astype(np.float64), fused.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return (f"cosine stage01+03 vs fused on {spec.image_id} ({len(cos)} tiles): min {cos.min():.5f} "
+            f"mean {cos.mean():.5f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, figures meaningless")
+    parser.add_argument("--tmas", type=int, default=8)
+    parser.add_argument("--tma-side", type=int, default=3000)
+    parser.add_argument("--wsis", type=int, default=1)
+    parser.add_argument("--wsi-mpx", type=float, default=300.0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoder processes")
+    parser.add_argument("--kaggle-cores", type=int, default=4)
+    parser.add_argument("--encoders", default="efficientnet_lite0,vit_b16_random")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-tiles", type=int, default=2000, help="tile cap while measuring (the projection "
+                        f"always counts {HIDDEN_TILE_CAP} tiles per real WSI)")
+    args = parser.parse_args()
+    if args.quick:  # the default encoder alone, small, in one process: seconds
+        args.tmas, args.tma_side, args.wsis, args.wsi_mpx, args.workers = 2, 768, 1, 2.0, 1
+        args.encoders = "efficientnet_lite0"
+    work = Path(tempfile.mkdtemp(prefix="bench_inference-"))
+    specs = make_test_set(work / "test_images", args.tmas, args.tma_side, args.wsis, args.wsi_mpx,
+                          base_side=768 if args.quick else 4096)
+    overrides = [f"paths.data_root={work}", f"runtime.device={args.device}", f"features.batch_size={args.batch_size}",
+                 f"tiling.max_tiles_per_slide={args.max_tiles}"]
+    if args.quick:
+        overrides += ["tiling.max_tiles_per_slide=16", "features.input_size=64"]
+    lines = []
+    for name in args.encoders.split(","):
+        encoder = [f"features.encoder={name}"]
+        if name == "vit_b16_random":
+            encoder = ["features.encoder=vit_base_patch16_224", f"features.weights={random_vit_weights(work)}"]
+        cfg = load_config(None, [*overrides, *encoder])
+        lines.append(bench_encoder(cfg, specs, args.workers, args.kaggle_cores, name))
+    cfg = load_config(None, overrides)
+    print(cosine_check(cfg, specs[0]))
+    print(f"devices visible: {[str(d) for d in visible_devices(args.device)]}; decoder processes here: "
+          f"{args.workers} on {os.cpu_count()} cores (shared machines make these figures noisy)")
+    for line in lines:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

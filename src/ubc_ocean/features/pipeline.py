@@ -1,0 +1,361 @@
+"""Pipelined fused inference: decoder processes feed tile batches to one encoder consumer per device.
+
+::
+
+    decoder process 1 ─┐  (one slide each: SlideBatches)                      ┌─ consumer thread, cuda:0
+    decoder process 2 ─┼─ uint8 batches, shared memory, bounded queue ────────┼─ consumer thread, cuda:1
+    ...                ┘  (queue_depth batches)                               └─ ...
+                                  results (features per batch, slide ends) ─> FusedPipeline.run (the caller)
+
+* Decoding (PNG, tiling, the tile round trip) runs in ``workers`` spawned processes, one slide each; the
+  caller's ``next_job`` is asked for a slide whenever a decoder is idle, so a time budget decides each
+  slide's mode with the rates measured so far.
+* Batches travel as uint8 tensors in shared memory through one queue of ``queue_depth`` batches: memory is
+  bounded by ``queue_depth + workers + consumers`` batches, never by the slide.
+* One consumer thread per device (every visible GPU by default, :func:`ubc_ocean.device.visible_devices`)
+  copies each batch to pinned memory, then to its device without blocking, and runs the encoder under
+  autocast (:func:`ubc_ocean.features.embed.embed_batches`). The GIL is released while CUDA works.
+* On the CPU with one worker it stays simple: each slide is decoded and embedded in this process, in turn.
+
+A slide that fails (bad file, encoder error) is a ``failed`` :class:`SlideResult`; a decoder process that
+dies (a native crash, the OOM killer) costs the slide it held, and is replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ubc_ocean.config import ConfigError
+from ubc_ocean.device import visible_devices
+from ubc_ocean.features.embed import embed_batches, embedding_options, encoder_from_config, prepare_encoder
+from ubc_ocean.features.encoders import Encoder
+from ubc_ocean.features.fused import SlideBatches, SlideJob, TiledSlide, assemble
+from ubc_ocean.parallel import one_line
+from ubc_ocean.slides import SlideError
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2  # how often a waiting loop looks at its stop signal and at its decoder processes
+
+
+@dataclass
+class SlideResult:
+    """One slide's outcome: ``done`` with its features, coords and facts, or ``failed`` with a message;
+    with the CPU seconds its decoding took, the pixels it decoded, and the encoder seconds of its tiles."""
+
+    job: SlideJob
+    status: str
+    features: np.ndarray | None = None
+    coords: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+    message: str = ""
+    decode_s: float = 0.0
+    decoded_pixels: int = 0
+    encode_s: float = 0.0
+
+    @property
+    def tiles(self) -> int:
+        return 0 if self.features is None else len(self.features)
+
+
+@dataclass
+class PipelineStats:
+    """Wall time of :meth:`FusedPipeline.run` and the seconds each consumer spent computing."""
+
+    devices: list[str]
+    wall_s: float = 0.0
+    busy_s: dict[str, float] = field(default_factory=dict)
+    tiles: int = 0
+
+    @property
+    def busy_fraction(self) -> float:
+        """Fraction of the wall time the consumers computed, averaged over them (``gpu_busy`` on GPUs)."""
+        if self.wall_s <= 0 or not self.devices:
+            return 0.0
+        return sum(self.busy_s.values()) / (self.wall_s * len(self.devices))
+
+
+def failure_message(job: SlideJob, err: BaseException) -> str:
+    """One line naming the file: the error's own text for a bad slide, type and text for anything else."""
+    text = one_line(str(err)) or "(no message)"
+    if isinstance(err, (SlideError, OSError, ValueError)):
+        return f"{job.spec.path.name}: {text}"
+    return f"{job.spec.path.name}: unexpected {type(err).__name__}: {text}"
+
+
+class FusedPipeline:
+    """Embeds the slides a caller hands out, decoding and encoding at once (see the module's notes)."""
+
+    def __init__(self, cfg: Mapping, devices: list[torch.device] | None = None, workers: int | None = None,
+                 queue_depth: int | None = None):
+        self.cfg = cfg
+        self.devices = devices or visible_devices(cfg["runtime"]["device"])
+        self.workers = max(1, int(cfg["runtime"]["workers"] if workers is None else workers))
+        self.queue_depth = max(1, int(cfg["inference"]["queue_depth"] if queue_depth is None else queue_depth))
+        self.stats = PipelineStats([str(d) for d in self.devices])
+        base = encoder_from_config(cfg)
+        self.encoders = [prepare_encoder(base if i == 0 else copy.deepcopy(base), device)
+                         for i, device in enumerate(self.devices)]
+        options = embedding_options(cfg["features"], "")
+        self._precision, self._tta = options["precision"], options["tta"]
+
+    @property
+    def in_process(self) -> bool:
+        """One worker on the CPU: decode and encode take turns in this process, as simple as can be."""
+        return self.workers <= 1 and all(device.type == "cpu" for device in self.devices)
+
+    def run(self, next_job: Callable[[], SlideJob | None],
+            should_stop: Callable[[], bool] = lambda: False) -> Iterator[SlideResult]:
+        """Yield a :class:`SlideResult` per slide as each completes, asking ``next_job`` for the next slide
+        whenever a decoder is free (None: no more). When ``should_stop`` turns true, slides in flight are
+        abandoned (no result) and the run ends; leaving the loop early does the same."""
+        started = time.perf_counter()
+        try:
+            if self.in_process:
+                yield from self._run_in_process(next_job, should_stop)
+            else:
+                yield from self._run_pipelined(next_job, should_stop)
+        finally:
+            self.stats.wall_s += time.perf_counter() - started
+
+    # --- the simple way: one process -------------------------------------------------------------------
+
+    def _run_in_process(self, next_job: Callable[[], SlideJob | None],
+                        should_stop: Callable[[], bool]) -> Iterator[SlideResult]:
+        encoder, device = self.encoders[0], self.devices[0]
+        while not should_stop():
+            job = next_job()
+            if job is None:
+                return
+            batches = SlideBatches(job, self.cfg)
+            chunks, encode_s = [], 0.0
+            try:
+                for batch in batches:
+                    if should_stop():
+                        return
+                    tick = time.perf_counter()
+                    chunks += list(embed_batches(encoder, [batch], device, self._precision, self._tta))
+                    encode_s += time.perf_counter() - tick
+                features, coords, info = assemble(chunks, batches.result, encoder.out_dim)
+            except ConfigError:
+                raise
+            except Exception as err:  # one bad slide never stops the run
+                yield SlideResult(job, "failed", message=failure_message(job, err))
+                continue
+            finally:
+                self._count(str(device), encode_s)
+            self.stats.tiles += len(features)
+            yield SlideResult(job, "done", features, coords, info, decode_s=batches.result.decode_s,
+                              decoded_pixels=batches.result.decoded_pixels, encode_s=encode_s)
+
+    def _count(self, device: str, seconds: float) -> None:
+        self.stats.busy_s[device] = self.stats.busy_s.get(device, 0.0) + seconds
+
+    # --- the pipelined way: decoder processes and consumer threads ---------------------------------------
+
+    def _run_pipelined(self, next_job: Callable[[], SlideJob | None],
+                       should_stop: Callable[[], bool]) -> Iterator[SlideResult]:
+        context = torch.multiprocessing.get_context("spawn")
+        batches = context.Queue(maxsize=self.queue_depth)
+        results: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        decoders = [_Decoder(context, index, self.cfg, batches) for index in range(self.workers)]
+        consumers = [threading.Thread(target=self._consume, args=(encoder, device, batches, results, stop),
+                                      name=f"encoder-{device}", daemon=True)
+                     for encoder, device in zip(self.encoders, self.devices, strict=True)]
+        for thread in consumers:
+            thread.start()
+        slides: dict[int, _Slide] = {}
+        keys = iter(range(1 << 62))
+        exhausted = False
+        try:
+            while True:
+                for decoder in decoders:  # hand a slide to every idle decoder
+                    if decoder.key is None and not exhausted and not should_stop():
+                        job = next_job()
+                        if job is None:
+                            exhausted = True
+                        else:
+                            key = next(keys)
+                            slides[key] = _Slide(job)
+                            decoder.give(key, job)
+                if should_stop() or (exhausted and not slides):
+                    return
+                try:
+                    message = results.get(timeout=POLL_S)
+                except queue.Empty:
+                    yield from self._replace_dead(decoders, slides)
+                    continue
+                yield from self._handle(message, slides, decoders)
+        finally:
+            stop.set()
+            for decoder in decoders:
+                decoder.close()
+            for thread in consumers:  # daemons: one stuck on a queue a killed decoder left half-written is let go
+                thread.join(timeout=10)
+            batches.cancel_join_thread()
+            batches.close()
+
+    def _handle(self, message: tuple, slides: dict[int, _Slide], decoders: list[_Decoder]) -> Iterator[SlideResult]:
+        kind, key = message[0], message[1]
+        if kind == "crash":  # a consumer thread's own bug: not a slide's problem
+            raise message[2]
+        if kind == "fatal":
+            raise ConfigError(message[2])
+        if kind in ("end", "failed"):  # the decoder is free again
+            for decoder in decoders:
+                if decoder.key == key:
+                    decoder.key = None
+        slide = slides.get(key)
+        if slide is None:  # a slide already failed: its late messages are dropped
+            return
+        if kind == "features":
+            _, _, index, features, seconds = message
+            slide.chunks[index] = features
+            slide.encode_s += seconds
+        elif kind == "end":
+            slide.tiled = message[2]
+        elif kind in ("failed", "encode_failed"):  # the decoder's message names the file; the consumer's not
+            del slides[key]
+            text = message[2] if kind == "failed" else f"{slide.job.spec.path.name}: {message[2]}"
+            yield SlideResult(slide.job, "failed", message=text)
+            return
+        if slide.complete:
+            del slides[key]
+            yield self._done(slide)
+
+    def _done(self, slide: _Slide) -> SlideResult:
+        tiled = slide.tiled
+        chunks = [slide.chunks[i] for i in range(tiled.n_batches)]
+        try:
+            features, coords, info = assemble(chunks, tiled, self.encoders[0].out_dim)
+        except RuntimeError as err:
+            return SlideResult(slide.job, "failed", message=failure_message(slide.job, err))
+        self.stats.tiles += len(features)
+        return SlideResult(slide.job, "done", features, coords, info, decode_s=tiled.decode_s,
+                           decoded_pixels=tiled.decoded_pixels, encode_s=slide.encode_s)
+
+    def _replace_dead(self, decoders: list[_Decoder], slides: dict[int, _Slide]) -> Iterator[SlideResult]:
+        for decoder in decoders:
+            if decoder.process.is_alive():
+                continue
+            key, code = decoder.key, decoder.process.exitcode
+            if key is None:  # it died holding no slide: it could not start (a broken install), not a bad file
+                raise RuntimeError(f"a decoder process exited with code {code} before taking a slide; run with "
+                                   "runtime.workers=1 on the CPU to see the error in this process")
+            decoder.restart()
+            slide = slides.pop(key, None) if key is not None else None
+            if slide is not None:
+                log.warning("%s: its decoder process died (exit code %s); a new one takes the next slide",
+                            slide.job.spec.slide_id, code)
+                yield SlideResult(slide.job, "failed", message=f"{slide.job.spec.path.name}: the decoder process "
+                                  "died while reading it (a crash in a native decoder, or out of memory)")
+
+    def _consume(self, encoder: Encoder, device: torch.device, batches: Any, results: queue.Queue,
+                 stop: threading.Event) -> None:
+        """One device's consumer: encode each batch that arrives, pass every other message on."""
+        failed: set[int] = set()
+        try:
+            while not stop.is_set():
+                try:
+                    message = batches.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                if message[0] != "batch":
+                    results.put(message)
+                    continue
+                _, key, index, tiles = message
+                if key in failed:
+                    continue
+                tick = time.perf_counter()
+                try:
+                    features = next(embed_batches(encoder, [tiles], device, self._precision, self._tta))
+                except Exception as err:  # an encoder error (CUDA, OOM) fails this slide only
+                    failed.add(key)
+                    results.put(("encode_failed", key, f"batch {index}: unexpected {type(err).__name__}: "
+                                 f"{one_line(str(err))}"))
+                    continue
+                seconds = time.perf_counter() - tick
+                self._count(str(device), seconds)
+                results.put(("features", key, index, features, seconds))
+        except Exception as err:
+            results.put(("crash", -1, err))
+
+
+@dataclass
+class _Slide:
+    """A slide in flight: its features per batch so far, and its tiling facts once the decoder ends it."""
+
+    job: SlideJob
+    chunks: dict[int, np.ndarray] = field(default_factory=dict)
+    tiled: TiledSlide | None = None
+    encode_s: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.tiled is not None and len(self.chunks) == self.tiled.n_batches
+
+
+class _Decoder:
+    """One decoder process with its own job queue, so the caller knows which slide each one holds."""
+
+    def __init__(self, context: Any, index: int, cfg: Mapping, batches: Any):
+        self.context, self.index, self.cfg, self.batches = context, index, cfg, batches
+        self.key: int | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self.jobs = self.context.SimpleQueue()
+        self.process = self.context.Process(target=_decode_slides, args=(self.cfg, self.jobs, self.batches),
+                                            name=f"decoder-{self.index}", daemon=True)
+        self.process.start()
+
+    def give(self, key: int, job: SlideJob) -> None:
+        self.key = key
+        self.jobs.put((key, job))
+
+    def restart(self) -> None:
+        self.key = None
+        self.process.join(timeout=0)
+        self._start()
+
+    def close(self) -> None:
+        """Ask the process to stop after its slide; a process still busy a moment later is ended."""
+        if self.process.is_alive():
+            self.jobs.put(None)
+            if self.key is not None:  # abandoned mid-slide: no need to wait for it
+                self.process.terminate()
+            self.process.join(timeout=5)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join()
+
+
+def _decode_slides(cfg: Mapping, jobs: Any, batches: Any) -> None:
+    """A decoder process: each job's batches as shared-memory uint8 tensors, then its tiling facts."""
+    torch.set_num_threads(1)  # the encoder runs elsewhere; decoding threads are libvips' and OpenCV's
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        key, job = item
+        slide = SlideBatches(job, cfg)
+        try:
+            for index, batch in enumerate(slide):
+                batches.put(("batch", key, index, torch.from_numpy(np.ascontiguousarray(batch))))
+        except ConfigError as err:
+            batches.put(("fatal", key, str(err)))
+            continue
+        except Exception as err:  # one bad slide: its failure row, and the next slide
+            batches.put(("failed", key, failure_message(job, err)))
+            continue
+        batches.put(("end", key, slide.result))

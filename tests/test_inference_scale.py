@@ -1,0 +1,262 @@
+"""Stage 05 at test-set scale: the pipelined fused inference, the time budget, the provisional submission
+and the feature identity checks, on the tiny synthetic data (real PNGs, the real default encoder)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.builders import LEAN, REPO, tiny_config
+from ubc_ocean import layout
+from ubc_ocean.config import ConfigError
+from ubc_ocean.features import cache
+from ubc_ocean.features.fused import SlideJob, embed_slide_streaming
+from ubc_ocean.features.pipeline import FusedPipeline
+from ubc_ocean.features.stage import embed_tile_folder
+from ubc_ocean.inference.budget import BudgetImage, BudgetPlanner
+from ubc_ocean.sources import TEST, TRAIN, competition_specs
+from ubc_ocean.submit.submission import complete_submission
+from ubc_ocean.tiling.stage import tile_slide
+
+CPU = torch.device("cpu")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# ----------------------------------------------------------------------------------- the pipeline
+
+
+def test_pipelined_features_equal_in_process_ones_and_a_bad_slide_fails_alone(tiny_raw, tmp_path):
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "inference.queue_depth=2")
+    specs = competition_specs(cfg, TEST)[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad = SlideJob(type(specs[0])(**{**specs[0].__dict__, "image_id": "bad", "path": broken, "thumbnail": None}))
+    jobs = [SlideJob(s) for s in specs] + [bad, SlideJob(specs[1], max_tiles=4)]
+
+    def run(workers: int) -> dict:
+        pending = iter(jobs)
+        pipeline = FusedPipeline(cfg, devices=[CPU], workers=workers)
+        assert pipeline.in_process == (workers == 1)
+        results = {(r.job.spec.image_id, r.job.describe()): r for r in pipeline.run(lambda: next(pending, None))}
+        assert pipeline.stats.tiles == sum(r.tiles for r in results.values()) > 0
+        assert 0 < pipeline.stats.busy_fraction <= 1
+        return results
+
+    alone, pipelined = run(1), run(2)
+    assert set(alone) == set(pipelined) and len(alone) == len(jobs)
+    for key, result in alone.items():
+        other = pipelined[key]
+        assert result.status == other.status
+        if result.status == "failed":
+            assert key[0] == "bad" and "broken.png" in result.message and "broken.png" in other.message
+            continue
+        np.testing.assert_array_equal(result.features, other.features)
+        np.testing.assert_array_equal(result.coords, other.coords)
+        assert result.decode_s > 0 and result.decoded_pixels > 0 and result.encode_s > 0
+    assert alone[(specs[1].image_id, "max 4 tiles")].tiles == 4
+
+
+def test_row_fraction_decodes_only_the_top_rows(tiny_raw, tmp_path, encoder):
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "tiling.max_tiles_per_slide=0")
+    spec = max(competition_specs(cfg, TEST), key=lambda s: s.expected_size[0] * s.expected_size[1])
+    full, _, _ = embed_slide_streaming(SlideJob(spec), cfg, encoder, CPU)
+    top, top_coords, info = embed_slide_streaming(SlideJob(spec, row_fraction=0.5), cfg, encoder, CPU)
+    limit = spec.expected_size[1] * 0.5
+    assert 0 < len(top) < len(full) and info["inference_mode"] == "top 50% of rows"
+    assert (top_coords[:, 1] + info["extent"] <= limit).all()
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from ubc_ocean.features import create_encoder
+
+    return create_encoder("efficientnet_lite0", input_size=64)
+
+
+def test_fused_features_match_stage_01_03_features_of_jpeg_tiles(tiny_raw, tmp_path, encoder):
+    """The training tiles are JPEG q90 files; fused inference gives its tiles the same round trip, so the
+    features of one slide agree (cosine >= 0.995 for every tile; without the round trip they do less well)."""
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}")  # tiling.format jpg, quality 90
+    assert cfg.tiling.format == "jpg"
+    spec = max(competition_specs(cfg, TRAIN), key=lambda s: s.expected_size[0] * s.expected_size[1])
+    assert tile_slide(spec, cfg).status == "done"
+    stored, coords, bad = embed_tile_folder(layout.slide_tiles_dir(cfg, spec.source, spec.image_id), encoder, cfg, CPU)
+    fused, fused_coords, _ = embed_slide_streaming(spec, cfg, encoder, CPU)
+    raw, _, _ = embed_slide_streaming(spec, tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}",
+                                                        "tiling.format=png"), encoder, CPU)
+    assert not bad and (fused_coords == coords).all() and len(stored) >= 8
+    matched, unmatched = _cosines(stored, fused), _cosines(stored, raw)
+    assert matched.min() >= 0.995
+    assert matched.mean() > unmatched.mean()
+
+
+# ----------------------------------------------------------------------------------- the budget
+
+
+class SimulatedClock:
+    """A clock that moves only when told: the costs of a simulated run, never the machine's."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _simulate(images: list[BudgetImage], budget_s: float | None, decode_s_per_mpx: float = 0.5,
+              encode_s_per_tile: float = 0.02, tma_s: float = 1.0, tiles_per_mpx: float = 20.0):
+    """Run the planner on a simulated machine (one decoder, one consumer, in turn); returns the planner,
+    the modes given and the simulated seconds spent."""
+    clock = SimulatedClock()
+    planner = BudgetPlanner(images, budget_s, full_tiles=200, min_tiles=16, clock=clock)
+    given = {}
+    while (chosen := planner.next()) is not None:
+        image, mode = chosen
+        mpx = image.pixels / 1e6 * mode.row_fraction
+        decode = tma_s if image.is_tma else decode_s_per_mpx * mpx
+        tiles = 30 if image.is_tma else int(min(mode.max_tiles or 200, tiles_per_mpx * mpx))
+        clock.now += decode + tiles * encode_s_per_tile
+        planner.observe(image, decode, int(mpx * 1e6), tiles, tiles * encode_s_per_tile)
+        given[image.key] = mode
+    return planner, given, clock.now - 1000.0
+
+
+IMAGES = [BudgetImage(f"tma{i}", 3000 * 3000, True) for i in range(20)] + \
+         [BudgetImage(f"wsi{i}", (i + 1) * 20_000_000, False) for i in range(8)]
+
+
+def test_without_a_budget_every_image_is_done_at_full_cost():
+    planner, given, _ = _simulate(IMAGES, None)
+    assert len(given) == len(IMAGES) and all(mode.full for mode in given.values()) and not planner.skipped
+    # TMAs first, then WSIs from the smallest: a run cut short has done the most images it could.
+    assert sorted(list(given)[:20]) == sorted(f"tma{i}" for i in range(20))
+    assert list(given)[20:] == [f"wsi{i}" for i in range(8)]
+
+
+def test_a_budget_of_half_the_full_cost_ends_in_time_with_every_image_done():
+    _, _, full = _simulate(IMAGES, None)
+    planner, given, spent = _simulate(IMAGES, full / 2)
+    assert spent <= full / 2 * 1.05
+    assert len(given) == len(IMAGES) and not planner.skipped
+    assert all(given[f"tma{i}"].full for i in range(20))
+    largest = given["wsi7"]
+    assert largest.max_tiles is not None and largest.row_fraction < 1  # the largest WSIs cost less
+    assert given["wsi0"].row_fraction == 1.0
+
+
+def test_a_budget_too_small_for_everything_skips_the_rest_and_still_ends_in_time():
+    _, _, full = _simulate(IMAGES, None)
+    planner, given, spent = _simulate(IMAGES, full / 20)
+    assert spent <= full / 20 * 1.05
+    assert planner.skipped and len(given) + len(planner.skipped) == len(IMAGES)
+    kinds = [key[:3] for key in given]
+    assert kinds == sorted(kinds, key=lambda kind: kind != "tma")  # the TMAs that were done came first
+
+
+def test_a_complete_submission_labels_every_unpredicted_id_with_the_fallback():
+    table = complete_submission(["3", "1", "2"], {"1": "CC"}, "Other")
+    assert table.to_dict("list") == {"image_id": ["3", "1", "2"], "label": ["Other", "CC", "Other"]}
+
+
+# ----------------------------------------------------------------------------------- stage 05
+
+
+def _copy_without_test_embeddings(pipeline: Path, tmp_path: Path, *extra: str):
+    root = tmp_path / "data"
+    shutil.copytree(pipeline, root)
+    cfg = tiny_config(root, *LEAN, *extra)
+    shutil.rmtree(layout.embeddings_root(cfg) / TEST)
+    return cfg
+
+
+def _simulated_s(image: BudgetImage, decoded_pixels: int, tiles: int) -> tuple[float, float]:
+    """Simulated (decode, encode) seconds of one image, linear as the planner's model: 40 s per decoded
+    megapixel and 0.2 s per tile."""
+    return 40.0 * decoded_pixels / 1e6, 0.2 * tiles
+
+
+def test_tight_budget_ends_in_time_with_every_id_submitted(pipeline, tmp_path, monkeypatch):
+    """A budget that covers half the full cost of the test images, on a simulated clock that each embedded
+    image moves on by its simulated cost: stages 05 and 06 end within the budget + 5%, the largest WSIs are
+    embedded at lower cost, and the provisional and final submissions list every test id once."""
+    from ubc_ocean.inference import stage as stage05
+    from ubc_ocean.submit.stage import run as submit
+
+    full_cfg = tiny_config(pipeline, *LEAN)
+    specs = competition_specs(full_cfg, TEST)
+    images = {s.slide_id: stage05.budget_image(s, full_cfg) for s in specs}
+    full_root = layout.embeddings_root(full_cfg) / TEST
+    full = sum(sum(_simulated_s(images[s.slide_id], images[s.slide_id].pixels,
+                                len(cache.read_embeddings(full_root / f"{s.image_id}.h5")[0]))) for s in specs)
+    budget_minutes = full / 2 / 60
+    cfg = _copy_without_test_embeddings(pipeline, tmp_path, f"inference.time_budget_minutes={budget_minutes}",
+                                        "inference.budget_min_tiles=4")
+    clock = SimulatedClock()
+    monkeypatch.setattr(stage05, "clock", clock)
+    real_observe = BudgetPlanner.observe
+
+    def observe(self, image, decode_s, decoded_pixels, tiles, encode_s):  # type: ignore[no-untyped-def]
+        decode, encode = _simulated_s(image, decoded_pixels, tiles)
+        clock.now += decode + encode
+        real_observe(self, image, decode, decoded_pixels, tiles, encode)
+
+    monkeypatch.setattr(BudgetPlanner, "observe", observe)
+    started = clock()
+    stage05.run(cfg)
+    provisional = pd.read_csv(layout.submission_path(cfg), dtype={"image_id": str})
+    path = submit(cfg)
+    assert clock() - started <= budget_minutes * 60 * 1.05
+    test_ids = sorted(str(s.image_id) for s in specs)
+    for table in (provisional, pd.read_csv(path, dtype={"image_id": str})):
+        assert sorted(table.image_id) == test_ids
+    modes = {p.stem: cache.read_attrs(p)["inference_mode"] for p in (layout.embeddings_root(cfg) / TEST).glob("*.h5")}
+    assert modes and any(mode != "full" for mode in modes.values())
+    failures = pd.read_csv(layout.run_dir(cfg) / "failures_05.csv", dtype={"slide": str})
+    unpredicted = set(test_ids) - set(modes)
+    assert {s.split("/", 1)[1] for s in failures.slide} == unpredicted
+    assert all("time budget" in message for message in failures.message)
+
+
+def test_a_budget_too_small_for_any_image_still_leaves_a_complete_submission(pipeline, tmp_path):
+    from ubc_ocean.inference.stage import run as infer
+    from ubc_ocean.submit.stage import run as submit
+
+    cfg = _copy_without_test_embeddings(pipeline, tmp_path, "inference.time_budget_minutes=0.000001")
+    infer(cfg)
+    submission = pd.read_csv(submit(cfg), dtype={"image_id": str})
+    test_ids = pd.read_csv(Path(cfg.paths.raw) / "test.csv", dtype={"image_id": str}).image_id
+    assert sorted(submission.image_id) == sorted(test_ids) and set(submission.label) == {"Other"}
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("tiling.jpeg_quality=80", ("tile encoding", "'jpg q90' at training", "'jpg q80' now")),
+    ("features.input_size=96", ("input size", "64 at training", "96 now")),
+])
+def test_models_trained_on_other_features_are_refused_naming_both_sides(pipeline, override, words):
+    from ubc_ocean.inference.stage import check_feature_identities
+
+    cfg = tiny_config(pipeline, *LEAN, override)
+    with pytest.raises(ConfigError) as caught:
+        check_feature_identities(cfg, ["abmil"])
+    assert all(word in str(caught.value) for word in (*words, "trained on:", "this config:"))
+    check_feature_identities(tiny_config(pipeline, *LEAN), ["abmil"])  # the training config passes
+
+
+def test_bench_inference_quick_runs_and_reports():
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_inference.py"), "--quick"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT tma_s=") and all(k in last for k in ("wsi_s_per_gpx=", "projected_hours=",
+                                                                          "gpu_busy=", "device="))
