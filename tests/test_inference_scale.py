@@ -69,6 +69,44 @@ def test_pipelined_features_equal_in_process_ones_and_a_bad_slide_fails_alone(ti
     assert alone[(specs[1].image_id, "max 4 tiles")].tiles == 4
 
 
+
+def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_encoded(tiny_raw, tmp_path,
+                                                                                     monkeypatch):
+    """A time budget's deadline stops the run at once: the run returns while a consumer is still encoding
+    (the thread ends after that batch by itself), and its decoder processes are ended."""
+    from ubc_ocean.features import pipeline as pipeline_module
+
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}")
+    jobs = iter([SlideJob(s) for s in competition_specs(cfg, TEST)])
+    encoding, encoded = threading.Event(), threading.Event()
+    real_embed = pipeline_module.embed_batches
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        encoding.set()
+        time.sleep(8)  # far longer than the run takes to stop
+        encoded.set()
+        yield from real_embed(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "embed_batches", slow)
+    pipeline = FusedPipeline(cfg, devices=[CPU], workers=2)
+    processes = []
+    real_start = pipeline_module._Decoder._start
+
+    def start(self):  # type: ignore[no-untyped-def]
+        real_start(self)
+        processes.append(self.process)
+
+    monkeypatch.setattr(pipeline_module._Decoder, "_start", start)
+    assert list(pipeline.run(lambda: next(jobs, None), should_stop=encoding.is_set)) == []
+    assert not encoded.is_set()
+    assert processes and not any(process.is_alive() for process in processes)
+    assert encoded.wait(60)  # the abandoned batch still goes on, in its own thread, which then ends
+    for thread in threading.enumerate():
+        if thread.name.startswith("encoder-"):
+            thread.join(60)
+            assert not thread.is_alive()
+
+
 def test_row_fraction_decodes_only_the_top_rows(tiny_raw, tmp_path, encoder):
     cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "tiling.max_tiles_per_slide=0")
     spec = max(competition_specs(cfg, TEST), key=lambda s: s.expected_size[0] * s.expected_size[1])

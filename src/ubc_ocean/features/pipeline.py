@@ -178,14 +178,16 @@ class FusedPipeline:
         results: queue.Queue = queue.Queue()
         stop = threading.Event()
         decoders = [_Decoder(context, index, self.cfg, batches, stop) for index in range(self.workers)]
+        # not daemons: a consumer left computing by a stopped run ends after its batch, and the interpreter
+        # waits for it at exit (killing a thread inside torch aborts the process)
         consumers = [threading.Thread(target=self._consume, args=(encoder, device, batches, results, stop),
-                                      name=f"encoder-{device}", daemon=True)
+                                      name=f"encoder-{device}")
                      for encoder, device in zip(self.encoders, self.devices, strict=True)]
         for thread in consumers:
             thread.start()
         slides: dict[int, _Slide] = {}
         keys = iter(range(1 << 62))
-        exhausted = False
+        exhausted = finished = False
         checked = time.monotonic()
         try:
             while True:
@@ -198,7 +200,10 @@ class FusedPipeline:
                             key = next(keys)
                             slides[key] = _Slide(job)
                             decoder.give(key, job)
-                if should_stop() or (exhausted and not slides):
+                if exhausted and not slides:
+                    finished = True
+                    return
+                if should_stop():
                     return
                 if time.monotonic() - checked >= LIVENESS_S:  # also while other slides keep messages coming
                     checked = time.monotonic()
@@ -214,8 +219,8 @@ class FusedPipeline:
             stop.set()
             for decoder in decoders:
                 decoder.close()
-            for thread in consumers:
-                thread.join(timeout=10)
+            for thread in consumers:  # idle at the end; when stopped (a deadline), a batch being encoded is not
+                thread.join(timeout=10 if finished else 0)  # waited for: the thread ends after it, by itself
 
     def _handle(self, message: tuple, slides: dict[int, _Slide], decoders: list[_Decoder]) -> Iterator[SlideResult]:
         kind, key = message[0], message[1]
@@ -362,14 +367,13 @@ class _Decoder:
         self._start()
 
     def close(self) -> None:
-        """Ask the process to stop after its slide; a process still busy a moment later is ended."""
+        """End the process at once: idle, or abandoned mid-slide, it holds nothing of value, and a graceful
+        exit (tearing torch down) can take seconds that a time budget does not have."""
         if self.process.is_alive():
-            self.jobs.put(None)
-            if self.key is not None:  # abandoned mid-slide: no need to wait for it
-                self.process.terminate()
+            self.process.terminate()
             self.process.join(timeout=5)
             if self.process.is_alive():
-                self.process.terminate()
+                self.process.kill()
                 self.process.join()
         self.retired.set()
         self.output.cancel_join_thread()
