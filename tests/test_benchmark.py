@@ -15,8 +15,10 @@ from ubc_ocean.config import ConfigError
 # No external sources: fewer slides to tile and embed in the end-to-end run (stage 00 still writes one of each:
 # with none it fails on main, an empty labels table).
 NO_EXTERNAL = ("synthetic.external_tiff_slides=1", "synthetic.external_patch_slides=1", "external.sources=[]")
-TWO = ("benchmark.configurations=[{name: base, overrides: []}, "
-       "{name: maxprob, overrides: [mil.epochs=2, outliers.score=max_prob]}]")
+# Two configurations that run, and one that fails in stage 02 (after loading well).
+THREE = ("benchmark.configurations=[{name: base, overrides: []}, "
+         "{name: maxprob, overrides: [mil.epochs=2, outliers.score=max_prob]}, "
+         "{name: broken, overrides: [folds.group_column=no_such_column]}]")
 
 
 def _benchmark(*args: str) -> subprocess.CompletedProcess:
@@ -58,20 +60,28 @@ def test_every_configuration_is_loaded_before_any_work(tmp_path, override, messa
 
 @pytest.mark.slow
 def test_benchmark_end_to_end(tmp_path):
-    """Stage 00 and two configurations on tiny data (the second reuses the first's tiles and embeddings):
-    the table, the CSV and the RESULT line agree, the baseline's difference with itself is exactly 0, and the
-    best configuration is the one of highest OOF balanced accuracy."""
+    """Stage 00 and three configurations on tiny data (the second reuses the first's tiles and embeddings,
+    the third fails in stage 02): the table, the CSV and the RESULT line agree, the baseline's difference
+    with itself is exactly 0, the best configuration is the one of highest OOF balanced accuracy, and the
+    failed one is a row of its own and exit status 1."""
     root = tmp_path / "data"
     result = _benchmark("--config", "configs/demo.yaml", *tiny_overrides(root), *LEAN, *NO_EXTERNAL,
-                        "experiment=bench", TWO, "benchmark.bootstrap=200", "runtime.log_level=WARNING")
-    assert result.returncode == 0, result.stderr[-3000:]
+                        "experiment=bench", THREE, "benchmark.bootstrap=200", "runtime.log_level=WARNING")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "benchmark configurations failed: broken (their logs:" in result.stderr
     lines = result.stdout.strip().splitlines()
     found = re.fullmatch(r"RESULT best_test_ba=(\S+) baseline_test_ba=(\S+) oof_test_gap=(\S+) best=(\S+)", lines[-1])
     assert found, lines[-5:]
     folder = root / "runs" / "bench"
     results = pd.read_csv(folder / "results.csv")
+    assert list(results.experiment) == ["bench-base", "bench-maxprob", "bench-broken"]
+    broken = results.iloc[2]
+    assert broken.status.startswith("failed: ValueError: folds.group_column 'no_such_column' is not a column")
+    assert not broken.best_oof and pd.isna(broken.test_ba)
+    assert "Traceback" in (folder / "configurations" / "broken" / "stages.log").read_text()
+    assert "| broken | failed: ValueError" in (folder / "results.md").read_text()
+    results = results.iloc[:2]
     assert list(results.configuration) == ["base", "maxprob"] and (results.status == "ok").all()
-    assert list(results.experiment) == ["bench-base", "bench-maxprob"]
     best = results.loc[results.oof_ba.idxmax()]
     base = results.set_index("configuration").loc["base"]
     assert found.group(4) == best.configuration and bool(best.best_oof) and results.best_oof.sum() == 1

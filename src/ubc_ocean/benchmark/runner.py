@@ -77,6 +77,9 @@ class Summary:
 def configurations(cfg: Config) -> list[Configuration]:
     """Every configuration's config, checked whole (keys, values, MIL models built once at the encoder's
     width) before any work: a bad one is a ``ConfigError`` naming it."""
+    if cfg["runtime"]["shard"] is not None:
+        raise ConfigError(f"the benchmark scores every test image: runtime.shard must be null; "
+                          f"got {cfg['runtime']['shard']!r}")
     out = []
     n_classes = len(cfg["data"]["classes"])
     for entry in cfg["benchmark"]["configurations"]:
@@ -119,25 +122,25 @@ def read_truth(cfg: Mapping) -> pd.DataFrame:
     return truth
 
 
-def run_configuration(configuration: Configuration, truth: pd.DataFrame, folder: Path,
-                      position: str) -> tuple[Outcome, pd.DataFrame]:
-    """Stages 01-06 for one configuration, then its test images scored (``scored.csv``, and the stages' log,
-    in ``folder``)."""
+def run_configuration(configuration: Configuration, truth: pd.DataFrame, folder: Path, outcome: Outcome,
+                      position: str) -> pd.DataFrame:
+    """Stages 01-06 for one configuration (their times and the OOF balanced accuracy into ``outcome``), then
+    its test images scored: returned and written to ``scored.csv`` in ``folder``."""
     cfg = configuration.cfg
-    outcome = Outcome(configuration.name, str(cfg["experiment"]), configuration.overrides)
-    with log_file(folder / "stages.log"):
-        log.info("benchmark configuration %s %s (experiment %s): %s", position, configuration.name, cfg["experiment"],
-                 " ".join(configuration.overrides) or "no overrides")
-        for stage_name, stage in STAGES:
-            start = time.perf_counter()
+    log.info("benchmark configuration %s %s (experiment %s): %s", position, configuration.name, cfg["experiment"],
+             " ".join(configuration.overrides) or "no overrides")
+    for stage_name, stage in STAGES:
+        start = time.perf_counter()
+        try:
             stage(cfg)
+        finally:  # a stage that fails counts its time too
             outcome.seconds[stage_name] = time.perf_counter() - start
-            log.info("benchmark %s: %s done in %.1f s", configuration.name, stage_name, outcome.seconds[stage_name])
+        log.info("benchmark %s: %s done in %.1f s", configuration.name, stage_name, outcome.seconds[stage_name])
     report = json.loads(layout.ensemble_report_path(cfg).read_text())
     outcome.oof_ba = float(report["oof_balanced_accuracy"])
     scored = scored_frame(pd.read_csv(layout.submission_path(cfg), dtype={"image_id": str}), truth)
     atomic_write_csv(scored, folder / "scored.csv")
-    return outcome, scored
+    return scored
 
 
 def run(cfg: Config) -> Summary:
@@ -159,13 +162,14 @@ def run(cfg: Config) -> Summary:
         truth = read_truth(cfg)
         outcomes, scored = [], {}
         for index, plan in enumerate(plans, 1):
-            try:
-                folder = layout.benchmark_configuration_dir(cfg, plan.name)
-                outcome, scored[plan.name] = run_configuration(plan, truth, folder, f"{index}/{len(plans)}")
-            except Exception as err:  # reported, the other configurations go on
-                log.error("benchmark configuration %s failed: %s\n%s", plan.name, err, traceback.format_exc())
-                outcome = Outcome(plan.name, str(plan.cfg["experiment"]), plan.overrides,
-                                  error=f"{type(err).__name__}: {' '.join(str(err).split())}"[:300])
+            folder = layout.benchmark_configuration_dir(cfg, plan.name)
+            outcome = Outcome(plan.name, str(plan.cfg["experiment"]), plan.overrides)
+            with log_file(folder / "stages.log"):  # each configuration's own log, its traceback included
+                try:
+                    scored[plan.name] = run_configuration(plan, truth, folder, outcome, f"{index}/{len(plans)}")
+                except Exception as err:  # reported, the other configurations go on
+                    log.error("benchmark configuration %s failed: %s\n%s", plan.name, err, traceback.format_exc())
+                    outcome.error = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
             outcomes.append(outcome)
             timings += [{"configuration": plan.name, "stage": s, "seconds": v} for s, v in outcome.seconds.items()]
         summary = _score(cfg, outcomes, scored, baseline)
