@@ -28,7 +28,7 @@ import pandas as pd
 
 from ubc_ocean import layout
 from ubc_ocean.benchmark.report import DELTAS, Outcome, markdown_table, result_line, results_frame
-from ubc_ocean.benchmark.stats import choose_best, paired_difference, scored_frame, summarise
+from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best, scored_frame
 from ubc_ocean.config import Config, ConfigError, save_config, with_overrides
 from ubc_ocean.external.stage import run as merge
 from ubc_ocean.features.stage import run as embed
@@ -185,12 +185,12 @@ def _score(cfg: Config, outcomes: list[Outcome], scored: Mapping[str, pd.DataFra
     level = float(bench["confidence"])
     n_images = len(next(iter(scored.values()))) if scored else 0
     counts = bootstrap_counts(n_images, int(bench["bootstrap"]), int(bench["seed"]))
+    boot = {name: Bootstrapped.of(frame, outlier, counts) for name, frame in scored.items()}
     for outcome in outcomes:
-        if outcome.name in scored:
-            outcome.scores = summarise(scored[outcome.name], outlier, counts, level)
-            if baseline in scored:
-                outcome.deltas = {metric: paired_difference(scored[outcome.name], scored[baseline], outlier, counts,
-                                                            metric, level) for metric in DELTAS}
+        if outcome.name in boot:
+            outcome.scores = {metric: boot[outcome.name].estimate(metric, level) for metric in METRICS}
+            if baseline in boot:
+                outcome.deltas = {metric: boot[outcome.name].minus(boot[baseline], metric, level) for metric in DELTAS}
     order = [o.name for o in outcomes]
     best = choose_best({o.name: o.oof_ba for o in outcomes if o.error is None}, order)
     results = results_frame(outcomes, baseline, best)

@@ -78,23 +78,50 @@ def metric_draws(scored: pd.DataFrame, outlier: str, counts: np.ndarray) -> dict
     return out
 
 
+@dataclass(frozen=True)
+class Bootstrapped:
+    """One configuration's metrics on the test images (``values``) and on each resample (``draws``), computed
+    once; the images they refer to (``image_ids``, ``labels``) make sure two are paired only when they match."""
+
+    values: dict[str, float]
+    draws: dict[str, np.ndarray]
+    image_ids: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    @classmethod
+    def of(cls, scored: pd.DataFrame, outlier: str, counts: np.ndarray) -> Bootstrapped:
+        """``scored`` (:func:`scored_frame`) on the test images and on the resamples ``counts``."""
+        if counts.shape[1] != len(scored):
+            raise ValueError(f"resamples of {counts.shape[1]} images for {len(scored)} scored test images")
+        ones = np.ones((1, len(scored)), dtype=np.int64)
+        values = {name: float(value[0]) for name, value in metric_draws(scored, outlier, ones).items()}
+        return cls(values, metric_draws(scored, outlier, counts), tuple(scored["image_id"]), tuple(scored["label"]))
+
+    def estimate(self, metric: str, level: float = 0.95) -> Estimate:
+        return Estimate(self.values[metric], *percentile_interval(self.draws[metric], level))
+
+    def minus(self, reference: Bootstrapped, metric: str, level: float = 0.95) -> Estimate:
+        """This configuration's ``metric`` minus ``reference``'s, resample by resample (paired): identical
+        predictions give exactly 0."""
+        if (self.image_ids, self.labels) != (reference.image_ids, reference.labels):
+            raise ValueError("paired difference: the two configurations were scored on different test images")
+        draws = self.draws[metric] - reference.draws[metric]
+        return Estimate(self.values[metric] - reference.values[metric], *percentile_interval(draws, level))
+
+
 def summarise(scored: pd.DataFrame, outlier: str, counts: np.ndarray, level: float = 0.95) -> dict[str, Estimate]:
     """Each metric's value on the test images and its ``level`` bootstrap interval over ``counts``."""
-    values = metric_draws(scored, outlier, np.ones((1, len(scored)), dtype=np.int64))
-    draws = metric_draws(scored, outlier, counts)
-    return {name: Estimate(float(values[name][0]), *percentile_interval(draws[name], level)) for name in METRICS}
+    scores = Bootstrapped.of(scored, outlier, counts)
+    return {name: scores.estimate(name, level) for name in METRICS}
 
 
 def paired_difference(scored: pd.DataFrame, reference: pd.DataFrame, outlier: str, counts: np.ndarray,
                       metric: str = "test_ba", level: float = 0.95) -> Estimate:
     """``metric`` of ``scored`` minus that of ``reference`` on the same test images, with the interval of the
     difference over the same resamples (``counts``) for both: identical predictions give exactly 0."""
-    if list(scored["image_id"]) != list(reference["image_id"]) or list(scored["label"]) != list(reference["label"]):
+    if list(scored["image_id"]) != list(reference["image_id"]):
         raise ValueError("paired difference: the two configurations were scored on different test images")
-    ones = np.ones((1, len(scored)), dtype=np.int64)
-    value = metric_draws(scored, outlier, ones)[metric][0] - metric_draws(reference, outlier, ones)[metric][0]
-    draws = metric_draws(scored, outlier, counts)[metric] - metric_draws(reference, outlier, counts)[metric]
-    return Estimate(float(value), *percentile_interval(draws, level))
+    return Bootstrapped.of(scored, outlier, counts).minus(Bootstrapped.of(reference, outlier, counts), metric, level)
 
 
 def choose_best(oof: Mapping[str, float], order: Sequence[str]) -> str | None:
