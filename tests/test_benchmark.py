@@ -65,8 +65,9 @@ def test_benchmark_end_to_end(tmp_path):
     with itself is exactly 0, the best configuration is the one of highest OOF balanced accuracy, and the
     failed one is a row of its own and exit status 1."""
     root = tmp_path / "data"
-    result = _benchmark("--config", "configs/demo.yaml", *tiny_overrides(root), *LEAN, *NO_EXTERNAL,
-                        "experiment=bench", THREE, "benchmark.bootstrap=200", "runtime.log_level=WARNING")
+    args = ("--config", "configs/demo.yaml", *tiny_overrides(root), *LEAN, *NO_EXTERNAL, "experiment=bench", THREE,
+            "benchmark.bootstrap=200", "runtime.log_level=WARNING")
+    result = _benchmark(*args)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "benchmark configurations failed: broken (their logs:" in result.stderr
     lines = result.stdout.strip().splitlines()
@@ -105,3 +106,9 @@ def test_benchmark_end_to_end(tmp_path):
     # One tiling and one set of embeddings served both configurations.
     assert len(list((root / "interim" / "tiles").iterdir())) == 1
     assert len([p for p in (root / "processed" / "embeddings").iterdir() if p.is_dir()]) == 1
+    # Resumed: the two that ran to the end are read back (same figures), the failed one runs again.
+    again = _benchmark(*args, "benchmark.resume=true", "runtime.log_level=INFO")
+    assert again.returncode == 1 and again.stdout.strip().splitlines()[-1] == lines[-1]
+    log = (folder / "benchmark.log").read_text()
+    assert "benchmark base: read back from" in log and "benchmark maxprob: read back from" in log
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "results.csv").iloc[:2], results)

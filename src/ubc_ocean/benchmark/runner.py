@@ -8,7 +8,8 @@ work. The data root is shared: stage 01 reuses the tiles of a tiling key already
 of an encoder and tiling already computed, stage 05 the test embeddings; stage 02 rewrites the manifest for
 each configuration's tiling (cheap), stages 04-06 always run (each configuration's own experiment). The stages
 run in this process, one after the other (each frees its models when it returns; slide work runs in
-``runtime.workers`` processes as usual); each configuration's log goes to its own file as well.
+``runtime.workers`` processes as usual); each configuration's log goes to its own file as well. With
+``benchmark.resume``, a configuration that ran to the end with the same settings (``done.json``) is read back.
 
 The best configuration is the one of highest OOF balanced accuracy: nothing is chosen on the test split.
 """
@@ -29,7 +30,7 @@ import pandas as pd
 from ubc_ocean import layout
 from ubc_ocean.benchmark.report import DELTAS, Outcome, markdown_table, result_line, results_frame
 from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best, scored_frame
-from ubc_ocean.config import Config, ConfigError, save_config, with_overrides
+from ubc_ocean.config import Config, ConfigError, as_plain, save_config, with_overrides
 from ubc_ocean.external.stage import run as merge
 from ubc_ocean.features.stage import run as embed
 from ubc_ocean.inference.stage import run as infer
@@ -140,7 +141,34 @@ def run_configuration(configuration: Configuration, truth: pd.DataFrame, folder:
     outcome.oof_ba = float(report["oof_balanced_accuracy"])
     scored = scored_frame(pd.read_csv(layout.submission_path(cfg), dtype={"image_id": str}), truth)
     atomic_write_csv(scored, folder / "scored.csv")
+    done = {"settings": settings(cfg), "oof_ba": outcome.oof_ba, "seconds": outcome.seconds}
+    atomic_write_text(folder / DONE, json.dumps(done, indent=1))
     return scored
+
+
+DONE = "done.json"  # in a configuration's folder, written last: it ran to the end with these settings
+
+
+def settings(cfg: Mapping) -> dict:
+    """What a configuration's results depend on: its config but the ``benchmark`` and ``runtime`` sections, as
+    JSON would write it (so a value read back from ``done.json`` compares equal)."""
+    return json.loads(json.dumps({key: value for key, value in as_plain(cfg).items()
+                                  if key not in ("benchmark", "runtime")}))
+
+
+def read_back(configuration: Configuration, folder: Path, outcome: Outcome) -> pd.DataFrame | None:
+    """The scored test images of a configuration that already ran to the end with the same settings (its
+    OOF balanced accuracy and stage times into ``outcome``), else None."""
+    done, scored = folder / DONE, folder / "scored.csv"
+    if not (done.is_file() and scored.is_file()):
+        return None
+    record = json.loads(done.read_text())
+    if record.get("settings") != settings(configuration.cfg):
+        log.info("benchmark %s: its settings changed since %s: running it again", configuration.name, done)
+        return None
+    outcome.oof_ba, outcome.seconds = float(record["oof_ba"]), dict(record["seconds"])
+    log.info("benchmark %s: read back from %s (benchmark.resume)", configuration.name, folder)
+    return pd.read_csv(scored, dtype={"image_id": str}).assign(is_tma=lambda f: f["is_tma"].astype(bool))
 
 
 def run(cfg: Config) -> Summary:
@@ -166,7 +194,11 @@ def run(cfg: Config) -> Summary:
             outcome = Outcome(plan.name, str(plan.cfg["experiment"]), plan.overrides)
             with log_file(folder / "stages.log"):  # each configuration's own log, its traceback included
                 try:
-                    scored[plan.name] = run_configuration(plan, truth, folder, outcome, f"{index}/{len(plans)}")
+                    found = read_back(plan, folder, outcome) if bench["resume"] else None
+                    if found is None:
+                        (folder / DONE).unlink(missing_ok=True)
+                        found = run_configuration(plan, truth, folder, outcome, f"{index}/{len(plans)}")
+                    scored[plan.name] = found
                 except Exception as err:  # reported, the other configurations go on
                     log.error("benchmark configuration %s failed: %s\n%s", plan.name, err, traceback.format_exc())
                     outcome.error = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]

@@ -347,6 +347,7 @@ RULES: dict[str, Rule] = {
     "benchmark.bootstrap": at_least(1),
     "benchmark.confidence": Rule(low=0, high=1, open_low=True, test=lambda v: v < 1, accepts="a number in (0, 1)"),
     "benchmark.seed": at_least(0, 2**32 - 1),
+    "benchmark.resume": TYPE,
 }
 
 
