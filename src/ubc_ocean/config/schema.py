@@ -331,6 +331,8 @@ RULES: dict[str, Rule] = {
     "outliers.score": one_of("max_prob", "entropy", "energy", "mahalanobis", "knn"),
     "outliers.in_distribution_flag_rate": FRACTION,
     "outliers.knn_k": at_least(1),
+    "outliers.per_type_thresholds": TYPE,
+    "outliers.per_type_min_slides": at_least(1),
     "inference.models": Rule(list, item=str, null=True, nonempty=True, unique=True),
     "inference.queue_depth": at_least(1),
     "inference.time_budget_minutes": above(0, kind=float, null=True),

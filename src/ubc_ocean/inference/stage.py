@@ -44,8 +44,7 @@ from ubc_ocean.mil.predict import CheckpointEnsemble
 from ubc_ocean.mil.train import model_training_config
 from ubc_ocean.outliers import SCORE_NAMES
 from ubc_ocean.parallel import select_shard, shard_output
-from ubc_ocean.slides import is_tma_by_size
-from ubc_ocean.sources import TEST, SlideSpec, competition_specs, read_test_csv
+from ubc_ocean.sources import TEST, SlideSpec, competition_specs, is_tma_by_image, read_test_csv, spec_is_tma
 from ubc_ocean.submit.submission import EnsembleCalibration, ProvisionalSubmission
 
 log = logging.getLogger(__name__)
@@ -114,16 +113,13 @@ def provisional_submission(cfg: Mapping, names: list[str]) -> ProvisionalSubmiss
         return None
     calibration = EnsembleCalibration.from_oof({n: layout.model_dir(cfg, n).read_oof() for n in names}, cfg)
     return ProvisionalSubmission(layout.submission_path(cfg), read_test_csv(cfg)["image_id"].astype(str),
-                                 calibration)
+                                 calibration, is_tma_by_image(cfg))
 
 
 def budget_image(spec: SlideSpec, cfg: Mapping) -> BudgetImage:
     """A test image as the time budget sees it: its size from ``test.csv`` and whether it is a TMA."""
     width, height = spec.expected_size or (0, 0)
-    slides = cfg["slides"]
-    is_tma = spec.is_tma if spec.is_tma is not None else is_tma_by_size(
-        width, height, int(slides["tma_max_side"]), float(slides["tma_square_tolerance"]))
-    return BudgetImage(spec.slide_id, int(width) * int(height), bool(is_tma))
+    return BudgetImage(spec.slide_id, int(width) * int(height), spec_is_tma(spec, cfg["slides"]))
 
 
 def reusable(path: Path, budgeted: bool) -> bool:

@@ -5,8 +5,9 @@ Run folder ``{paths.runs}/{experiment}/``::
     config.yaml, failures_04.csv
     {model}/fold{k}_seed{s}.pt   checkpoints (weights + model config + classes)
     {model}/oof.csv              image_id, slide_id, fold, seed, label, is_tma, one column per class
-    {model}/metrics.json         balanced accuracy (all, WSI, TMA), per-class recall
-    {model}/confusion.csv|png, curves.csv, outlier.json (threshold calibrated on OOF)
+    {model}/metrics.json         balanced accuracy (all, WSI, TMA), per-class recall, the outlier threshold
+                                 and the share of OOF slides it flags (all, WSI, TMA)
+    {model}/confusion.csv|png, curves.csv, outlier.json (threshold calibrated on OOF, pooled or per type)
     {model}/complete.json        written last: the checkpoints' names, sizes and sha256
 
 Every model name and option is checked (each model built once, at the encoder's feature width) before any
@@ -33,7 +34,7 @@ from ubc_ocean.mil.checkpoint import save_checkpoint
 from ubc_ocean.mil.predict import prediction_frame
 from ubc_ocean.mil.report import seed_mean, write_report
 from ubc_ocean.mil.train import check_models, epoch_selection, fit, model_training_config, training_record
-from ubc_ocean.outliers import calibrate_threshold
+from ubc_ocean.outliers import calibrate_from_config
 
 log = logging.getLogger(__name__)
 STAGE = "04_train_cv"
@@ -82,11 +83,12 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         atomic_write_csv(oof, work.oof)
         atomic_write_csv(pd.DataFrame(curves), work.curves)
         per_slide = seed_mean(oof, classes)
+        scores, is_tma = per_slide[f"score_{cfg['outliers']['score']}"].to_numpy(), per_slide["is_tma"].to_numpy()
+        threshold = calibrate_from_config(scores, is_tma, cfg["outliers"])
+        outlier = threshold.summary(scores, is_tma)
         metrics = write_report(per_slide, classes, work.path, name,
-                               notes={"epoch_selection": epoch_selection(mil_cfg), "training": training})
-        score = cfg["outliers"]["score"]
-        threshold = calibrate_threshold(per_slide[f"score_{score}"].to_numpy(), score,
-                                        float(cfg["outliers"]["in_distribution_flag_rate"]))
+                               notes={"epoch_selection": epoch_selection(mil_cfg), "training": training,
+                                      "outlier": outlier})
         threshold.save(work.outlier)
         work.write_completion(name, folds, seeds, classes=classes, in_dim=in_dim,
                               embeddings=layout.embeddings_root(cfg).name, features=layout.feature_identity(cfg))
@@ -94,6 +96,9 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         log.info("%s: the previous training in %s was replaced", name, out.path)
     log.info("%s: OOF balanced accuracy %.3f (WSI %s, TMA %s)", name, metrics["balanced_accuracy"],
              _fmt(metrics["balanced_accuracy_wsi"]), _fmt(metrics["balanced_accuracy_tma"]))
+    rates = metrics["outlier"]["in_distribution_flag_rate"]
+    log.info("%s: %s %s threshold flags %s of OOF slides (WSI %s, TMA %s)", name, metrics["outlier"]["mode"],
+             metrics["outlier"]["score"], _fmt(rates["all"]), _fmt(rates["wsi"]), _fmt(rates["tma"]))
     if not metrics["learned"]:
         log.warning("%s did not learn: OOF balanced accuracy %.3f is not above chance (%.3f; 99%% of label "
                     "shufflings score below %.3f). Check its training keys (lr %s, epochs %s; "
