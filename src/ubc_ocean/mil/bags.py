@@ -48,11 +48,13 @@ def load_bags(paths: dict[str, Path], in_dim: int) -> tuple[dict[str, torch.Tens
 
 
 def sample_instances(bag: torch.Tensor, max_instances: int, generator: torch.Generator) -> torch.Tensor:
-    """A random subset of at most ``max_instances`` rows (the whole bag if it is smaller)."""
-    if max_instances <= 0 or bag.shape[0] <= max_instances:
-        return bag
-    keep = torch.randperm(bag.shape[0], generator=generator)[:max_instances]
-    return bag[keep]
+    """The bag's rows in a fresh random order, at most ``max_instances`` of them (``0``: all).
+
+    A bag is a set: the order of its tiles is an artefact of tiling. Heads that read the order (TransMIL's
+    position encoding and value convolution) would otherwise learn each training bag's fixed sequence;
+    a new order at every step leaves them only what a set holds, and changes nothing for pooling heads."""
+    order = torch.randperm(bag.shape[0], generator=generator)
+    return bag[order if max_instances <= 0 else order[:max_instances]]
 
 
 def drop_features(bag: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
