@@ -18,6 +18,8 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
         ensemble.json, config_06.yaml
     {submissions}/{submit.name}.csv                     stage 06
     {runs}/{experiment}/heatmaps/*.png, report.html, loco_*.csv   scripts/heatmaps.py, report.py, LOCO
+    {runs}/{experiment}/results.csv, results.md, timings.csv,     scripts/benchmark.py (each configuration
+        configurations/{name}/scored.csv, benchmark.log           trained as experiment {experiment}-{name})
 
 Trained models may be read-only (a Kaggle dataset): stages 05-06 write only under ``paths.predictions``,
 ``paths.processed`` (test embeddings) and ``paths.submissions``, each checked writable before any work
@@ -521,3 +523,22 @@ def find_slide(cfg: Mapping, slide: str) -> SlideFiles:
             extent = max(1, round(int(attrs["tile_size"]) * native / float(attrs["magnification"])))
             return SlideFiles(spec.slide_id, None, spec.path, spec.thumbnail, h5, extent)
     raise KeyError(f"slide {slide!r} is neither in the training manifest nor in test.csv")
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def benchmark_dir(cfg: Mapping) -> Path:
+    """``{runs}/{experiment}``: the benchmark's results; its configurations run as other experiments
+    (:func:`benchmark_experiment`)."""
+    return run_dir(cfg)
+
+
+def benchmark_experiment(cfg: Mapping, name: str) -> str:
+    """The experiment a benchmark configuration trains and predicts as: ``{experiment}-{name}``."""
+    return f"{cfg['experiment']}-{name}"
+
+
+def benchmark_configuration_dir(cfg: Mapping, name: str) -> Path:
+    """``{runs}/{experiment}/configurations/{name}``: one configuration's scored test images and log."""
+    return benchmark_dir(cfg) / "configurations" / name
