@@ -298,6 +298,18 @@ def test_supplemental_masks_mark_the_tumour_share_in_red(hard):
         assert red.sum() / (red | green).sum() == pytest.approx(0.3, abs=0.06)  # synthetic.tumour_share
 
 
+def test_a_missing_mask_is_written_again_without_rewriting_its_slide(hard):
+    cfg, _, plan = hard
+    image_id = plan["train"].image_id[plan["train"].has_mask].iloc[0]
+    mask_path = layout.supplemental_mask_path(cfg, image_id)
+    png = Path(cfg.paths.raw) / "train_images" / f"{image_id}.png"
+    before, expected = png.stat().st_mtime_ns, read_rgb(mask_path)
+    mask_path.unlink()
+    again = generate(cfg)
+    assert again["written"] == 1 and np.array_equal(read_rgb(mask_path), expected)
+    assert png.stat().st_mtime_ns == before
+
+
 def test_other_kinds_have_no_tumour_or_a_near_hgsc_one():
     from ubc_ocean.synthetic.morphology import OTHER_NEAR_HGSC, OTHER_STROMA
 
