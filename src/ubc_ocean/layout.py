@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- tiles (01)
 
 
+def supplemental_mask_path(cfg: Mapping, image_id: str | int) -> Path:
+    """A training WSI's supplemental mask (red tumour, green stroma, blue necrosis, black unannotated)."""
+    return raw_path(cfg, "supplemental_masks") / f"{image_id}.png"
+
+
 def tiles_root(cfg: Mapping) -> Path:
     """``{interim}/tiles/{tiling key}``: two tilings never share a folder."""
     return Path(cfg["paths"]["interim"]) / "tiles" / tiling_key(cfg)
