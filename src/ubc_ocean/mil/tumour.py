@@ -29,6 +29,8 @@ from ubc_ocean.io_utils import atomic_write_text
 log = logging.getLogger(__name__)
 
 TUMOUR_AT = 0.5  # a tile is tumour when at least this share of it is tumour in its mask
+FIT_TILES_PER_SLIDE = 512  # a seeded sample of each slide's usable tiles trains the scorer (memory: 150 real masked
+                           # WSIs x 2000 tiles x 768 features would be 1.8 GB in float64)
 MODES = ("select", "weight")
 _SCORE_FLOOR = 1e-6  # every tile keeps a chance to be drawn in weight mode
 
@@ -44,13 +46,19 @@ def tile_targets(fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tumour | (fractions == 0), tumour
 
 
-def _labelled(features: Sequence, fractions: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The usable tiles of every bag, stacked: features [M, D] float64 and targets [M] (0/1)."""
+def _labelled(features: Sequence, fractions: Sequence[np.ndarray], per_slide: int = 0,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The usable tiles of every bag, stacked: features [M, D] float64 and targets [M] (0/1); with
+    ``per_slide`` > 0, a seeded sample of at most that many of each bag's."""
+    rng = np.random.default_rng(seed)
     xs, ys = [], []
     for bag, fraction in zip(features, fractions, strict=True):
         usable, tumour = tile_targets(fraction)
-        xs.append(_as_array(bag)[usable])
-        ys.append(tumour[usable])
+        rows = np.flatnonzero(usable)
+        if 0 < per_slide < len(rows):
+            rows = np.sort(rng.choice(rows, per_slide, replace=False))
+        xs.append(_as_array(bag[rows] if isinstance(bag, torch.Tensor) else np.asarray(bag)[rows]))
+        ys.append(tumour[rows])
     if not xs:
         return np.zeros((0, 0)), np.zeros(0, bool)
     return np.concatenate(xs), np.concatenate(ys)
@@ -74,12 +82,14 @@ class TumourScorer:
     slides: int = 0
 
     @classmethod
-    def fit(cls, features: Sequence, fractions: Sequence[np.ndarray], c: float = 1.0) -> TumourScorer:
-        """Train on the usable tiles of the given bags (features [N_i, D], fractions [N_i]); classes are
-        weighted inversely to their frequency. Raises :class:`TumourDataError` without both kinds of tile."""
+    def fit(cls, features: Sequence, fractions: Sequence[np.ndarray], c: float = 1.0,
+            per_slide: int = FIT_TILES_PER_SLIDE, seed: int = 0) -> TumourScorer:
+        """Train on the usable tiles of the given bags (features [N_i, D], fractions [N_i]; at most
+        ``per_slide`` of each, seeded); classes are weighted inversely to their frequency. Raises
+        :class:`TumourDataError` without both kinds of tile."""
         from sklearn.linear_model import LogisticRegression
 
-        x, y = _labelled(features, fractions)
+        x, y = _labelled(features, fractions, per_slide, seed)
         if len(y) == 0 or y.all() or not y.any():
             raise TumourDataError(f"the masked tiles hold {int(y.sum())} tumour (fraction >= {TUMOUR_AT}) and "
                                   f"{int((~y).sum())} tumour-free tiles: a scorer needs both")

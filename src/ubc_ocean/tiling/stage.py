@@ -126,7 +126,7 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
                 _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format), fraction)
                 for record, fraction in zip(kept, fractions, strict=True)
             ])
-            store.write_slide_info(tmp, {**info.to_dict(), store.MASK_FACT: facts}, spec.magnification)
+            store.write_slide_info(tmp, {**info.to_dict(), **store.mask_fact(facts)}, spec.magnification)
             save_overlay(tmp / store.QC_FILE, tiler.qc_overlay(kept))
     except (SlideError, OSError, ValueError) as err:
         return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")

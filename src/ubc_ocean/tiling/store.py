@@ -4,7 +4,7 @@
         {x}_{y}.jpg ...    tiles at the target magnification
         index.csv          file, x, y, extent, magnification, tissue_fraction, blur_score (level-0 coords),
                            tumour_fraction (share of the tile that its supplemental mask marks tumour; NaN: no mask)
-        slide.json         slide facts (size, magnification, TMA or WSI, label, fallback note, supplemental_mask)
+        slide.json         slide facts (size, magnification, TMA or WSI, label, fallback note, supplemental_mask if any)
         qc.png             thumbnail + tissue mask + kept tiles
 """
 
@@ -27,7 +27,7 @@ from ubc_ocean.tiling.settings import TilingSettings
 
 INDEX_COLUMNS = ["file", "x", "y", "extent", "magnification", "tissue_fraction", "blur_score", "tumour_fraction"]
 TUMOUR_FRACTION = "tumour_fraction"
-MASK_FACT = "supplemental_mask"  # slide.json: {"file", "size"} of the mask the fractions come from, or null
+MASK_FACT = "supplemental_mask"  # slide.json: {"file", "size"} of the mask the fractions come from (absent: none)
 INDEX_FILE = "index.csv"
 SLIDE_FILE = "slide.json"
 QC_FILE = "qc.png"
@@ -121,8 +121,14 @@ def replace_tumour_fractions(folder: Path, values: list[float], facts: dict | No
     index = read_index(folder)
     index[TUMOUR_FRACTION] = np.asarray(values, dtype=float)
     atomic_write_csv(index[INDEX_COLUMNS], folder / INDEX_FILE)
-    info = {**read_slide_info(folder), MASK_FACT: facts}
+    info = {key: value for key, value in read_slide_info(folder).items() if key != MASK_FACT}
+    info = {**info, **mask_fact(facts)}
     atomic_write_text(folder / SLIDE_FILE, json.dumps(info, indent=2, default=str))
+
+
+def mask_fact(facts: dict | None) -> dict:
+    """What ``slide.json`` says of the slide's mask: ``{supplemental_mask: facts}``, nothing without one."""
+    return {MASK_FACT: facts} if facts else {}
 
 
 def recorded_mask(folder: Path) -> dict | None:
