@@ -3,8 +3,9 @@
 Stages meet only through these files and the typed config: a stage imports this module and library
 modules, never another stage. The tree, under ``paths.*`` of the config::
 
+    {raw}/{data.supplemental_masks}/{image_id}.png    optional tumour masks of training WSIs (read by stage 01)
     {interim}/tiles/{tiling key}/                      stage 01
-        {source}/{image_id}/  tiles, index.csv, slide.json, qc.png   (tiling/store.py)
+        {source}/{image_id}/  tiles, index.csv (with tumour_fraction), slide.json, qc.png   (tiling/store.py)
         failures*.csv
     {processed}/manifest.csv, folds.csv, failures_02.csv          stage 02
     {processed}/embeddings/{encoder}{variant}__{tiling key}/      stage 03 (training), 05 (test)
@@ -56,11 +57,6 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- tiles (01)
 
 
-def supplemental_mask_path(cfg: Mapping, image_id: str | int) -> Path:
-    """A training WSI's supplemental mask (red tumour, green stroma, blue necrosis, black unannotated)."""
-    return raw_path(cfg, "supplemental_masks") / f"{image_id}.png"
-
-
 def tiles_root(cfg: Mapping) -> Path:
     """``{interim}/tiles/{tiling key}``: two tilings never share a folder."""
     return Path(cfg["paths"]["interim"]) / "tiles" / tiling_key(cfg)
@@ -69,6 +65,17 @@ def tiles_root(cfg: Mapping) -> Path:
 def slide_tiles_dir(cfg: Mapping, source: str, image_id: str) -> Path:
     """One slide's tile folder (complete once it exists: it is renamed into place)."""
     return tiles_root(cfg) / source / str(image_id)
+
+
+def supplemental_masks_dir(cfg: Mapping) -> Path:
+    """``{raw}/{data.supplemental_masks}``: the training WSIs' tumour masks (optional, not every slide has one)."""
+    return raw_path(cfg, "supplemental_masks")
+
+
+def supplemental_mask_path(cfg: Mapping, image_id: str | int) -> Path:
+    """A training WSI's supplemental mask, ``{raw}/{data.supplemental_masks}/{image_id}.png`` (it may not exist:
+    only some slides have one)."""
+    return supplemental_masks_dir(cfg) / f"{image_id}.png"
 
 
 def read_tiling_failures(cfg: Mapping) -> pd.DataFrame:
@@ -277,6 +284,12 @@ class ModelDir:
         """The model's own "Other" threshold, calibrated on its OOF predictions."""
         return self.path / "outlier.json"
 
+    @property
+    def tumour_scorer(self) -> Path:
+        """The tile tumour scorer and tile choice the model was trained with (only with ``tumour.scorer``;
+        the completion record's ``tumour`` names it): stage 05 cuts test bags down with it."""
+        return self.path / "tumour_scorer.json"
+
     # --------------------------------------------------------------------------------- completeness (04)
 
     @property
@@ -294,7 +307,7 @@ class ModelDir:
         if found != expected:
             raise RuntimeError(f"{self.path}: checkpoints {[p.name for p in found]} are not the folds x seeds "
                                f"{[p.name for p in expected]}")
-        missing = [p.name for p in (self.oof, self.metrics, self.outlier) if not p.is_file()]
+        missing = [p.name for p in self._reports(facts) if not p.is_file()]
         if missing:
             raise RuntimeError(f"{self.path}: {missing} missing; the model is not complete")
         record = {
@@ -333,8 +346,12 @@ class ModelDir:
         extra = [p.name for p in self.checkpoints() if p.name not in listed]
         if extra:
             return f"checkpoints {extra} are not listed in {COMPLETION_FILE}"
-        missing = [p.name for p in (self.oof, self.metrics, self.outlier) if not p.is_file()]
+        missing = [p.name for p in self._reports(record) if not p.is_file()]
         return f"{missing} missing" if missing else None
+
+    def _reports(self, record: Mapping) -> list[Path]:
+        """The files a complete model holds besides its checkpoints (the tumour scorer when it has one)."""
+        return [self.oof, self.metrics, self.outlier, *([self.tumour_scorer] if record.get("tumour") else [])]
 
     def is_complete(self) -> bool:
         return self.problem() is None

@@ -16,6 +16,7 @@ from ubc_ocean.slides import SlideError
 from ubc_ocean.slides.reader import resize_to
 from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
+from ubc_ocean.tiling.masks import MaskError, read_tumour_map
 from ubc_ocean.tiling.qc import save_overlay
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import SlideTiler
@@ -39,7 +40,7 @@ class PatchBag:
         return f"{self.source}/{self.image_id}"
 
 
-def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
+def _tile_record_row(record, name: str, tumour_fraction: float) -> dict:  # type: ignore[no-untyped-def]
     return {
         "file": name,
         "x": record.x,
@@ -48,15 +49,61 @@ def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
         "magnification": record.magnification,
         "tissue_fraction": record.tissue_fraction,
         "blur_score": record.blur_score,
+        store.TUMOUR_FRACTION: tumour_fraction,
     }
+
+
+def mask_facts(spec: SlideSpec, cfg: Mapping) -> dict | None:
+    """The supplemental mask of a competition training slide as ``slide.json`` records it (file name and
+    size), or None when it has none."""
+    if spec.source != TRAIN:
+        return None
+    path = layout.supplemental_mask_path(cfg, spec.image_id)
+    return {"file": path.name, "size": path.stat().st_size} if path.is_file() else None
+
+
+def tumour_fractions(spec: SlideSpec, cfg: Mapping, facts: dict | None, image_size: tuple[int, int],
+                     boxes: list[tuple[int, int]], extent: int) -> tuple[list[float], dict | None]:
+    """Each box's tumour fraction from the slide's mask, read once (NaN for every box without a mask, or
+    with one that cannot be read: a warning names it, the tiles stay); returns them and the mask facts."""
+    if facts is None:
+        return [float("nan")] * len(boxes), None
+    path = layout.supplemental_mask_path(cfg, spec.image_id)
+    try:
+        fractions = read_tumour_map(path).tile_fractions(image_size, boxes, extent)
+    except MaskError as err:
+        log.warning("%s: %s; its tiles get no tumour fraction", spec.slide_id, err)
+        return [float("nan")] * len(boxes), {**facts, "problem": str(err)}
+    return [round(float(value), 4) for value in fractions], facts
+
+
+def _mask_key(facts: dict | None) -> tuple | None:
+    """What decides whether recorded fractions are stale: the mask's file name and size."""
+    return None if facts is None else (facts.get("file"), facts.get("size"))
+
+
+def refresh_tumour_fractions(spec: SlideSpec, cfg: Mapping, folder: Path, facts: dict | None) -> int:
+    """Rewrite a complete slide folder's tumour fractions (its mask appeared, changed or went) without
+    tiling it again: only ``index.csv`` and ``slide.json`` change, each atomically; returns the tile count."""
+    index, info = store.read_index(folder), store.read_slide_info(folder)
+    boxes = list(zip(index["x"].astype(int), index["y"].astype(int), strict=True))
+    extent = int(index["extent"].iloc[0]) if len(index) else 1
+    values, facts = tumour_fractions(spec, cfg, facts, (int(info["width"]), int(info["height"])), boxes, extent)
+    store.replace_tumour_fractions(folder, values, facts)
+    return len(index)
 
 
 def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
     """Tile one slide into its folder (atomically); a complete folder cut with today's settings is skipped."""
     settings = TilingSettings.from_config(cfg)
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
+    facts = mask_facts(spec, cfg)
     if store.is_current(folder, spec.magnification):
-        return TaskResult(spec.slide_id, "skipped")
+        if _mask_key(store.recorded_mask(folder)) == _mask_key(facts):
+            return TaskResult(spec.slide_id, "skipped")
+        count = refresh_tumour_fractions(spec, cfg, folder, facts)
+        return TaskResult(spec.slide_id, "done", "tumour fractions refreshed (its supplemental mask changed)",
+                          count=count)
     try:
         with SlideTiler(spec, settings) as tiler, atomic_path(folder) as tmp:
             tmp.mkdir(parents=True)
@@ -72,10 +119,14 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
                     (tmp / store.tile_file_name(record.x, record.y, settings.format)).unlink()
             if not kept:
                 raise SlideError(tiler.info.no_tiles_message())
+            info = tiler.info
+            fractions, facts = tumour_fractions(spec, cfg, facts, (info.width, info.height),
+                                                [record.box for record in kept], info.extent)
             store.write_index(tmp, [
-                _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format)) for record in kept
+                _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format), fraction)
+                for record, fraction in zip(kept, fractions, strict=True)
             ])
-            store.write_slide_info(tmp, tiler.info.to_dict(), spec.magnification)
+            store.write_slide_info(tmp, {**info.to_dict(), **store.mask_fact(facts)}, spec.magnification)
             save_overlay(tmp / store.QC_FILE, tiler.qc_overlay(kept))
     except (SlideError, OSError, ValueError) as err:
         return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
