@@ -136,7 +136,7 @@ def test_fit_takes_prototypes_from_the_training_bags_only(tmp_path) -> None:
 
 def test_too_few_training_tiles_is_a_clear_error() -> None:
     model = create_mil_model("panther", 4, 2, n_prototypes=16, hidden_dim=8)
-    with pytest.raises(ValueError, match="n_prototypes=16 training tiles.*got 10"):
+    with pytest.raises(ValueError, match=r"n_prototypes=16 training tiles.*got 10"):
         model.init_from_training_bags([draw(10, seed=0)], seed=0)
     assert not bool(model.fitted)
     assert np.isfinite(model(draw(5, seed=1))["logits"].detach().numpy()).all()  # unfitted still runs
