@@ -65,7 +65,7 @@ def first_linear(model: MILModel) -> nn.Linear:
 
 def panther_head(model: MILModel) -> nn.Linear:
     """PANTHER's first learned layer: the head's ``Linear`` on the slide vector (its EM has no parameters)."""
-    layer = model.head[2]
+    layer = next(module for module in model.head if isinstance(module, nn.Linear))
     assert isinstance(layer, nn.Linear) and layer.in_features == model.slide_dim
     return layer
 
