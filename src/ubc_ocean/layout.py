@@ -123,9 +123,20 @@ def read_training_table(cfg: Mapping) -> pd.DataFrame:
 def embeddings_root(cfg: Mapping) -> Path:
     """``{processed}/embeddings/{encoder}{variant}__{tiling key}``: encoders (with their weights and input
     size), TTA/stain variants and tilings never share a folder. Found without building the encoder."""
+    return _embeddings_folder(cfg, float(cfg["features"]["stain_augmentation"]))
+
+
+def test_embeddings_root(cfg: Mapping) -> Path:
+    """Where stage 05 caches test features (under ``test/``): :func:`embeddings_root` named without the
+    stain variant, since test tiles are never stain-jittered (``features.stain_augmentation`` augments
+    training tiles only). With it off, the same folder as the training features."""
+    return _embeddings_folder(cfg, 0.0)
+
+
+def _embeddings_folder(cfg: Mapping, stain_augmentation: float) -> Path:
     features = cfg["features"]
     encoder = encoder_cache_name(features["encoder"], features["weights"], features["input_size"])
-    variant = variant_name(features["tta"], float(features["stain_augmentation"]))
+    variant = variant_name(features["tta"], stain_augmentation)
     return Path(cfg["paths"]["processed"]) / "embeddings" / f"{encoder}{variant}__{tiling_key(cfg)}"
 
 
@@ -155,14 +166,14 @@ def feature_identity(cfg: Mapping) -> dict:
 
 
 def test_features_fingerprint(cfg: Mapping) -> dict:
-    """What shapes the test features stage 05 predicts from: the embeddings folder, and by name the
-    encoder (weights, input size), the tiling key and the TTA / stain variant it is named after.
-    Recorded beside each model's test predictions; stage 06 refuses predictions whose record differs."""
+    """What shapes the test features stage 05 predicts from: their folder (:func:`test_embeddings_root`),
+    and by name the encoder (weights, input size), the tiling key and the TTA variant it is named after
+    (no stain variant: test tiles are never jittered). Recorded beside each model's test predictions;
+    stage 06 refuses predictions whose record differs."""
     features = cfg["features"]
     return {  # the named parts first: a mismatch is reported by the first key that differs
         "encoder": encoder_cache_name(features["encoder"], features["weights"], features["input_size"]),
-        "tiling_key": tiling_key(cfg), "tta": str(features["tta"]),
-        "stain_augmentation": float(features["stain_augmentation"]), "embeddings": embeddings_root(cfg).name,
+        "tiling_key": tiling_key(cfg), "tta": str(features["tta"]), "embeddings": test_embeddings_root(cfg).name,
     }
 
 
@@ -179,7 +190,8 @@ def embedding_paths(root: Path, table: pd.DataFrame) -> dict[str, Path]:
 def embedding_attrs(cfg: Mapping, encoder_name: str, weights_id: str, input_size: int, slide_id: str,
                     **extra: object) -> dict:
     """The attributes every embeddings h5 records (stage 03 adds the tile folder's fingerprint, stage 05
-    whether the image is a TMA): what made the features, so they are never mixed with others."""
+    whether the image is a TMA, and ``stain_augmentation=0.0``: test tiles are never jittered): what made the
+    features, so they are never mixed with others."""
     features = cfg["features"]
     return {
         "encoder": encoder_name, "weights_sha256": weights_id, "input_size": int(input_size),
@@ -536,7 +548,7 @@ def find_slide(cfg: Mapping, slide: str) -> SlideFiles:
     if source in ("", TEST):
         spec = next((s for s in competition_specs(cfg, TEST) if s.image_id == image_id), None)
         if spec is not None:
-            h5 = embedding_path(embeddings_root(cfg), TEST, image_id)
+            h5 = embedding_path(test_embeddings_root(cfg), TEST, image_id)
             if not h5.is_file():
                 raise FileNotFoundError(f"{spec.slide_id}: no test embeddings {h5}: run stage 05 first")
             with h5py.File(h5, "r") as handle:

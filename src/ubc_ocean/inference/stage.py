@@ -1,7 +1,9 @@
 """Stage 05: embed each raw test image in one streaming pass and predict it with every trained model.
 
-Test embeddings are cached beside the training ones (``{embeddings}/test/{image_id}.h5``) so a rerun or a
-second model costs no re-embedding; tiles are never written. Per model it writes
+Test embeddings are cached beside the training ones (``{embeddings}/test/{image_id}.h5``, in the folder
+named without the stain variant: ``features.stain_augmentation`` jitters training tiles only, never test
+ones, see ``layout.test_embeddings_root``) so a rerun or a second model costs no re-embedding; tiles are
+never written. Per model it writes
 ``{predictions}/{experiment}/{model}/test_predictions.csv`` (``paths.predictions``: the run folder by
 default): image_id, one probability column per class (mean over every fold x seed checkpoint), and the
 outlier scores; beside it ``test_predictions.json`` records the checkpoints (sha256) and the test
@@ -222,7 +224,7 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
                 failures.record(slide_id, result.message)
                 continue
             attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
-                                           is_tma=bool(result.info["is_tma"]),
+                                           is_tma=bool(result.info["is_tma"]), stain_augmentation=0.0,
                                            inference_mode=result.job.describe())
             cache.write_embeddings(layout.embedding_path(root, TEST, result.job.spec.image_id), result.features,
                                    result.coords, attrs)
@@ -252,7 +254,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
     width = layout.feature_width(cfg)
     check_feature_widths(cfg, names, width)
     check_feature_identities(cfg, names)
-    root = layout.embeddings_root(cfg)
+    root = layout.test_embeddings_root(cfg)
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(test_root)

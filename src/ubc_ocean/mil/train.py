@@ -145,14 +145,16 @@ def fit(
     progress: Callable[[dict], None] | None = None,
     train_draw: Callable[[int, torch.Generator], torch.Tensor] | None = None,
 ) -> FitResult:
-    """Train a fresh model; keep the epoch that ``mil.epoch_selection`` picks (see :func:`epoch_selection`),
-    then fit the feature-space outlier detector on the kept model's training-bag embeddings.
+    """Train a fresh model, first prepared from the training bags (``MILModel.init_from_training_bags``);
+    keep the epoch that ``mil.epoch_selection`` picks (see :func:`epoch_selection`), then fit the
+    feature-space outlier detector on the kept model's training-bag embeddings.
 
     ``train_draw(index, generator)``, when given, is the bag a training step sees instead of
     ``train_bags[index]`` (the tumour scorer's weighted draw); ``train_bags`` still serve the detector."""
     seed_everything(seed)
     in_dim = int(train_bags[0].shape[1])
     model = create_mil_model(model_name, in_dim=in_dim, n_classes=n_classes, **dict(model_options)).to(device)
+    model.init_from_training_bags(train_bags, seed)  # this fold's training bags only (PANTHER: prototypes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(mil_cfg["lr"]),
                                   weight_decay=float(mil_cfg["weight_decay"]),
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for every parameter
