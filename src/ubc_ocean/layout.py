@@ -64,6 +64,11 @@ def slide_tiles_dir(cfg: Mapping, source: str, image_id: str) -> Path:
     return tiles_root(cfg) / source / str(image_id)
 
 
+def supplemental_mask_path(cfg: Mapping, image_id: str) -> Path:
+    """A training WSI's supplemental mask, ``{raw}/{data.supplemental_masks}/{image_id}.png`` (it may not exist)."""
+    return raw_path(cfg, "supplemental_masks") / f"{image_id}.png"
+
+
 def read_tiling_failures(cfg: Mapping) -> pd.DataFrame:
     """Stage 01's failure rows, every shard's file together."""
     return _read_failures(tiles_root(cfg).glob("failures*.csv"))
@@ -85,7 +90,7 @@ def read_manifest(cfg: Mapping) -> pd.DataFrame:
     path = manifest_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run stage 02 first")
-    manifest = pd.read_csv(path, dtype={"image_id": str})
+    manifest = pd.read_csv(path, dtype={"image_id": str, "parent_image_id": str})
     stale = set(manifest["tiling_key"]) - {tiling_key(cfg)}
     if stale:
         raise ValueError(f"manifest was built for tiling {sorted(stale)}, config gives {tiling_key(cfg)}: "

@@ -13,9 +13,11 @@ from ubc_ocean.config import save_config
 from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
-from ubc_ocean.slides.reader import resize_to
+from ubc_ocean.slides.reader import InMemorySlide, resize_to
+from ubc_ocean.slides.supplemental import tumour_fraction_view
 from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
+from ubc_ocean.tiling.cores import CoreCutter, CoreSite, choose_sites, core_id, density_grid, window_cells
 from ubc_ocean.tiling.qc import save_overlay
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import SlideTiler
@@ -51,8 +53,73 @@ def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
-def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
-    """Tile one slide into its folder (atomically); a complete folder cut with today's settings is skipped."""
+def _write_tiles(tiler: SlideTiler, tmp: Path, settings: TilingSettings) -> list:
+    """Drain ``tiler``'s pass into ``tmp``: the tiles the plan keeps, ``index.csv`` and ``qc.png`` (the caller
+    writes ``slide.json``); returns the kept records."""
+    records = []
+    with store.TileWriter(settings.format, settings.jpeg_quality) as writer:
+        for record, rgb in tiler:
+            writer.submit(tmp / store.tile_file_name(record.x, record.y, settings.format), rgb)
+            records.append(record)
+    kept = tiler.finish(records)
+    kept_boxes = {record.box for record in kept}
+    for record in records:  # a streamed candidate that the tissue mask, known only now, leaves out goes
+        if record.box not in kept_boxes:
+            (tmp / store.tile_file_name(record.x, record.y, settings.format)).unlink()
+    if not kept:
+        raise SlideError(tiler.info.no_tiles_message())
+    store.write_index(tmp, [
+        _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format)) for record in kept
+    ])
+    save_overlay(tmp / store.QC_FILE, tiler.qc_overlay(kept))
+    return kept
+
+
+def _core_cutter(spec: SlideSpec, tiler: SlideTiler, settings: TilingSettings, tumour_mask: Path | None
+                 ) -> CoreCutter:
+    """Where this slide's synthetic cores go (:mod:`ubc_ocean.tiling.cores`), chosen on its supplemental
+    mask's tumour when it has one, else on the tiler's tissue mask."""
+    tissue = tiler.tissue_grid()
+    tumour = None
+    if tumour_mask is not None and tumour_mask.is_file():
+        tumour = tumour_fraction_view(tumour_mask, settings.mask_max_side)
+    grid, source = density_grid(tissue, tiler.reader.width, tiler.reader.height, tumour)
+    cells = window_cells(settings.synthetic_tma_side, settings.tile_size)
+    sites = choose_sites(grid, tissue.values, settings.synthetic_tmas_per_wsi, cells,
+                         float(settings.min_tissue_fraction), tiler.seed, source)
+    if len(sites) < settings.synthetic_tmas_per_wsi:
+        log.warning("%s: room for %d of %d synthetic cores (%d x %d cells each, on %s)", spec.slide_id, len(sites),
+                    settings.synthetic_tmas_per_wsi, cells, cells, source)
+    return CoreCutter(sites, settings.tile_size, settings.synthetic_tma_side, spec.slide_id, settings.seed,
+                      settings.black_value, settings.white_value)
+
+
+def _tile_core(spec: SlideSpec, site: CoreSite, rgb, settings: TilingSettings, cfg: Mapping,  # type: ignore[no-untyped-def]
+               ) -> dict | None:
+    """Tile one core image as a TMA into its own folder (atomically); its record for the parent's
+    ``slide.json``, or None when it holds no tile."""
+    core = SlideSpec(spec.source, core_id(spec.image_id, site.index), spec.path, is_tma=True,
+                     magnification=float(settings.target_magnification), label=spec.label)
+    folder = layout.slide_tiles_dir(cfg, core.source, core.image_id)
+    try:
+        with SlideTiler(core, settings, reader=InMemorySlide(spec.path, rgb)) as tiler, atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            kept = _write_tiles(tiler, tmp, settings)
+            store.write_slide_info(tmp, {**tiler.info.to_dict(), "parent_image_id": spec.image_id,
+                                         "parent_box": [site.x, site.y, site.side]}, core.magnification)
+    except SlideError as err:
+        log.warning("%s: synthetic core %d left out: %s", spec.slide_id, site.index, err)
+        return None
+    return {**site.record(spec.image_id), "n_tiles": len(kept)}
+
+
+def tile_slide(spec: SlideSpec, cfg: Mapping, tumour_mask: Path | None = None) -> TaskResult:
+    """Tile one slide into its folder (atomically); a complete folder cut with today's settings is skipped.
+
+    With ``tiling.synthetic_tmas_per_wsi`` on, a WSI's synthetic cores are cut from the same decoding pass
+    (a second one only when its tissue mask is built while streaming), each tiled into its own folder
+    before the slide's, whose ``slide.json`` lists them (``synthetic_cores``): they are part of its
+    complete output. ``tumour_mask``: the slide's supplemental mask, if any, to place them."""
     settings = TilingSettings.from_config(cfg)
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
     if store.is_current(folder, spec.magnification):
@@ -60,23 +127,20 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
     try:
         with SlideTiler(spec, settings) as tiler, atomic_path(folder) as tmp:
             tmp.mkdir(parents=True)
-            records = []
-            with store.TileWriter(settings.format, settings.jpeg_quality) as writer:
-                for record, rgb in tiler:
-                    writer.submit(tmp / store.tile_file_name(record.x, record.y, settings.format), rgb)
-                    records.append(record)
-            kept = tiler.finish(records)
-            kept_boxes = {record.box for record in kept}
-            for record in records:  # a streamed candidate that the tissue mask, known only now, leaves out goes
-                if record.box not in kept_boxes:
-                    (tmp / store.tile_file_name(record.x, record.y, settings.format)).unlink()
-            if not kept:
-                raise SlideError(tiler.info.no_tiles_message())
-            store.write_index(tmp, [
-                _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format)) for record in kept
-            ])
-            store.write_slide_info(tmp, tiler.info.to_dict(), spec.magnification)
-            save_overlay(tmp / store.QC_FILE, tiler.qc_overlay(kept))
+            wants_cores, cutter = settings.synthetic_tmas_per_wsi > 0 and not tiler.is_tma, None
+            if wants_cores and not tiler.streaming:
+                cutter = _core_cutter(spec, tiler, settings, tumour_mask)
+                tiler.read_also(cutter.boxes, cutter.take)
+            kept = _write_tiles(tiler, tmp, settings)
+            info = tiler.info.to_dict()
+            if wants_cores:
+                if cutter is None:  # the mask came from the pass: the cores' cells are read again
+                    cutter = _core_cutter(spec, tiler, settings, tumour_mask)
+                    for box, rgb in tiler.read_cells(cutter.boxes):
+                        cutter.take(box, rgb)
+                cores = [_tile_core(spec, site, rgb, settings, cfg) for site, rgb in cutter.images()]
+                info[store.CORES_KEY] = [core for core in cores if core is not None]
+            store.write_slide_info(tmp, info, spec.magnification)
     except (SlideError, OSError, ValueError) as err:
         return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
     fallback = tiler.info.fallback
@@ -145,7 +209,8 @@ def tiling_tasks(cfg: Mapping) -> list[SlideSpec | PatchBag]:
 def _run_task(task: SlideSpec | PatchBag, cfg: Mapping) -> TaskResult:
     if isinstance(task, PatchBag):
         return ingest_patch_bag(task, cfg)
-    return tile_slide(task, cfg)
+    mask = layout.supplemental_mask_path(cfg, task.image_id) if task.source == TRAIN else None
+    return tile_slide(task, cfg, tumour_mask=mask)
 
 
 def run(cfg: Mapping) -> dict:
