@@ -143,12 +143,16 @@ def test_cores_follow_the_tumour_of_a_supplemental_mask(tmp_path):
         assert _inside(core, tumour) and core["density_source"] == TUMOUR_MASK and core["density"] > 0.9, core
 
 
-def test_a_mask_without_tumour_falls_back_to_tissue(tmp_path):
+@pytest.mark.parametrize("mask", ["stroma only", "truncated"])
+def test_a_mask_without_tumour_or_that_does_not_decode_falls_back_to_tissue(tmp_path, mask, caplog):
     cfg = _config(tmp_path)
     spec = _spec(tmp_path, _planted_wsi(), "thumbnail")
-    write_png(spec.path.parent / "mask.png", np.full((HEIGHT // 4, WIDTH // 4, 3), (0, 200, 0), np.uint8))
+    path = write_png(spec.path.parent / "mask.png", np.full((HEIGHT // 4, WIDTH // 4, 3), (0, 200, 0), np.uint8))
+    if mask == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
     cores = _cores(cfg, spec)
     assert len(cores) == 2 and all(_inside(c, DENSE) and c["density_source"] == TISSUE_MASK for c in cores)
+    assert ("supplemental mask" in caplog.text and "mask.png" in caplog.text) == (mask == "truncated")
 
 
 def test_default_zero_cuts_nothing_and_keeps_the_tiling_key(tmp_path):

@@ -19,13 +19,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from ubc_ocean.slides import SlideError
+from ubc_ocean.slides.supplemental import tumour_fraction_view
 from ubc_ocean.synthetic.morphology import tma_core_mask
 from ubc_ocean.tiling.grid import cell_fractions, slide_seed
-from ubc_ocean.tiling.tiler import CellGrid
+from ubc_ocean.tiling.settings import TilingSettings
+from ubc_ocean.tiling.tiler import CellGrid, SlideTiler
 from ubc_ocean.tiling.tissue import background_mask
 
 log = logging.getLogger(__name__)
@@ -166,3 +170,27 @@ class CoreCutter:
             keep = tma_core_mask(rng, self.side) & ~background_mask(crop, self.black_value, self.white_value)
             cores.append((site, np.where(keep[..., None], crop, np.uint8(WHITE))))
         return cores
+
+
+def plan_cores(tiler: SlideTiler, settings: TilingSettings, tumour_mask: Path | None = None) -> CoreCutter:
+    """Where ``tiler``'s slide gets its ``settings.synthetic_tmas_per_wsi`` cores, chosen on the tumour of
+    its supplemental mask ``tumour_mask`` when that file exists and decodes (else a warning), else on the
+    tiler's tissue mask; the
+    cutter then collects their cells (``tiler.read_also(cutter.boxes, cutter.take)`` before the pass,
+    or ``tiler.read_cells(cutter.boxes)`` after it)."""
+    tissue = tiler.tissue_grid()
+    tumour = None
+    if tumour_mask is not None and Path(tumour_mask).is_file():
+        try:
+            tumour = tumour_fraction_view(tumour_mask, settings.mask_max_side)
+        except SlideError as err:  # the slide itself is fine: its cores go by tissue
+            log.warning("%s: %s; synthetic cores placed on tissue instead", tiler.spec.slide_id, err)
+    grid, source = density_grid(tissue, tiler.reader.width, tiler.reader.height, tumour)
+    cells = window_cells(settings.synthetic_tma_side, settings.tile_size)
+    wanted = settings.synthetic_tmas_per_wsi
+    sites = choose_sites(grid, tissue.values, wanted, cells, float(settings.min_tissue_fraction), tiler.seed, source)
+    if len(sites) < wanted:
+        log.warning("%s: room for %d of %d synthetic cores (%d x %d cells each, on %s)", tiler.spec.slide_id,
+                    len(sites), wanted, cells, cells, source)
+    return CoreCutter(sites, settings.tile_size, settings.synthetic_tma_side, tiler.spec.slide_id, settings.seed,
+                      settings.black_value, settings.white_value)

@@ -14,10 +14,9 @@ from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
 from ubc_ocean.slides.reader import InMemorySlide, resize_to
-from ubc_ocean.slides.supplemental import tumour_fraction_view
 from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
-from ubc_ocean.tiling.cores import CoreCutter, CoreSite, choose_sites, core_id, density_grid, window_cells
+from ubc_ocean.tiling.cores import CoreSite, core_id, plan_cores
 from ubc_ocean.tiling.qc import save_overlay
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import SlideTiler
@@ -75,25 +74,6 @@ def _write_tiles(tiler: SlideTiler, tmp: Path, settings: TilingSettings) -> list
     return kept
 
 
-def _core_cutter(spec: SlideSpec, tiler: SlideTiler, settings: TilingSettings, tumour_mask: Path | None
-                 ) -> CoreCutter:
-    """Where this slide's synthetic cores go (:mod:`ubc_ocean.tiling.cores`), chosen on its supplemental
-    mask's tumour when it has one, else on the tiler's tissue mask."""
-    tissue = tiler.tissue_grid()
-    tumour = None
-    if tumour_mask is not None and tumour_mask.is_file():
-        tumour = tumour_fraction_view(tumour_mask, settings.mask_max_side)
-    grid, source = density_grid(tissue, tiler.reader.width, tiler.reader.height, tumour)
-    cells = window_cells(settings.synthetic_tma_side, settings.tile_size)
-    sites = choose_sites(grid, tissue.values, settings.synthetic_tmas_per_wsi, cells,
-                         float(settings.min_tissue_fraction), tiler.seed, source)
-    if len(sites) < settings.synthetic_tmas_per_wsi:
-        log.warning("%s: room for %d of %d synthetic cores (%d x %d cells each, on %s)", spec.slide_id, len(sites),
-                    settings.synthetic_tmas_per_wsi, cells, cells, source)
-    return CoreCutter(sites, settings.tile_size, settings.synthetic_tma_side, spec.slide_id, settings.seed,
-                      settings.black_value, settings.white_value)
-
-
 def _tile_core(spec: SlideSpec, site: CoreSite, rgb, settings: TilingSettings, cfg: Mapping,  # type: ignore[no-untyped-def]
                ) -> dict | None:
     """Tile one core image as a TMA into its own folder (atomically); its record for the parent's
@@ -129,13 +109,13 @@ def tile_slide(spec: SlideSpec, cfg: Mapping, tumour_mask: Path | None = None) -
             tmp.mkdir(parents=True)
             wants_cores, cutter = settings.synthetic_tmas_per_wsi > 0 and not tiler.is_tma, None
             if wants_cores and not tiler.streaming:
-                cutter = _core_cutter(spec, tiler, settings, tumour_mask)
+                cutter = plan_cores(tiler, settings, tumour_mask)
                 tiler.read_also(cutter.boxes, cutter.take)
             kept = _write_tiles(tiler, tmp, settings)
             info = tiler.info.to_dict()
             if wants_cores:
                 if cutter is None:  # the mask came from the pass: the cores' cells are read again
-                    cutter = _core_cutter(spec, tiler, settings, tumour_mask)
+                    cutter = plan_cores(tiler, settings, tumour_mask)
                     for box, rgb in tiler.read_cells(cutter.boxes):
                         cutter.take(box, rgb)
                 cores = [_tile_core(spec, site, rgb, settings, cfg) for site, rgb in cutter.images()]
