@@ -107,7 +107,8 @@ EXPECTED: dict[str, Expected] = {
     "transmil": Expected(
         outputs=frozenset({"logits", "embedding"}),
         embedding_dim=64,
-        default_options={"hidden_dim": 512, "heads": 8, "num_landmarks": 256, "dropout": 0.1, "mask_padding": True},
+        default_options={"hidden_dim": 512, "heads": 8, "num_landmarks": 256, "dropout": 0.1, "mask_padding": True,
+                         "exact_attention_up_to": 256},
         default_embedding_dim=512,
         exceptions={
             "largest_tensor": "Nystrom attention holds a [heads, tokens, num_landmarks] similarity block, and its "

@@ -7,7 +7,7 @@ import torch
 
 from tests.builders import MIL_IN_DIM, MIL_N_CLASSES, SMALL_MIL_OPTIONS, small_mil_model
 from ubc_ocean.mil import create_mil_model
-from ubc_ocean.mil.transmil import PPEG, TransLayer, pad_to_square
+from ubc_ocean.mil.transmil import PPEG, TransLayer, exact_attention, pad_to_square
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -109,3 +109,47 @@ def test_default_attention_follows_the_paper() -> None:
 def test_hidden_dim_must_be_a_multiple_of_heads() -> None:
     with pytest.raises(ValueError, match="multiple of heads"):
         create_mil_model("transmil", MIL_IN_DIM, MIL_N_CLASSES, hidden_dim=60, heads=8)
+
+
+def _reference_attention(layer: TransLayer, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention from torch's own kernel (``scaled_dot_product_attention``) with the layer's weights."""
+    attention = layer.attention
+    b, n, _ = x.shape
+    q, k, v = (t.reshape(b, n, attention.heads, -1).transpose(1, 2) for t in attention.to_qkv(x).chunk(3, dim=-1))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v) + attention.res_conv(v)
+    return attention.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_exact_attention_is_softmax_attention_and_what_nystrom_converges_to() -> None:
+    """With one token per landmark and enough pseudo-inverse iterations, Nystrom attention tends to exact
+    softmax attention over the same weights; ``exact_attention`` computes that limit directly."""
+    torch.manual_seed(0)
+    layer = TransLayer(64, heads=8, num_landmarks=32, dropout=0.0).eval()
+    x = torch.randn(1, 32, 64)
+    with torch.no_grad():
+        exact = exact_attention(layer.attention, x)
+        torch.testing.assert_close(exact, _reference_attention(layer, x), rtol=1e-4, atol=1e-5)
+        layer.attention.pinv_iterations = 30
+        nystrom = layer.attention(x)
+    assert float((nystrom - exact).norm() / exact.norm()) < 1e-3
+
+
+def test_short_sequences_take_the_exact_path_long_ones_nystrom() -> None:
+    torch.manual_seed(0)
+    layer = TransLayer(64, heads=8, num_landmarks=16, dropout=0.0, exact_up_to=16).eval()
+    with torch.no_grad():
+        short = torch.randn(1, 16, 64)
+        torch.testing.assert_close(layer(short), short + exact_attention(layer.attention, layer.norm(short)))
+        long = torch.randn(1, 40, 64)
+        nystrom = long + layer.attention(layer.norm(long), mask=torch.ones(1, 40, dtype=torch.bool))
+        torch.testing.assert_close(layer(long), nystrom)
+
+
+def test_exact_attention_up_to_defaults_to_the_landmark_count() -> None:
+    model = create_mil_model("transmil", MIL_IN_DIM, MIL_N_CLASSES, hidden_dim=64, heads=4)
+    layers = (model.layer1.exact_up_to, model.layer2.exact_up_to)
+    assert model.config["options"]["exact_attention_up_to"] == 32 and layers == (32, 32)
+    never = create_mil_model("transmil", MIL_IN_DIM, MIL_N_CLASSES, hidden_dim=64, heads=4, exact_attention_up_to=0)
+    assert never.layer1.exact_up_to == 0
+    with pytest.raises(ValueError, match="exact_attention_up_to"):
+        create_mil_model("transmil", MIL_IN_DIM, MIL_N_CLASSES, exact_attention_up_to=-1)

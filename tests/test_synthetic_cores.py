@@ -67,7 +67,7 @@ def _spec(tmp_path: Path, rgb: np.ndarray, mode: str) -> SlideSpec:
 
 
 def _cores(cfg, spec: SlideSpec) -> list[dict]:  # type: ignore[no-untyped-def]
-    result = tile_slide(spec, cfg, tumour_mask=spec.path.parent / "mask.png")
+    result = tile_slide(spec, cfg)
     assert result.status == "done", result.message
     return store.read_slide_info(layout.slide_tiles_dir(cfg, spec.source, spec.image_id))[store.CORES_KEY]
 
@@ -136,7 +136,7 @@ def test_cores_follow_the_tumour_of_a_supplemental_mask(tmp_path):
     mask[...] = (0, 200, 0)  # stroma
     tumour = (64, 192, 448, 576)  # level-0 box of red
     mask[tumour[1] // 4: tumour[3] // 4, tumour[0] // 4: tumour[2] // 4] = (220, 30, 30)
-    write_png(spec.path.parent / "mask.png", mask)
+    write_png(layout.supplemental_mask_path(cfg, "wsi"), mask)
     cores = _cores(cfg, spec)
     assert len(cores) == 2
     for core in cores:
@@ -147,12 +147,14 @@ def test_cores_follow_the_tumour_of_a_supplemental_mask(tmp_path):
 def test_a_mask_without_tumour_or_that_does_not_decode_falls_back_to_tissue(tmp_path, mask, caplog):
     cfg = _config(tmp_path)
     spec = _spec(tmp_path, _planted_wsi(), "thumbnail")
-    path = write_png(spec.path.parent / "mask.png", np.full((HEIGHT // 4, WIDTH // 4, 3), (0, 200, 0), np.uint8))
+    path = write_png(layout.supplemental_mask_path(cfg, "wsi"), np.full((HEIGHT // 4, WIDTH // 4, 3), (0, 200, 0),
+                                                                        np.uint8))
     if mask == "truncated":
         path.write_bytes(path.read_bytes()[:200])
     cores = _cores(cfg, spec)
     assert len(cores) == 2 and all(_inside(c, DENSE) and c["density_source"] == TISSUE_MASK for c in cores)
-    assert ("supplemental mask" in caplog.text and "mask.png" in caplog.text) == (mask == "truncated")
+    warned = "wsi.png: cannot read it" in caplog.text and "synthetic cores placed on tissue" in caplog.text
+    assert warned == (mask == "truncated")
 
 
 def test_default_zero_cuts_nothing_and_keeps_the_tiling_key(tmp_path):

@@ -74,7 +74,13 @@ def test_bag_checks_and_subsampling():
     bag = torch.arange(100).view(50, 2)
     sub = sample_instances(bag, 10, torch.Generator().manual_seed(0))
     assert sub.shape == (10, 2) and len(set(sub[:, 0].tolist())) == 10
-    assert sample_instances(bag, 0, torch.Generator()).shape == (50, 2)
+    # a bag within the cap comes whole, as a new permutation of its rows at every draw
+    generator = torch.Generator().manual_seed(0)
+    draws = [sample_instances(bag, cap, generator) for cap in (0, 50, 80)]
+    for draw in draws:
+        assert sorted(draw[:, 0].tolist()) == bag[:, 0].tolist()
+        assert torch.equal(draw[:, 1] - draw[:, 0], bag[:, 1] - bag[:, 0])  # rows stay whole
+    assert len({tuple(draw[:, 0].tolist()) for draw in [bag, *draws]}) == 4
 
 
 def test_ensemble_weights_and_alignment():

@@ -3,8 +3,9 @@
 Stages meet only through these files and the typed config: a stage imports this module and library
 modules, never another stage. The tree, under ``paths.*`` of the config::
 
+    {raw}/{data.supplemental_masks}/{image_id}.png    optional tumour masks of training WSIs (read by stage 01)
     {interim}/tiles/{tiling key}/                      stage 01
-        {source}/{image_id}/  tiles, index.csv, slide.json, qc.png   (tiling/store.py)
+        {source}/{image_id}/  tiles, index.csv (with tumour_fraction), slide.json, qc.png   (tiling/store.py)
         failures*.csv
     {processed}/manifest.csv, folds.csv, failures_02.csv          stage 02
     {processed}/embeddings/{encoder}{variant}__{tiling key}/      stage 03 (training), 05 (test)
@@ -18,6 +19,8 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
         ensemble.json, config_06.yaml
     {submissions}/{submit.name}.csv                     stage 06
     {runs}/{experiment}/heatmaps/*.png, report.html, loco_*.csv   scripts/heatmaps.py, report.py, LOCO
+    {runs}/{experiment}/results.csv, results.md, timings.csv,     scripts/benchmark.py (each configuration
+        configurations/{name}/scored.csv, benchmark.log           trained as experiment {experiment}-{name})
 
 Trained models may be read-only (a Kaggle dataset): stages 05-06 write only under ``paths.predictions``,
 ``paths.processed`` (test embeddings) and ``paths.submissions``, each checked writable before any work
@@ -64,9 +67,15 @@ def slide_tiles_dir(cfg: Mapping, source: str, image_id: str) -> Path:
     return tiles_root(cfg) / source / str(image_id)
 
 
-def supplemental_mask_path(cfg: Mapping, image_id: str) -> Path:
-    """A training WSI's supplemental mask, ``{raw}/{data.supplemental_masks}/{image_id}.png`` (it may not exist)."""
-    return raw_path(cfg, "supplemental_masks") / f"{image_id}.png"
+def supplemental_masks_dir(cfg: Mapping) -> Path:
+    """``{raw}/{data.supplemental_masks}``: the training WSIs' tumour masks (optional, not every slide has one)."""
+    return raw_path(cfg, "supplemental_masks")
+
+
+def supplemental_mask_path(cfg: Mapping, image_id: str | int) -> Path:
+    """A training WSI's supplemental mask, ``{raw}/{data.supplemental_masks}/{image_id}.png`` (it may not exist:
+    only some slides have one)."""
+    return supplemental_masks_dir(cfg) / f"{image_id}.png"
 
 
 def read_tiling_failures(cfg: Mapping) -> pd.DataFrame:
@@ -275,6 +284,12 @@ class ModelDir:
         """The model's own "Other" threshold, calibrated on its OOF predictions."""
         return self.path / "outlier.json"
 
+    @property
+    def tumour_scorer(self) -> Path:
+        """The tile tumour scorer and tile choice the model was trained with (only with ``tumour.scorer``;
+        the completion record's ``tumour`` names it): stage 05 cuts test bags down with it."""
+        return self.path / "tumour_scorer.json"
+
     # --------------------------------------------------------------------------------- completeness (04)
 
     @property
@@ -292,7 +307,7 @@ class ModelDir:
         if found != expected:
             raise RuntimeError(f"{self.path}: checkpoints {[p.name for p in found]} are not the folds x seeds "
                                f"{[p.name for p in expected]}")
-        missing = [p.name for p in (self.oof, self.metrics, self.outlier) if not p.is_file()]
+        missing = [p.name for p in self._reports(facts) if not p.is_file()]
         if missing:
             raise RuntimeError(f"{self.path}: {missing} missing; the model is not complete")
         record = {
@@ -331,8 +346,12 @@ class ModelDir:
         extra = [p.name for p in self.checkpoints() if p.name not in listed]
         if extra:
             return f"checkpoints {extra} are not listed in {COMPLETION_FILE}"
-        missing = [p.name for p in (self.oof, self.metrics, self.outlier) if not p.is_file()]
+        missing = [p.name for p in self._reports(record) if not p.is_file()]
         return f"{missing} missing" if missing else None
+
+    def _reports(self, record: Mapping) -> list[Path]:
+        """The files a complete model holds besides its checkpoints (the tumour scorer when it has one)."""
+        return [self.oof, self.metrics, self.outlier, *([self.tumour_scorer] if record.get("tumour") else [])]
 
     def is_complete(self) -> bool:
         return self.problem() is None
@@ -526,3 +545,22 @@ def find_slide(cfg: Mapping, slide: str) -> SlideFiles:
             extent = max(1, round(int(attrs["tile_size"]) * native / float(attrs["magnification"])))
             return SlideFiles(spec.slide_id, None, spec.path, spec.thumbnail, h5, extent)
     raise KeyError(f"slide {slide!r} is neither in the training manifest nor in test.csv")
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def benchmark_dir(cfg: Mapping) -> Path:
+    """``{runs}/{experiment}``: the benchmark's results; its configurations run as other experiments
+    (:func:`benchmark_experiment`)."""
+    return run_dir(cfg)
+
+
+def benchmark_experiment(cfg: Mapping, name: str) -> str:
+    """The experiment a benchmark configuration trains and predicts as: ``{experiment}-{name}``."""
+    return f"{cfg['experiment']}-{name}"
+
+
+def benchmark_configuration_dir(cfg: Mapping, name: str) -> Path:
+    """``{runs}/{experiment}/configurations/{name}``: one configuration's scored test images and log."""
+    return benchmark_dir(cfg) / "configurations" / name

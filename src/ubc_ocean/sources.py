@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ubc_ocean.slides.magnification import is_tma_by_size
+
 TRAIN, TEST = "train", "test"
 LABEL_COLUMNS = ("image_id", "file", "label")
 
@@ -104,6 +106,23 @@ def competition_specs(cfg: Mapping, split: str) -> list[SlideSpec]:
             )
         )
     return specs
+
+
+def spec_is_tma(spec: SlideSpec, slides: Mapping) -> bool:
+    """Whether a slide is a TMA before it is opened: its CSV's ``is_tma``, else the size rule on its CSV size
+    (``slides.tma_max_side``, ``slides.tma_square_tolerance``); a slide with neither counts as a WSI."""
+    if spec.is_tma is not None:
+        return bool(spec.is_tma)
+    if not spec.expected_size or min(spec.expected_size) <= 0:
+        return False
+    width, height = spec.expected_size
+    return is_tma_by_size(width, height, int(slides["tma_max_side"]), float(slides["tma_square_tolerance"]))
+
+
+def is_tma_by_image(cfg: Mapping, split: str = TEST) -> dict[str, bool]:
+    """``{image_id: is_tma}`` of every image of the competition's ``split`` (:func:`spec_is_tma`): the real
+    ``test.csv`` has no ``is_tma`` column, so there the size rule decides."""
+    return {spec.image_id: spec_is_tma(spec, cfg["slides"]) for spec in competition_specs(cfg, split)}
 
 
 def external_slide_specs(source: ExternalSource) -> list[SlideSpec]:

@@ -13,7 +13,8 @@ every model must have been trained on features of the identity this config compu
 (``layout.feature_identity``).
 
 Images are embedded by the pipelined fused inference (:mod:`ubc_ocean.features.pipeline`) under the time
-budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive; an unsharded
+budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive (a model trained
+with the tumour scorer sees each bag cut down by its ``tumour_scorer.json``, as in training); an unsharded
 run rewrites a complete provisional submission (:mod:`ubc_ocean.submit.submission`) as they do.
 """
 
@@ -42,10 +43,10 @@ from ubc_ocean.mil.bags import BagError, check_bag, load_bags
 from ubc_ocean.mil.checkpoint import checkpoint_in_dim
 from ubc_ocean.mil.predict import CheckpointEnsemble
 from ubc_ocean.mil.train import model_training_config
+from ubc_ocean.mil.tumour import TileChooser
 from ubc_ocean.outliers import SCORE_NAMES
 from ubc_ocean.parallel import select_shard, shard_output
-from ubc_ocean.slides import is_tma_by_size
-from ubc_ocean.sources import TEST, SlideSpec, competition_specs, read_test_csv
+from ubc_ocean.sources import TEST, SlideSpec, competition_specs, is_tma_by_image, read_test_csv, spec_is_tma
 from ubc_ocean.submit.submission import EnsembleCalibration, ProvisionalSubmission
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,25 @@ def load_predictors(cfg: Mapping, names: list[str]) -> dict[str, CheckpointEnsem
     return predictors
 
 
+def load_choosers(cfg: Mapping, names: list[str]) -> dict[str, TileChooser | None]:
+    """Each model's tile chooser: the tumour scorer it was trained with (its completion record's
+    ``tumour``), which cuts every test bag down as training did; None for a model trained without one.
+    Checked before any image is embedded: an unreadable scorer is a ``ConfigError`` naming it."""
+    choosers: dict[str, TileChooser | None] = {}
+    for name in names:
+        model = layout.model_dir(cfg, name)
+        if not model.read_completion().get("tumour"):
+            choosers[name] = None
+            continue
+        try:
+            choosers[name] = TileChooser.load(model.tumour_scorer)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model {name!r} was trained with a tumour scorer, but {err}: retrain it (stage 04)") \
+                from None
+        log.info("%s: test bags keep their most tumour-like tiles (%s)", name, choosers[name].record())
+    return choosers
+
+
 def provisional_submission(cfg: Mapping, names: list[str]) -> ProvisionalSubmission | None:
     """The complete submission rewritten as predictions arrive (unsharded runs only: a shard knows only
     its own images, and would overwrite what the others found)."""
@@ -114,16 +134,13 @@ def provisional_submission(cfg: Mapping, names: list[str]) -> ProvisionalSubmiss
         return None
     calibration = EnsembleCalibration.from_oof({n: layout.model_dir(cfg, n).read_oof() for n in names}, cfg)
     return ProvisionalSubmission(layout.submission_path(cfg), read_test_csv(cfg)["image_id"].astype(str),
-                                 calibration)
+                                 calibration, is_tma_by_image(cfg))
 
 
 def budget_image(spec: SlideSpec, cfg: Mapping) -> BudgetImage:
     """A test image as the time budget sees it: its size from ``test.csv`` and whether it is a TMA."""
     width, height = spec.expected_size or (0, 0)
-    slides = cfg["slides"]
-    is_tma = spec.is_tma if spec.is_tma is not None else is_tma_by_size(
-        width, height, int(slides["tma_max_side"]), float(slides["tma_square_tolerance"]))
-    return BudgetImage(spec.slide_id, int(width) * int(height), bool(is_tma))
+    return BudgetImage(spec.slide_id, int(width) * int(height), spec_is_tma(spec, cfg["slides"]))
 
 
 def reusable(path: Path, budgeted: bool) -> bool:
@@ -138,8 +155,10 @@ class Predictions:
     """Every model's test predictions as they arrive, written out at the end; the provisional submission
     follows them."""
 
-    def __init__(self, predictors: dict[str, CheckpointEnsemble], provisional: ProvisionalSubmission | None):
+    def __init__(self, predictors: dict[str, CheckpointEnsemble], provisional: ProvisionalSubmission | None,
+                 choosers: Mapping[str, TileChooser | None] | None = None):
         self.predictors, self.provisional = predictors, provisional
+        self.choosers = dict(choosers or {})  # model -> its tumour tile choice (None: whole bags)
         self.frames: dict[str, list[pd.DataFrame]] = {name: [] for name in predictors}
 
     def add(self, bags: dict[str, torch.Tensor]) -> None:
@@ -148,7 +167,8 @@ class Predictions:
         ids = [slide_id.split("/", 1)[1] for slide_id in bags]
         new = {}
         for name, predictor in self.predictors.items():
-            frame = predictor.predict(list(bags.values()))
+            chooser = self.choosers.get(name)
+            frame = predictor.predict([bag if chooser is None else chooser.select(bag) for bag in bags.values()])
             frame.insert(0, "image_id", ids)
             self.frames[name].append(frame)
             new[name] = frame
@@ -242,7 +262,8 @@ def run(cfg: Mapping) -> dict[str, Path]:
     specs = select_shard(competition_specs(cfg, TEST), shard, key=lambda s: s.slide_id)
     failures = FailureLog(shard_output(out, "failures_05.csv", shard), STAGE)
     failures.path.unlink(missing_ok=True)
-    predictions = Predictions(load_predictors(cfg, names), provisional_submission(cfg, names))
+    predictions = Predictions(load_predictors(cfg, names), provisional_submission(cfg, names),
+                              load_choosers(cfg, names))
     budgeted = cfg["inference"]["time_budget_minutes"] is not None
     cached = {s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs
               if reusable(layout.embedding_path(root, TEST, s.image_id), budgeted)}

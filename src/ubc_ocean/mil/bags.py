@@ -48,11 +48,13 @@ def load_bags(paths: dict[str, Path], in_dim: int) -> tuple[dict[str, torch.Tens
 
 
 def sample_instances(bag: torch.Tensor, max_instances: int, generator: torch.Generator) -> torch.Tensor:
-    """A random subset of at most ``max_instances`` rows (the whole bag if it is smaller)."""
-    if max_instances <= 0 or bag.shape[0] <= max_instances:
-        return bag
-    keep = torch.randperm(bag.shape[0], generator=generator)[:max_instances]
-    return bag[keep]
+    """The bag's rows in a fresh random order, at most ``max_instances`` of them (``0``: all).
+
+    A bag is a set: the order of its tiles is an artefact of tiling. Heads that read the order (TransMIL's
+    position encoding and value convolution) would otherwise learn each training bag's fixed sequence;
+    a new order at every step leaves them only what a set holds, and changes nothing for pooling heads."""
+    order = torch.randperm(bag.shape[0], generator=generator)
+    return bag[order if max_instances <= 0 else order[:max_instances]]
 
 
 def drop_features(bag: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
@@ -68,3 +70,20 @@ def drop_features(bag: torch.Tensor, p: float, rng: np.random.Generator) -> torc
         return torch.nn.functional.dropout(bag, p=p, training=True)
     keep = torch.from_numpy(rng.random(tuple(bag.shape), dtype=np.float32) >= p)
     return bag * keep * (1.0 / (1.0 - p))
+
+
+def load_tumour_fractions(paths: dict[str, Path], bags: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The tile tumour fractions of the slides in ``bags`` whose h5 holds any (a supplemental mask; stage 03
+    copies them from stage 01's tile index), each aligned with its bag's rows. A slide whose fractions do not
+    match its bag's length is left out with a warning."""
+    fractions = {}
+    for slide_id in bags:
+        values = cache.read_tumour_fraction(paths[slide_id])
+        if values is None or not np.isfinite(values).any():
+            continue
+        if len(values) != bags[slide_id].shape[0]:
+            log.warning("%s: %d tumour fractions for %d tiles in %s; its mask is not used", slide_id, len(values),
+                        bags[slide_id].shape[0], paths[slide_id])
+            continue
+        fractions[slide_id] = values.astype(np.float32)
+    return fractions

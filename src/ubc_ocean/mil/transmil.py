@@ -30,7 +30,8 @@ def pad_to_square(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class TransLayer(nn.Module):
-    """Pre-norm residual Nystrom self-attention: ``x + NystromAttention(LayerNorm(x))``.
+    """Pre-norm residual Nystrom self-attention: ``x + NystromAttention(LayerNorm(x))``; sequences of at most
+    ``exact_up_to`` tokens (0: none) take :func:`exact_attention` with the same weights instead.
 
     NystromAttention zero-pads the sequence to a multiple of its landmark count; unmasked, those zero
     tokens join every softmax and dilute the attention of bags smaller than a few landmark counts (TMAs:
@@ -39,9 +40,10 @@ class TransLayer(nn.Module):
     softmax attention."""
 
     def __init__(self, dim: int, heads: int = 8, num_landmarks: int | None = None, dropout: float = 0.1,
-                 mask_padding: bool = True) -> None:
+                 mask_padding: bool = True, exact_up_to: int = 0) -> None:
         super().__init__()
         self.mask_padding = mask_padding
+        self.exact_up_to = exact_up_to
         self.norm = nn.LayerNorm(dim)
         self.attention = NystromAttention(
             dim=dim,
@@ -54,10 +56,25 @@ class TransLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if self.exact_up_to and x.shape[1] <= self.exact_up_to:
+            return x + exact_attention(self.attention, h)
         mask = None
         if self.mask_padding and x.shape[1] % self.attention.num_landmarks:  # the library will pad
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return x + self.attention(self.norm(x), mask=mask)
+        return x + self.attention(h, mask=mask)
+
+
+def exact_attention(attention: NystromAttention, x: torch.Tensor) -> torch.Tensor:
+    """Full softmax self-attention with a ``NystromAttention``'s own weights: the same query, key and value
+    projections, heads, scale, depthwise value-residual convolution and output projection, without the
+    landmark approximation (which Nystrom attention converges to). ``x`` is ``[B, N, dim]``."""
+    b, n, _ = x.shape
+    q, k, v = (t.reshape(b, n, attention.heads, -1).transpose(1, 2) for t in attention.to_qkv(x).chunk(3, dim=-1))
+    out = ((q * attention.scale) @ k.transpose(-1, -2)).softmax(dim=-1) @ v
+    if attention.residual:
+        out = out + attention.res_conv(v)
+    return attention.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class PPEG(nn.Module):
@@ -88,6 +105,10 @@ class TransMIL(MILModel):
     Nystrom attention keeps memory linear in the bag size (``N x num_landmarks`` similarity blocks).
     Defaults (hidden 512, 8 heads of 64, 256 landmarks, dropout 0.1) follow the paper;
     ``mask_padding=False`` reproduces the reference code's unmasked landmark padding (see TransLayer).
+    Sequences of at most ``exact_attention_up_to`` tokens (default: the landmark count; 0: never) take
+    exact softmax attention with the same weights: there Nystrom's landmarks are the tokens themselves or
+    averages of two, it costs more than exact attention, and averaged landmarks blur a single informative
+    tile, which a bag of tens of tiles (a TMA) may hinge on.
     """
 
     def __init__(
@@ -99,24 +120,28 @@ class TransMIL(MILModel):
         num_landmarks: int | None = None,
         dropout: float = 0.1,
         mask_padding: bool = True,
+        exact_attention_up_to: int | None = None,
     ) -> None:
         if heads < 1 or hidden_dim % heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be a positive multiple of heads ({heads})")
         landmarks = num_landmarks if num_landmarks is not None else hidden_dim // 2
         if landmarks < 1:
             raise ValueError(f"num_landmarks must be positive, got {landmarks}")
+        exact = landmarks if exact_attention_up_to is None else int(exact_attention_up_to)
+        if exact < 0:
+            raise ValueError(f"exact_attention_up_to must be >= 0 (0: always Nystrom), got {exact}")
         super().__init__(
             in_dim,
             n_classes,
             options={"hidden_dim": hidden_dim, "heads": heads, "num_landmarks": landmarks, "dropout": dropout,
-                     "mask_padding": bool(mask_padding)},
+                     "mask_padding": bool(mask_padding), "exact_attention_up_to": exact},
             embedding_dim=hidden_dim,
         )
         self.instance_encoder = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
-        self.layer1 = TransLayer(hidden_dim, heads, landmarks, dropout, mask_padding)
+        self.layer1 = TransLayer(hidden_dim, heads, landmarks, dropout, mask_padding, exact)
         self.ppeg = PPEG(hidden_dim)
-        self.layer2 = TransLayer(hidden_dim, heads, landmarks, dropout, mask_padding)
+        self.layer2 = TransLayer(hidden_dim, heads, landmarks, dropout, mask_padding, exact)
         self.norm = nn.LayerNorm(hidden_dim)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 

@@ -3,7 +3,8 @@
 The models are the config's experiment's, or those of several experiments (``submit.experiments``: e.g. one
 per encoder, each predicted by its own stage 05), averaged together as ``{experiment}/{model}``.
 
-The "Other" threshold is calibrated on the ensemble's OOF predictions only (never on test). Every
+The "Other" threshold is calibrated on the ensemble's OOF predictions only (never on test), pooled or per slide
+type (``outliers.per_type_thresholds``: each test image's type from ``test.csv``, by the size rule). Every
 ``test.csv`` id gets exactly one row; an image with no prediction (failed in stage 05) is labelled Other.
 Only complete models are ensembled, and only with test predictions made from their current checkpoints
 and from the test features the config gives (stage 05's record beside them): anything else is an error
@@ -20,7 +21,8 @@ from pathlib import Path
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.io_utils import atomic_write_text
-from ubc_ocean.sources import read_test_csv
+from ubc_ocean.outliers import share_by_type
+from ubc_ocean.sources import is_tma_by_image, read_test_csv
 from ubc_ocean.submit.submission import EnsembleCalibration, write_submission
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,8 @@ def run(cfg: Mapping) -> Path:
     dirs = ensemble_members(cfg)
     models = list(dirs)
     calibration = EnsembleCalibration.from_oof({m: dirs[m].read_oof() for m in models}, cfg)
-    predicted = calibration.labels({m: dirs[m].read_test_predictions() for m in models})
+    is_tma = is_tma_by_image(cfg)
+    predicted = calibration.labels({m: dirs[m].read_test_predictions() for m in models}, is_tma)
     test_ids = read_test_csv(cfg)["image_id"].astype(str)
     missing = [i for i in test_ids if i not in predicted]
     if missing:
@@ -80,13 +83,16 @@ def run(cfg: Mapping) -> Path:
     report = {
         "models": models, "weights": weights, "oof_balanced_accuracy_per_model": scores,
         "oof_balanced_accuracy": metrics["balanced_accuracy"], "oof_metrics": metrics,
-        "outlier_threshold": {"score": threshold.score, "threshold": threshold.threshold,
-                              "flag_rate": threshold.flag_rate},
+        "outlier_threshold": calibration.flagging,
+        "test_other_share": share_by_type(submission["label"].eq(outlier),  # flagged or unpredicted
+                                          [is_tma.get(i, False) for i in submission["image_id"]]),
         "test_images": len(submission), "test_missing": missing,
         "label_counts": submission["label"].value_counts().to_dict(), "submission": str(path),
     }
     atomic_write_text(layout.ensemble_report_path(cfg), json.dumps(report, indent=2))
     save_config(cfg, out, "config_06.yaml")
-    log.info("stage 06: ensemble of %s, OOF balanced accuracy %.3f; %d test rows (%s) -> %s", models,
-             metrics["balanced_accuracy"], len(submission), report["label_counts"], path)
+    rates = calibration.flagging["in_distribution_flag_rate"]
+    log.info("stage 06: ensemble of %s, OOF balanced accuracy %.3f; %s %s threshold flags %.3f of OOF slides "
+             "(WSI %s, TMA %s); %d test rows (%s) -> %s", models, metrics["balanced_accuracy"], threshold.mode,
+             threshold.score, rates["all"], rates["wsi"], rates["tma"], len(submission), report["label_counts"], path)
     return path

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import pandas as pd
 
 from ubc_ocean.io_utils import atomic_write_csv
 from ubc_ocean.mil.report import oof_metrics, seed_mean
-from ubc_ocean.outliers import PROBABILITY_SCORES, OutlierThreshold, calibrate_threshold
+from ubc_ocean.outliers import PROBABILITY_SCORES, OutlierThreshold, calibrate_from_config
 from ubc_ocean.submit.ensemble import ensemble_scores, ensemble_weights, label_predictions, weighted_mean
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class EnsembleCalibration:
     scores: dict[str, float]  # each model's OOF balanced accuracy
     threshold: OutlierThreshold
     metrics: dict  # the ensemble's OOF metrics
+    flagging: dict = field(default_factory=dict)  # the threshold and the share of OOF slides it flags, per type
 
     @classmethod
     def from_oof(cls, oof: Mapping[str, pd.DataFrame], cfg: Mapping) -> EnsembleCalibration:
@@ -51,8 +52,9 @@ class EnsembleCalibration:
                           OutlierThreshold(score, float("inf"), 0.0), {})
         ensemble = weighted_mean(per_slide, weights, "slide_id", calibration.columns)
         calibration.metrics = oof_metrics(ensemble, classes)
-        calibration.threshold = calibrate_threshold(ensemble_scores(ensemble, classes, score), score,
-                                                    float(cfg["outliers"]["in_distribution_flag_rate"]))
+        values, is_tma = ensemble_scores(ensemble, classes, score), ensemble["is_tma"].to_numpy()
+        calibration.threshold = calibrate_from_config(values, is_tma, cfg["outliers"])
+        calibration.flagging = calibration.threshold.summary(values, is_tma)
         return calibration
 
     @property
@@ -61,14 +63,17 @@ class EnsembleCalibration:
         recomputed from them."""
         return [*self.classes, f"score_{self.score}"] if self.score not in PROBABILITY_SCORES else self.classes
 
-    def labels(self, test: Mapping[str, pd.DataFrame]) -> dict[str, str]:
-        """``{image_id: label}`` for every id some model predicted; flagged or not fully predicted: Other."""
+    def labels(self, test: Mapping[str, pd.DataFrame], is_tma: Mapping[str, bool] | None = None) -> dict[str, str]:
+        """``{image_id: label}`` for every id some model predicted; flagged or not fully predicted: Other.
+        ``is_tma`` (``{image_id: bool}``) holds each image to its type's threshold when calibrated per type
+        (an id it lacks gets the pooled threshold)."""
         frames = {name: frame for name, frame in test.items() if name in self.weights}
         if not any(len(frame) for frame in frames.values()):
             return {}
         ensemble = weighted_mean(frames, self.weights, "image_id", self.columns)
         unpredicted = ~np.isfinite(ensemble[self.classes].to_numpy()).all(axis=1)
-        flagged = self.threshold.flag(ensemble_scores(ensemble, self.classes, self.score)) | unpredicted
+        types = None if is_tma is None else ensemble["image_id"].astype(str).map(is_tma).to_numpy()
+        flagged = self.threshold.flag(ensemble_scores(ensemble, self.classes, self.score), types) | unpredicted
         labels = label_predictions(ensemble[self.classes].to_numpy(), flagged, self.classes, self.outlier)
         return dict(zip(ensemble["image_id"].astype(str), labels, strict=True))
 
@@ -93,8 +98,10 @@ class ProvisionalSubmission:
     predictions arrive, and once more by :meth:`write` with ``force``. Stage 06 replaces it at the end."""
 
     def __init__(self, path: Path, test_ids: Sequence[str], calibration: EnsembleCalibration,
-                 every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+                 is_tma: Mapping[str, bool] | None = None, every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.path, self.test_ids, self.calibration = path, [str(i) for i in test_ids], calibration
+        self.is_tma = is_tma
         self.every_s, self.clock = every_s, clock
         self.frames: dict[str, list[pd.DataFrame]] = {name: [] for name in calibration.weights}
         self._written = -float("inf")
@@ -107,7 +114,7 @@ class ProvisionalSubmission:
 
     def labels(self) -> dict[str, str]:
         return self.calibration.labels({name: pd.concat(frames, ignore_index=True)
-                                        for name, frames in self.frames.items() if frames})
+                                        for name, frames in self.frames.items() if frames}, self.is_tma)
 
     def write(self, force: bool = False) -> pd.DataFrame | None:
         """Rewrite the file when ``every_s`` has passed since the last write (or ``force``)."""

@@ -24,10 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ubc_ocean.slides import SlideError
-from ubc_ocean.slides.supplemental import tumour_fraction_view
 from ubc_ocean.synthetic.morphology import tma_core_mask
-from ubc_ocean.tiling.grid import cell_fractions, slide_seed
+from ubc_ocean.tiling.grid import slide_seed
+from ubc_ocean.tiling.masks import MaskError, read_tumour_map
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import CellGrid, SlideTiler
 from ubc_ocean.tiling.tissue import background_mask
@@ -120,14 +119,11 @@ def choose_sites(density: CellGrid, tissue: np.ndarray, count: int, cells: int, 
     return sites
 
 
-def density_grid(tissue: CellGrid, width: int, height: int, tumour: np.ndarray | None) -> tuple[CellGrid, str]:
-    """The grid cores are chosen on: the tumour share of each cell from ``tumour`` (a view of the whole
-    ``width`` x ``height`` slide, e.g. :func:`~ubc_ocean.slides.supplemental.tumour_fraction_view`) when it
+def density_grid(tissue: CellGrid, tumour: np.ndarray | None) -> tuple[CellGrid, str]:
+    """The grid cores are chosen on: ``tumour`` (each cell's tumour share, a grid like ``tissue``'s) when it
     shows any tumour, else ``tissue``; and which of the two it is."""
-    if tumour is not None:
-        values = cell_fractions(tumour, width, height, tissue.extent)
-        if values.shape == tissue.values.shape and float(values.max(initial=0.0)) > 0:
-            return CellGrid(values, tissue.x0, tissue.y0, tissue.extent), TUMOUR_MASK
+    if tumour is not None and tumour.shape == tissue.values.shape and float(tumour.max(initial=0.0)) > 0:
+        return CellGrid(tumour, tissue.x0, tissue.y0, tissue.extent), TUMOUR_MASK
     return tissue, TISSUE_MASK
 
 
@@ -182,10 +178,15 @@ def plan_cores(tiler: SlideTiler, settings: TilingSettings, tumour_mask: Path | 
     tumour = None
     if tumour_mask is not None and Path(tumour_mask).is_file():
         try:
-            tumour = tumour_fraction_view(tumour_mask, settings.mask_max_side)
-        except SlideError as err:  # the slide itself is fine: its cores go by tissue
+            tumour_map = read_tumour_map(tumour_mask)
+        except MaskError as err:  # the slide itself is fine: its cores go by tissue
             log.warning("%s: %s; synthetic cores placed on tissue instead", tiler.spec.slide_id, err)
-    grid, source = density_grid(tissue, tiler.reader.width, tiler.reader.height, tumour)
+        else:
+            rows, cols = tissue.values.shape
+            boxes = [tissue.box(r, c) for r in range(rows) for c in range(cols)]
+            tumour = tumour_map.tile_fractions((tiler.reader.width, tiler.reader.height), boxes,
+                                               tissue.extent).reshape(rows, cols)
+    grid, source = density_grid(tissue, tumour)
     cells = window_cells(settings.synthetic_tma_side, settings.tile_size)
     wanted = settings.synthetic_tmas_per_wsi
     sites = choose_sites(grid, tissue.values, wanted, cells, float(settings.min_tissue_fraction), tiler.seed, source)

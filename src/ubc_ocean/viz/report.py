@@ -115,7 +115,8 @@ def report_sections(cfg: Mapping, worst: int = WORST_SLIDES) -> list[Section]:
         per_slide = oof_table(cfg, name)
         threshold = OutlierThreshold.load(model.outlier)
         rows[name] = {**model_summary(per_slide, classes), "outlier score": threshold.score,
-                      "threshold": threshold.threshold}
+                      "threshold": threshold.threshold,  # pooled; per-type ones (if any) beside it
+                      **{f"threshold {kind.upper()}": value for kind, value in threshold.per_type.items()}}
         model_loco = loco[loco["model"] == name] if loco is not None else None
         fig = cv_figure(name, per_slide, classes, threshold.score, threshold.threshold, model_loco,
                         _test_scores(model, threshold.score))
