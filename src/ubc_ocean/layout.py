@@ -99,7 +99,7 @@ def read_manifest(cfg: Mapping) -> pd.DataFrame:
     path = manifest_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run stage 02 first")
-    manifest = pd.read_csv(path, dtype={"image_id": str})
+    manifest = pd.read_csv(path, dtype={"image_id": str, "parent_image_id": str})
     stale = set(manifest["tiling_key"]) - {tiling_key(cfg)}
     if stale:
         raise ValueError(f"manifest was built for tiling {sorted(stale)}, config gives {tiling_key(cfg)}: "

@@ -315,6 +315,8 @@ RULES: dict[str, Rule] = {
     "tiling.quality_fallback_tiles": at_least(0),
     "tiling.max_artefact_fraction": FRACTION,
     "tiling.dark_value": LEVEL,
+    "tiling.synthetic_tmas_per_wsi": at_least(0),
+    "tiling.synthetic_tma_side": at_least(2),
     "focus_calibration.slides": at_least(1),
     "focus_calibration.defocus_sigmas": above(0, item=float),
     "focus_calibration.thresholds": at_least(0, item=float),
@@ -390,6 +392,10 @@ def _cross_checks(cfg: Mapping) -> None:
                           f"got {bench['baseline']!r}")
     if data["outlier_label"] in data["classes"]:
         raise ConfigError(f"data.outlier_label must not be one of data.classes; got {data['outlier_label']!r}")
+    tiling = cfg["tiling"]
+    if tiling["synthetic_tmas_per_wsi"] and tiling["synthetic_tma_side"] < tiling["tile_size"]:
+        raise ConfigError(f"tiling.synthetic_tma_side must be >= tiling.tile_size ({tiling['tile_size']}) when "
+                          f"tiling.synthetic_tmas_per_wsi is on; got {tiling['synthetic_tma_side']!r}")
 
 
 # ---------------------------------------------------------------------------------------------- checking

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError, as_plain, save_config
 from ubc_ocean.device import resolve_device
-from ubc_ocean.folds import TRAIN_ONLY
+from ubc_ocean.folds import TRAIN_ONLY, fold_split, is_synthetic
 from ubc_ocean.io_utils import FailureLog, atomic_path, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import load_bags, load_tumour_fractions
 from ubc_ocean.mil.checkpoint import save_checkpoint
@@ -67,8 +67,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         bar = tqdm(runs, desc=f"{name} folds x seeds", unit="fit", dynamic_ncols=True)
         prepared: tuple[int, tuple] | None = None
         for fold, seed in bar:
-            train = table[table["fold"] != fold]
-            valid = table[table["fold"] == fold]
+            train, valid = fold_split(table, fold)  # synthetic cores train outside their parent's fold, never validate
             if prepared is None or prepared[0] != fold:  # once per fold, its seeds share it
                 prepared = (fold, _fold_bags(train, valid, bags, tumour, fold))
             train_bags, train_draw, valid_bags = prepared[1]
@@ -191,6 +190,9 @@ def run(cfg: Mapping) -> dict:
     if table.empty:
         raise RuntimeError(f"no usable bags under {root} ({len(problems)} refused, e.g. "
                            f"{next(iter(problems.values()), 'none listed')}): run stage 03 first")
+    cores = int(is_synthetic(table).sum())
+    if cores:
+        log.info("%d synthetic TMA cores: training bags in their parent's folds, never validated", cores)
     out = layout.run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)  # trainings killed earlier; a folder caught mid-swap is put back

@@ -4,7 +4,8 @@
         {x}_{y}.jpg ...    tiles at the target magnification
         index.csv          file, x, y, extent, magnification, tissue_fraction, blur_score (level-0 coords),
                            tumour_fraction (share of the tile that its supplemental mask marks tumour; NaN: no mask)
-        slide.json         slide facts (size, magnification, TMA or WSI, label, fallback note, supplemental_mask if any)
+        slide.json         slide facts (size, magnification, TMA or WSI, label, fallback note, supplemental_mask if any;
+                           a WSI's synthetic TMA cores, each a sibling folder {image_id}_core{k}, under synthetic_cores)
         qc.png             thumbnail + tissue mask + kept tiles
 """
 
@@ -30,6 +31,7 @@ TUMOUR_FRACTION = "tumour_fraction"
 MASK_FACT = "supplemental_mask"  # slide.json: {"file", "size"} of the mask the fractions come from (absent: none)
 INDEX_FILE = "index.csv"
 SLIDE_FILE = "slide.json"
+CORES_KEY = "synthetic_cores"  # slide.json: the synthetic TMA cores cut from the slide (tiling/cores.py)
 QC_FILE = "qc.png"
 
 
@@ -49,12 +51,15 @@ def _magnification_setting(value: float | None) -> float | None:
 
 
 def is_current(folder: Path, source_magnification: float | None) -> bool:
-    """Complete, and cut with the source magnification configured now (a per-source setting, outside the
-    tiling key): a slide whose source setting changed is tiled again rather than skipped."""
+    """Complete (its synthetic cores' folders too), and cut with the source magnification configured now (a
+    per-source setting, outside the tiling key): a slide whose source setting changed is tiled again rather
+    than skipped."""
     if not is_complete(folder):
         return False
-    recorded = read_slide_info(folder).get("source_magnification")
-    return recorded == _magnification_setting(source_magnification)
+    info = read_slide_info(folder)
+    if any(not is_complete(folder.parent / core["image_id"]) for core in info.get(CORES_KEY, [])):
+        return False  # a synthetic core's folder is gone: the slide's output is not whole
+    return info.get("source_magnification") == _magnification_setting(source_magnification)
 
 
 def fingerprint(folder: Path) -> str:
