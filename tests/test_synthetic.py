@@ -138,6 +138,16 @@ def test_worker_count_does_not_change_output(made, tmp_path):
         assert np.array_equal(read_rgb(png), read_rgb(Path(other.paths.raw) / "train_images" / png.name))
 
 
+def test_no_external_sources_writes_empty_labels_files(tmp_path):
+    """Zero external TIFFs and patch slides: stage 00 still writes both labels files, with their header only."""
+    cfg = tiny_synthetic_config(tmp_path, "synthetic.external_tiff_slides=0", "synthetic.external_patch_slides=0")
+    summary = generate(cfg)
+    assert (summary["external_tiff"], summary["external_patch_slides"]) == (0, 0)
+    for folder in ("synthetic_tiff", "synthetic_patches"):
+        labels = pd.read_csv(Path(cfg.paths.external) / folder / "labels.csv")
+        assert list(labels.columns) == ["image_id", "file", "label"] and labels.empty
+
+
 def test_plan_depends_on_seed(tmp_path):
     first = build_plan(tiny_synthetic_config(tmp_path))["train"]
     same = build_plan(tiny_synthetic_config(tmp_path))["train"]

@@ -54,6 +54,8 @@ TUMOUR_KIND = "tumour"
 PLAN_COLUMNS = {
     "train": ["label", "image_width", "image_height", "is_tma", "hospital"],
     "test": ["label", "image_width", "image_height", "is_tma", "hospital", "kind", "pattern"],
+    "tiff": ["label", "image_width", "image_height", "hospital"],
+    "patches": ["label", "hospital"],
 }
 MASK_TUMOUR, MASK_STROMA = (255, 0, 0), (0, 255, 0)  # supplemental mask colours (black: unannotated)
 
