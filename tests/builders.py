@@ -196,6 +196,7 @@ SMALL_MIL_OPTIONS: dict[str, dict[str, Any]] = {
     "transmil": {"hidden_dim": 64},
     "dsmil": {"hidden_dim": 32, "query_dim": 16},
     "chowder": {"n_top": 3, "n_bottom": 3, "hidden_dims": [16]},
+    "panther": {"n_prototypes": 4, "hidden_dim": 32},
 }
 
 

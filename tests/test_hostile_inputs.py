@@ -143,6 +143,20 @@ def _exploding_for(victim: str, real: Callable) -> Callable:
     return options
 
 
+def _exploding_batches(victim: str, real: type) -> type:
+    """``SlideBatches`` that raise for one slide once its first batch is out, as a CUDA or encoder error
+    would half-way through it (stage 05's tiles pass no ``augment`` step to raise from: never jittered)."""
+
+    class Exploding(real):  # type: ignore[misc, valid-type]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for batch in super().__iter__():
+                yield batch
+                if self.job.spec.slide_id == victim:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered\nkernel: conv2d")
+
+    return Exploding
+
+
 def test_encoder_error_on_one_slide_in_stage_03(pipeline, tmp_path, monkeypatch):
     import ubc_ocean.features.stage as stage03
 
@@ -243,7 +257,7 @@ class Stage05Run:
 @pytest.fixture(scope="module")
 def stage_05_run(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage05Run]:
     """Every hostile test image added to a copy of the tiny data, then stages 05 and 06 run once."""
-    import ubc_ocean.features.fused as fused
+    import ubc_ocean.features.pipeline as fused_pipeline
     from ubc_ocean.inference.stage import run as infer
     from ubc_ocean.submit.stage import run as submit
 
@@ -260,14 +274,14 @@ def stage_05_run(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         case.make(raw / "test_images" / f"{image_id}.png", good)
         width, height = case.size or (original.image_width, original.image_height)
         rows.append({"image_id": int(image_id), "image_width": width, "image_height": height})
-    test_embeddings = layout.embeddings_root(cfg) / "test"
+    test_embeddings = layout.test_embeddings_root(cfg) / "test"
     for h5 in (raw / "_cached").glob("*.h5"):
         shutil.move(h5, test_embeddings / h5.name)
     pd.concat([test_csv, pd.DataFrame(rows)]).to_csv(raw / "test.csv", index=False)
     before = _hashes(root)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused, "embedding_options", _exploding_for(f"test/{IDS['encoder_error']}",
-                                                                 fused.embedding_options))
+        patch.setattr(fused_pipeline, "SlideBatches", _exploding_batches(f"test/{IDS['encoder_error']}",
+                                                                         fused_pipeline.SlideBatches))
         infer(cfg)
     path = submit(cfg)
     yield Stage05Run(cfg, str(original.image_id), before, _hashes(root),
@@ -298,7 +312,7 @@ def test_every_test_id_is_submitted_once_and_only_bad_images_lack_predictions(st
 
 @pytest.mark.parametrize("name", ["rgba", "deep_16_bit"])
 def test_rgba_and_16_bit_pngs_embed_exactly_like_the_original(stage_05_run, name):
-    test_embeddings = layout.embeddings_root(stage_05_run.cfg) / "test"
+    test_embeddings = layout.test_embeddings_root(stage_05_run.cfg) / "test"
     original, original_coords, _ = cache.read_embeddings(test_embeddings / f"{stage_05_run.original}.h5")
     features, coords, _ = cache.read_embeddings(test_embeddings / f"{IDS[name]}.h5")
     assert len(features) > 0

@@ -216,7 +216,7 @@ def _copy_without_test_embeddings(pipeline: Path, tmp_path: Path, *extra: str):
     root = tmp_path / "data"
     shutil.copytree(pipeline, root)
     cfg = tiny_config(root, *LEAN, *extra)
-    shutil.rmtree(layout.embeddings_root(cfg) / TEST)
+    shutil.rmtree(layout.test_embeddings_root(cfg) / TEST)
     return cfg
 
 
@@ -236,7 +236,7 @@ def test_tight_budget_ends_in_time_with_every_id_submitted(pipeline, tmp_path, m
     full_cfg = tiny_config(pipeline, *LEAN)
     specs = competition_specs(full_cfg, TEST)
     images = {s.slide_id: stage05.budget_image(s, full_cfg) for s in specs}
-    full_root = layout.embeddings_root(full_cfg) / TEST
+    full_root = layout.test_embeddings_root(full_cfg) / TEST
     full = sum(sum(_simulated_s(images[s.slide_id], images[s.slide_id].pixels,
                                 len(cache.read_embeddings(full_root / f"{s.image_id}.h5")[0]))) for s in specs)
     budget_minutes = full / 2 / 60
@@ -260,12 +260,43 @@ def test_tight_budget_ends_in_time_with_every_id_submitted(pipeline, tmp_path, m
     test_ids = sorted(str(s.image_id) for s in specs)
     for table in (provisional, pd.read_csv(path, dtype={"image_id": str})):
         assert sorted(table.image_id) == test_ids
-    modes = {p.stem: cache.read_attrs(p)["inference_mode"] for p in (layout.embeddings_root(cfg) / TEST).glob("*.h5")}
+    test_h5s = (layout.test_embeddings_root(cfg) / TEST).glob("*.h5")
+    modes = {p.stem: cache.read_attrs(p)["inference_mode"] for p in test_h5s}
     assert modes and any(mode != "full" for mode in modes.values())
     failures = pd.read_csv(layout.run_dir(cfg) / "failures_05.csv", dtype={"slide": str})
     unpredicted = set(test_ids) - set(modes)
     assert {s.split("/", 1)[1] for s in failures.slide} == unpredicted
     assert all("time budget" in message for message in failures.message)
+
+
+def test_stain_augmentation_never_jitters_test_embeddings(pipeline, tmp_path):
+    """``features.stain_augmentation`` jitters training tiles (stage 03) only. Stage 05 with it on embeds the
+    real test PNGs exactly as with it off, into the folder named without the stain variant; the models
+    (trained without it) are not refused, since the jitter is no part of the feature identity; their test
+    predictions are the same, and stage 06 takes them."""
+    from ubc_ocean.features.embed import embedding_options
+    from ubc_ocean.inference.stage import run as infer
+    from ubc_ocean.submit.stage import run as submit
+
+    plain = tiny_config(pipeline, *LEAN)
+    cfg = _copy_without_test_embeddings(pipeline, tmp_path, "features.stain_augmentation=0.5")
+    assert embedding_options(cfg.features, "train/1")["augment"] is not None  # live for training tiles
+    assert layout.embeddings_root(cfg) != layout.test_embeddings_root(cfg)
+    assert layout.test_embeddings_root(cfg).name == layout.embeddings_root(plain).name
+    infer(cfg)
+    originals = sorted((layout.embeddings_root(plain) / TEST).glob("*.h5"))
+    assert originals
+    for original in originals:
+        made = layout.test_embeddings_root(cfg) / TEST / original.name
+        features, coords, attrs = cache.read_embeddings(made)
+        want, want_coords, _ = cache.read_embeddings(original)
+        np.testing.assert_array_equal(features, want)
+        np.testing.assert_array_equal(coords, want_coords)
+        assert attrs["stain_augmentation"] == 0.0
+    for name in layout.chosen_models(cfg):
+        pd.testing.assert_frame_equal(pd.read_csv(layout.model_dir(cfg, name).predictions(None)),
+                                      pd.read_csv(layout.model_dir(plain, name).predictions(None)))
+    assert len(pd.read_csv(submit(cfg))) == len(pd.read_csv(Path(cfg.paths.raw) / "test.csv"))
 
 
 def test_a_budget_too_small_for_any_image_still_leaves_a_complete_submission(pipeline, tmp_path):

@@ -55,6 +55,21 @@ def nystrom_bound(model: MILModel, n: int) -> int:
     return tokens * max(widest_layer(model), attention.heads * attention.num_landmarks)
 
 
+def first_linear(model: MILModel) -> nn.Linear:
+    """A model projects instances with ``instance_encoder``, whose first layer is ``Linear(in_dim, .)``:
+    the first learned layer, which every gradient must reach."""
+    layer = model.instance_encoder[0]
+    assert isinstance(layer, nn.Linear) and layer.in_features == model.in_dim
+    return layer
+
+
+def panther_head(model: MILModel) -> nn.Linear:
+    """PANTHER's first learned layer: the head's ``Linear`` on the slide vector (its EM has no parameters)."""
+    layer = next(module for module in model.head if isinstance(module, nn.Linear))
+    assert isinstance(layer, nn.Linear) and layer.in_features == model.slide_dim
+    return layer
+
+
 @dataclass(frozen=True)
 class Expected:
     """What the contract tests know about one registered model. ``None``: not known, that check is left out.
@@ -72,6 +87,7 @@ class Expected:
     exceptions: Mapping[str, str] = field(default_factory=dict)
     largest_tensor: Callable[[MILModel, int], int] = layer_bound  # replacement under "largest_tensor"
     bf16_attention_tolerance: float = 1e-5  # replacement under "bf16_attention_fp32"
+    first_layer: Callable[[MILModel], nn.Linear] = first_linear  # replacement under "first_layer"
 
 
 EXPECTED: dict[str, Expected] = {
@@ -104,6 +120,18 @@ EXPECTED: dict[str, Expected] = {
         default_options={"hidden_dim": 512, "dropout": 0.25},
         default_embedding_dim=512,
     ),
+    "panther": Expected(
+        outputs=frozenset({"logits", "embedding", "slide_vector", "responsibilities"}),
+        embedding_dim=32,
+        default_options={"n_prototypes": 16, "em_steps": 1, "prior_strength": 0.1, "variance_floor": 0.001,
+                         "hidden_dim": 256, "dropout": 0.25, "kmeans_instances": 20000},
+        default_embedding_dim=256,
+        exceptions={
+            "first_layer": "PANTHER has no per-instance layer: tiles enter a parameter-free EM of a Gaussian "
+            "mixture, so the first learned layer, which the gradient must reach, is the head's Linear",
+        },
+        first_layer=panther_head,
+    ),
     "transmil": Expected(
         outputs=frozenset({"logits", "embedding"}),
         embedding_dim=64,
@@ -132,13 +160,6 @@ def training_loss(out: dict[str, torch.Tensor], target: torch.Tensor) -> torch.T
     return loss
 
 
-def first_linear(model: MILModel) -> nn.Linear:
-    """Every model projects instances with ``instance_encoder``, whose first layer is ``Linear(in_dim, .)``."""
-    layer = model.instance_encoder[0]
-    assert isinstance(layer, nn.Linear) and layer.in_features == model.in_dim
-    return layer
-
-
 def check_outputs(model: MILModel, out: dict[str, torch.Tensor], n: int) -> None:
     """Output shapes and values every model promises for one bag of ``n`` instances."""
     c = model.n_classes
@@ -160,7 +181,7 @@ def check_outputs(model: MILModel, out: dict[str, torch.Tensor], n: int) -> None
 
 
 def test_registry_lists_models() -> None:
-    assert available_models() == ["abmil", "chowder", "dsmil", "meanpool", "transmil"]
+    assert available_models() == ["abmil", "chowder", "dsmil", "meanpool", "panther", "transmil"]
 
 
 def test_models_with_attention() -> None:
@@ -173,7 +194,8 @@ def test_expectations_match_the_registry_and_every_exception_has_a_reason() -> N
     contract = Expected()
     for name, exp in EXPECTED.items():
         replaced = {"largest_tensor": exp.largest_tensor is not contract.largest_tensor,
-                    "bf16_attention_fp32": exp.bf16_attention_tolerance != contract.bf16_attention_tolerance}
+                    "bf16_attention_fp32": exp.bf16_attention_tolerance != contract.bf16_attention_tolerance,
+                    "first_layer": exp.first_layer is not contract.first_layer}
         for exception, differs in replaced.items():
             assert differs == (exception in exp.exceptions), (name, exception)
         assert set(exp.exceptions) <= set(replaced), name
@@ -191,7 +213,7 @@ def test_forward_backward(name: str, n: int, batched: bool) -> None:
     if expected(name).embedding_dim is not None:
         assert model.embedding_dim == expected(name).embedding_dim
     training_loss(out, torch.tensor([1])).backward()
-    grad = first_linear(model).weight.grad
+    grad = expected(name).first_layer(model).weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -231,7 +253,7 @@ def test_defaults_on_a_realistic_bag(name: str) -> None:
     if exp.default_embedding_dim is not None:
         assert model.embedding_dim == exp.default_embedding_dim
     out["logits"].logsumexp(-1).sum().backward()
-    assert first_linear(model).weight.grad.abs().sum() > 0
+    assert exp.first_layer(model).weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -282,6 +304,7 @@ def test_learns_separable_bags(name: str) -> None:
     bags, labels = separable_bags(60, seed=0)
     valid_bags, valid_labels = separable_bags(30, seed=1)
     model = small_mil_model(name)
+    model.init_from_training_bags(bags, seed=0)  # as mil.train.fit prepares it (PANTHER: prototypes)
     optimizer = torch.optim.Adam(model.parameters(), lr=exp.lr)
     train_accuracy = valid_accuracy = 0.0
     for _epoch in range(exp.max_epochs):

@@ -16,7 +16,7 @@ STAGES = [
     "00_make_synthetic_data", "01_tile_slides", "02_merge_external", "03_cache_embeddings",
     "04_train_cv", "05_infer_test", "06_ensemble_submit",
 ]
-TOOLS = ["eval_leave_one_class_out", "calibrate_focus", "heatmaps", "report", "07_package_kaggle"]
+TOOLS = ["eval_leave_one_class_out", "calibrate_focus", "heatmaps", "report", "07_package_kaggle", "benchmark"]
 ALLOWED = {"CC", "EC", "HGSC", "LGSC", "MC", "Other"}
 
 

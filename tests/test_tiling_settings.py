@@ -89,10 +89,15 @@ def _changed(value):
 _DEFAULT = TilingSettings.from_config(load_config(None))
 
 
-@pytest.mark.parametrize("name", [field.name for field in dataclasses.fields(TilingSettings) if field.name != "slides"])
-def test_changing_any_setting_changes_the_key(name):
-    changed = dataclasses.replace(_DEFAULT, **{name: _changed(getattr(_DEFAULT, name))})
-    assert changed.key != _DEFAULT.key
+@pytest.mark.parametrize("item", [field for field in dataclasses.fields(TilingSettings) if field.name != "slides"],
+                         ids=lambda field: field.name)
+def test_changing_any_setting_changes_the_key(item):
+    base = _DEFAULT  # a setting keyed only while its switch is on (keyed_when) is changed with the switch on
+    switch = item.metadata.get("key_when")
+    if switch and switch != item.name:
+        base = dataclasses.replace(_DEFAULT, **{switch: 1})
+    changed = dataclasses.replace(base, **{item.name: _changed(getattr(base, item.name))})
+    assert changed.key != base.key
 
 
 @pytest.mark.parametrize("name", [field.name for field in dataclasses.fields(SlideSettings)])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ubc_ocean.config import Config, ConfigError, load_config
-from ubc_ocean.parallel import AllTasksFailed
+from ubc_ocean.parallel import RunFailed
 
 log = logging.getLogger("ubc_ocean")
 
@@ -79,7 +79,8 @@ def main(
     call the stage's ``run(cfg)``. A bad config is one ``config error:`` line on stderr and exit status 2,
     before ``run`` starts; ``paths.data_root`` must exist unless the stage ``creates_data_root``. A stage
     where every slide tried failed with the same unexpected exception (:class:`AllTasksFailed`) ends with
-    one error line and exit status 1.
+    one error line and exit status 1, as does any other :class:`RunFailed` (a benchmark configuration that
+    failed while the others' results were written).
 
     ``run`` may be named as ``"package.module:function"``: it is imported only once the config is good,
     so a bad config is refused without the seconds that torch and friends take to import.
@@ -104,7 +105,7 @@ def main(
         run(cfg, **extra)  # stages may still raise ConfigError for what the config cannot know (an encoder's sizes)
     except ConfigError as err:
         return config_error(err)
-    except AllTasksFailed as err:  # each slide's row is written; the run as a whole did nothing
+    except RunFailed as err:  # each slide's row (each configuration's result) is written; the run failed
         log.error("%s", err)
         return 1
     return 0

@@ -1,6 +1,8 @@
 """Cross-validation folds: stratified on label x is_tma, grouped when a group column exists.
 
-External slides are train-only: their fold is -1 and they never validate.
+External slides are train-only: their fold is -1 and they never validate. A synthetic bag cut from a slide
+(a synthetic TMA core: ``parent_image_id`` names its slide) takes its parent's fold, so it never trains a
+model that validates on its parent, and it never validates (:func:`fold_split`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 log = logging.getLogger(__name__)
 TRAIN_ONLY = -1
+PARENT = "parent_image_id"  # manifest column: the slide a synthetic bag was cut from (empty for real slides)
 
 
 def stratum(frame: pd.DataFrame, n_splits: int) -> pd.Series:
@@ -63,3 +66,34 @@ def small_classes(frame: pd.DataFrame, n_splits: int, validate_mask: pd.Series |
     pool = frame if validate_mask is None else frame[validate_mask]
     counts = pool["label"].value_counts()
     return {str(label): int(count) for label, count in counts[counts < n_splits].items()}
+
+
+def is_synthetic(frame: pd.DataFrame) -> pd.Series:
+    """True for the rows that are synthetic bags of another slide (a ``parent_image_id``)."""
+    if PARENT not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame[PARENT].notna() & frame[PARENT].astype(str).str.len().gt(0)
+
+
+def parent_folds(frame: pd.DataFrame, folds: pd.Series) -> pd.Series:
+    """``folds`` with each synthetic row given its parent's fold (the parent: the row of the same
+    ``source`` whose ``image_id`` is the ``parent_image_id``). Raises ``ValueError`` for an orphan."""
+    synthetic = is_synthetic(frame)
+    if not synthetic.any():
+        return folds
+    own = dict(zip(zip(frame["source"], frame["image_id"].astype(str), strict=True), folds, strict=True))
+    parents = list(zip(frame.loc[synthetic, "source"], frame.loc[synthetic, PARENT].astype(str), strict=True))
+    missing = [f"{source}/{parent}" for source, parent in parents if (source, parent) not in own]
+    if missing:
+        raise ValueError(f"synthetic bags whose parent slide is not in the manifest: {missing[:5]}")
+    result = folds.copy()
+    result.loc[synthetic] = [own[key] for key in parents]
+    return result
+
+
+def fold_split(table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(train, valid)`` rows for ``fold``: training takes every row of the other folds (train-only and
+    synthetic ones included), validation only the real slides of ``fold`` (a synthetic bag never validates,
+    and never trains while its parent validates)."""
+    in_fold = table["fold"] == fold
+    return table[~in_fold], table[in_fold & ~is_synthetic(table)]

@@ -3,8 +3,9 @@
 Stages meet only through these files and the typed config: a stage imports this module and library
 modules, never another stage. The tree, under ``paths.*`` of the config::
 
+    {raw}/{data.supplemental_masks}/{image_id}.png    optional tumour masks of training WSIs (read by stage 01)
     {interim}/tiles/{tiling key}/                      stage 01
-        {source}/{image_id}/  tiles, index.csv, slide.json, qc.png   (tiling/store.py)
+        {source}/{image_id}/  tiles, index.csv (with tumour_fraction), slide.json, qc.png   (tiling/store.py)
         failures*.csv
     {processed}/manifest.csv, folds.csv, failures_02.csv          stage 02
     {processed}/embeddings/{encoder}{variant}__{tiling key}/      stage 03 (training), 05 (test)
@@ -18,6 +19,8 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
         ensemble.json, config_06.yaml
     {submissions}/{submit.name}.csv                     stage 06
     {runs}/{experiment}/heatmaps/*.png, report.html, loco_*.csv   scripts/heatmaps.py, report.py, LOCO
+    {runs}/{experiment}/results.csv, results.md, timings.csv,     scripts/benchmark.py (each configuration
+        configurations/{name}/scored.csv, benchmark.log           trained as experiment {experiment}-{name})
 
 Trained models may be read-only (a Kaggle dataset): stages 05-06 write only under ``paths.predictions``,
 ``paths.processed`` (test embeddings) and ``paths.submissions``, each checked writable before any work
@@ -64,6 +67,17 @@ def slide_tiles_dir(cfg: Mapping, source: str, image_id: str) -> Path:
     return tiles_root(cfg) / source / str(image_id)
 
 
+def supplemental_masks_dir(cfg: Mapping) -> Path:
+    """``{raw}/{data.supplemental_masks}``: the training WSIs' tumour masks (optional, not every slide has one)."""
+    return raw_path(cfg, "supplemental_masks")
+
+
+def supplemental_mask_path(cfg: Mapping, image_id: str | int) -> Path:
+    """A training WSI's supplemental mask, ``{raw}/{data.supplemental_masks}/{image_id}.png`` (it may not exist:
+    only some slides have one)."""
+    return supplemental_masks_dir(cfg) / f"{image_id}.png"
+
+
 def read_tiling_failures(cfg: Mapping) -> pd.DataFrame:
     """Stage 01's failure rows, every shard's file together."""
     return _read_failures(tiles_root(cfg).glob("failures*.csv"))
@@ -85,7 +99,7 @@ def read_manifest(cfg: Mapping) -> pd.DataFrame:
     path = manifest_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run stage 02 first")
-    manifest = pd.read_csv(path, dtype={"image_id": str})
+    manifest = pd.read_csv(path, dtype={"image_id": str, "parent_image_id": str})
     stale = set(manifest["tiling_key"]) - {tiling_key(cfg)}
     if stale:
         raise ValueError(f"manifest was built for tiling {sorted(stale)}, config gives {tiling_key(cfg)}: "
@@ -109,9 +123,20 @@ def read_training_table(cfg: Mapping) -> pd.DataFrame:
 def embeddings_root(cfg: Mapping) -> Path:
     """``{processed}/embeddings/{encoder}{variant}__{tiling key}``: encoders (with their weights and input
     size), TTA/stain variants and tilings never share a folder. Found without building the encoder."""
+    return _embeddings_folder(cfg, float(cfg["features"]["stain_augmentation"]))
+
+
+def test_embeddings_root(cfg: Mapping) -> Path:
+    """Where stage 05 caches test features (under ``test/``): :func:`embeddings_root` named without the
+    stain variant, since test tiles are never stain-jittered (``features.stain_augmentation`` augments
+    training tiles only). With it off, the same folder as the training features."""
+    return _embeddings_folder(cfg, 0.0)
+
+
+def _embeddings_folder(cfg: Mapping, stain_augmentation: float) -> Path:
     features = cfg["features"]
     encoder = encoder_cache_name(features["encoder"], features["weights"], features["input_size"])
-    variant = variant_name(features["tta"], float(features["stain_augmentation"]))
+    variant = variant_name(features["tta"], stain_augmentation)
     return Path(cfg["paths"]["processed"]) / "embeddings" / f"{encoder}{variant}__{tiling_key(cfg)}"
 
 
@@ -141,14 +166,14 @@ def feature_identity(cfg: Mapping) -> dict:
 
 
 def test_features_fingerprint(cfg: Mapping) -> dict:
-    """What shapes the test features stage 05 predicts from: the embeddings folder, and by name the
-    encoder (weights, input size), the tiling key and the TTA / stain variant it is named after.
-    Recorded beside each model's test predictions; stage 06 refuses predictions whose record differs."""
+    """What shapes the test features stage 05 predicts from: their folder (:func:`test_embeddings_root`),
+    and by name the encoder (weights, input size), the tiling key and the TTA variant it is named after
+    (no stain variant: test tiles are never jittered). Recorded beside each model's test predictions;
+    stage 06 refuses predictions whose record differs."""
     features = cfg["features"]
     return {  # the named parts first: a mismatch is reported by the first key that differs
         "encoder": encoder_cache_name(features["encoder"], features["weights"], features["input_size"]),
-        "tiling_key": tiling_key(cfg), "tta": str(features["tta"]),
-        "stain_augmentation": float(features["stain_augmentation"]), "embeddings": embeddings_root(cfg).name,
+        "tiling_key": tiling_key(cfg), "tta": str(features["tta"]), "embeddings": test_embeddings_root(cfg).name,
     }
 
 
@@ -165,7 +190,8 @@ def embedding_paths(root: Path, table: pd.DataFrame) -> dict[str, Path]:
 def embedding_attrs(cfg: Mapping, encoder_name: str, weights_id: str, input_size: int, slide_id: str,
                     **extra: object) -> dict:
     """The attributes every embeddings h5 records (stage 03 adds the tile folder's fingerprint, stage 05
-    whether the image is a TMA): what made the features, so they are never mixed with others."""
+    whether the image is a TMA, and ``stain_augmentation=0.0``: test tiles are never jittered): what made the
+    features, so they are never mixed with others."""
     features = cfg["features"]
     return {
         "encoder": encoder_name, "weights_sha256": weights_id, "input_size": int(input_size),
@@ -270,6 +296,12 @@ class ModelDir:
         """The model's own "Other" threshold, calibrated on its OOF predictions."""
         return self.path / "outlier.json"
 
+    @property
+    def tumour_scorer(self) -> Path:
+        """The tile tumour scorer and tile choice the model was trained with (only with ``tumour.scorer``;
+        the completion record's ``tumour`` names it): stage 05 cuts test bags down with it."""
+        return self.path / "tumour_scorer.json"
+
     # --------------------------------------------------------------------------------- completeness (04)
 
     @property
@@ -287,7 +319,7 @@ class ModelDir:
         if found != expected:
             raise RuntimeError(f"{self.path}: checkpoints {[p.name for p in found]} are not the folds x seeds "
                                f"{[p.name for p in expected]}")
-        missing = [p.name for p in (self.oof, self.metrics, self.outlier) if not p.is_file()]
+        missing = [p.name for p in self._reports(facts) if not p.is_file()]
         if missing:
             raise RuntimeError(f"{self.path}: {missing} missing; the model is not complete")
         record = {
@@ -326,8 +358,12 @@ class ModelDir:
         extra = [p.name for p in self.checkpoints() if p.name not in listed]
         if extra:
             return f"checkpoints {extra} are not listed in {COMPLETION_FILE}"
-        missing = [p.name for p in (self.oof, self.metrics, self.outlier) if not p.is_file()]
+        missing = [p.name for p in self._reports(record) if not p.is_file()]
         return f"{missing} missing" if missing else None
+
+    def _reports(self, record: Mapping) -> list[Path]:
+        """The files a complete model holds besides its checkpoints (the tumour scorer when it has one)."""
+        return [self.oof, self.metrics, self.outlier, *([self.tumour_scorer] if record.get("tumour") else [])]
 
     def is_complete(self) -> bool:
         return self.problem() is None
@@ -512,7 +548,7 @@ def find_slide(cfg: Mapping, slide: str) -> SlideFiles:
     if source in ("", TEST):
         spec = next((s for s in competition_specs(cfg, TEST) if s.image_id == image_id), None)
         if spec is not None:
-            h5 = embedding_path(embeddings_root(cfg), TEST, image_id)
+            h5 = embedding_path(test_embeddings_root(cfg), TEST, image_id)
             if not h5.is_file():
                 raise FileNotFoundError(f"{spec.slide_id}: no test embeddings {h5}: run stage 05 first")
             with h5py.File(h5, "r") as handle:
@@ -521,3 +557,22 @@ def find_slide(cfg: Mapping, slide: str) -> SlideFiles:
             extent = max(1, round(int(attrs["tile_size"]) * native / float(attrs["magnification"])))
             return SlideFiles(spec.slide_id, None, spec.path, spec.thumbnail, h5, extent)
     raise KeyError(f"slide {slide!r} is neither in the training manifest nor in test.csv")
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def benchmark_dir(cfg: Mapping) -> Path:
+    """``{runs}/{experiment}``: the benchmark's results; its configurations run as other experiments
+    (:func:`benchmark_experiment`)."""
+    return run_dir(cfg)
+
+
+def benchmark_experiment(cfg: Mapping, name: str) -> str:
+    """The experiment a benchmark configuration trains and predicts as: ``{experiment}-{name}``."""
+    return f"{cfg['experiment']}-{name}"
+
+
+def benchmark_configuration_dir(cfg: Mapping, name: str) -> Path:
+    """``{runs}/{experiment}/configurations/{name}``: one configuration's scored test images and log."""
+    return benchmark_dir(cfg) / "configurations" / name

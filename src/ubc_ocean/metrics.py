@@ -51,3 +51,50 @@ def chance_balanced_accuracy(y_true: Sequence[str], y_pred: Sequence[str], quant
     counts = np.bincount(truth, minlength=len(classes))
     recall = np.stack([(hits & (shuffled == c)).sum(1) / counts[c] for c in range(len(classes))], 1)
     return 1.0 / len(classes), float(np.quantile(recall.mean(1), quantile))
+
+
+# ------------------------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_counts(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """``[n_boot, n]``: how often each of ``n`` items is drawn in each of ``n_boot`` resamples of ``n`` draws
+    with replacement (seeded). Scoring two sets of predictions with the same counts pairs them."""
+    if n == 0:
+        return np.zeros((n_boot, 0), dtype=np.int64)
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+
+
+def proportion_draws(event: np.ndarray, among: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per resample (row of ``counts``), the share of the drawn items in ``among`` for which ``event`` holds;
+    NaN where a resample drew none of ``among``."""
+    among = np.asarray(among, dtype=bool)
+    total = counts @ among.astype(np.int64)
+    hits = counts @ (among & np.asarray(event, dtype=bool)).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, hits / np.maximum(total, 1), np.nan)
+
+
+def balanced_accuracy_draws(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str],
+                            counts: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Balanced accuracy of each resample (row of ``counts``, :func:`bootstrap_counts`), over the items in
+    ``mask`` (all by default): the mean recall of the ``labels`` the resample holds, as
+    :func:`balanced_accuracy` scores one set (``counts`` of one row of ones gives exactly that). NaN where a
+    resample holds none of them."""
+    truth, pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    keep = np.ones(len(truth), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    recalls = np.stack([proportion_draws(pred == label, keep & (truth == label), counts) for label in labels])
+    present = np.isfinite(recalls)
+    n_present = present.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_present > 0, np.where(present, recalls, 0.0).sum(0) / np.maximum(n_present, 1), np.nan)
+
+
+def percentile_interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Central ``level`` percentile interval of bootstrap draws (NaN draws left out; all NaN: ``(nan, nan)``)."""
+    finite = np.asarray(draws, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)

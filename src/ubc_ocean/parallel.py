@@ -83,7 +83,12 @@ class TaskResult:
     traceback: str = ""
 
 
-class AllTasksFailed(RuntimeError):
+class RunFailed(RuntimeError):
+    """A run that recorded what failed and kept what it could: the front door logs the message and ends
+    with exit status 1 (no traceback)."""
+
+
+class AllTasksFailed(RunFailed):
     """Every slide a stage tried failed with the same unexpected exception: a bug or a broken install,
     not that many bad files. Raised by :func:`run_tasks` once every result has been yielded (and so
     recorded by the stage)."""

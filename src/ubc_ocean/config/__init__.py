@@ -18,7 +18,7 @@ import yaml
 from ubc_ocean.config.schema import DEFAULTS_FILE, ConfigError, check_config, defaults, text_rule, unknown_key
 
 __all__ = ["DEFAULTS_FILE", "REPO_ROOT", "Config", "ConfigError", "as_plain", "free_form_keys", "load_config",
-           "parse_override", "save_config"]
+           "parse_override", "save_config", "with_overrides"]
 
 _SOURCE_ROOT = Path(__file__).resolve().parents[3]
 # Editable install (the repo): paths are relative to the repo root; an installed wheel: to the working dir.
@@ -196,6 +196,20 @@ def load_config(
     check_config(cfg)
     _resolve_paths(cfg, Path(root).resolve() if root else REPO_ROOT)
     return _wrap(cfg)
+
+
+def with_overrides(cfg: Mapping, overrides: Iterable[str]) -> Config:
+    """A loaded config with dotted ``overrides`` on top, checked whole again (its paths stay as resolved:
+    an override of ``paths.*`` is refused, since the paths derived from it would not follow)."""
+    plain = _plain(cfg)
+    free = free_form_keys(defaults())
+    for text in overrides:
+        layer = parse_override(text)
+        if "paths" in layer:
+            raise ConfigError(f"override '{text}': paths cannot change on a loaded config")
+        _merge(plain, layer, free)
+    check_config(plain)
+    return _wrap(plain)
 
 
 def save_config(cfg: Mapping, out_dir: str | Path, name: str = "config.yaml") -> Path:

@@ -200,6 +200,43 @@ def _model_mapping(key: str, value: Any, what: str) -> None:
             raise ConfigError(f"{key}.{model} must be a mapping of {what}; got {settings!r}")
 
 
+# Keys a benchmark configuration may not override: the data, the machine's paths and the benchmark are shared.
+BENCHMARK_FIXED = ("experiment", "paths.", "synthetic.", "benchmark.", "submit.name")
+
+
+def _configurations(key: str, value: Any) -> Any:
+    """``benchmark.configurations``: a non-empty list of ``{name, overrides}``, names unique and usable in a
+    folder name, overrides dotted ``KEY=VALUE`` strings that leave :data:`BENCHMARK_FIXED` alone. Whether
+    each override's key and value are good is checked by loading the configuration (the benchmark does so
+    for every configuration before any work)."""
+    shape = "a non-empty list of {name, overrides: [KEY=VALUE, ...]}"
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key} must be {shape}; got {value!r}")
+    names: set[str] = set()
+    for position, entry in enumerate(value):
+        where = f"{key}[{position}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where} must be a mapping {{name, overrides}}; got {entry!r}")
+        for field in entry:
+            if field not in ("name", "overrides"):
+                raise unknown_key(f"{where}.{field}", ("name", "overrides"))
+        name = entry.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in names:
+            raise ConfigError(f"{where}.name must be a unique name of letters, digits, _ and -; got {name!r}")
+        names.add(name)
+        overrides = entry.get("overrides") or []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ConfigError(f"{where}.overrides must be a list of KEY=VALUE strings; got {overrides!r}")
+        for override in overrides:
+            dotted = override.split("=", 1)[0].strip()
+            if any(dotted == fixed or (fixed.endswith(".") and dotted.startswith(fixed)) for fixed in BENCHMARK_FIXED):
+                fixed_keys = ", ".join(f + "*" if f.endswith(".") else f for f in BENCHMARK_FIXED)
+                raise ConfigError(f"{where}.overrides may not set {dotted} (shared by every configuration: "
+                                  f"{fixed_keys}); got {override!r}")
+        entry["overrides"] = overrides
+    return value
+
+
 # ------------------------------------------------------------------------------------------------- rules
 
 RULES: dict[str, Rule] = {
@@ -232,6 +269,26 @@ RULES: dict[str, Rule] = {
     "synthetic.external_patch_slides": at_least(0),
     "synthetic.external_patches_per_slide": at_least(1),
     "synthetic.workers": at_least(1),
+    "synthetic.train_images": at_least(0),
+    "synthetic.class_proportions.*": at_least(0, kind=float),
+    "synthetic.train_tma_fraction": FRACTION,
+    "synthetic.test_class_mix": one_of("even", "proportional"),
+    "synthetic.test_hospitals": at_least(1, 10),
+    "synthetic.test_stain_shift": at_least(0, kind=float),
+    "synthetic.test_other_kinds": one_of("fibrous", "stroma", "near_hgsc", kind=list, item=str, nonempty=True,
+                                         unique=True, accepts="a non-empty list of fibrous, stroma, near_hgsc, "
+                                                              "without repeats"),
+    "synthetic.morphology_overlap": FRACTION,
+    "synthetic.tumour_share": Rule(list, item=float, null=True, size=2, low=0, high=1, test=lambda v: v[0] <= v[1],
+                                   accepts="null or [low, high] numbers with 0 <= low <= high <= 1"),
+    "synthetic.blur_probability": FRACTION,
+    "synthetic.blur_sigma": Rule(item=float, size=2, low=0, open_low=True, test=lambda v: v[0] <= v[1],
+                                 accepts="[low, high] numbers with 0 < low <= high"),
+    "synthetic.jpeg_probability": FRACTION,
+    "synthetic.jpeg_quality": Rule(size=2, low=1, high=100, test=lambda v: v[0] <= v[1],
+                                   accepts="[low, high] integers with 1 <= low <= high <= 100"),
+    "synthetic.pen_probability": FRACTION,
+    "synthetic.mask_fraction": FRACTION,
     "slides.wsi_magnification": above(0, kind=float),
     "slides.tma_magnification": above(0, kind=float),
     "slides.tma_max_side": at_least(1),
@@ -258,6 +315,8 @@ RULES: dict[str, Rule] = {
     "tiling.quality_fallback_tiles": at_least(0),
     "tiling.max_artefact_fraction": FRACTION,
     "tiling.dark_value": LEVEL,
+    "tiling.synthetic_tmas_per_wsi": at_least(0),
+    "tiling.synthetic_tma_side": at_least(2),
     "focus_calibration.slides": at_least(1),
     "focus_calibration.defocus_sigmas": above(0, item=float),
     "focus_calibration.thresholds": at_least(0, item=float),
@@ -291,6 +350,10 @@ RULES: dict[str, Rule] = {
     "mil.patience": at_least(1),
     "mil.grad_clip": at_least(0),
     "mil.precision": PRECISION,
+    "tumour.scorer": TYPE,
+    "tumour.mode": one_of("select", "weight"),
+    "tumour.keep_fraction": above(0, 1),
+    "tumour.min_tiles": at_least(1),
     "outliers.score": one_of("max_prob", "entropy", "energy", "mahalanobis", "knn"),
     "outliers.in_distribution_flag_rate": FRACTION,
     "outliers.knn_k": at_least(1),
@@ -306,6 +369,13 @@ RULES: dict[str, Rule] = {
     "submit.experiments": Rule(list, item=str, null=True, nonempty=True, unique=True,
                                test=lambda v: v is None or all(x.strip() and "/" not in x for x in v),
                                accepts="null or a non-empty list of distinct experiment names"),
+    "benchmark.configurations": Rule(list, section=_configurations,
+                                     accepts="a non-empty list of {name, overrides: [KEY=VALUE, ...]}"),
+    "benchmark.baseline": Rule(str, null=True, nonempty=True),
+    "benchmark.bootstrap": at_least(1),
+    "benchmark.confidence": Rule(low=0, high=1, open_low=True, test=lambda v: v < 1, accepts="a number in (0, 1)"),
+    "benchmark.seed": at_least(0, 2**32 - 1),
+    "benchmark.resume": TYPE,
 }
 
 
@@ -315,8 +385,17 @@ def _cross_checks(cfg: Mapping) -> None:
     if syn["test_other"] > syn["test_images"]:
         raise ConfigError(f"synthetic.test_other must be <= synthetic.test_images ({syn['test_images']}); "
                           f"got {syn['test_other']!r}")
+    bench = cfg["benchmark"]
+    names = [entry["name"] for entry in bench["configurations"]]
+    if bench["baseline"] is not None and bench["baseline"] not in names:
+        raise ConfigError(f"benchmark.baseline must be null or one of the configurations' names ({', '.join(names)}); "
+                          f"got {bench['baseline']!r}")
     if data["outlier_label"] in data["classes"]:
         raise ConfigError(f"data.outlier_label must not be one of data.classes; got {data['outlier_label']!r}")
+    tiling = cfg["tiling"]
+    if tiling["synthetic_tmas_per_wsi"] and tiling["synthetic_tma_side"] < tiling["tile_size"]:
+        raise ConfigError(f"tiling.synthetic_tma_side must be >= tiling.tile_size ({tiling['tile_size']}) when "
+                          f"tiling.synthetic_tmas_per_wsi is on; got {tiling['synthetic_tma_side']!r}")
 
 
 # ---------------------------------------------------------------------------------------------- checking

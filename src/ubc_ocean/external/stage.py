@@ -14,7 +14,7 @@ import pandas as pd
 
 from ubc_ocean import layout
 from ubc_ocean.config import save_config
-from ubc_ocean.folds import TRAIN_ONLY, assign_folds, small_classes
+from ubc_ocean.folds import PARENT, TRAIN_ONLY, assign_folds, is_synthetic, parent_folds, small_classes
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv
 from ubc_ocean.sources import TRAIN, external_sources, read_train_csv
 from ubc_ocean.tiling import store
@@ -22,8 +22,9 @@ from ubc_ocean.tiling import store
 log = logging.getLogger(__name__)
 STAGE = "02_merge_external"
 MANIFEST_COLUMNS = [
-    "slide_id", "source", "image_id", "label", "is_tma", "group", "n_tiles", "provenance", "tiling_key",
+    "slide_id", "source", "image_id", "label", "is_tma", "group", "n_tiles", "provenance", "tiling_key", PARENT,
 ]
+FOLD_COLUMNS = ["slide_id", "image_id", "source", "label", "is_tma", "fold", PARENT]
 
 
 def _groups(frame: pd.DataFrame, column: str | None, prefix: str) -> list[str]:
@@ -53,6 +54,27 @@ def _candidate_rows(cfg: Mapping) -> list[dict]:
     return rows
 
 
+def _core_rows(cfg: Mapping, parent: Mapping, info: Mapping, failures: FailureLog | None) -> list[dict]:
+    """The synthetic TMA cores stage 01 cut from a slide (its ``slide.json`` lists them): bags with the
+    parent's label and group, ``is_tma`` true, ``parent_image_id``, provenance ``{parent's}:synthetic_core``."""
+    rows = []
+    for core in info.get(store.CORES_KEY, []):
+        image_id = str(core["image_id"])
+        slide_id = f"{parent['source']}/{image_id}"
+        folder = layout.slide_tiles_dir(cfg, parent["source"], image_id)
+        if not store.is_complete(folder):
+            problem = f"synthetic core listed by {parent['source']}/{parent['image_id']} has no tiles in {folder}"
+            log.warning("%s: left out: %s", slide_id, problem)
+            if failures is not None:
+                failures.record(slide_id, problem)
+            continue
+        rows.append({**parent, "slide_id": slide_id, "image_id": image_id, "is_tma": True,
+                     "provenance": f"{parent['provenance']}:synthetic_core",
+                     "n_tiles": int(store.read_slide_info(folder)["n_tiles"]), "tiling_key": layout.tiling_key(cfg),
+                     PARENT: str(parent["image_id"])})
+    return rows
+
+
 def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataFrame:
     """Keep the slides that stage 01 tiled and whose label is a known class; record the others."""
     classes = set(cfg["data"]["classes"])
@@ -74,6 +96,7 @@ def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataF
         info = store.read_slide_info(folder)
         kept.append({**row, "slide_id": slide_id, "n_tiles": int(info["n_tiles"]),
                      "is_tma": bool(info.get("is_tma", row["is_tma"])), "tiling_key": key})
+        kept += _core_rows(cfg, row, info, failures)
     manifest = pd.DataFrame(kept, columns=MANIFEST_COLUMNS)
     duplicated = manifest["slide_id"].duplicated()
     if duplicated.any():
@@ -92,20 +115,21 @@ def run(cfg: Mapping) -> pd.DataFrame:
     manifest = build_manifest(cfg, failures)
     if manifest.empty:
         raise RuntimeError("manifest is empty: no tiled slide with a known label (run stage 01 first)")
-    is_competition = manifest["provenance"].eq("competition")
+    is_competition = manifest["provenance"].eq("competition") & ~is_synthetic(manifest)  # the slides that validate
     folds_cfg = cfg["folds"]
     for label, count in small_classes(manifest, int(folds_cfg["n_splits"]), is_competition).items():
         message = (f"class {label} has {count} validating slides for {folds_cfg['n_splits']} folds: "
                    f"some folds cannot validate it (lower folds.n_splits or add slides)")
         log.warning(message)
         failures.record(f"class:{label}", message)
-    manifest["fold"] = assign_folds(
+    manifest["fold"] = parent_folds(manifest, assign_folds(
         manifest, int(folds_cfg["n_splits"]), int(cfg["seed"]),
         group_column="group" if folds_cfg["group_column"] else None, validate_mask=is_competition,
-    )
+    ))
     atomic_write_csv(manifest.drop(columns="fold"), layout.manifest_path(cfg))
-    atomic_write_csv(manifest[["slide_id", "image_id", "source", "label", "is_tma", "fold"]], layout.folds_path(cfg))
+    atomic_write_csv(manifest[FOLD_COLUMNS], layout.folds_path(cfg))
     summary = manifest.groupby(["provenance", "label"]).size().unstack(fill_value=0)
-    log.info("stage 02: %d slides (%d external, train-only) -> %s\n%s", len(manifest),
-             int((manifest["fold"] == TRAIN_ONLY).sum()), layout.manifest_path(cfg), summary.to_string())
+    log.info("stage 02: %d slides (%d train-only, %d synthetic TMA cores in their parent's fold) -> %s\n%s",
+             len(manifest), int((manifest["fold"] == TRAIN_ONLY).sum()), int(is_synthetic(manifest).sum()),
+             layout.manifest_path(cfg), summary.to_string())
     return manifest

@@ -3,6 +3,8 @@
     {paths.processed}/embeddings/{encoder cache name}__{tiling key}/{source}/{image_id}.h5
         features  float16 [N, D]
         coords    int32   [N, 2]   level-0 (x, y) of each tile
+        tumour_fraction float32 [N] share of each tile its supplemental mask marks tumour (only for a training
+                                   slide with a mask: stage 01's tile index column, rows as ``features``)
         attrs     encoder, weights_sha256, tile_size, magnification, slide_id, package version
 """
 
@@ -32,11 +34,21 @@ def embedding_path(root: Path, source: str, image_id: str) -> Path:
     return root / source / f"{image_id}.h5"
 
 
-def write_embeddings(path: Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping) -> None:
-    """Write one slide's features and coords atomically (temp file, then rename)."""
+TUMOUR_FRACTION = "tumour_fraction"
+
+
+def write_embeddings(path: Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping,
+                     tumour_fraction: np.ndarray | None = None) -> None:
+    """Write one slide's features and coords (and its tiles' tumour fractions, when given) atomically (temp
+    file, then rename)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_dataset("features", data=np.asarray(features, dtype=np.float16))
         handle.create_dataset("coords", data=np.asarray(coords, dtype=np.int32).reshape(-1, 2))
+        if tumour_fraction is not None:
+            values = np.asarray(tumour_fraction, dtype=np.float32).reshape(-1)
+            if len(values) != len(features):
+                raise ValueError(f"{path}: {len(values)} tumour fractions for {len(features)} tiles")
+            handle.create_dataset(TUMOUR_FRACTION, data=values)
         for key, value in {**attrs, "package_version": __version__}.items():
             handle.attrs[key] = "" if value is None else value
 
@@ -45,6 +57,13 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(features [N, D], coords [N, 2], attrs)`` of one slide."""
     with h5py.File(path, "r") as handle:
         return handle["features"][:], handle["coords"][:], dict(handle.attrs)
+
+
+def read_tumour_fraction(path: str | Path) -> np.ndarray | None:
+    """One slide's tile tumour fractions [N] (rows as its features), or None when it has none (no mask, or
+    a file written before they were recorded)."""
+    with h5py.File(path, "r") as handle:
+        return handle[TUMOUR_FRACTION][:] if TUMOUR_FRACTION in handle else None
 
 
 def read_attrs(path: str | Path) -> dict:

@@ -80,14 +80,18 @@ def embed_batches(
             yield (total / len(views)).cpu().numpy()
 
 
+def inference_options(features_cfg: Mapping) -> dict:
+    """``embed_batches`` keyword arguments for test images (stage 05, fused mode): precision and TTA, and
+    never a stain jitter, whatever ``features.stain_augmentation`` says (it augments training tiles only)."""
+    return {"precision": features_cfg["precision"], "tta": features_cfg["tta"]}
+
+
 def embedding_options(features_cfg: Mapping, slide_id: str) -> dict:
-    """``embed_batches`` keyword arguments from the ``features`` config (stain jitter seeded per slide)."""
+    """``embed_batches`` keyword arguments for training tiles (stage 03): :func:`inference_options` plus the
+    ``features.stain_augmentation`` jitter, seeded per slide."""
     strength = float(features_cfg["stain_augmentation"])
-    return {
-        "precision": features_cfg["precision"],
-        "tta": features_cfg["tta"],
-        "augment": stain_augmenter(slide_id, strength) if strength > 0 else None,
-    }
+    return {**inference_options(features_cfg),
+            "augment": stain_augmenter(slide_id, strength) if strength > 0 else None}
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ubc_ocean.features.embed import chunked, embed_batches, embedding_options
+from ubc_ocean.features.embed import chunked, embed_batches, inference_options
 from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import SlideSpec
@@ -64,8 +64,9 @@ class TiledSlide:
 
 class SlideBatches:
     """uint8 tile batches [B, T, T, 3] of one slide, each tile as stage 03 sees a stored training tile
-    (``tiling.format`` jpg: the same JPEG encode and decode, :func:`~ubc_ocean.tiling.store.round_trip`)
-    and stain-jittered when ``features.stain_augmentation`` asks. Iterate once; then :attr:`result`."""
+    (``tiling.format`` jpg: the same JPEG encode and decode, :func:`~ubc_ocean.tiling.store.round_trip`).
+    Fused mode embeds test images only, so no tile is ever stain-jittered (``features.stain_augmentation``
+    augments training tiles, in stage 03). Iterate once; then :attr:`result`."""
 
     def __init__(self, job: SlideJob, cfg: Mapping):
         self.job, self.cfg = job, cfg
@@ -79,7 +80,6 @@ class SlideBatches:
         if job.max_tiles is not None:
             settings = dataclasses.replace(settings, max_tiles_per_slide=int(job.max_tiles))
         fmt, quality = str(settings.format), int(settings.jpeg_quality)
-        augment = embedding_options(cfg["features"], job.spec.slide_id)["augment"]
         records: list[TileRecord] = []
         n_batches = 0
         with SlideTiler(job.spec, settings, row_limit=self._row_limit()) as tiler:
@@ -91,8 +91,6 @@ class SlideBatches:
 
             for chunk in chunked(tiles(), int(cfg["features"]["batch_size"])):
                 batch = np.stack(chunk)
-                if augment is not None:
-                    batch = augment(batch)
                 n_batches += 1
                 spent += time.perf_counter() - started
                 yield batch
@@ -128,7 +126,7 @@ def embed_slide_streaming(
     """
     job = spec if isinstance(spec, SlideJob) else SlideJob(spec)
     batches = SlideBatches(job, cfg)
-    options = embedding_options(cfg["features"], job.spec.slide_id)
+    options = inference_options(cfg["features"])
     chunks = list(embed_batches(encoder, batches, device, precision=options["precision"], tta=options["tta"]))
     return assemble(chunks, batches.result, encoder.out_dim)
 

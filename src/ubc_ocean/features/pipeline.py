@@ -45,7 +45,7 @@ import torch
 
 from ubc_ocean.config import ConfigError
 from ubc_ocean.device import visible_devices
-from ubc_ocean.features.embed import embed_batches, embedding_options, encoder_from_config, prepare_encoder
+from ubc_ocean.features.embed import embed_batches, encoder_from_config, inference_options, prepare_encoder
 from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.features.fused import SlideBatches, SlideJob, TiledSlide, assemble
 from ubc_ocean.parallel import one_line
@@ -114,7 +114,7 @@ class FusedPipeline:
         base = encoder_from_config(cfg)
         self.encoders = [prepare_encoder(base if i == 0 else copy.deepcopy(base), device)
                          for i, device in enumerate(self.devices)]
-        options = embedding_options(cfg["features"], "")
+        options = inference_options(cfg["features"])
         self._precision, self._tta = options["precision"], options["tta"]
 
     @property

@@ -66,6 +66,14 @@ def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torc
     return features, coords, bad
 
 
+def _tumour_fractions(folder: Path, bad: list[str]) -> np.ndarray | None:
+    """The embedded tiles' tumour fractions (index order, unreadable tiles left out, as the features), or
+    None when the slide has no mask (no finite fraction): its h5 is then as it was before masks."""
+    index = store.read_index(folder)
+    values = index.loc[~index["file"].isin(bad), store.TUMOUR_FRACTION].to_numpy(np.float32)
+    return values if np.isfinite(values).any() else None
+
+
 def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
     """Embed one slide's tiles (skipped when its h5 was made from the tile folder as it is now)."""
     slide_id = row["slide_id"]
@@ -88,7 +96,7 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
         return TaskResult(slide_id, "failed", "encoder produced NaN/inf features")
     attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
                                    tiles_fingerprint=tiles_fingerprint)
-    cache.write_embeddings(out, features, coords, attrs)
+    cache.write_embeddings(out, features, coords, attrs, tumour_fraction=_tumour_fractions(folder, bad))
     message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""
     return TaskResult(slide_id, "done", message, count=len(features))
 

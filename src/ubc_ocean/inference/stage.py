@@ -1,7 +1,9 @@
 """Stage 05: embed each raw test image in one streaming pass and predict it with every trained model.
 
-Test embeddings are cached beside the training ones (``{embeddings}/test/{image_id}.h5``) so a rerun or a
-second model costs no re-embedding; tiles are never written. Per model it writes
+Test embeddings are cached beside the training ones (``{embeddings}/test/{image_id}.h5``, in the folder
+named without the stain variant: ``features.stain_augmentation`` jitters training tiles only, never test
+ones, see ``layout.test_embeddings_root``) so a rerun or a second model costs no re-embedding; tiles are
+never written. Per model it writes
 ``{predictions}/{experiment}/{model}/test_predictions.csv`` (``paths.predictions``: the run folder by
 default): image_id, one probability column per class (mean over every fold x seed checkpoint), and the
 outlier scores; beside it ``test_predictions.json`` records the checkpoints (sha256) and the test
@@ -13,7 +15,8 @@ every model must have been trained on features of the identity this config compu
 (``layout.feature_identity``).
 
 Images are embedded by the pipelined fused inference (:mod:`ubc_ocean.features.pipeline`) under the time
-budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive; an unsharded
+budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive (a model trained
+with the tumour scorer sees each bag cut down by its ``tumour_scorer.json``, as in training); an unsharded
 run rewrites a complete provisional submission (:mod:`ubc_ocean.submit.submission`) as they do.
 """
 
@@ -42,6 +45,7 @@ from ubc_ocean.mil.bags import BagError, check_bag, load_bags
 from ubc_ocean.mil.checkpoint import checkpoint_in_dim
 from ubc_ocean.mil.predict import CheckpointEnsemble
 from ubc_ocean.mil.train import model_training_config
+from ubc_ocean.mil.tumour import TileChooser
 from ubc_ocean.outliers import SCORE_NAMES
 from ubc_ocean.parallel import select_shard, shard_output
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs, is_tma_by_image, read_test_csv, spec_is_tma
@@ -106,6 +110,25 @@ def load_predictors(cfg: Mapping, names: list[str]) -> dict[str, CheckpointEnsem
     return predictors
 
 
+def load_choosers(cfg: Mapping, names: list[str]) -> dict[str, TileChooser | None]:
+    """Each model's tile chooser: the tumour scorer it was trained with (its completion record's
+    ``tumour``), which cuts every test bag down as training did; None for a model trained without one.
+    Checked before any image is embedded: an unreadable scorer is a ``ConfigError`` naming it."""
+    choosers: dict[str, TileChooser | None] = {}
+    for name in names:
+        model = layout.model_dir(cfg, name)
+        if not model.read_completion().get("tumour"):
+            choosers[name] = None
+            continue
+        try:
+            choosers[name] = TileChooser.load(model.tumour_scorer)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model {name!r} was trained with a tumour scorer, but {err}: retrain it (stage 04)") \
+                from None
+        log.info("%s: test bags keep their most tumour-like tiles (%s)", name, choosers[name].record())
+    return choosers
+
+
 def provisional_submission(cfg: Mapping, names: list[str]) -> ProvisionalSubmission | None:
     """The complete submission rewritten as predictions arrive (unsharded runs only: a shard knows only
     its own images, and would overwrite what the others found)."""
@@ -134,8 +157,10 @@ class Predictions:
     """Every model's test predictions as they arrive, written out at the end; the provisional submission
     follows them."""
 
-    def __init__(self, predictors: dict[str, CheckpointEnsemble], provisional: ProvisionalSubmission | None):
+    def __init__(self, predictors: dict[str, CheckpointEnsemble], provisional: ProvisionalSubmission | None,
+                 choosers: Mapping[str, TileChooser | None] | None = None):
         self.predictors, self.provisional = predictors, provisional
+        self.choosers = dict(choosers or {})  # model -> its tumour tile choice (None: whole bags)
         self.frames: dict[str, list[pd.DataFrame]] = {name: [] for name in predictors}
 
     def add(self, bags: dict[str, torch.Tensor]) -> None:
@@ -144,7 +169,8 @@ class Predictions:
         ids = [slide_id.split("/", 1)[1] for slide_id in bags]
         new = {}
         for name, predictor in self.predictors.items():
-            frame = predictor.predict(list(bags.values()))
+            chooser = self.choosers.get(name)
+            frame = predictor.predict([bag if chooser is None else chooser.select(bag) for bag in bags.values()])
             frame.insert(0, "image_id", ids)
             self.frames[name].append(frame)
             new[name] = frame
@@ -198,7 +224,7 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
                 failures.record(slide_id, result.message)
                 continue
             attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
-                                           is_tma=bool(result.info["is_tma"]),
+                                           is_tma=bool(result.info["is_tma"]), stain_augmentation=0.0,
                                            inference_mode=result.job.describe())
             cache.write_embeddings(layout.embedding_path(root, TEST, result.job.spec.image_id), result.features,
                                    result.coords, attrs)
@@ -228,7 +254,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
     width = layout.feature_width(cfg)
     check_feature_widths(cfg, names, width)
     check_feature_identities(cfg, names)
-    root = layout.embeddings_root(cfg)
+    root = layout.test_embeddings_root(cfg)
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(test_root)
@@ -238,7 +264,8 @@ def run(cfg: Mapping) -> dict[str, Path]:
     specs = select_shard(competition_specs(cfg, TEST), shard, key=lambda s: s.slide_id)
     failures = FailureLog(shard_output(out, "failures_05.csv", shard), STAGE)
     failures.path.unlink(missing_ok=True)
-    predictions = Predictions(load_predictors(cfg, names), provisional_submission(cfg, names))
+    predictions = Predictions(load_predictors(cfg, names), provisional_submission(cfg, names),
+                              load_choosers(cfg, names))
     budgeted = cfg["inference"]["time_budget_minutes"] is not None
     cached = {s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs
               if reusable(layout.embedding_path(root, TEST, s.image_id), budgeted)}

@@ -1,6 +1,6 @@
-"""Multiple-instance bag classifiers (ABMIL, TransMIL, DSMIL, Chowder, mean-pool) behind a name registry."""
+"""Multiple-instance bag classifiers (ABMIL, TransMIL, DSMIL, Chowder, PANTHER, mean-pool) behind a name registry."""
 
-from ubc_ocean.mil import abmil, chowder, dsmil, meanpool, transmil  # noqa: F401  (import registers the models)
+from ubc_ocean.mil import abmil, chowder, dsmil, meanpool, panther, transmil  # noqa: F401  (import registers the models)
 from ubc_ocean.mil.base import MILModel
 from ubc_ocean.mil.registry import (
     available_models,

@@ -70,3 +70,20 @@ def drop_features(bag: torch.Tensor, p: float, rng: np.random.Generator) -> torc
         return torch.nn.functional.dropout(bag, p=p, training=True)
     keep = torch.from_numpy(rng.random(tuple(bag.shape), dtype=np.float32) >= p)
     return bag * keep * (1.0 / (1.0 - p))
+
+
+def load_tumour_fractions(paths: dict[str, Path], bags: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The tile tumour fractions of the slides in ``bags`` whose h5 holds any (a supplemental mask; stage 03
+    copies them from stage 01's tile index), each aligned with its bag's rows. A slide whose fractions do not
+    match its bag's length is left out with a warning."""
+    fractions = {}
+    for slide_id in bags:
+        values = cache.read_tumour_fraction(paths[slide_id])
+        if values is None or not np.isfinite(values).any():
+            continue
+        if len(values) != bags[slide_id].shape[0]:
+            log.warning("%s: %d tumour fractions for %d tiles in %s; its mask is not used", slide_id, len(values),
+                        bags[slide_id].shape[0], paths[slide_id])
+            continue
+        fractions[slide_id] = values.astype(np.float32)
+    return fractions

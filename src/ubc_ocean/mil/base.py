@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +26,8 @@ class MILModel(nn.Module):
     ``default_training`` holds the ``mil`` training keys (``lr``, ``epochs``, ...) this model needs
     where they differ from the ``mil`` section's; ``mil.model_training.<name>`` overrides them (see
     ``mil.train.model_training_config``). Each subclass says where its values come from.
+
+    ``init_from_training_bags`` is called once per fit, before training, with the fold's training bags.
     """
 
     model_name: ClassVar[str] = ""
@@ -46,6 +48,11 @@ class MILModel(nn.Module):
             "n_classes": n_classes,
             "options": dict(options),
         }
+
+    def init_from_training_bags(self, bags: Sequence[torch.Tensor], seed: int) -> None:
+        """Prepare the model from one fold's training bags before its first training step (``mil.train.fit``
+        calls it with the training bags only, never validation or test ones). Most models need nothing;
+        PANTHER fits its prototypes here. What it sets must live in buffers, so checkpoints keep it."""
 
     def check_bag(self, bag: torch.Tensor) -> torch.Tensor:
         """Validate a bag and return it as ``[1, N, D]``; raise ``ValueError`` with the reason otherwise."""

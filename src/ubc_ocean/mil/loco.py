@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from ubc_ocean import layout
 from ubc_ocean.device import resolve_device
+from ubc_ocean.folds import fold_split, is_synthetic
 from ubc_ocean.io_utils import atomic_write_csv
 from ubc_ocean.mil.bags import load_bags
 from ubc_ocean.mil.predict import predict_bags
@@ -41,11 +42,10 @@ def held_out_class_scores(
     known classes outside fold 0 and early-stops on fold 0.
     """
     known = table[table["label"] != held_out]
-    unknown = table[table["label"] == held_out]
+    unknown = table[(table["label"] == held_out) & ~is_synthetic(table)]  # real slides are scored, never cores
     classes = sorted(known["label"].unique())
     index = {label: i for i, label in enumerate(classes)}
-    train = known[known["fold"] != VALIDATION_FOLD]
-    valid = known[known["fold"] == VALIDATION_FOLD]
+    train, valid = fold_split(known, VALIDATION_FOLD)
     if valid.empty or unknown.empty:
         raise ValueError(f"held-out class {held_out!r}: need fold-{VALIDATION_FOLD} known slides and unknown slides")
     result = fit(

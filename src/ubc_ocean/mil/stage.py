@@ -6,7 +6,10 @@ Run folder ``{paths.runs}/{experiment}/``::
     {model}/fold{k}_seed{s}.pt   checkpoints (weights + model config + classes)
     {model}/oof.csv              image_id, slide_id, fold, seed, label, is_tma, one column per class
     {model}/metrics.json         balanced accuracy (all, WSI, TMA), per-class recall, the outlier threshold
-                                 and the share of OOF slides it flags (all, WSI, TMA)
+                                 and the share of OOF slides it flags (all, WSI, TMA) (+ tumour_scorer: its
+                                 held-out tile AUC per fold, when tumour.scorer is on)
+    {model}/tumour_scorer.json   tumour.scorer on: the scorer trained on every masked slide and the tile choice
+                                 (stage 05 cuts the test bags down with it)
     {model}/confusion.csv|png, curves.csv, outlier.json (threshold calibrated on OOF, pooled or per type)
     {model}/complete.json        written last: the checkpoints' names, sizes and sha256
 
@@ -25,24 +28,29 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ubc_ocean import layout
-from ubc_ocean.config import as_plain, save_config
+from ubc_ocean.config import ConfigError, as_plain, save_config
 from ubc_ocean.device import resolve_device
-from ubc_ocean.folds import TRAIN_ONLY
+from ubc_ocean.folds import TRAIN_ONLY, fold_split, is_synthetic
 from ubc_ocean.io_utils import FailureLog, atomic_path, atomic_write_csv, clean_stale_temporaries
-from ubc_ocean.mil.bags import load_bags
+from ubc_ocean.mil.bags import load_bags, load_tumour_fractions
 from ubc_ocean.mil.checkpoint import save_checkpoint
 from ubc_ocean.mil.predict import prediction_frame
 from ubc_ocean.mil.report import seed_mean, write_report
 from ubc_ocean.mil.train import check_models, epoch_selection, fit, model_training_config, training_record
+from ubc_ocean.mil.tumour import FoldChoosers, TumourDataError, train_choosers
 from ubc_ocean.outliers import calibrate_from_config
+from ubc_ocean.sources import TRAIN
 
 log = logging.getLogger(__name__)
 STAGE = "04_train_cv"
 
 
-def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: layout.ModelDir, in_dim: int) -> dict:
+def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: layout.ModelDir, in_dim: int,
+                tumour: FoldChoosers | None = None) -> dict:
     """Every fold x seed of one model, in a temporary folder that replaces ``out`` once it holds the
-    checkpoints, OOF predictions, curves, metrics, outlier threshold and, last, the completion record."""
+    checkpoints, OOF predictions, curves, metrics, outlier threshold and, last, the completion record.
+    With ``tumour``, each fold's bags are cut down by that fold's tile chooser, and the final chooser is
+    saved for stage 05."""
     mil_cfg, classes = model_training_config(cfg["mil"], name), list(cfg["data"]["classes"])
     training = training_record(cfg["mil"], name)
     class_index = {label: i for i, label in enumerate(classes)}
@@ -57,16 +65,19 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         oof_rows, curves = [], []
         runs = [(fold, seed) for fold in folds for seed in seeds]
         bar = tqdm(runs, desc=f"{name} folds x seeds", unit="fit", dynamic_ncols=True)
+        prepared: tuple[int, tuple] | None = None
         for fold, seed in bar:
-            train = table[table["fold"] != fold]
-            valid = table[table["fold"] == fold]
+            train, valid = fold_split(table, fold)  # synthetic cores train outside their parent's fold, never validate
+            if prepared is None or prepared[0] != fold:  # once per fold, its seeds share it
+                prepared = (fold, _fold_bags(train, valid, bags, tumour, fold))
+            train_bags, train_draw, valid_bags = prepared[1]
             result = fit(
                 name, options,
-                [bags[s] for s in train["slide_id"]], [class_index[c] for c in train["label"]],
-                [bags[s] for s in valid["slide_id"]], [class_index[c] for c in valid["label"]],
+                train_bags, [class_index[c] for c in train["label"]],
+                valid_bags, [class_index[c] for c in valid["label"]],
                 len(classes), mil_cfg, seed=int(cfg["seed"]) * 1000 + seed, device=device,
                 desc=f"{name} fold {fold} seed {seed}", knn_k=int(cfg["outliers"]["knn_k"]),
-                progress=functools.partial(_show_epoch, bar, fold, seed),
+                progress=functools.partial(_show_epoch, bar, fold, seed), train_draw=train_draw,
             )
             log.info("%s fold %d seed %d: best valid BA %.3f at epoch %d",
                      name, fold, seed, result.best_score, result.best_epoch)
@@ -85,13 +96,18 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         per_slide = seed_mean(oof, classes)
         scores, is_tma = per_slide[f"score_{cfg['outliers']['score']}"].to_numpy(), per_slide["is_tma"].to_numpy()
         threshold = calibrate_from_config(scores, is_tma, cfg["outliers"])
-        outlier = threshold.summary(scores, is_tma)
-        metrics = write_report(per_slide, classes, work.path, name,
-                               notes={"epoch_selection": epoch_selection(mil_cfg), "training": training,
-                                      "outlier": outlier})
+        notes = {"epoch_selection": epoch_selection(mil_cfg), "training": training,
+                 "outlier": threshold.summary(scores, is_tma)}
+        facts = {}
+        if tumour is not None:
+            notes["tumour_scorer"] = tumour.report
+            tumour.final.save(work.tumour_scorer)
+            facts["tumour"] = {"file": work.tumour_scorer.name, **tumour.final.record()}
+        metrics = write_report(per_slide, classes, work.path, name, notes=notes)
         threshold.save(work.outlier)
         work.write_completion(name, folds, seeds, classes=classes, in_dim=in_dim,
-                              embeddings=layout.embeddings_root(cfg).name, features=layout.feature_identity(cfg))
+                              embeddings=layout.embeddings_root(cfg).name, features=layout.feature_identity(cfg),
+                              **facts)
     if replacing:  # its test predictions went with it: stage 05 predicts with the new checkpoints
         log.info("%s: the previous training in %s was replaced", name, out.path)
     log.info("%s: OOF balanced accuracy %.3f (WSI %s, TMA %s)", name, metrics["balanced_accuracy"],
@@ -106,6 +122,47 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
                     metrics["chance_balanced_accuracy"], metrics["chance_balanced_accuracy_p99"],
                     training["lr"], training["epochs"], name)
     return metrics
+
+
+def _fold_bags(train: pd.DataFrame, valid: pd.DataFrame, bags: dict, tumour: FoldChoosers | None, fold: int) -> tuple:
+    """``(train bags, train draw or None, valid bags)`` of one fold: as loaded, or cut down by the fold's
+    tumour chooser (selected; weight mode draws the training steps' tiles instead)."""
+    train_bags, valid_bags = [bags[s] for s in train["slide_id"]], [bags[s] for s in valid["slide_id"]]
+    if tumour is None:
+        return train_bags, None, valid_bags
+    chooser = tumour.folds[fold]
+    train_bags, draw = chooser.training_bags(train_bags)
+    return train_bags, draw, [chooser.select(bag) for bag in valid_bags]
+
+
+def require_masks(cfg: Mapping, table: pd.DataFrame) -> None:
+    """With ``tumour.scorer`` on, at least one training slide must have a supplemental mask: a
+    ``ConfigError`` naming the folder otherwise (before any bag is read)."""
+    if not cfg["tumour"]["scorer"]:
+        return
+    ids = table.loc[table["source"] == TRAIN, "image_id"].astype(str)
+    if not any(layout.supplemental_mask_path(cfg, image_id).is_file() for image_id in ids):
+        folder = layout.supplemental_masks_dir(cfg)
+        raise ConfigError(f"tumour.scorer is true, but no training slide has a supplemental mask in {folder} "
+                          "({image_id}.png; data.supplemental_masks names the folder): add masks or set "
+                          "tumour.scorer=false")
+
+
+def tumour_choosers(cfg: Mapping, table: pd.DataFrame, bags: dict, paths: dict) -> FoldChoosers | None:
+    """The tile choosers of ``tumour.scorer`` (None when off), trained before any MIL model."""
+    if not cfg["tumour"]["scorer"]:
+        return None
+    fractions = load_tumour_fractions(paths, bags)
+    folder = layout.supplemental_masks_dir(cfg)
+    if not fractions:
+        raise ConfigError(f"tumour.scorer is true, but no training slide's embeddings hold tumour fractions from "
+                          f"the masks in {folder}: run stage 01 (it records them) and stage 03 again")
+    fold_of = dict(zip(table["slide_id"], table["fold"].astype(int), strict=True))
+    folds = sorted(f for f in set(fold_of.values()) if f != TRAIN_ONLY)
+    try:
+        return train_choosers(fold_of, bags, fractions, folds, cfg["tumour"])
+    except TumourDataError as err:
+        raise ConfigError(f"tumour.scorer: {err} (masks in {folder})") from None
 
 
 def _show_epoch(bar: tqdm, fold: int, seed: int, row: dict) -> None:
@@ -123,14 +180,19 @@ def run(cfg: Mapping) -> dict:
     in_dim = layout.feature_width(cfg)
     check_models(cfg["mil"], in_dim, len(cfg["data"]["classes"]))
     table = layout.read_training_table(cfg)
+    require_masks(cfg, table)
     root = layout.embeddings_root(cfg)
-    bags, problems = load_bags(layout.embedding_paths(root, table), in_dim)
+    paths = layout.embedding_paths(root, table)
+    bags, problems = load_bags(paths, in_dim)
     for message in problems.values():
         log.error("left out of training: %s", message)
     table = table[table["slide_id"].isin(bags)].reset_index(drop=True)
     if table.empty:
         raise RuntimeError(f"no usable bags under {root} ({len(problems)} refused, e.g. "
                            f"{next(iter(problems.values()), 'none listed')}): run stage 03 first")
+    cores = int(is_synthetic(table).sum())
+    if cores:
+        log.info("%d synthetic TMA cores: training bags in their parent's folds, never validated", cores)
     out = layout.run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)  # trainings killed earlier; a folder caught mid-swap is put back
@@ -139,5 +201,6 @@ def run(cfg: Mapping) -> dict:
     failures.path.unlink(missing_ok=True)
     for slide_id, message in problems.items():
         failures.record(slide_id, message)
-    return {name: train_model(name, table, bags, cfg, layout.model_dir(cfg, name), in_dim)
+    tumour = tumour_choosers(cfg, table, bags, paths)
+    return {name: train_model(name, table, bags, cfg, layout.model_dir(cfg, name), in_dim, tumour)
             for name in cfg["mil"]["models"]}

@@ -143,12 +143,18 @@ def fit(
     desc: str = "",
     knn_k: int = 5,
     progress: Callable[[dict], None] | None = None,
+    train_draw: Callable[[int, torch.Generator], torch.Tensor] | None = None,
 ) -> FitResult:
-    """Train a fresh model; keep the epoch that ``mil.epoch_selection`` picks (see :func:`epoch_selection`),
-    then fit the feature-space outlier detector on the kept model's training-bag embeddings."""
+    """Train a fresh model, first prepared from the training bags (``MILModel.init_from_training_bags``);
+    keep the epoch that ``mil.epoch_selection`` picks (see :func:`epoch_selection`), then fit the
+    feature-space outlier detector on the kept model's training-bag embeddings.
+
+    ``train_draw(index, generator)``, when given, is the bag a training step sees instead of
+    ``train_bags[index]`` (the tumour scorer's weighted draw); ``train_bags`` still serve the detector."""
     seed_everything(seed)
     in_dim = int(train_bags[0].shape[1])
     model = create_mil_model(model_name, in_dim=in_dim, n_classes=n_classes, **dict(model_options)).to(device)
+    model.init_from_training_bags(train_bags, seed)  # this fold's training bags only (PANTHER: prototypes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(mil_cfg["lr"]),
                                   weight_decay=float(mil_cfg["weight_decay"]),
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for every parameter
@@ -169,7 +175,8 @@ def fit(
         model.train()
         losses = []
         for index in _epoch_order(targets, n_classes, bool(mil_cfg["balanced_sampling"]), generator):
-            bag = sample_instances(train_bags[index], int(mil_cfg["max_instances"]), generator).to(device).float()
+            source = train_bags[index] if train_draw is None else train_draw(index, generator)
+            bag = sample_instances(source, int(mil_cfg["max_instances"]), generator).to(device).float()
             bag = drop_features(bag, float(mil_cfg["feature_dropout"]), mask_rng)
             with autocast(device, precision):
                 out = model(bag)

@@ -3,6 +3,10 @@ sources (pyramidal TIFFs with mpp; pre-cut patch folders) and the hidden test la
 
 Every slide is seeded from (synthetic.seed, image_id), so the output does not depend on the worker count;
 slides already on disk are skipped, and every file is written to a temporary name and then renamed.
+
+The hard-benchmark keys (all off by default, the demo's output is unchanged) make the data look like the real
+task: real class proportions, a test set from unseen hospitals with stronger stain shifts and several kinds of
+"Other", overlapping morphology, partial tumour, scanner artefacts and supplemental tumour masks.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +22,20 @@ import numpy as np
 import pandas as pd
 import pyvips
 
+from ubc_ocean import layout
 from ubc_ocean.config import Config, save_config
 from ubc_ocean.io_utils import atomic_path, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks
-from ubc_ocean.synthetic.morphology import CLASSES, OUTLIER, render_morphology, tma_core_mask, wsi_tissue_mask
+from ubc_ocean.synthetic.morphology import (
+    CLASSES,
+    OTHER_NEAR_HGSC,
+    OTHER_STROMA,
+    OUTLIER,
+    render_morphology,
+    tma_core_mask,
+    wsi_tissue_mask,
+)
+from ubc_ocean.synthetic.scanner import Artefacts, apply_artefacts
 from ubc_ocean.synthetic.stain import hospital_stain
 
 log = logging.getLogger(__name__)
@@ -30,6 +44,20 @@ TIFF_MPP = 0.5  # microns per pixel at 20x
 TIFF_DIR = "synthetic_tiff"
 PATCH_DIR = "synthetic_patches"
 PNG_COMPRESSION = 2  # zlib level: fast, files a little larger
+# synthetic.test_other_kinds -> (pattern drawn, hidden labels' kind)
+OTHER_KINDS = {
+    "fibrous": (OUTLIER, "other_fibrous"),
+    "stroma": (OTHER_STROMA, "other_stroma"),
+    "near_hgsc": (OTHER_NEAR_HGSC, "other_near_hgsc"),
+}
+TUMOUR_KIND = "tumour"
+PLAN_COLUMNS = {
+    "train": ["label", "image_width", "image_height", "is_tma", "hospital"],
+    "test": ["label", "image_width", "image_height", "is_tma", "hospital", "kind", "pattern"],
+    "tiff": ["label", "image_width", "image_height", "hospital"],
+    "patches": ["label", "hospital"],
+}
+MASK_TUMOUR, MASK_STROMA = (255, 0, 0), (0, 255, 0)  # supplemental mask colours (black: unannotated)
 
 
 def slide_seed(seed: int, image_id: int) -> int:
@@ -37,10 +65,23 @@ def slide_seed(seed: int, image_id: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(image_id)]).generate_state(1)[0])
 
 
+@dataclass(frozen=True)
+class SlideLook:
+    """The hard-benchmark settings of one slide (defaults: the demo's look)."""
+
+    tumour_share: float | None = None  # share of the tissue that is tumour; None: the pattern's own
+    overlap: float = 0.0  # synthetic.morphology_overlap
+    stain_shift: float = 0.0  # extra hospital stain shift (test hospitals)
+    artefacts: Artefacts = field(default_factory=Artefacts)
+
+
 def _render(
-    label: str, width: int, height: int, is_tma: bool, hospital: int, seed: int, full_tissue: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    mask_rng, tissue_rng, stain_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    label: str, width: int, height: int, is_tma: bool, hospital: int, seed: int, full_tissue: bool = False,
+    look: SlideLook = SlideLook(),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rgb, tissue mask, tumour mask); the spawned streams 0-2 are the demo's, 3 draws the artefacts."""
+    streams = np.random.SeedSequence(seed).spawn(4)
+    mask_rng, tissue_rng, stain_rng, artefact_rng = (np.random.default_rng(s) for s in streams)
     if full_tissue:
         mask = np.ones((height, width), bool)
     elif is_tma:
@@ -51,17 +92,24 @@ def _render(
         mask = wsi_tissue_mask(mask_rng, height, width)
     background = 255 if is_tma else 0
     rgb = np.full((height, width, 3), background, np.uint8)
+    tumour = np.zeros((height, width), bool)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
-        return rgb, mask
+        return rgb, mask, tumour
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     inner = mask[box]
-    maps = render_morphology(label, inner.shape, 2.0 if is_tma else 1.0, tissue_rng, tissue=inner)
-    tissue = hospital_stain(hospital).jittered(stain_rng).to_rgb(maps)
+    maps = render_morphology(label, inner.shape, 2.0 if is_tma else 1.0, tissue_rng, tissue=inner,
+                             tumour_share=look.tumour_share, overlap=look.overlap)  # fmt: skip
+    tissue = hospital_stain(hospital, look.stain_shift).jittered(stain_rng).to_rgb(maps)
     if is_tma:
         np.minimum(tissue, 254, out=tissue)  # tissue is never pure white, background always is
     np.copyto(rgb[box], tissue, where=inner[..., None])
-    return rgb, mask
+    tumour[box] = maps.tumour & inner
+    if look.artefacts.any:
+        apply_artefacts(rgb, mask, look.artefacts, artefact_rng)
+        if is_tma:
+            np.minimum(rgb, 254, out=rgb, where=mask[..., None])
+    return rgb, mask, tumour
 
 
 def render_slide(
@@ -71,7 +119,23 @@ def render_slide(
 
     WSIs (20x) have black (0, 0, 0) background, TMAs (40x, all length scales doubled, square) white.
     """
-    return _render(label, width, height, is_tma, hospital, seed)
+    rgb, mask, _ = _render(label, width, height, is_tma, hospital, seed)
+    return rgb, mask
+
+
+def render_slide_layers(
+    label: str, width: int, height: int, is_tma: bool, hospital: int, seed: int, look: SlideLook = SlideLook()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`render_slide` with a hard-benchmark ``look``, plus the tumour mask: (rgb, tissue, tumour)."""
+    return _render(label, width, height, is_tma, hospital, seed, look=look)
+
+
+def supplemental_mask(tissue: np.ndarray, tumour: np.ndarray) -> np.ndarray:
+    """The competition's mask colours: red tumour, green stroma (tissue that is not tumour), black elsewhere."""
+    out = np.zeros((*tissue.shape, 3), np.uint8)
+    out[tissue & ~tumour] = MASK_STROMA
+    out[tumour] = MASK_TUMOUR
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -94,6 +158,8 @@ class SlideJob:
     thumbnail_max_side: int = 0
     patch_size: int = 0
     n_patches: int = 0
+    look: SlideLook = SlideLook()
+    mask_out: str = ""  # supplemental tumour mask PNG ("" : none)
 
 
 def _vips(rgb: np.ndarray) -> pyvips.Image:
@@ -109,13 +175,23 @@ def _save_thumbnail(source: pyvips.Image, path: str, max_side: int) -> None:
 def _write_png_job(job: SlideJob) -> TaskResult:
     out = Path(job.out)
     thumb_missing = bool(job.thumbnail) and not Path(job.thumbnail).exists()
-    if out.exists():
+    mask_missing = bool(job.mask_out) and not Path(job.mask_out).exists()
+    if out.exists() and not mask_missing:
         if thumb_missing:
             _save_thumbnail(pyvips.Image.new_from_file(str(out)), job.thumbnail, job.thumbnail_max_side)
             return TaskResult(str(job.image_id), "done", "thumbnail only")
         return TaskResult(str(job.image_id), "skipped")
-    rgb, _ = render_slide(job.label, job.width, job.height, job.is_tma, job.hospital, job.seed)
+    rgb, tissue, tumour = render_slide_layers(
+        job.label, job.width, job.height, job.is_tma, job.hospital, job.seed, job.look
+    )
+    if job.mask_out:
+        with atomic_path(job.mask_out) as tmp:
+            _vips(supplemental_mask(tissue, tumour)).pngsave(str(tmp), compression=PNG_COMPRESSION)
     image = _vips(rgb)
+    if out.exists():
+        if thumb_missing:
+            _save_thumbnail(image, job.thumbnail, job.thumbnail_max_side)
+        return TaskResult(str(job.image_id), "done", "mask only")
     if job.thumbnail:
         _save_thumbnail(image, job.thumbnail, job.thumbnail_max_side)
     with atomic_path(out) as tmp:
@@ -145,7 +221,7 @@ def _write_patch_job(job: SlideJob) -> TaskResult:
     cols = math.ceil(math.sqrt(job.n_patches))
     rows = math.ceil(job.n_patches / cols)
     size = job.patch_size
-    rgb, _ = _render(job.label, cols * size, rows * size, False, job.hospital, job.seed, full_tissue=True)
+    rgb, _, _ = _render(job.label, cols * size, rows * size, False, job.hospital, job.seed, full_tissue=True)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         for k in range(job.n_patches):
@@ -174,8 +250,81 @@ def _check(cfg: Config) -> None:
         log.warning("data.classes %s differ from the synthetic classes %s", cfg.data.classes, CLASSES)
 
 
+def allocate(total: int, weights: list[float], minimum: int = 0) -> list[int]:
+    """``total`` split in proportion to ``weights`` (largest remainders), each share at least ``minimum``
+    while the total allows it."""
+    counts = [minimum] * len(weights) if total >= minimum * len(weights) else [0] * len(weights)
+    left = total - sum(counts)
+    share = np.asarray(weights, float) / max(float(np.sum(weights)), 1e-12) * left
+    floor = np.floor(share).astype(int)
+    order = np.argsort(-(share - floor), kind="stable")
+    floor[order[: left - int(floor.sum())]] += 1
+    return [int(c + f) for c, f in zip(counts, floor, strict=True)]
+
+
+def _train_counts(syn: Any, classes: list[str]) -> list[tuple[int, int]]:
+    """(WSIs, TMAs) per class: the per-class keys, or synthetic.train_images split by class_proportions."""
+    if int(syn.train_images) == 0:
+        return [(int(syn.wsi_per_class), int(syn.tma_per_class))] * len(classes)
+    weights = [float(syn.class_proportions[c]) for c in classes]
+    totals = allocate(int(syn.train_images), weights, minimum=1)
+    tmas = allocate(round(int(syn.train_images) * float(syn.train_tma_fraction)), weights)
+    return [(n - min(t, n), min(t, n)) for n, t in zip(totals, tmas, strict=True)]
+
+
+def _test_tumour_labels(syn: Any, classes: list[str], count: int, offset: int) -> list[str]:
+    """Test labels of the tumour images: classes in turn, or (proportional) every class then the real mix."""
+    if syn.test_class_mix == "even":
+        return [classes[(offset + i) % len(classes)] for i in range(count)]
+    weights = [float(syn.class_proportions[c]) for c in classes]
+    return [c for c, n in zip(classes, allocate(count, weights, minimum=1), strict=True) for _ in range(n)]
+
+
+def test_hospital_ids(syn: Any) -> list[int]:
+    """Unseen test hospitals: index train_hospitals (the demo's), then ids after the two external sources'."""
+    first = int(syn.train_hospitals)
+    return [first] + [first + 2 + k for k in range(1, int(syn.test_hospitals))]
+
+
+def _add_looks(syn: Any, tables: dict[str, pd.DataFrame]) -> None:
+    """Per-slide hard-benchmark draws (own stream, so the demo's plan is untouched): tumour share, artefacts,
+    stain shift (test) and which training WSIs get a supplemental mask."""
+    rng = np.random.default_rng([int(syn.seed), 20231006, 1])
+    for name in ("train", "test"):
+        frame = tables[name]
+        n = len(frame)
+        share = np.full(n, np.nan)
+        if syn.tumour_share is not None:
+            low, high = syn.tumour_share
+            share = np.where(frame.is_tma, np.nan, rng.uniform(low, high, n))
+        frame["tumour_share"] = share
+        blur = rng.random(n) < float(syn.blur_probability)
+        frame["blur_sigma"] = np.where(blur, rng.uniform(*syn.blur_sigma, n), 0.0)
+        jpeg = rng.random(n) < float(syn.jpeg_probability)
+        frame["jpeg_quality"] = np.where(jpeg, rng.integers(syn.jpeg_quality[0], syn.jpeg_quality[1] + 1, n), 0)
+        pen = rng.random(n) < float(syn.pen_probability)
+        frame["pen_strokes"] = np.where(pen, rng.integers(1, 4, n), 0)
+        frame["stain_shift"] = float(syn.test_stain_shift) if name == "test" else 0.0
+    train = tables["train"]
+    wsis = np.flatnonzero(~train.is_tma.to_numpy(bool))
+    chosen = rng.choice(wsis, size=round(float(syn.mask_fraction) * wsis.size), replace=False)
+    train["has_mask"] = np.isin(np.arange(len(train)), chosen)
+
+
+def slide_look(row: Any, syn: Any) -> SlideLook:
+    """The :class:`SlideLook` of a plan row (train or test)."""
+    share = float(row.tumour_share)
+    return SlideLook(
+        tumour_share=None if np.isnan(share) else share,
+        overlap=float(syn.morphology_overlap),
+        stain_shift=float(row.stain_shift),
+        artefacts=Artefacts(float(row.blur_sigma), int(row.jpeg_quality), int(row.pen_strokes)),
+    )
+
+
 def build_plan(cfg: Config) -> dict[str, pd.DataFrame]:
-    """Every slide to write, as tables: train, test (with hidden label/hospital), tiff and patch sources."""
+    """Every slide to write, as tables: train (with has_mask), test (with hidden label, hospital and kind),
+    tiff and patch sources; train and test also carry each slide's look (tumour share, artefacts)."""
     _check(cfg)
     syn = cfg.synthetic
     rng = np.random.default_rng([int(syn.seed), 20231006])
@@ -190,11 +339,11 @@ def build_plan(cfg: Config) -> dict[str, pd.DataFrame]:
         )
 
     train: list[dict[str, Any]] = []
-    for label in classes:
-        n = syn.wsi_per_class + syn.tma_per_class
+    for label, (n_wsi, n_tma) in zip(classes, _train_counts(syn, classes), strict=True):
+        n = n_wsi + n_tma
         hospitals = np.concatenate([rng.permutation(syn.train_hospitals) for _ in range(n // syn.train_hospitals + 1)])
         for k in range(n):
-            is_tma = k >= syn.wsi_per_class
+            is_tma = k >= n_wsi
             width, height = size(is_tma)
             train.append(dict(label=label, image_width=width, image_height=height, is_tma=is_tma,
                               hospital=int(hospitals[k])))  # fmt: skip
@@ -203,15 +352,19 @@ def build_plan(cfg: Config) -> dict[str, pd.DataFrame]:
     n_tma = round(n_test * float(syn.test_tma_fraction))
     test_tma = rng.permutation([True] * n_tma + [False] * (n_test - n_tma))
     offset = int(rng.integers(len(classes)))
-    test_labels = [OUTLIER] * syn.test_other + [
-        classes[(offset + i) % len(classes)] for i in range(n_test - syn.test_other)
-    ]
+    test_labels = [OUTLIER] * syn.test_other + _test_tumour_labels(syn, classes, n_test - syn.test_other, offset)
     test_labels = list(rng.permutation(test_labels)) if test_labels else []
+    hospitals, kinds = test_hospital_ids(syn), list(syn.test_other_kinds)
     test = []
-    for label, is_tma in zip(test_labels, test_tma, strict=True):
+    n_other = 0
+    for k, (label, is_tma) in enumerate(zip(test_labels, test_tma, strict=True)):
         width, height = size(bool(is_tma))
+        pattern, kind = str(label), TUMOUR_KIND
+        if label == OUTLIER:
+            pattern, kind = OTHER_KINDS[kinds[n_other % len(kinds)]]
+            n_other += 1
         test.append(dict(label=str(label), image_width=width, image_height=height, is_tma=bool(is_tma),
-                         hospital=int(syn.train_hospitals)))  # fmt: skip
+                         hospital=hospitals[k % len(hospitals)], kind=kind, pattern=pattern))  # fmt: skip
 
     tiff = []
     for k in range(syn.external_tiff_slides):
@@ -228,10 +381,11 @@ def build_plan(cfg: Config) -> dict[str, pd.DataFrame]:
     tables = {}
     start = 0
     for name, rows in (("train", train), ("test", test), ("tiff", tiff), ("patches", patches)):
-        frame = pd.DataFrame(rows)
+        frame = pd.DataFrame(rows, columns=PLAN_COLUMNS.get(name))
         frame.insert(0, "image_id", ids[start : start + len(rows)].astype(np.int64))
         start += len(rows)
         tables[name] = frame.sort_values("image_id", ignore_index=True) if name in ("train", "test") else frame
+    _add_looks(syn, tables)
     return tables
 
 
@@ -241,12 +395,14 @@ def _jobs(cfg: Config, plan: dict[str, pd.DataFrame]) -> list[SlideJob]:
     for split in ("train", "test"):
         images, thumbs = raw / data[f"{split}_images"], raw / data[f"{split}_thumbnails"]
         for row in plan[split].itertuples(index=False):
+            has_mask = bool(getattr(row, "has_mask", False))
             jobs.append(SlideJob(
-                kind="png", image_id=row.image_id, label=row.label, width=row.image_width,
-                height=row.image_height, is_tma=bool(row.is_tma), hospital=row.hospital,
+                kind="png", image_id=row.image_id, label=getattr(row, "pattern", row.label),
+                width=row.image_width, height=row.image_height, is_tma=bool(row.is_tma), hospital=row.hospital,
                 seed=slide_seed(syn.seed, row.image_id), out=str(images / f"{row.image_id}.png"),
                 thumbnail="" if row.is_tma else str(thumbs / f"{row.image_id}_thumbnail.png"),
-                thumbnail_max_side=int(syn.thumbnail_max_side),
+                thumbnail_max_side=int(syn.thumbnail_max_side), look=slide_look(row, syn),
+                mask_out=str(layout.supplemental_mask_path(cfg, row.image_id)) if has_mask else "",
             ))  # fmt: skip
     for row in plan["tiff"].itertuples(index=False):
         jobs.append(SlideJob(
@@ -273,6 +429,8 @@ def generate(cfg: Config) -> dict:
     plan = build_plan(cfg)
     folders = [raw / data[key] for key in ("train_images", "test_images", "train_thumbnails", "test_thumbnails")]
     folders += [ext / TIFF_DIR, ext / PATCH_DIR]
+    if plan["train"].has_mask.any():
+        folders.append(raw / data.supplemental_masks)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(folder)
@@ -291,7 +449,10 @@ def generate(cfg: Config) -> dict:
     atomic_write_csv(train[["image_id", "label", "image_width", "image_height", "is_tma"]], raw / data.train_csv)
     atomic_write_csv(test[["image_id", "image_width", "image_height"]], raw / data.test_csv)
     atomic_write_csv(test[["image_id"]].assign(label="HGSC"), raw / data.sample_submission_csv)
-    atomic_write_csv(test[["image_id", "label", "is_tma", "hospital"]], cfg.paths.hidden_test_labels)
+    hidden = ["image_id", "label", "is_tma", "hospital"]
+    if list(cfg.synthetic.test_other_kinds) != ["fibrous"]:
+        hidden.append("kind")  # several kinds of Other: say which (the demo's file keeps its four columns)
+    atomic_write_csv(test[hidden], cfg.paths.hidden_test_labels)
     tiff = plan["tiff"]
     atomic_write_csv(
         tiff.assign(file=tiff.image_id.astype(str) + ".tiff")[["image_id", "file", "label"]],
@@ -312,6 +473,8 @@ def generate(cfg: Config) -> dict:
         "test": len(test),
         "test_tma": int(test.is_tma.sum()),
         "test_other": int((test.label == OUTLIER).sum()),
+        "test_hospitals": sorted(int(h) for h in test.hospital.unique()),
+        "supplemental_masks": int(train.has_mask.sum()),
         "external_tiff": len(tiff),
         "external_patch_slides": len(plan["patches"]),
         "external_patches": len(patch_rows),

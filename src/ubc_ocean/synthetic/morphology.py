@@ -13,6 +13,13 @@ slides is heterogeneous: a minority of their tumour shows another subtype's patt
 - EC: back-to-back round/tubular glands with small lumens, stratified elongated (columnar) nuclei.
 - MC: large glands filled with pale blue-grey mucin, a thin layer of small basal nuclei, more stroma.
 - Other: dense fibrous stroma with streaming elongated spindle nuclei, no glands (unseen in training).
+- other_stroma: normal stroma only, no tumour at all (an "Other" kind of the hard benchmark).
+- other_near_hgsc: HGSC-like solid sheets with slits, but of smaller, uniform, spindle-shaped nuclei streaming
+  in one direction (a sarcoma-like "Other" close to HGSC).
+
+``overlap`` (0-1) makes the classes harder to tell apart: more slides are heterogeneous, their minority
+region is larger and of a confusable subtype (``CONFUSABLE``), and tumour nuclei are pulled towards one
+common size, shape and darkness.
 """
 
 from __future__ import annotations
@@ -28,6 +35,17 @@ OUTLIER = "Other"
 _STAMP_BUDGET = 3_000_000  # window pixels per stamping batch (bounds memory)
 MIXED_PROBABILITY = 0.3  # share of (non-Other) slides whose tumour also shows another subtype's pattern ...
 MIXED_SHARE = (0.1, 0.3)  # ... over this fraction of the tumour: classes overlap a little
+OTHER_STROMA = "other_stroma"
+OTHER_NEAR_HGSC = "other_near_hgsc"
+# subtypes pathologists confuse with each one (the minority region's pattern when overlap > 0)
+CONFUSABLE = {
+    "HGSC": ("LGSC", "EC"),
+    "LGSC": ("HGSC",),
+    "EC": ("HGSC", "CC", "MC"),
+    "CC": ("EC",),
+    "MC": ("EC",),
+}
+COMMON_NUCLEUS = (4.4, 3.0, 1.35)  # semi-major, semi-minor (px at 20x), darkness that overlap pulls towards
 
 
 @dataclass
@@ -37,6 +55,7 @@ class StainMaps:
     hema: np.ndarray
     eosin: np.ndarray
     mucin: np.ndarray
+    tumour: np.ndarray | None = None  # bool, where the tumour compartment is (set by render_morphology)
 
     @classmethod
     def empty(cls, shape: tuple[int, int]) -> StainMaps:
@@ -457,6 +476,26 @@ def _other(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> l
     return [(ys, xs, a, rng.uniform(1.7, 2.4, n) * s, angle, rng.uniform(1.15, 1.5, n))]
 
 
+def _near_hgsc(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """HGSC's sheets and slits, but small uniform spindle nuclei aligned with the fibres (sarcoma-like)."""
+    s, rng = ctx.scale, ctx.rng
+    slits = tumour & (np.abs(ctx.noise(40)) < 0.07 * ctx.jitter(0.3)) & (ctx.noise(90) > -0.2)
+    sheet = tumour & ~slits
+    maps.paint(sheet, 0.16, 0.5)
+    maps.paint(slits, 0.02, 0.06)
+    ys, xs = jittered_grid(rng, ctx.shape, 10.0 * s * ctx.jitter(0.1), jitter=0.4)
+    keep = lookup(sheet, ys, xs)
+    ys, xs = ys[keep], xs[keep]
+    n = ys.size
+    angle = _flow_angle(psi, ys, xs) + rng.normal(0, 0.25, n)
+    a = rng.uniform(5.0, 6.5, n) * s
+    return [(ys, xs, a, rng.uniform(1.8, 2.3, n) * s, angle, rng.uniform(1.3, 1.6, n))]
+
+
+def _no_tumour(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    return []
+
+
 _Renderer = Callable[[_Ctx, StainMaps, np.ndarray, np.ndarray], list[tuple[np.ndarray, ...]]]
 PATTERNS: dict[str, tuple[_Renderer, float]] = {  # renderer, fraction of the tissue that is tumour
     "HGSC": (_hgsc, 0.8),
@@ -465,15 +504,48 @@ PATTERNS: dict[str, tuple[_Renderer, float]] = {  # renderer, fraction of the ti
     "EC": (_ec, 0.8),
     "MC": (_mc, 0.7),
     OUTLIER: (_other, 0.85),
+    OTHER_NEAR_HGSC: (_near_hgsc, 0.8),
+    OTHER_STROMA: (_no_tumour, 0.0),
 }
 
 
+def _pull_nuclei(spec: tuple[np.ndarray, ...], amount: float, scale: float) -> tuple[np.ndarray, ...]:
+    """Move nuclear size, shape and darkness ``amount`` (0-1) of the way to ``COMMON_NUCLEUS``."""
+    if amount <= 0:
+        return spec
+    ys, xs, a, b, angle, dark = spec
+    major, minor, darkness = COMMON_NUCLEUS
+    a2 = a + amount * (major * scale - a)
+    b2 = np.minimum(b + amount * (minor * scale - b), a2)
+    return ys, xs, a2, b2, angle, dark + amount * (darkness - dark)
+
+
+def _tumour_renderer(renderer: _Renderer, overlap: float) -> _Renderer:
+    """``renderer`` whose main nuclei are pulled towards the common nucleus by ``overlap``."""
+    if overlap <= 0:
+        return renderer
+
+    def pulled(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+        specs = renderer(ctx, maps, tumour, psi)
+        return [_pull_nuclei(specs[0], overlap, ctx.scale), *specs[1:]] if specs else specs
+
+    return pulled
+
+
 def render_morphology(
-    label: str, shape: tuple[int, int], scale: float, rng: np.random.Generator, tissue: np.ndarray | None = None
+    label: str,
+    shape: tuple[int, int],
+    scale: float,
+    rng: np.random.Generator,
+    tissue: np.ndarray | None = None,
+    tumour_share: float | None = None,
+    overlap: float = 0.0,
 ) -> StainMaps:
     """Concentration maps of a region of ``shape`` showing ``label``'s pattern at ``scale``.
 
     ``tissue`` (optional mask) is where the slide has tissue: the tumour share is measured there.
+    ``tumour_share`` (0-1) replaces the pattern's own (about 0.7-0.85; the rest is stroma); ``overlap``
+    (0-1) makes the classes look alike (module docstring). The tumour map is returned in ``maps.tumour``.
     """
     if label not in PATTERNS:
         raise ValueError(f"unknown synthetic class {label!r}; expected one of {sorted(PATTERNS)}")
@@ -483,23 +555,31 @@ def render_morphology(
     psi = _flow(ctx, waviness=rng.uniform(20, 45))
     _stroma(ctx, maps, psi)
     fraction = np.clip(tumour_fraction + rng.normal(0, 0.05), 0.5, 0.95)
+    if tumour_share is not None:
+        fraction = float(np.clip(tumour_share, 0.0, 1.0))
     region = ctx.noise(170)
     inside = region[::4, ::4] if tissue is None else region[::4, ::4][tissue[::4, ::4]]
     tumour = region > (np.quantile(inside, 1 - fraction) if inside.size else 0.0)
+    if label == OTHER_STROMA:
+        tumour[:] = False
     nuclei = []
-    if label != OUTLIER and rng.random() < MIXED_PROBABILITY:
+    mixed_probability = MIXED_PROBABILITY + (1 - MIXED_PROBABILITY) * overlap
+    if label in CLASSES and rng.random() < mixed_probability:
         # heterogeneous tumour: a minority region shows another subtype's pattern
-        other = str(rng.choice([c for c in CLASSES if c != label]))
+        partners = CONFUSABLE[label] if overlap > 0 else [c for c in CLASSES if c != label]
+        other = str(rng.choice(partners))
         patch = ctx.noise(200)
-        share = rng.uniform(*MIXED_SHARE)
+        low, high = MIXED_SHARE
+        share = rng.uniform(low + 0.2 * overlap, high + 0.15 * overlap)
         candidates = patch[::4, ::4][tumour[::4, ::4]]
         minority = tumour & (patch > (np.quantile(candidates, 1 - share) if candidates.size else np.inf))
-        nuclei += PATTERNS[other][0](ctx, maps, minority, psi)
+        nuclei += _tumour_renderer(PATTERNS[other][0], overlap)(ctx, maps, minority, psi)
         tumour = tumour & ~minority
-        nuclei += renderer(ctx, maps, tumour, psi)
+        nuclei += _tumour_renderer(renderer, overlap)(ctx, maps, tumour, psi)
         tumour |= minority
     else:
-        nuclei += renderer(ctx, maps, tumour, psi)
+        nuclei += _tumour_renderer(renderer, overlap if label in CLASSES else 0.0)(ctx, maps, tumour, psi)
+    maps.tumour = tumour
     nuclei.append(_stroma_nuclei(ctx, ~tumour, psi))
     # staining texture: fine granularity, then uneven uptake over a few hundred pixels
     grain = ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.7)

@@ -69,8 +69,12 @@ class StainModel:
         return out
 
 
-def hospital_stain(hospital: int) -> StainModel:
-    """The stain model of hospital ``hospital``: a fixed style for 0-4, random styles beyond, plus seeded jitter."""
+def hospital_stain(hospital: int, shift: float = 0.0) -> StainModel:
+    """The stain model of hospital ``hospital``: a fixed style for 0-4, random styles beyond, plus seeded jitter.
+
+    ``shift`` (>= 0) moves the style further by a seeded random offset of the hospital's own: at 1 the stain
+    vectors turn by about as much as the training styles differ from one another, strengths change by ~20%.
+    """
     if hospital < 0:
         raise ValueError(f"hospital index must be >= 0, got {hospital}")
     rng = np.random.default_rng([hospital, 7919])
@@ -79,6 +83,13 @@ def hospital_stain(hospital: int) -> StainModel:
     else:
         dh, de = tuple(rng.normal(0, 0.06, 3)), tuple(rng.normal(0, 0.07, 3))
         h_scale, e_scale, bg = rng.uniform(0.85, 1.2), rng.uniform(0.8, 1.25), rng.uniform(0.02, 0.06)
+    if shift > 0:
+        extra = np.random.default_rng([hospital, 7919, 1])
+        dh = tuple(np.asarray(dh) + extra.normal(0, 0.07 * shift, 3))
+        de = tuple(np.asarray(de) + extra.normal(0, 0.08 * shift, 3))
+        h_scale *= float(np.exp(extra.normal(0, 0.2 * shift)))
+        e_scale *= float(np.exp(extra.normal(0, 0.2 * shift)))
+        bg += float(abs(extra.normal(0, 0.03 * shift)))
     model = StainModel(
         hema=_unit(np.asarray(HEMATOXYLIN) + dh),
         eosin=_unit(np.asarray(EOSIN) + de),

@@ -21,6 +21,14 @@ from ubc_ocean.config import ConfigError
 # ``field(metadata=RUNTIME_ONLY)`` marks a setting that never changes a tile (a thread count, say): it is
 # left out of the key, so changing it reuses the tiles already cut. Every setting today shapes the tiles.
 RUNTIME_ONLY = {"key": False}
+# ``field(metadata=keyed_when("name"))`` marks a setting that shapes the tiles only while setting ``name`` is
+# on (nonzero): while it is off the setting stays out of the key, so adding such a feature (off by default)
+# keeps every tile store cut before it.
+
+
+def keyed_when(switch: str) -> dict:
+    """Field metadata: the setting enters the key only while the setting ``switch`` is nonzero."""
+    return {"key_when": switch}
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ class TilingSettings:
     quality_fallback_tiles: int
     max_artefact_fraction: float
     dark_value: int
+    synthetic_tmas_per_wsi: int = dataclasses.field(metadata=keyed_when("synthetic_tmas_per_wsi"))
+    synthetic_tma_side: int = dataclasses.field(metadata=keyed_when("synthetic_tmas_per_wsi"))
     slides: SlideSettings
     seed: int
 
@@ -85,7 +95,8 @@ def _keyed(settings: Any) -> dict:
     """The settings that shape the tiles, as plain values (nested settings as mappings)."""
     values = {}
     for item in dataclasses.fields(settings):
-        if item.metadata.get("key", True):
+        switch = item.metadata.get("key_when")
+        if item.metadata.get("key", True) and (switch is None or getattr(settings, switch)):
             value = getattr(settings, item.name)
             values[item.name] = _keyed(value) if dataclasses.is_dataclass(value) else value
     return values

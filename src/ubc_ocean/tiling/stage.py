@@ -13,9 +13,11 @@ from ubc_ocean.config import save_config
 from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
-from ubc_ocean.slides.reader import resize_to
+from ubc_ocean.slides.reader import InMemorySlide, resize_to
 from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
+from ubc_ocean.tiling.cores import CoreSite, core_id, plan_cores
+from ubc_ocean.tiling.masks import MaskError, read_tumour_map
 from ubc_ocean.tiling.qc import save_overlay
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import SlideTiler
@@ -39,7 +41,7 @@ class PatchBag:
         return f"{self.source}/{self.image_id}"
 
 
-def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
+def _tile_record_row(record, name: str, tumour_fraction: float) -> dict:  # type: ignore[no-untyped-def]
     return {
         "file": name,
         "x": record.x,
@@ -48,35 +50,134 @@ def _tile_record_row(record, name: str) -> dict:  # type: ignore[no-untyped-def]
         "magnification": record.magnification,
         "tissue_fraction": record.tissue_fraction,
         "blur_score": record.blur_score,
+        store.TUMOUR_FRACTION: tumour_fraction,
     }
 
 
+def mask_facts(spec: SlideSpec, cfg: Mapping) -> dict | None:
+    """The supplemental mask of a competition training slide as ``slide.json`` records it (file name and
+    size), or None when it has none."""
+    if spec.source != TRAIN:
+        return None
+    path = layout.supplemental_mask_path(cfg, spec.image_id)
+    return {"file": path.name, "size": path.stat().st_size} if path.is_file() else None
+
+
+def tumour_fractions(spec: SlideSpec, cfg: Mapping, facts: dict | None, image_size: tuple[int, int],
+                     boxes: list[tuple[int, int]], extent: int) -> tuple[list[float], dict | None]:
+    """Each box's tumour fraction from the slide's mask, read once (NaN for every box without a mask, or
+    with one that cannot be read: a warning names it, the tiles stay); returns them and the mask facts."""
+    if facts is None:
+        return [float("nan")] * len(boxes), None
+    path = layout.supplemental_mask_path(cfg, spec.image_id)
+    try:
+        fractions = read_tumour_map(path).tile_fractions(image_size, boxes, extent)
+    except MaskError as err:
+        log.warning("%s: %s; its tiles get no tumour fraction", spec.slide_id, err)
+        return [float("nan")] * len(boxes), {**facts, "problem": str(err)}
+    return [round(float(value), 4) for value in fractions], facts
+
+
+def _mask_key(facts: dict | None) -> tuple | None:
+    """What decides whether recorded fractions are stale: the mask's file name and size."""
+    return None if facts is None else (facts.get("file"), facts.get("size"))
+
+
+def refresh_tumour_fractions(spec: SlideSpec, cfg: Mapping, folder: Path, facts: dict | None) -> int:
+    """Rewrite a complete slide folder's tumour fractions (its mask appeared, changed or went) without
+    tiling it again: only ``index.csv`` and ``slide.json`` change, each atomically; returns the tile count."""
+    index, info = store.read_index(folder), store.read_slide_info(folder)
+    boxes = list(zip(index["x"].astype(int), index["y"].astype(int), strict=True))
+    extent = int(index["extent"].iloc[0]) if len(index) else 1
+    values, facts = tumour_fractions(spec, cfg, facts, (int(info["width"]), int(info["height"])), boxes, extent)
+    store.replace_tumour_fractions(folder, values, facts)
+    return len(index)
+
+
+def _drain(tiler: SlideTiler, tmp: Path, settings: TilingSettings) -> list:
+    """Drain ``tiler``'s pass into ``tmp``: the tiles the plan keeps and ``qc.png`` (the caller writes
+    ``index.csv`` and ``slide.json``); returns the kept records."""
+    records = []
+    with store.TileWriter(settings.format, settings.jpeg_quality) as writer:
+        for record, rgb in tiler:
+            writer.submit(tmp / store.tile_file_name(record.x, record.y, settings.format), rgb)
+            records.append(record)
+    kept = tiler.finish(records)
+    kept_boxes = {record.box for record in kept}
+    for record in records:  # a streamed candidate that the tissue mask, known only now, leaves out goes
+        if record.box not in kept_boxes:
+            (tmp / store.tile_file_name(record.x, record.y, settings.format)).unlink()
+    if not kept:
+        raise SlideError(tiler.info.no_tiles_message())
+    save_overlay(tmp / store.QC_FILE, tiler.qc_overlay(kept))
+    return kept
+
+
+def _write_index(tmp: Path, kept: list, fractions: list[float], settings: TilingSettings) -> None:
+    store.write_index(tmp, [
+        _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format), fraction)
+        for record, fraction in zip(kept, fractions, strict=True)
+    ])
+
+
+def _tile_core(spec: SlideSpec, site: CoreSite, rgb, settings: TilingSettings, cfg: Mapping,  # type: ignore[no-untyped-def]
+               ) -> dict | None:
+    """Tile one core image as a TMA into its own folder (atomically; its tiles get no tumour fraction); its
+    record for the parent's ``slide.json``, or None when it holds no tile."""
+    core = SlideSpec(spec.source, core_id(spec.image_id, site.index), spec.path, is_tma=True,
+                     magnification=float(settings.target_magnification), label=spec.label)
+    folder = layout.slide_tiles_dir(cfg, core.source, core.image_id)
+    try:
+        with SlideTiler(core, settings, reader=InMemorySlide(spec.path, rgb)) as tiler, atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            kept = _drain(tiler, tmp, settings)
+            _write_index(tmp, kept, [float("nan")] * len(kept), settings)
+            store.write_slide_info(tmp, {**tiler.info.to_dict(), "parent_image_id": spec.image_id,
+                                         "parent_box": [site.x, site.y, site.side]}, core.magnification)
+    except SlideError as err:
+        log.warning("%s: synthetic core %d left out: %s", spec.slide_id, site.index, err)
+        return None
+    return {**site.record(spec.image_id), "n_tiles": len(kept)}
+
+
 def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
-    """Tile one slide into its folder (atomically); a complete folder cut with today's settings is skipped."""
+    """Tile one slide into its folder (atomically); a complete folder cut with today's settings is skipped.
+
+    With ``tiling.synthetic_tmas_per_wsi`` on, a WSI's synthetic cores are cut from the same decoding pass
+    (a second one only when its tissue mask is built while streaming), each tiled into its own folder
+    before the slide's, whose ``slide.json`` lists them (``synthetic_cores``): they are part of its
+    complete output. They go where its supplemental mask shows most tumour, else most tissue."""
     settings = TilingSettings.from_config(cfg)
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
+    facts = mask_facts(spec, cfg)
     if store.is_current(folder, spec.magnification):
-        return TaskResult(spec.slide_id, "skipped")
+        if _mask_key(store.recorded_mask(folder)) == _mask_key(facts):
+            return TaskResult(spec.slide_id, "skipped")
+        count = refresh_tumour_fractions(spec, cfg, folder, facts)
+        return TaskResult(spec.slide_id, "done", "tumour fractions refreshed (its supplemental mask changed)",
+                          count=count)
+    tumour_mask = layout.supplemental_mask_path(cfg, spec.image_id) if facts is not None else None
     try:
         with SlideTiler(spec, settings) as tiler, atomic_path(folder) as tmp:
             tmp.mkdir(parents=True)
-            records = []
-            with store.TileWriter(settings.format, settings.jpeg_quality) as writer:
-                for record, rgb in tiler:
-                    writer.submit(tmp / store.tile_file_name(record.x, record.y, settings.format), rgb)
-                    records.append(record)
-            kept = tiler.finish(records)
-            kept_boxes = {record.box for record in kept}
-            for record in records:  # a streamed candidate that the tissue mask, known only now, leaves out goes
-                if record.box not in kept_boxes:
-                    (tmp / store.tile_file_name(record.x, record.y, settings.format)).unlink()
-            if not kept:
-                raise SlideError(tiler.info.no_tiles_message())
-            store.write_index(tmp, [
-                _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format)) for record in kept
-            ])
-            store.write_slide_info(tmp, tiler.info.to_dict(), spec.magnification)
-            save_overlay(tmp / store.QC_FILE, tiler.qc_overlay(kept))
+            wants_cores, cutter = settings.synthetic_tmas_per_wsi > 0 and not tiler.is_tma, None
+            if wants_cores and not tiler.streaming:
+                cutter = plan_cores(tiler, settings, tumour_mask)
+                tiler.read_also(cutter.boxes, cutter.take)
+            kept = _drain(tiler, tmp, settings)
+            info = tiler.info
+            fractions, facts = tumour_fractions(spec, cfg, facts, (info.width, info.height),
+                                                [record.box for record in kept], info.extent)
+            _write_index(tmp, kept, fractions, settings)
+            slide_facts = {**info.to_dict(), **store.mask_fact(facts)}
+            if wants_cores:
+                if cutter is None:  # the mask came from the pass: the cores' cells are read again
+                    cutter = plan_cores(tiler, settings, tumour_mask)
+                    for box, rgb in tiler.read_cells(cutter.boxes):
+                        cutter.take(box, rgb)
+                cores = [_tile_core(spec, site, rgb, settings, cfg) for site, rgb in cutter.images()]
+                slide_facts[store.CORES_KEY] = [core for core in cores if core is not None]
+            store.write_slide_info(tmp, slide_facts, spec.magnification)
     except (SlideError, OSError, ValueError) as err:
         return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
     fallback = tiler.info.fallback

@@ -2,8 +2,10 @@
 
     {layout.tiles_root}/{source}/{image_id}/
         {x}_{y}.jpg ...    tiles at the target magnification
-        index.csv          file, x, y, extent, magnification, tissue_fraction, blur_score (level-0 coords)
-        slide.json         slide facts (size, magnification, TMA or WSI, label, fallback note)
+        index.csv          file, x, y, extent, magnification, tissue_fraction, blur_score (level-0 coords),
+                           tumour_fraction (share of the tile that its supplemental mask marks tumour; NaN: no mask)
+        slide.json         slide facts (size, magnification, TMA or WSI, label, fallback note, supplemental_mask if any;
+                           a WSI's synthetic TMA cores, each a sibling folder {image_id}_core{k}, under synthetic_cores)
         qc.png             thumbnail + tissue mask + kept tiles
 """
 
@@ -20,12 +22,16 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.memory import limit_malloc_arenas
 from ubc_ocean.tiling.settings import TilingSettings
 
-INDEX_COLUMNS = ["file", "x", "y", "extent", "magnification", "tissue_fraction", "blur_score"]
+INDEX_COLUMNS = ["file", "x", "y", "extent", "magnification", "tissue_fraction", "blur_score", "tumour_fraction"]
+TUMOUR_FRACTION = "tumour_fraction"
+MASK_FACT = "supplemental_mask"  # slide.json: {"file", "size"} of the mask the fractions come from (absent: none)
 INDEX_FILE = "index.csv"
 SLIDE_FILE = "slide.json"
+CORES_KEY = "synthetic_cores"  # slide.json: the synthetic TMA cores cut from the slide (tiling/cores.py)
 QC_FILE = "qc.png"
 
 
@@ -45,12 +51,15 @@ def _magnification_setting(value: float | None) -> float | None:
 
 
 def is_current(folder: Path, source_magnification: float | None) -> bool:
-    """Complete, and cut with the source magnification configured now (a per-source setting, outside the
-    tiling key): a slide whose source setting changed is tiled again rather than skipped."""
+    """Complete (its synthetic cores' folders too), and cut with the source magnification configured now (a
+    per-source setting, outside the tiling key): a slide whose source setting changed is tiled again rather
+    than skipped."""
     if not is_complete(folder):
         return False
-    recorded = read_slide_info(folder).get("source_magnification")
-    return recorded == _magnification_setting(source_magnification)
+    info = read_slide_info(folder)
+    if any(not is_complete(folder.parent / core["image_id"]) for core in info.get(CORES_KEY, [])):
+        return False  # a synthetic core's folder is gone: the slide's output is not whole
+    return info.get("source_magnification") == _magnification_setting(source_magnification)
 
 
 def fingerprint(folder: Path) -> str:
@@ -97,11 +106,40 @@ def read_tile(path: str | Path) -> np.ndarray:
 
 
 def write_index(folder: Path, rows: list[dict]) -> None:
-    pd.DataFrame(rows, columns=INDEX_COLUMNS).to_csv(folder / INDEX_FILE, index=False)
+    """``index.csv`` of ``rows`` (a row without ``tumour_fraction`` gets NaN: no mask)."""
+    frame = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    frame[TUMOUR_FRACTION] = frame[TUMOUR_FRACTION].astype(float)
+    frame.to_csv(folder / INDEX_FILE, index=False)
 
 
 def read_index(folder: Path) -> pd.DataFrame:
-    return pd.read_csv(folder / INDEX_FILE)
+    """A slide's tile index; one written before tumour fractions were recorded gets a NaN column (no mask)."""
+    frame = pd.read_csv(folder / INDEX_FILE)
+    if TUMOUR_FRACTION not in frame:
+        frame[TUMOUR_FRACTION] = np.nan
+    return frame
+
+
+def replace_tumour_fractions(folder: Path, values: list[float], facts: dict | None) -> None:
+    """Give a complete folder's tiles new tumour fractions (``values`` in index order) and record the
+    mask they come from: ``index.csv`` then ``slide.json``, each replaced atomically."""
+    index = read_index(folder)
+    index[TUMOUR_FRACTION] = np.asarray(values, dtype=float)
+    atomic_write_csv(index[INDEX_COLUMNS], folder / INDEX_FILE)
+    info = {key: value for key, value in read_slide_info(folder).items() if key != MASK_FACT}
+    info = {**info, **mask_fact(facts)}
+    atomic_write_text(folder / SLIDE_FILE, json.dumps(info, indent=2, default=str))
+
+
+def mask_fact(facts: dict | None) -> dict:
+    """What ``slide.json`` says of the slide's mask: ``{supplemental_mask: facts}``, nothing without one."""
+    return {MASK_FACT: facts} if facts else {}
+
+
+def recorded_mask(folder: Path) -> dict | None:
+    """The supplemental mask a complete slide folder's tumour fractions come from (None: none, or a folder
+    tiled before masks were read)."""
+    return read_slide_info(folder).get(MASK_FACT)
 
 
 def write_slide_info(folder: Path, info: Mapping, source_magnification: float | None) -> None:

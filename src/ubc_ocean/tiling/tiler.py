@@ -12,7 +12,8 @@ One :class:`SlideTiler` is one slide's tiling session::
         info = tiler.info                      # SlideTilingInfo: what slide.json records
 
 Steps out of order (a second pass, ``finish`` before the pass is drained, ``info`` before ``finish``)
-raise :class:`TilerUsageError`.
+raise :class:`TilerUsageError`. Other grid cells (a synthetic TMA core's, say) can be read in the same pass
+(:meth:`SlideTiler.read_also`, when the plan comes before the pass) or afterwards (:meth:`SlideTiler.read_cells`).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ import enum
 import heapq
 import itertools
 import logging
-from collections.abc import Container, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
-from ubc_ocean.slides.reader import InMemorySlide, resize_area
+from ubc_ocean.slides.reader import InMemorySlide, resize_area, sorted_boxes
 from ubc_ocean.sources import SlideSpec
-from ubc_ocean.tiling.grid import TilePlan, grid_origin, plan_tiles, slide_seed
+from ubc_ocean.tiling.grid import TilePlan, cell_fractions, grid_origin, plan_tiles, slide_seed
 from ubc_ocean.tiling.qc import draw_overlay
 from ubc_ocean.tiling.quality import artefact_fraction, focus_score
 from ubc_ocean.tiling.settings import TilingSettings
@@ -134,6 +135,21 @@ class _MaskView:
     origin: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class CellGrid:
+    """Per-cell values of the slide's centred tile grid: ``values[r, c]`` is the cell whose level-0 box
+    starts at ``(x0 + c * extent, y0 + r * extent)``."""
+
+    values: np.ndarray
+    x0: int
+    y0: int
+    extent: int
+
+    def box(self, row: int, col: int) -> tuple[int, int]:
+        """Level-0 top-left corner of cell ``(row, col)``."""
+        return self.x0 + col * self.extent, self.y0 + row * self.extent
+
+
 @dataclass
 class _Verdict:
     """What the quality filters say of one tile."""
@@ -207,14 +223,16 @@ class SlideTiler:
     ``info.fallback`` says so.
     """
 
-    def __init__(self, spec: SlideSpec, settings: TilingSettings, row_limit: int | None = None):
+    def __init__(self, spec: SlideSpec, settings: TilingSettings, row_limit: int | None = None,
+                 reader: SlideReader | None = None):
         """``row_limit`` (level-0 rows, None: the whole slide) confines the tiles to that many rows from the
         top (from the first row with tissue when the mask comes before the pass), so a sequential decoder
         (PNG) stops there: the lower-cost mode of a time-budgeted inference. Once open, ``row_limit`` is
-        the level-0 row the pass reads down to."""
+        the level-0 row the pass reads down to. ``reader`` (None: ``spec.path`` is opened) tiles pixels
+        already at hand, such as an :class:`InMemorySlide` of a synthetic TMA core; the tiler closes it."""
         self.spec, self.settings = spec, settings
         self.row_limit = None if row_limit is None else max(1, int(row_limit))
-        self.reader: SlideReader = open_slide(
+        self.reader: SlideReader = reader if reader is not None else open_slide(
             spec.path, thumbnail=spec.thumbnail, in_memory_max_pixels=settings.slides.in_memory_max_pixels,
             thumbnail_aspect_tolerance=float(settings.slides.thumbnail_aspect_tolerance))
         self._state, self._closed = _State.READY, False
@@ -227,6 +245,8 @@ class SlideTiler:
         self._rejected = {"blur": 0, "artefact": 0, "background": 0}
         self._quality_fallback_tiles = 0
         self._info: SlideTilingInfo | None = None
+        self._also: frozenset[tuple[int, int]] = frozenset()  # other cells read in the pass (read_also)
+        self._also_sink: Callable[[tuple[int, int], np.ndarray], None] | None = None
         try:
             self._open()
         except Exception:
@@ -298,11 +318,15 @@ class SlideTiler:
             self._keep = _fractions(self._plan)
         self._state = _State.READ
 
-    def _judged(self, boxes: list[tuple[int, int]]) -> Iterator[tuple[int, int, np.ndarray, _Verdict]]:
-        """Read ``boxes`` in one pass while helper threads judge the tiles already read."""
+    def _judged(self, boxes: list[tuple[int, int]], unjudged: Container[tuple[int, int]] = frozenset()
+                ) -> Iterator[tuple[int, int, np.ndarray, _Verdict | None]]:
+        """Read ``boxes`` in one pass while helper threads judge the tiles already read (those in
+        ``unjudged`` are read only: their verdict is None)."""
         settings = self.settings
         tiles = self.reader.read_boxes(boxes, self.extent, settings.tile_size)
-        for ((x, y), rgb), verdict in threaded_map(lambda tile: _judge(settings, tile[1]), tiles):
+        def judge(tile: tuple[tuple[int, int], np.ndarray]) -> _Verdict | None:
+            return None if tile[0] in unjudged else _judge(settings, tile[1])
+        for ((x, y), rgb), verdict in threaded_map(judge, tiles):
             yield x, y, rgb, verdict
 
     def _passes(self, verdict: _Verdict) -> bool:
@@ -320,8 +344,16 @@ class SlideTiler:
     def _read_planned(self, reserve: _Reserve) -> Iterator[tuple[TileRecord, np.ndarray]]:
         plan = self._plan
         fraction_by_box = _fractions(plan)
+        boxes, also_only = plan.boxes, frozenset()
+        if self._also:  # the other cells asked for join the one pass, in row-major order
+            also_only = self._also.difference(fraction_by_box)
+            boxes = sorted_boxes(also_only.union(fraction_by_box))
         passed = 0
-        for x, y, rgb, verdict in self._judged(plan.boxes):
+        for x, y, rgb, verdict in self._judged(boxes, also_only):
+            if (x, y) in self._also:
+                self._also_sink((x, y), rgb)
+            if verdict is None:
+                continue
             if not verdict.foreground_ok:  # the low-resolution mask overstated this tile's tissue
                 self._rejected["background"] += 1
             elif self._passes(verdict):
@@ -411,6 +443,37 @@ class SlideTiler:
         self._keep = {box: fraction_by_box[box] for box, _, _ in tiles}
         for (x, y), score, rgb in tiles:
             yield self._record(x, y, fraction_by_box[(x, y)], score), rgb
+
+    # --- other cells -----------------------------------------------------------------------------------
+
+    def tissue_grid(self) -> CellGrid:
+        """The tissue fraction of every cell of the centred grid (the mask's view of the slide): known
+        when the tiler opens, or, when streaming, once the pass is over."""
+        if self._view is None:
+            raise TilerUsageError(f"{self.spec.slide_id}: the tissue mask is built in the decoding pass: read "
+                                  f"the slide first (it is {self._state.value})")
+        view = self._view
+        ox, oy = grid_origin(*view.size, self.extent)
+        values = cell_fractions(view.masks.tissue, *view.size, self.extent)
+        return CellGrid(values, view.origin[0] + ox, view.origin[1] + oy, self.extent)
+
+    def read_also(self, boxes: Iterable[tuple[int, int]], sink: Callable[[tuple[int, int], np.ndarray], None]) -> None:
+        """Read these grid cells (level-0 corners, ``extent`` side) in the same pass as the tiles, giving
+        each to ``sink(box, rgb)`` at the tile size (``rgb`` may be reused by the reader: copy it). Only
+        before the pass, and only when the plan comes before it (not :attr:`streaming`: use
+        :meth:`read_cells` after the pass then). The cells are never yielded as tiles unless planned."""
+        if self.streaming or self._state is not _State.READY:
+            raise TilerUsageError(f"{self.spec.slide_id}: read_also() needs the plan before the pass (streaming: "
+                                  f"{self.streaming}; the slide is {self._state.value}): use read_cells() after it")
+        self._also, self._also_sink = frozenset(boxes), sink
+
+    def read_cells(self, boxes: Iterable[tuple[int, int]]) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """``(box, rgb)`` of these grid cells at the tile size, after the pass: a second read of the slide
+        (for a PNG, a second decoding down to the last cell's row)."""
+        if self._state not in (_State.READ, _State.FINISHED) or self._closed:
+            raise TilerUsageError(f"{self.spec.slide_id}: read_cells() reads after the pass (the slide is "
+                                  f"{self._state.value})")
+        yield from self.reader.read_boxes(sorted_boxes(boxes), self.extent, self.settings.tile_size)
 
     # --- after the pass ---------------------------------------------------------------------------------
 

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ubc_ocean.metrics import balanced_accuracy, confusion_frame, per_class_recall
+from ubc_ocean.metrics import (
+    balanced_accuracy,
+    balanced_accuracy_draws,
+    bootstrap_counts,
+    confusion_frame,
+    per_class_recall,
+    percentile_interval,
+)
 from ubc_ocean.viz.figures import draw_histogram
 
 
@@ -22,13 +29,8 @@ def bootstrap_interval(truth: Sequence[str], predicted: Sequence[str], classes: 
                        n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the balanced accuracy (slides resampled with replacement; a
     resample's BA averages the recalls of the classes it holds)."""
-    truth, predicted = np.asarray(truth, dtype=object), np.asarray(predicted, dtype=object)
-    rng = np.random.default_rng(seed)
-    draws = [balanced_accuracy(truth[i], predicted[i], classes)
-             for i in rng.integers(0, len(truth), size=(n_boot, len(truth)))]
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.nanpercentile(draws, [tail, 100 - tail])
-    return float(low), float(high)
+    counts = bootstrap_counts(len(truth), n_boot, seed)
+    return percentile_interval(balanced_accuracy_draws(truth, predicted, classes, counts), level)
 
 
 def model_summary(per_slide: pd.DataFrame, classes: Sequence[str], n_boot: int = 1000) -> dict:

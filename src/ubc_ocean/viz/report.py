@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ubc_ocean import layout
 from ubc_ocean.features import cache
+from ubc_ocean.folds import is_synthetic
 from ubc_ocean.mil.report import seed_mean
 from ubc_ocean.outliers import OutlierThreshold
 from ubc_ocean.viz.cv import cv_figure, model_summary
@@ -82,8 +83,10 @@ def worst_oof_slides(cfg: Mapping, models: Sequence[str], n: int) -> pd.DataFram
 
 
 def training_bag_means(cfg: Mapping) -> pd.DataFrame:
-    """Every training slide's mean tile embedding (rows: slide ids; for nearest-bag look-ups)."""
+    """Every training slide's mean tile embedding (rows: slide ids; for nearest-bag look-ups). Synthetic
+    TMA cores are left out: a slide's own core would be its nearest neighbour."""
     table = layout.read_training_table(cfg)
+    table = table[~is_synthetic(table)]
     paths = layout.embedding_paths(layout.embeddings_root(cfg), table)
     means = {slide: mean_embedding(cache.read_embeddings(path)[0])
              for slide, path in tqdm(paths.items(), desc="bag means", unit="slide") if path.is_file()}

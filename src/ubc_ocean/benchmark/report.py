@@ -1,0 +1,109 @@
+"""The benchmark's tables: one row per configuration (CSV), the Markdown table, and the RESULT line."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ubc_ocean.benchmark.stats import METRICS, Estimate
+
+# Differences against the baseline kept in the CSV (the Markdown table shows the first).
+DELTAS = ("test_ba", "wsi_ba", "tma_ba", "other_recall")
+
+
+@dataclass
+class Outcome:
+    """One configuration's run: its scores (empty when it failed), its OOF balanced accuracy and stage times."""
+
+    name: str
+    experiment: str
+    overrides: list[str]
+    oof_ba: float = float("nan")
+    scores: dict[str, Estimate] = field(default_factory=dict)
+    deltas: dict[str, Estimate] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def wall_s(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    @property
+    def test_ba(self) -> float:
+        return self.scores["test_ba"].value if "test_ba" in self.scores else float("nan")
+
+
+def results_frame(outcomes: Sequence[Outcome], baseline: str, best: str | None) -> pd.DataFrame:
+    """One row per configuration: every metric with its interval, the differences against the baseline,
+    the OOF balanced accuracy, ``oof_test_gap`` (OOF BA - test BA), the wall time and the status."""
+    rows = []
+    for outcome in outcomes:
+        row: dict = {"configuration": outcome.name, "experiment": outcome.experiment,
+                     "overrides": " ".join(outcome.overrides), "baseline": outcome.name == baseline,
+                     "best_oof": outcome.name == best, "oof_ba": outcome.oof_ba}
+        for name in METRICS:
+            estimate = outcome.scores.get(name, Estimate(np.nan, np.nan, np.nan))
+            row |= {name: estimate.value, f"{name}_low": estimate.low, f"{name}_high": estimate.high}
+        for name in DELTAS:
+            estimate = outcome.deltas.get(name, Estimate(np.nan, np.nan, np.nan))
+            row |= {f"delta_{name}": estimate.value, f"delta_{name}_low": estimate.low,
+                    f"delta_{name}_high": estimate.high}
+        row |= {"oof_test_gap": outcome.oof_ba - outcome.test_ba, "wall_s": round(outcome.wall_s, 1),
+                "status": "ok" if outcome.error is None else f"failed: {outcome.error}"}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _estimate(row: Mapping, name: str, digits: int = 3) -> str:
+    return Estimate(row[name], row[f"{name}_low"], row[f"{name}_high"]).text(digits)
+
+
+def _signed(row: Mapping, name: str) -> str:
+    value, low, high = row[name], row[f"{name}_low"], row[f"{name}_high"]
+    if not np.isfinite(value):
+        return "n/a"
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _number(value: float) -> str:
+    return f"{value:.3f}" if np.isfinite(value) else "n/a"
+
+
+def markdown_table(results: pd.DataFrame, level: float = 0.95) -> str:
+    """The results as Markdown: the main table (the best configuration by OOF BA in bold), then Other by
+    image type; intervals are ``level`` bootstrap percentile intervals."""
+    percent = f"{level * 100:g}%"
+    lines = [f"| configuration | OOF BA | test BA [{percent} CI] | WSI BA [CI] | TMA BA [CI] | Other recall [CI] "
+             "| Δ test BA vs baseline [CI] | wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, row in results.iterrows():
+        name = f"**{row.configuration}**" if row.best_oof else row.configuration
+        name += " (baseline)" if row.baseline else ""
+        if row.status != "ok":
+            lines.append(f"| {name} | {row.status} | | | | | | {row.wall_s:.0f} |")
+            continue
+        lines.append(f"| {name} | {_number(row.oof_ba)} | {_estimate(row, 'test_ba')} | {_estimate(row, 'wsi_ba')} "
+                     f"| {_estimate(row, 'tma_ba')} | {_estimate(row, 'other_recall')} "
+                     f"| {_signed(row, 'delta_test_ba')} | {row.wall_s:.0f} |")
+    lines += ["", "| configuration | Other recall WSI | Other recall TMA | in-distribution flagged as Other "
+                  "| flagged WSI | flagged TMA |", "|---|---|---|---|---|---|"]
+    for _, row in results[results.status == "ok"].iterrows():
+        lines.append(f"| {row.configuration} | {_estimate(row, 'other_recall_wsi')} "
+                     f"| {_estimate(row, 'other_recall_tma')} | {_estimate(row, 'flag_rate')} "
+                     f"| {_estimate(row, 'flag_rate_wsi')} | {_estimate(row, 'flag_rate_tma')} |")
+    return "\n".join(lines) + "\n"
+
+
+def result_line(results: pd.DataFrame) -> str:
+    """``RESULT best_test_ba=... baseline_test_ba=... oof_test_gap=... best=...``: the configuration chosen on
+    OOF balanced accuracy, its test BA and gap, and the baseline's test BA."""
+    best = results[results.best_oof]
+    base = results[results.baseline]
+    best_row = best.iloc[0] if len(best) else None
+    return (f"RESULT best_test_ba={_number(best_row.test_ba if best_row is not None else np.nan)} "
+            f"baseline_test_ba={_number(base.iloc[0].test_ba if len(base) else np.nan)} "
+            f"oof_test_gap={_number(best_row.oof_test_gap if best_row is not None else np.nan)} "
+            f"best={best_row.configuration if best_row is not None else 'none'}")

@@ -1,0 +1,236 @@
+"""scripts/benchmark.py: stage 00 once, then stages 01-06 for each configuration of ``benchmark.configurations``
+on the same data, each scored on the hidden test labels with bootstrap intervals and paired differences
+against the baseline.
+
+Every configuration is its config plus its overrides, run as experiment ``{experiment}-{name}`` with the
+submission ``{experiment}-{name}.csv``; all are loaded and checked (keys, values, MIL model names) before any
+work. The data root is shared: stage 01 reuses the tiles of a tiling key already cut, stage 03 the embeddings
+of an encoder and tiling already computed, stage 05 the test embeddings; stage 02 rewrites the manifest for
+each configuration's tiling (cheap), stages 04-06 always run (each configuration's own experiment). The stages
+run in this process, one after the other (each frees its models when it returns; slide work runs in
+``runtime.workers`` processes as usual); each configuration's log goes to its own file as well. With
+``benchmark.resume``, a configuration that ran to the end with the same settings (``done.json``) is read back.
+
+The best configuration is the one of highest OOF balanced accuracy: nothing is chosen on the test split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ubc_ocean import layout
+from ubc_ocean.benchmark.report import DELTAS, Outcome, markdown_table, result_line, results_frame
+from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best, scored_frame
+from ubc_ocean.config import Config, ConfigError, as_plain, save_config, with_overrides
+from ubc_ocean.external.stage import run as merge
+from ubc_ocean.features.stage import run as embed
+from ubc_ocean.inference.stage import run as infer
+from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
+from ubc_ocean.metrics import bootstrap_counts
+from ubc_ocean.mil.stage import run as train
+from ubc_ocean.mil.train import check_models
+from ubc_ocean.submit.stage import run as submit
+from ubc_ocean.synthetic import run as make_data
+from ubc_ocean.tiling.stage import run as tile
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("01_tile", tile), ("02_merge", merge), ("03_embed", embed), ("04_train", train), ("05_infer", infer),
+    ("06_submit", submit),
+)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One benchmark configuration: its name, overrides and resolved config."""
+
+    name: str
+    overrides: list[str]
+    cfg: Config
+
+
+@dataclass
+class Summary:
+    """What the benchmark wrote, and the lines it ends with (the Markdown table, wall times, RESULT)."""
+
+    results: pd.DataFrame
+    markdown: str
+    result: str
+    failed: list[str]
+    folder: Path
+
+    @property
+    def text(self) -> str:
+        times = ", ".join(f"{row.configuration} {row.wall_s:.0f} s" for _, row in self.results.iterrows())
+        return f"{self.markdown}\nwall times: {times}\nresults: {self.folder / 'results.md'}\n{self.result}"
+
+
+def configurations(cfg: Config) -> list[Configuration]:
+    """Every configuration's config, checked whole (keys, values, MIL models built once at the encoder's
+    width) before any work: a bad one is a ``ConfigError`` naming it."""
+    if cfg["runtime"]["shard"] is not None:
+        raise ConfigError(f"the benchmark scores every test image: runtime.shard must be null; "
+                          f"got {cfg['runtime']['shard']!r}")
+    out = []
+    n_classes = len(cfg["data"]["classes"])
+    for entry in cfg["benchmark"]["configurations"]:
+        name, overrides = entry["name"], list(entry["overrides"])
+        experiment = layout.benchmark_experiment(cfg, name)
+        try:
+            resolved = with_overrides(cfg, [*overrides, f"experiment={experiment}", f"submit.name={experiment}"])
+            check_models(resolved["mil"], layout.feature_width(resolved), n_classes)
+        except ConfigError as err:
+            raise ConfigError(f"benchmark configuration {name!r}: {err}") from None
+        out.append(Configuration(name, overrides, resolved))
+    return out
+
+
+@contextlib.contextmanager
+def log_file(path: Path) -> Iterator[None]:
+    """Copy every log record of the package to ``path`` (appended) while the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def read_truth(cfg: Mapping) -> pd.DataFrame:
+    """The hidden test labels (``image_id, label, is_tma``, ...) that stage 00 wrote; an error naming the file
+    when they are missing (only synthetic data can be benchmarked)."""
+    path = Path(cfg["paths"]["hidden_test_labels"])
+    if not path.is_file():
+        raise FileNotFoundError(f"no hidden test labels at {path}: the benchmark scores synthetic data only")
+    truth = pd.read_csv(path, dtype={"image_id": str})
+    missing = {"image_id", "label", "is_tma"} - set(truth.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}")
+    return truth
+
+
+def run_configuration(configuration: Configuration, truth: pd.DataFrame, folder: Path, outcome: Outcome,
+                      position: str) -> pd.DataFrame:
+    """Stages 01-06 for one configuration (their times and the OOF balanced accuracy into ``outcome``), then
+    its test images scored: returned and written to ``scored.csv`` in ``folder``."""
+    cfg = configuration.cfg
+    log.info("benchmark configuration %s %s (experiment %s): %s", position, configuration.name, cfg["experiment"],
+             " ".join(configuration.overrides) or "no overrides")
+    for stage_name, stage in STAGES:
+        start = time.perf_counter()
+        try:
+            stage(cfg)
+        finally:  # a stage that fails counts its time too
+            outcome.seconds[stage_name] = time.perf_counter() - start
+        log.info("benchmark %s: %s done in %.1f s", configuration.name, stage_name, outcome.seconds[stage_name])
+    report = json.loads(layout.ensemble_report_path(cfg).read_text())
+    outcome.oof_ba = float(report["oof_balanced_accuracy"])
+    scored = scored_frame(pd.read_csv(layout.submission_path(cfg), dtype={"image_id": str}), truth)
+    atomic_write_csv(scored, folder / "scored.csv")
+    done = {"settings": settings(cfg), "oof_ba": outcome.oof_ba, "seconds": outcome.seconds}
+    atomic_write_text(folder / DONE, json.dumps(done, indent=1))
+    return scored
+
+
+DONE = "done.json"  # in a configuration's folder, written last: it ran to the end with these settings
+
+
+def settings(cfg: Mapping) -> dict:
+    """What a configuration's results depend on: its config but the ``benchmark`` and ``runtime`` sections, as
+    JSON would write it (so a value read back from ``done.json`` compares equal)."""
+    return json.loads(json.dumps({key: value for key, value in as_plain(cfg).items()
+                                  if key not in ("benchmark", "runtime")}))
+
+
+def read_back(configuration: Configuration, folder: Path, outcome: Outcome) -> pd.DataFrame | None:
+    """The scored test images of a configuration that already ran to the end with the same settings (its
+    OOF balanced accuracy and stage times into ``outcome``), else None."""
+    done, scored = folder / DONE, folder / "scored.csv"
+    if not (done.is_file() and scored.is_file()):
+        return None
+    record = json.loads(done.read_text())
+    if record.get("settings") != settings(configuration.cfg):
+        log.info("benchmark %s: its settings changed since %s: running it again", configuration.name, done)
+        return None
+    outcome.oof_ba, outcome.seconds = float(record["oof_ba"]), dict(record["seconds"])
+    log.info("benchmark %s: read back from %s (benchmark.resume)", configuration.name, folder)
+    return pd.read_csv(scored, dtype={"image_id": str}).assign(is_tma=lambda f: f["is_tma"].astype(bool))
+
+
+def run(cfg: Config) -> Summary:
+    """Run the benchmark; write ``results.csv``, ``results.md`` and ``timings.csv`` under
+    ``{runs}/{experiment}``. A configuration that fails is logged with its traceback and reported as
+    failed; the others go on (the summary lists the failed ones)."""
+    plans = configurations(cfg)
+    bench = cfg["benchmark"]
+    baseline = bench["baseline"] or plans[0].name
+    out = layout.benchmark_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, "config_benchmark.yaml")
+    with log_file(out / "benchmark.log"):
+        log.info("benchmark: %d configurations (%s), baseline %s -> %s", len(plans),
+                 ", ".join(p.name for p in plans), baseline, out)
+        start = time.perf_counter()
+        make_data(cfg)
+        timings = [{"configuration": "", "stage": "00_data", "seconds": time.perf_counter() - start}]
+        truth = read_truth(cfg)
+        outcomes, scored = [], {}
+        for index, plan in enumerate(plans, 1):
+            folder = layout.benchmark_configuration_dir(cfg, plan.name)
+            outcome = Outcome(plan.name, str(plan.cfg["experiment"]), plan.overrides)
+            with log_file(folder / "stages.log"):  # each configuration's own log, its traceback included
+                try:
+                    found = read_back(plan, folder, outcome) if bench["resume"] else None
+                    if found is None:
+                        (folder / DONE).unlink(missing_ok=True)
+                        found = run_configuration(plan, truth, folder, outcome, f"{index}/{len(plans)}")
+                    scored[plan.name] = found
+                except Exception as err:  # reported, the other configurations go on
+                    log.error("benchmark configuration %s failed: %s\n%s", plan.name, err, traceback.format_exc())
+                    outcome.error = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+            outcomes.append(outcome)
+            timings += [{"configuration": plan.name, "stage": s, "seconds": v} for s, v in outcome.seconds.items()]
+        summary = _score(cfg, outcomes, scored, baseline)
+        atomic_write_csv(pd.DataFrame(timings).round({"seconds": 2}), out / "timings.csv")
+        log.info("benchmark done in %.0f s:\n%s", time.perf_counter() - start, summary.text)
+    return summary
+
+
+def _score(cfg: Config, outcomes: list[Outcome], scored: Mapping[str, pd.DataFrame], baseline: str) -> Summary:
+    """Bootstrap every scored configuration on the same resamples, pair each with the baseline, choose the
+    best on OOF, and write the tables."""
+    bench, outlier = cfg["benchmark"], str(cfg["data"]["outlier_label"])
+    level = float(bench["confidence"])
+    n_images = len(next(iter(scored.values()))) if scored else 0
+    counts = bootstrap_counts(n_images, int(bench["bootstrap"]), int(bench["seed"]))
+    boot = {name: Bootstrapped.of(frame, outlier, counts) for name, frame in scored.items()}
+    for outcome in outcomes:
+        if outcome.name in boot:
+            outcome.scores = {metric: boot[outcome.name].estimate(metric, level) for metric in METRICS}
+            if baseline in boot:
+                outcome.deltas = {metric: boot[outcome.name].minus(boot[baseline], metric, level) for metric in DELTAS}
+    order = [o.name for o in outcomes]
+    best = choose_best({o.name: o.oof_ba for o in outcomes if o.error is None}, order)
+    results = results_frame(outcomes, baseline, best)
+    out = layout.benchmark_dir(cfg)
+    markdown = markdown_table(results, level)
+    atomic_write_csv(results, out / "results.csv")
+    note = (f"Test images: {n_images}; {level * 100:g}% bootstrap percentile intervals over {bench['bootstrap']} "
+            f"resamples of the test images (seed {bench['seed']}), the same resamples for every configuration; "
+            f"Δ: paired difference against {baseline}. Bold: the best configuration by OOF balanced accuracy.\n\n")
+    atomic_write_text(out / "results.md", note + markdown)
+    return Summary(results, markdown, result_line(results), [o.name for o in outcomes if o.error], out)

@@ -1,0 +1,119 @@
+"""Bootstrap statistics of the benchmark, on predictions drawn from known distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ubc_ocean.benchmark.stats import choose_best, paired_difference, scored_frame, summarise
+from ubc_ocean.metrics import (
+    balanced_accuracy,
+    balanced_accuracy_draws,
+    bootstrap_counts,
+    percentile_interval,
+    proportion_draws,
+)
+
+CLASSES = ["CC", "EC", "HGSC", "LGSC", "MC", "Other"]
+
+
+def _draw(rng: np.random.Generator, truth: np.ndarray, p_correct: dict[str, float]) -> np.ndarray:
+    """Each image labelled correctly with its class's probability, else with another class at random."""
+    pred = truth.copy()
+    for i, label in enumerate(truth):
+        if rng.random() >= p_correct[label]:
+            pred[i] = rng.choice([c for c in CLASSES if c != label])
+    return pred
+
+
+def _frame(truth: np.ndarray, pred: np.ndarray, tma: np.ndarray) -> pd.DataFrame:
+    ids = [f"{i:04d}" for i in range(len(truth))]
+    return scored_frame(pd.DataFrame({"image_id": ids, "label": pred}),
+                        pd.DataFrame({"image_id": ids, "label": truth, "is_tma": tma}))
+
+
+def test_one_resample_of_ones_is_the_plain_metric():
+    rng = np.random.default_rng(0)
+    truth = rng.choice(CLASSES, 200)
+    pred = _draw(rng, truth, dict.fromkeys(CLASSES, 0.6))
+    ones = np.ones((1, len(truth)), dtype=np.int64)
+    assert balanced_accuracy_draws(truth, pred, CLASSES, ones)[0] == pytest.approx(balanced_accuracy(truth, pred))
+    tma = rng.random(200) < 0.7
+    assert balanced_accuracy_draws(truth, pred, CLASSES, ones, tma)[0] == pytest.approx(
+        balanced_accuracy(truth[tma], pred[tma]))
+    counts = bootstrap_counts(200, 50, seed=3)
+    assert counts.shape == (50, 200) and (counts.sum(1) == 200).all()
+    assert np.array_equal(counts, bootstrap_counts(200, 50, seed=3))  # seeded
+    assert np.isnan(proportion_draws(np.ones(3, bool), np.zeros(3, bool), bootstrap_counts(3, 4))).all()
+
+
+def test_interval_covers_the_true_balanced_accuracy_at_about_the_nominal_rate():
+    """Per class, each image is right with a known probability: the true BA is their mean. Over 200 fresh
+    test sets, the 95% interval holds it about 95% of the time."""
+    p_correct = {"CC": 0.8, "EC": 0.7, "HGSC": 0.9, "LGSC": 0.5, "MC": 0.6, "Other": 0.4}
+    true_ba = float(np.mean(list(p_correct.values())))
+    rng = np.random.default_rng(1)
+    covered, widths = [], []
+    for trial in range(200):
+        truth = rng.choice(CLASSES, 300, p=[0.1, 0.15, 0.35, 0.1, 0.1, 0.2])
+        pred = _draw(rng, truth, p_correct)
+        draws = balanced_accuracy_draws(truth, pred, CLASSES, bootstrap_counts(300, 400, seed=trial))
+        low, high = percentile_interval(draws, 0.95)
+        covered.append(low <= true_ba <= high)
+        widths.append(high - low)
+    assert 0.88 <= np.mean(covered) <= 0.99
+    assert 0.05 < np.median(widths) < 0.2  # the 6 classes of about 30-100 images each
+
+
+def test_paired_difference_of_identical_predictions_is_exactly_zero():
+    rng = np.random.default_rng(2)
+    truth = rng.choice(CLASSES, 150)
+    frame = _frame(truth, _draw(rng, truth, dict.fromkeys(CLASSES, 0.6)), rng.random(150) < 0.7)
+    counts = bootstrap_counts(len(frame), 300, seed=0)
+    for metric in ("test_ba", "tma_ba", "other_recall"):
+        diff = paired_difference(frame, frame.copy(), "Other", counts, metric)
+        assert (diff.value, diff.low, diff.high) == (0.0, 0.0, 0.0)
+
+
+def test_a_planted_better_configuration_has_a_positive_interval():
+    """Configuration A is right 80% of the time, B 60%, on the same images: the paired interval of A - B
+    lies above 0 and holds the true 0.2; unpaired, their own intervals overlap more than the paired one says."""
+    rng = np.random.default_rng(4)
+    truth = rng.choice(CLASSES, 300)
+    tma = rng.random(300) < 0.7
+    better = _frame(truth, _draw(rng, truth, dict.fromkeys(CLASSES, 0.8)), tma)
+    worse = _frame(truth, _draw(rng, truth, dict.fromkeys(CLASSES, 0.6)), tma)
+    counts = bootstrap_counts(300, 1000, seed=0)
+    diff = paired_difference(better, worse, "Other", counts)
+    assert 0 < diff.low < 0.2 < diff.high
+    assert diff.value == pytest.approx(summarise(better, "Other", counts)["test_ba"].value
+                                       - summarise(worse, "Other", counts)["test_ba"].value)
+    reverse = paired_difference(worse, better, "Other", counts)
+    assert reverse.high < 0 and reverse.value == pytest.approx(-diff.value)
+    with pytest.raises(ValueError, match="different test images"):
+        paired_difference(better, worse.iloc[1:], "Other", counts)
+
+
+def test_summary_splits_wsis_tmas_and_other():
+    """Known counts: Other is found on every TMA and no WSI; one in-distribution TMA of four is flagged."""
+    truth = np.array(["Other", "Other", "Other", "Other", "CC", "CC", "EC", "EC", "CC", "EC"])
+    tma = np.array([True, True, False, False, True, True, True, True, False, False])
+    pred = np.array(["Other", "Other", "CC", "EC", "Other", "CC", "EC", "EC", "CC", "EC"])
+    summary = summarise(_frame(truth, pred, tma), "Other", bootstrap_counts(10, 200, seed=0))
+    assert summary["other_recall"].value == 0.5
+    assert summary["other_recall_tma"].value == 1.0 and summary["other_recall_wsi"].value == 0.0
+    assert summary["flag_rate_tma"].value == 0.25 and summary["flag_rate_wsi"].value == 0.0
+    assert summary["flag_rate"].value == pytest.approx(1 / 6)
+    assert summary["tma_ba"].value == pytest.approx((1 + 0.5 + 1) / 3)
+    assert summary["wsi_ba"].value == pytest.approx((0 + 1 + 1) / 3)
+    assert summary["other_recall_tma"].low == 1.0  # every resample's Other TMAs are all found
+    assert summary["test_ba"].text().startswith(f"{summary['test_ba'].value:.3f} [")
+
+
+def test_scored_frame_refuses_an_unpredicted_image_and_best_is_chosen_on_oof():
+    truth = pd.DataFrame({"image_id": [1, 2], "label": ["CC", "EC"], "is_tma": [True, False]})
+    with pytest.raises(ValueError, match=r"no prediction, e\.g\. \['2'\]"):
+        scored_frame(pd.DataFrame({"image_id": ["1"], "label": ["CC"]}), truth)
+    assert choose_best({"a": 0.7, "b": 0.8, "c": 0.8, "d": float("nan")}, ["a", "b", "c", "d"]) == "b"
+    assert choose_best({"a": float("nan")}, ["a"]) is None
