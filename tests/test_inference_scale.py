@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,44 @@ def test_pipelined_features_equal_in_process_ones_and_a_bad_slide_fails_alone(ti
         np.testing.assert_array_equal(result.coords, other.coords)
         assert result.decode_s > 0 and result.decoded_pixels > 0 and result.encode_s > 0
     assert alone[(specs[1].image_id, "max 4 tiles")].tiles == 4
+
+
+
+def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_encoded(tiny_raw, tmp_path,
+                                                                                     monkeypatch):
+    """A time budget's deadline stops the run at once: the run returns while a consumer is still encoding
+    (the thread ends after that batch by itself), and its decoder processes are ended."""
+    from ubc_ocean.features import pipeline as pipeline_module
+
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}")
+    jobs = iter([SlideJob(s) for s in competition_specs(cfg, TEST)])
+    encoding, encoded = threading.Event(), threading.Event()
+    real_embed = pipeline_module.embed_batches
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        encoding.set()
+        time.sleep(8)  # far longer than the run takes to stop
+        encoded.set()
+        yield from real_embed(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "embed_batches", slow)
+    pipeline = FusedPipeline(cfg, devices=[CPU], workers=2)
+    processes = []
+    real_start = pipeline_module._Decoder._start
+
+    def start(self):  # type: ignore[no-untyped-def]
+        real_start(self)
+        processes.append(self.process)
+
+    monkeypatch.setattr(pipeline_module._Decoder, "_start", start)
+    assert list(pipeline.run(lambda: next(jobs, None), should_stop=encoding.is_set)) == []
+    assert not encoded.is_set()
+    assert processes and not any(process.is_alive() for process in processes)
+    assert encoded.wait(60)  # the abandoned batch still goes on, in its own thread, which then ends
+    for thread in threading.enumerate():
+        if thread.name.startswith("encoder-"):
+            thread.join(60)
+            assert not thread.is_alive()
 
 
 def test_row_fraction_decodes_only_the_top_rows(tiny_raw, tmp_path, encoder):
@@ -291,3 +331,48 @@ def test_bench_inference_quick_runs_and_reports():
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("RESULT tma_s=") and all(k in last for k in ("wsi_s_per_gpx=", "projected_hours=",
                                                                           "gpu_busy=", "device="))
+
+
+
+def _slow_embed_batches(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """The encoder, slowed down so that tile batches wait on the queue."""
+    from ubc_ocean.features.embed import embed_batches
+
+    time.sleep(0.5)
+    yield from embed_batches(*args, **kwargs)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["dies-at-once", "dies-with-its-batch-queued"])
+def test_decoder_processes_that_die_fail_their_slides_only_and_the_submission_is_complete(pipeline, tmp_path,
+                                                                                          monkeypatch, late):
+    """Decoder processes killed mid-slide (SIGKILL after their first batch: the OOM killer, a native crash),
+    with that batch still in the process or already waiting on the queue behind a slow encoder, must not
+    hang or stop stage 05: each such slide is a failures_05 row saying so, every other slide is predicted,
+    and the submission lists every id."""
+    from tests import decoder_hooks
+    from ubc_ocean.features import pipeline as pipeline_module
+    from ubc_ocean.inference.stage import run as infer
+    from ubc_ocean.submit.stage import run as submit
+
+    cfg = _copy_without_test_embeddings(pipeline, tmp_path, "runtime.workers=2", "inference.queue_depth=2")
+    specs = competition_specs(cfg, TEST)
+    doomed = [specs[1], specs[3]]
+    monkeypatch.setenv(decoder_hooks.DOOMED, ",".join(str(s.image_id) for s in doomed))
+    if late:
+        monkeypatch.setenv(decoder_hooks.LATE, "1")
+        monkeypatch.setattr(pipeline_module, "embed_batches", _slow_embed_batches)
+    monkeypatch.setattr(pipeline_module, "decoder_entry", decoder_hooks.decode_or_die)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(infer(cfg)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "stage 05 hung after a decoder process died"
+    assert outcome, "stage 05 raised (see the log)"
+    failures = pd.read_csv(layout.run_dir(cfg) / "failures_05.csv", dtype={"slide": str})
+    assert sorted(failures.slide) == sorted(s.slide_id for s in doomed)
+    for message in failures.message:
+        assert "decoder process died" in message and any(s.path.name in message for s in doomed)
+    predicted = pd.read_csv(outcome[0]["abmil"], dtype={"image_id": str})
+    assert sorted(predicted.image_id) == sorted(str(s.image_id) for s in specs if s not in doomed)
+    submission = pd.read_csv(submit(cfg), dtype={"image_id": str})
+    assert sorted(submission.image_id) == sorted(str(s.image_id) for s in specs)

@@ -2,23 +2,30 @@
 
 ::
 
-    decoder process 1 ─┐  (one slide each: SlideBatches)                      ┌─ consumer thread, cuda:0
-    decoder process 2 ─┼─ uint8 batches, shared memory, bounded queue ────────┼─ consumer thread, cuda:1
-    ...                ┘  (queue_depth batches)                               └─ ...
+    decoder process 1 ── its own queue ─ forwarder thread ─┐                   ┌─ consumer thread, cuda:0
+    decoder process 2 ── its own queue ─ forwarder thread ─┼─ bounded queue ───┼─ consumer thread, cuda:1
+    ...   (one slide each: SlideBatches; uint8 batches      ┘ (queue_depth)     └─ ...
+           in shared memory)
                                   results (features per batch, slide ends) ─> FusedPipeline.run (the caller)
 
 * Decoding (PNG, tiling, the tile round trip) runs in ``workers`` spawned processes, one slide each; the
   caller's ``next_job`` is asked for a slide whenever a decoder is idle, so a time budget decides each
   slide's mode with the rates measured so far.
-* Batches travel as uint8 tensors in shared memory through one queue of ``queue_depth`` batches: memory is
-  bounded by ``queue_depth + workers + consumers`` batches, never by the slide.
+* Batches travel as uint8 tensors in shared memory, each decoder's through a queue of its own (one batch)
+  that a thread of this process forwards to the consumers' queue of ``queue_depth`` batches: memory is
+  bounded by ``queue_depth + 3 x workers + consumers`` batches, never by the slide. A decoder's own queue
+  dies with it: a process killed while writing to a shared queue would leave that queue's lock or slot
+  taken, and every other decoder blocked on it.
 * One consumer thread per device (every visible GPU by default, :func:`ubc_ocean.device.visible_devices`)
   copies each batch to pinned memory, then to its device without blocking, and runs the encoder under
   autocast (:func:`ubc_ocean.features.embed.embed_batches`). The GIL is released while CUDA works.
 * On the CPU with one worker it stays simple: each slide is decoded and embedded in this process, in turn.
 
 A slide that fails (bad file, encoder error) is a ``failed`` :class:`SlideResult`; a decoder process that
-dies (a native crash, the OOM killer) costs the slide it held, and is replaced.
+dies (a native crash, the OOM killer) costs the slide it held, and is replaced. Each batch's tensor is
+pickled by its decoder apart from the message that carries it (its shared memory is handed over by the
+decoder process): a batch whose decoder died before a consumer took it cannot be received, and fails
+its slide only.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -45,6 +53,7 @@ from ubc_ocean.slides import SlideError
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often a waiting loop looks at its stop signal and at its decoder processes
+LIVENESS_S = 1.0  # how often the caller's loop looks at its decoder processes while messages keep coming
 
 
 @dataclass
@@ -165,18 +174,21 @@ class FusedPipeline:
     def _run_pipelined(self, next_job: Callable[[], SlideJob | None],
                        should_stop: Callable[[], bool]) -> Iterator[SlideResult]:
         context = torch.multiprocessing.get_context("spawn")
-        batches = context.Queue(maxsize=self.queue_depth)
+        batches: queue.Queue = queue.Queue(maxsize=self.queue_depth)
         results: queue.Queue = queue.Queue()
         stop = threading.Event()
-        decoders = [_Decoder(context, index, self.cfg, batches) for index in range(self.workers)]
+        decoders = [_Decoder(context, index, self.cfg, batches, stop) for index in range(self.workers)]
+        # not daemons: a consumer left computing by a stopped run ends after its batch, and the interpreter
+        # waits for it at exit (killing a thread inside torch aborts the process)
         consumers = [threading.Thread(target=self._consume, args=(encoder, device, batches, results, stop),
-                                      name=f"encoder-{device}", daemon=True)
+                                      name=f"encoder-{device}")
                      for encoder, device in zip(self.encoders, self.devices, strict=True)]
         for thread in consumers:
             thread.start()
         slides: dict[int, _Slide] = {}
         keys = iter(range(1 << 62))
-        exhausted = False
+        exhausted = finished = False
+        checked = time.monotonic()
         try:
             while True:
                 for decoder in decoders:  # hand a slide to every idle decoder
@@ -188,11 +200,18 @@ class FusedPipeline:
                             key = next(keys)
                             slides[key] = _Slide(job)
                             decoder.give(key, job)
-                if should_stop() or (exhausted and not slides):
+                if exhausted and not slides:
+                    finished = True
                     return
+                if should_stop():
+                    return
+                if time.monotonic() - checked >= LIVENESS_S:  # also while other slides keep messages coming
+                    checked = time.monotonic()
+                    yield from self._replace_dead(decoders, slides)
                 try:
                     message = results.get(timeout=POLL_S)
                 except queue.Empty:
+                    checked = time.monotonic()
                     yield from self._replace_dead(decoders, slides)
                     continue
                 yield from self._handle(message, slides, decoders)
@@ -200,10 +219,8 @@ class FusedPipeline:
             stop.set()
             for decoder in decoders:
                 decoder.close()
-            for thread in consumers:  # daemons: one stuck on a queue a killed decoder left half-written is let go
-                thread.join(timeout=10)
-            batches.cancel_join_thread()
-            batches.close()
+            for thread in consumers:  # idle at the end; when stopped (a deadline), a batch being encoded is not
+                thread.join(timeout=10 if finished else 0)  # waited for: the thread ends after it, by itself
 
     def _handle(self, message: tuple, slides: dict[int, _Slide], decoders: list[_Decoder]) -> Iterator[SlideResult]:
         kind, key = message[0], message[1]
@@ -211,6 +228,12 @@ class FusedPipeline:
             raise message[2]
         if kind == "fatal":
             raise ConfigError(message[2])
+        if kind == "lost":  # a batch that could not be received: most likely its decoder died
+            for decoder in decoders:
+                if decoder.key == key:
+                    decoder.process.join(timeout=1.0)  # a dying process: let it be gone
+            yield from self._replace_dead(decoders, slides)  # then its slide fails as the decoder's death
+            kind = "encode_failed"  # else (a live decoder) with the consumer's words
         if kind in ("end", "failed"):  # the decoder is free again
             for decoder in decoders:
                 if decoder.key == key:
@@ -273,7 +296,14 @@ class FusedPipeline:
                 if message[0] != "batch":
                     results.put(message)
                     continue
-                _, key, index, tiles = message
+                _, key, index, payload = message
+                try:  # its shared memory comes from the decoder process, which may have died since
+                    tiles = ForkingPickler.loads(payload)
+                except Exception as err:
+                    failed.add(key)
+                    results.put(("lost", key, f"tile batch {index} could not be received from its decoder "
+                                 f"process: {type(err).__name__}: {one_line(str(err))}"))
+                    continue
                 if key in failed:
                     continue
                 tick = time.perf_counter()
@@ -306,38 +336,66 @@ class _Slide:
 
 
 class _Decoder:
-    """One decoder process with its own job queue, so the caller knows which slide each one holds."""
+    """One decoder process with its own job queue, so the caller knows which slide each one holds, and its
+    own output queue, forwarded to the consumers' ``batches`` by a thread until ``stop`` or a restart."""
 
-    def __init__(self, context: Any, index: int, cfg: Mapping, batches: Any):
-        self.context, self.index, self.cfg, self.batches = context, index, cfg, batches
+    def __init__(self, context: Any, index: int, cfg: Mapping, batches: queue.Queue, stop: threading.Event):
+        self.context, self.index, self.cfg, self.batches, self.stop = context, index, cfg, batches, stop
         self.key: int | None = None
         self._start()
 
     def _start(self) -> None:
         self.jobs = self.context.SimpleQueue()
-        self.process = self.context.Process(target=_decode_slides, args=(self.cfg, self.jobs, self.batches),
+        self.output = self.context.Queue(maxsize=1)
+        self.retired = threading.Event()
+        self.process = self.context.Process(target=decoder_entry, args=(self.cfg, self.jobs, self.output),
                                             name=f"decoder-{self.index}", daemon=True)
         self.process.start()
+        threading.Thread(target=_forward, args=(self.output, self.batches, self.stop, self.retired),
+                         name=f"forward-decoder-{self.index}", daemon=True).start()
 
     def give(self, key: int, job: SlideJob) -> None:
         self.key = key
         self.jobs.put((key, job))
 
     def restart(self) -> None:
+        """A new process, with new queues: the dead one's are dropped with whatever it left in them."""
         self.key = None
+        self.retired.set()
         self.process.join(timeout=0)
+        self.output.cancel_join_thread()
         self._start()
 
     def close(self) -> None:
-        """Ask the process to stop after its slide; a process still busy a moment later is ended."""
+        """End the process at once: idle, or abandoned mid-slide, it holds nothing of value, and a graceful
+        exit (tearing torch down) can take seconds that a time budget does not have."""
         if self.process.is_alive():
-            self.jobs.put(None)
-            if self.key is not None:  # abandoned mid-slide: no need to wait for it
-                self.process.terminate()
+            self.process.terminate()
             self.process.join(timeout=5)
             if self.process.is_alive():
-                self.process.terminate()
+                self.process.kill()
                 self.process.join()
+        self.retired.set()
+        self.output.cancel_join_thread()
+
+
+def _forward(source: Any, target: queue.Queue, stop: threading.Event, retired: threading.Event) -> None:
+    """Pass one decoder's messages on to the consumers' queue, until the run stops or the decoder is replaced
+    (a thread of the caller's process; it ends too if a message is cut short by its writer's death, and one
+    left waiting on such a message holds nothing the others need)."""
+    while not (stop.is_set() or retired.is_set()):
+        try:
+            message = source.get(timeout=POLL_S)
+        except queue.Empty:
+            continue
+        except Exception:  # a message its dying writer cut short: the liveness check fails its slide
+            return
+        while not (stop.is_set() or retired.is_set()):
+            try:
+                target.put(message, timeout=POLL_S)
+                break
+            except queue.Full:
+                continue
 
 
 def _decode_slides(cfg: Mapping, jobs: Any, batches: Any) -> None:
@@ -351,7 +409,8 @@ def _decode_slides(cfg: Mapping, jobs: Any, batches: Any) -> None:
         slide = SlideBatches(job, cfg)
         try:
             for index, batch in enumerate(slide):
-                batches.put(("batch", key, index, torch.from_numpy(np.ascontiguousarray(batch))))
+                tensor = torch.from_numpy(np.ascontiguousarray(batch))
+                batches.put(("batch", key, index, bytes(ForkingPickler.dumps(tensor))))
         except ConfigError as err:
             batches.put(("fatal", key, str(err)))
             continue
@@ -359,3 +418,7 @@ def _decode_slides(cfg: Mapping, jobs: Any, batches: Any) -> None:
             batches.put(("failed", key, failure_message(job, err)))
             continue
         batches.put(("end", key, slide.result))
+
+
+# What a decoder process runs (a seam: tests point it at a module of theirs that spawned processes import).
+decoder_entry: Callable[[Mapping, Any, Any], None] = _decode_slides
