@@ -460,36 +460,38 @@ def _mc(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> list
     return [(ys, xs, rng.uniform(2.8, 3.4, k) * s, rng.uniform(2.0, 2.4, k) * s, normal, rng.uniform(1.05, 1.3, k))]
 
 
-def _other(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+def _spindle_nuclei(
+    ctx: _Ctx, psi: np.ndarray, where: np.ndarray, spacing: float, grid_jitter: float, angle_sd: float,
+    long_axis: tuple[float, float], short_axis: tuple[float, float], darkness: tuple[float, float],
+) -> tuple[np.ndarray, ...]:
+    """Elongated nuclei on a jittered grid (``spacing`` px at scale 1) inside ``where``, aligned with the fibre
+    flow ``psi`` give or take ``angle_sd`` radians; axes (px at scale 1) and darkness drawn uniformly."""
     s, rng = ctx.scale, ctx.rng
-    period = 5.0 * s
+    ys, xs = jittered_grid(rng, ctx.shape, spacing * s * ctx.jitter(0.1), jitter=grid_jitter)
+    keep = lookup(where, ys, xs)
+    ys, xs = ys[keep], xs[keep]
+    n = ys.size
+    angle = _flow_angle(psi, ys, xs) + rng.normal(0, angle_sd, n)
+    a = rng.uniform(*long_axis, n) * s
+    return ys, xs, a, rng.uniform(*short_axis, n) * s, angle, rng.uniform(*darkness, n)
+
+
+def _other(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    period = 5.0 * ctx.scale
     fibres = 0.5 + 0.5 * np.sin(psi * np.float32(2 * np.pi / period) + 0.6 * ctx.noise(16))
     maps.eosin[tumour] = 0.62 + 0.22 * fibres[tumour]
     maps.hema[tumour] = 0.07
     maps.mucin[tumour] = 0.0
-    ys, xs = jittered_grid(rng, ctx.shape, 9.5 * s * ctx.jitter(0.1), jitter=0.45)
-    keep = lookup(tumour, ys, xs)
-    ys, xs = ys[keep], xs[keep]
-    n = ys.size
-    angle = _flow_angle(psi, ys, xs) + rng.normal(0, 0.12, n)
-    a = rng.uniform(7.0, 10.5, n) * s
-    return [(ys, xs, a, rng.uniform(1.7, 2.4, n) * s, angle, rng.uniform(1.15, 1.5, n))]
+    return [_spindle_nuclei(ctx, psi, tumour, 9.5, 0.45, 0.12, (7.0, 10.5), (1.7, 2.4), (1.15, 1.5))]
 
 
 def _near_hgsc(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> list[tuple[np.ndarray, ...]]:
     """HGSC's sheets and slits, but small uniform spindle nuclei aligned with the fibres (sarcoma-like)."""
-    s, rng = ctx.scale, ctx.rng
     slits = tumour & (np.abs(ctx.noise(40)) < 0.07 * ctx.jitter(0.3)) & (ctx.noise(90) > -0.2)
     sheet = tumour & ~slits
     maps.paint(sheet, 0.16, 0.5)
     maps.paint(slits, 0.02, 0.06)
-    ys, xs = jittered_grid(rng, ctx.shape, 10.0 * s * ctx.jitter(0.1), jitter=0.4)
-    keep = lookup(sheet, ys, xs)
-    ys, xs = ys[keep], xs[keep]
-    n = ys.size
-    angle = _flow_angle(psi, ys, xs) + rng.normal(0, 0.25, n)
-    a = rng.uniform(5.0, 6.5, n) * s
-    return [(ys, xs, a, rng.uniform(1.8, 2.3, n) * s, angle, rng.uniform(1.3, 1.6, n))]
+    return [_spindle_nuclei(ctx, psi, sheet, 10.0, 0.4, 0.25, (5.0, 6.5), (1.8, 2.3), (1.3, 1.6))]
 
 
 def _no_tumour(ctx: _Ctx, maps: StainMaps, tumour: np.ndarray, psi: np.ndarray) -> list[tuple[np.ndarray, ...]]:
