@@ -85,33 +85,33 @@ class Rates:
                 s["wsi_full_px"] += decoded_pixels
                 s["wsi_full_tiles"] += tiles
 
+    def ratio(self, numerator: str, denominator: str, prior: float, scale: float = 1.0) -> float:
+        """``scale * sums[numerator] / sums[denominator]``, or ``prior`` while the denominator is 0."""
+        s = self.sums
+        return scale * s[numerator] / s[denominator] if s[denominator] else prior
+
     @property
     def tma_decode_s(self) -> float:
-        s = self.sums
-        return s["tma_decode_s"] / s["tma_n"] if s["tma_n"] else PRIOR_TMA_DECODE_S
+        return self.ratio("tma_decode_s", "tma_n", PRIOR_TMA_DECODE_S)
 
     @property
     def decode_s_per_mpx(self) -> float:
         """WSIs' own rate once one is done; before that every image's (TMAs decode PNG too)."""
-        s = self.sums
-        if s["wsi_px"]:
-            return s["wsi_decode_s"] / s["wsi_px"] * MPX
-        return UNMEASURED_WSI_FACTOR * s["decode_s"] / s["px"] * MPX if s["px"] else PRIOR_DECODE_S_PER_MPX
+        if self.sums["wsi_px"]:
+            return self.ratio("wsi_decode_s", "wsi_px", PRIOR_DECODE_S_PER_MPX, MPX)
+        return self.ratio("decode_s", "px", PRIOR_DECODE_S_PER_MPX, UNMEASURED_WSI_FACTOR * MPX)
 
     @property
     def encode_s_per_tile(self) -> float:
-        s = self.sums
-        return s["encode_s"] / s["tiles"] if s["tiles"] else PRIOR_ENCODE_S_PER_TILE
+        return self.ratio("encode_s", "tiles", PRIOR_ENCODE_S_PER_TILE)
 
     @property
     def tiles_per_mpx(self) -> float:
-        s = self.sums
-        return s["wsi_full_tiles"] / s["wsi_full_px"] * MPX if s["wsi_full_px"] else PRIOR_TILES_PER_MPX
+        return self.ratio("wsi_full_tiles", "wsi_full_px", PRIOR_TILES_PER_MPX, MPX)
 
     @property
     def tma_tiles(self) -> float:
-        s = self.sums
-        return s["tma_tiles"] / s["tma_n"] if s["tma_n"] else PRIOR_TMA_TILES
+        return self.ratio("tma_tiles", "tma_n", PRIOR_TMA_TILES)
 
 
 @dataclass(frozen=True)
