@@ -45,7 +45,8 @@ def main() -> None:
     summary = {}
     print(f"{'head':10s} {'lr':>8s} {'epochs':>6s}  test balanced accuracy per seed   mean   s/fit")
     for name in args.models.split(","):
-        mil_cfg, record = model_training_config(cfg["mil"], name), training_record(cfg["mil"], name)
+        mil_cfg = model_training_config(cfg["mil"], name)
+        record = training_record(mil_cfg)
         scores, start = [], time.perf_counter()
         for seed in (int(s) for s in args.seeds.split(",")):
             result = fit(name, {}, train.bags, train.labels, valid.bags, valid.labels, problem.n_classes, mil_cfg,

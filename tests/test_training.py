@@ -231,7 +231,7 @@ def test_a_models_own_defaults_sit_between_the_section_and_model_training(caplog
     assert "mil.model_training.chowder.lr" in caplog.text and "abmil" not in caplog.text
     chosen = load_config(None, ["mil.lr=0.0005", "mil.model_training.chowder.lr=0.004"]).mil
     assert model_training_config(chosen, "chowder")["lr"] == 0.004
-    record = training_record(chosen, "chowder")
+    record = training_record(model_training_config(chosen, "chowder"))
     assert record["lr"] == 0.004 and record["epochs"] == chosen.epochs
     assert not {"models", "model_options", "model_training"} & set(record)
 

@@ -52,7 +52,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
     With ``tumour``, each fold's bags are cut down by that fold's tile chooser, and the final chooser is
     saved for stage 05."""
     mil_cfg, classes = model_training_config(cfg["mil"], name), list(cfg["data"]["classes"])
-    training = training_record(cfg["mil"], name)
+    training = training_record(mil_cfg)
     class_index = {label: i for i, label in enumerate(classes)}
     options = dict((mil_cfg["model_options"] or {}).get(name, {}))
     device = resolve_device(cfg["runtime"]["device"])

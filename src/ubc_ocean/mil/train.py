@@ -86,10 +86,10 @@ def model_training_config(mil_cfg: Mapping, name: str) -> dict:
     return {**mil_cfg, **default_training(name), **((mil_cfg.get("model_training") or {}).get(name) or {})}
 
 
-def training_record(mil_cfg: Mapping, name: str) -> dict:
-    """The resolved training keys of model ``name`` (no model list or options), as saved with each
-    checkpoint."""
-    return {k: v for k, v in as_plain(model_training_config(mil_cfg, name)).items() if k not in NOT_PER_MODEL}
+def training_record(resolved: Mapping) -> dict:
+    """The training keys of a model's resolved section (:func:`model_training_config`), without the model
+    list or options: what is saved with each checkpoint."""
+    return {k: v for k, v in as_plain(resolved).items() if k not in NOT_PER_MODEL}
 
 
 def _shadowed_section_keys(mil_cfg: Mapping, name: str) -> dict[str, tuple]:
