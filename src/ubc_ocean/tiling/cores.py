@@ -19,14 +19,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from ubc_ocean.synthetic.morphology import tma_core_mask
 from ubc_ocean.tiling.grid import slide_seed
-from ubc_ocean.tiling.masks import MaskError, read_tumour_map
+from ubc_ocean.tiling.masks import TumourMap
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import CellGrid, SlideTiler
 from ubc_ocean.tiling.tissue import background_mask
@@ -168,24 +167,18 @@ class CoreCutter:
         return cores
 
 
-def plan_cores(tiler: SlideTiler, settings: TilingSettings, tumour_mask: Path | None = None) -> CoreCutter:
-    """Where ``tiler``'s slide gets its ``settings.synthetic_tmas_per_wsi`` cores, chosen on the tumour of
-    its supplemental mask ``tumour_mask`` when that file exists and decodes (else a warning), else on the
-    tiler's tissue mask; the
-    cutter then collects their cells (``tiler.read_also(cutter.boxes, cutter.take)`` before the pass,
-    or ``tiler.read_cells(cutter.boxes)`` after it)."""
+def plan_cores(tiler: SlideTiler, settings: TilingSettings, tumour_map: TumourMap | None = None) -> CoreCutter:
+    """Where ``tiler``'s slide gets its ``settings.synthetic_tmas_per_wsi`` cores, chosen on the tumour of its
+    supplemental mask's ``tumour_map`` when there is one, else on the tiler's tissue mask; the cutter then
+    collects their cells (``tiler.read_also(cutter.boxes, cutter.take)`` before the pass, or
+    ``tiler.read_cells(cutter.boxes)`` after it)."""
     tissue = tiler.tissue_grid()
     tumour = None
-    if tumour_mask is not None and Path(tumour_mask).is_file():
-        try:
-            tumour_map = read_tumour_map(tumour_mask)
-        except MaskError as err:  # the slide itself is fine: its cores go by tissue
-            log.warning("%s: %s; synthetic cores placed on tissue instead", tiler.spec.slide_id, err)
-        else:
-            rows, cols = tissue.values.shape
-            boxes = [tissue.box(r, c) for r in range(rows) for c in range(cols)]
-            tumour = tumour_map.tile_fractions((tiler.reader.width, tiler.reader.height), boxes,
-                                               tissue.extent).reshape(rows, cols)
+    if tumour_map is not None:
+        rows, cols = tissue.values.shape
+        boxes = [tissue.box(r, c) for r in range(rows) for c in range(cols)]
+        tumour = tumour_map.tile_fractions((tiler.reader.width, tiler.reader.height), boxes,
+                                           tissue.extent).reshape(rows, cols)
     grid, source = density_grid(tissue, tumour)
     cells = window_cells(settings.synthetic_tma_side, settings.tile_size)
     wanted = settings.synthetic_tmas_per_wsi

@@ -17,7 +17,7 @@ from ubc_ocean.slides.reader import InMemorySlide, resize_to
 from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs, external_slide_specs, external_sources
 from ubc_ocean.tiling import store
 from ubc_ocean.tiling.cores import CoreSite, core_id, plan_cores
-from ubc_ocean.tiling.masks import MaskError, read_tumour_map
+from ubc_ocean.tiling.masks import MaskError, TumourMap, read_tumour_map
 from ubc_ocean.tiling.qc import save_overlay
 from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import SlideTiler
@@ -63,19 +63,27 @@ def mask_facts(spec: SlideSpec, cfg: Mapping) -> dict | None:
     return {"file": path.name, "size": path.stat().st_size} if path.is_file() else None
 
 
-def tumour_fractions(spec: SlideSpec, cfg: Mapping, facts: dict | None, image_size: tuple[int, int],
-                     boxes: list[tuple[int, int]], extent: int) -> tuple[list[float], dict | None]:
-    """Each box's tumour fraction from the slide's mask, read once (NaN for every box without a mask, or
-    with one that cannot be read: a warning names it, the tiles stay); returns them and the mask facts."""
+def read_mask(spec: SlideSpec, cfg: Mapping, facts: dict | None, cores: bool = False) -> tuple[TumourMap | None,
+                                                                                             dict | None]:
+    """The slide's tumour map, its supplemental mask read once for the tiles' fractions and the cores' places,
+    and the mask facts; a mask that cannot be read gives no map, a warning naming it and its problem in the
+    facts (the tiles stay, with no tumour fraction; the cores, when ``cores``, go by tissue)."""
     if facts is None:
-        return [float("nan")] * len(boxes), None
-    path = layout.supplemental_mask_path(cfg, spec.image_id)
+        return None, None
     try:
-        fractions = read_tumour_map(path).tile_fractions(image_size, boxes, extent)
+        return read_tumour_map(layout.supplemental_mask_path(cfg, spec.image_id)), facts
     except MaskError as err:
-        log.warning("%s: %s; its tiles get no tumour fraction", spec.slide_id, err)
-        return [float("nan")] * len(boxes), {**facts, "problem": str(err)}
-    return [round(float(value), 4) for value in fractions], facts
+        log.warning("%s: %s; its tiles get no tumour fraction%s", spec.slide_id, err,
+                    "; synthetic cores placed on tissue instead" if cores else "")
+        return None, {**facts, "problem": str(err)}
+
+
+def tumour_fractions(tumour_map: TumourMap | None, image_size: tuple[int, int], boxes: list[tuple[int, int]],
+                     extent: int) -> list[float]:
+    """Each box's tumour fraction from the slide's tumour map (NaN for every box without one)."""
+    if tumour_map is None:
+        return [float("nan")] * len(boxes)
+    return [round(float(value), 4) for value in tumour_map.tile_fractions(image_size, boxes, extent)]
 
 
 def _mask_key(facts: dict | None) -> tuple | None:
@@ -89,8 +97,9 @@ def refresh_tumour_fractions(spec: SlideSpec, cfg: Mapping, folder: Path, facts:
     index, info = store.read_index(folder), store.read_slide_info(folder)
     boxes = list(zip(index["x"].astype(int), index["y"].astype(int), strict=True))
     extent = int(index["extent"].iloc[0]) if len(index) else 1
-    values, facts = tumour_fractions(spec, cfg, facts, (int(info["width"]), int(info["height"])), boxes, extent)
-    store.replace_tumour_fractions(folder, values, facts)
+    tumour_map, facts = read_mask(spec, cfg, facts)
+    store.replace_tumour_fractions(folder, tumour_fractions(tumour_map, (int(info["width"]), int(info["height"])),
+                                                            boxes, extent), facts)
     return len(index)
 
 
@@ -156,23 +165,23 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
         count = refresh_tumour_fractions(spec, cfg, folder, facts)
         return TaskResult(spec.slide_id, "done", "tumour fractions refreshed (its supplemental mask changed)",
                           count=count)
-    tumour_mask = layout.supplemental_mask_path(cfg, spec.image_id) if facts is not None else None
     try:
         with SlideTiler(spec, settings) as tiler, atomic_path(folder) as tmp:
             tmp.mkdir(parents=True)
             wants_cores, cutter = settings.synthetic_tmas_per_wsi > 0 and not tiler.is_tma, None
+            tumour_map, facts = read_mask(spec, cfg, facts, cores=wants_cores)
             if wants_cores and not tiler.streaming:
-                cutter = plan_cores(tiler, settings, tumour_mask)
+                cutter = plan_cores(tiler, settings, tumour_map)
                 tiler.read_also(cutter.boxes, cutter.take)
             kept = _drain(tiler, tmp, settings)
             info = tiler.info
-            fractions, facts = tumour_fractions(spec, cfg, facts, (info.width, info.height),
-                                                [record.box for record in kept], info.extent)
+            fractions = tumour_fractions(tumour_map, (info.width, info.height), [record.box for record in kept],
+                                         info.extent)
             _write_index(tmp, kept, fractions, settings)
             slide_facts = {**info.to_dict(), **store.mask_fact(facts)}
             if wants_cores:
                 if cutter is None:  # the mask came from the pass: the cores' cells are read again
-                    cutter = plan_cores(tiler, settings, tumour_mask)
+                    cutter = plan_cores(tiler, settings, tumour_map)
                     for box, rgb in tiler.read_cells(cutter.boxes):
                         cutter.take(box, rgb)
                 cores = [_tile_core(spec, site, rgb, settings, cfg) for site, rgb in cutter.images()]
