@@ -64,6 +64,11 @@ def _labelled(features: Sequence, fractions: Sequence[np.ndarray], per_slide: in
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _both_kinds(targets: np.ndarray) -> bool:
+    """Whether the usable tiles hold tumour and tumour-free ones (a scorer and an AUC need both)."""
+    return bool(targets.any()) and not bool(targets.all())
+
+
 def _as_array(bag: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(bag, torch.Tensor):
         bag = bag.detach().cpu().float().numpy()
@@ -90,7 +95,7 @@ class TumourScorer:
         from sklearn.linear_model import LogisticRegression
 
         x, y = _labelled(features, fractions, per_slide, seed)
-        if len(y) == 0 or y.all() or not y.any():
+        if not _both_kinds(y):
             raise TumourDataError(f"the masked tiles hold {int(y.sum())} tumour (fraction >= {TUMOUR_AT}) and "
                                   f"{int((~y).sum())} tumour-free tiles: a scorer needs both")
         mean, scale = x.mean(0), x.std(0)
@@ -110,7 +115,7 @@ class TumourScorer:
         from sklearn.metrics import roc_auc_score
 
         x, y = _labelled(features, fractions)
-        if len(y) == 0 or y.all() or not y.any():
+        if not _both_kinds(y):
             return None, len(y)
         return float(roc_auc_score(y, self.score(x))), len(y)
 
@@ -149,9 +154,10 @@ class TileChooser:
         order = np.argsort(-np.asarray(scores), kind="stable")[:k]
         return np.sort(order)
 
-    def select(self, bag: torch.Tensor) -> torch.Tensor:
-        """The bag's kept tiles (what validation and test bags become in both modes)."""
-        return bag[torch.from_numpy(self.keep(self.scorer.score(bag)))]
+    def select(self, bag: torch.Tensor, scores: np.ndarray | None = None) -> torch.Tensor:
+        """The bag's kept tiles (what validation and test bags become in both modes); ``scores``: the bag's
+        tumour scores when already computed."""
+        return bag[torch.from_numpy(self.keep(self.scorer.score(bag) if scores is None else scores))]
 
     def draw(self, bag: torch.Tensor, scores: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """Weight mode's training draw: as many tiles as :meth:`keep` keeps, without replacement, each
@@ -166,7 +172,7 @@ class TileChooser:
         """Training bags as selected, and, in weight mode, the draw that training uses instead (by the
         bag's position in ``bags``); None in select mode."""
         scores = [self.scorer.score(bag) for bag in bags]
-        selected = [bag[torch.from_numpy(self.keep(s))] for bag, s in zip(bags, scores, strict=True)]
+        selected = [self.select(bag, s) for bag, s in zip(bags, scores, strict=True)]
         if self.mode != "weight":
             return selected, None
         return selected, lambda index, generator: self.draw(bags[index], scores[index], generator)
@@ -183,8 +189,7 @@ class TileChooser:
         """A saved chooser; ``ValueError`` naming the file when it is not one."""
         try:
             data = json.loads(Path(path).read_text())
-            return cls(TumourScorer.from_dict(data["scorer"]), str(data["mode"]), float(data["keep_fraction"]),
-                       int(data["min_tiles"]))
+            return cls.from_config(TumourScorer.from_dict(data["scorer"]), data)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path} is not a tumour scorer file ({err})") from None
 
