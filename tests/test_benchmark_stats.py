@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ubc_ocean.benchmark.stats import choose_best, paired_difference, scored_frame, summarise
+from ubc_ocean.benchmark.stats import choose_best, paired_difference, summarise
 from ubc_ocean.metrics import (
     balanced_accuracy,
     balanced_accuracy_draws,
@@ -14,6 +14,7 @@ from ubc_ocean.metrics import (
     percentile_interval,
     proportion_draws,
 )
+from ubc_ocean.submit.score import scored_frame
 
 CLASSES = ["CC", "EC", "HGSC", "LGSC", "MC", "Other"]
 

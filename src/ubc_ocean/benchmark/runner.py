@@ -29,7 +29,7 @@ import pandas as pd
 
 from ubc_ocean import layout
 from ubc_ocean.benchmark.report import DELTAS, Outcome, markdown_table, result_line, results_frame
-from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best, scored_frame
+from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best
 from ubc_ocean.config import Config, ConfigError, as_plain, save_config, with_overrides
 from ubc_ocean.external.stage import run as merge
 from ubc_ocean.features.stage import run as embed
@@ -38,6 +38,7 @@ from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.metrics import bootstrap_counts
 from ubc_ocean.mil.stage import run as train
 from ubc_ocean.mil.train import check_models
+from ubc_ocean.submit.score import scored_frame
 from ubc_ocean.submit.stage import run as submit
 from ubc_ocean.synthetic import run as make_data
 from ubc_ocean.tiling.stage import run as tile

@@ -45,21 +45,6 @@ class Estimate:
         return f"{self.value:.{digits}f}{interval}"
 
 
-def scored_frame(predictions: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
-    """``image_id, label, predicted, is_tma`` for every labelled image, sorted by ``image_id`` (the fixed order
-    the resamples refer to). ``predictions``: ``image_id, label``; ``truth``: ``image_id, label, is_tma``. An
-    image without a prediction is an error naming it (a submission lists every test image)."""
-    truth = truth.assign(image_id=truth["image_id"].astype(str))
-    predictions = predictions.assign(image_id=predictions["image_id"].astype(str))
-    merged = truth[["image_id", "label", "is_tma"]].merge(
-        predictions[["image_id", "label"]].rename(columns={"label": "predicted"}), on="image_id", how="left")
-    missing = merged.loc[merged["predicted"].isna(), "image_id"].tolist()
-    if missing:
-        raise ValueError(f"{len(missing)} labelled test images have no prediction, e.g. {missing[:5]}")
-    merged["is_tma"] = merged["is_tma"].astype(bool)
-    return merged.sort_values("image_id", kind="stable").reset_index(drop=True)
-
-
 def metric_draws(scored: pd.DataFrame, outlier: str, counts: np.ndarray) -> dict[str, np.ndarray]:
     """Each metric of :data:`METRICS` on each resample (row of ``counts``, over ``scored``'s rows). The
     balanced accuracies average the classes present in the test labels (as the competition does)."""
@@ -90,7 +75,8 @@ class Bootstrapped:
 
     @classmethod
     def of(cls, scored: pd.DataFrame, outlier: str, counts: np.ndarray) -> Bootstrapped:
-        """``scored`` (:func:`scored_frame`) on the test images and on the resamples ``counts``."""
+        """``scored`` (:func:`ubc_ocean.submit.score.scored_frame`) on the test images and on the resamples
+        ``counts``."""
         if counts.shape[1] != len(scored):
             raise ValueError(f"resamples of {counts.shape[1]} images for {len(scored)} scored test images")
         ones = np.ones((1, len(scored)), dtype=np.int64)
