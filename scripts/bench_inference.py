@@ -15,7 +15,14 @@ It also prints the cosine similarity of stage 01+03 features (JPEG tiles on disk
 one TMA. Lines start with ``RESULT`` per encoder::
 
     RESULT tma_s=<wall s per TMA> wsi_s_per_gpx=<wall s per WSI gigapixel> projected_hours=<full set>
-           gpu_busy=<encoder busy fraction of the wall time> device=<devices> encoder=<name>
+           gpu_busy=<encoder busy fraction of the wall time> overlap=<ideal wall / wall> device=<devices>
+           encoder=<name> workers=<decoder processes>
+
+``overlap`` says how well decoding and encoding overlap whatever the bottleneck: the ideal wall time of a
+set is the larger of its decoding seconds shared by the decoders and its encoding seconds shared by the
+consumers; 1.0 is a perfect pipeline (decoders and consumers that take turns score about 0.5 when both cost
+the same). A fast GPU fed by few cores is idle most of the time (``gpu_busy`` low) with ``overlap`` near 1:
+the decoders bound the run. ``--workers 4,14`` measures several decoder counts on the same test set.
 
 ``--quick`` shrinks everything for a smoke test (its figures mean nothing): the default encoder at input
 size 64, two small TMAs and a 2-megapixel WSI, in one process.
@@ -27,6 +34,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,34 +100,46 @@ def random_vit_weights(folder: Path) -> Path:
     return path
 
 
-def startup_s(cfg, workers: int) -> float:  # type: ignore[no-untyped-def]
-    """Seconds a run with no image takes: spawning the decoder processes (once per stage-05 run)."""
-    pipeline = FusedPipeline(cfg, workers=workers)
-    started = time.perf_counter()
-    list(pipeline.run(lambda: None))
-    return time.perf_counter() - started
+def make_warmup(folder: Path) -> SlideSpec:
+    """A small TMA for the decoders' and the encoder's first steps (see :func:`run_set`)."""
+    rgb, _ = render_slide("HGSC", 512, 512, is_tma=True, hospital=1, seed=999)
+    write_png(rgb, folder / "warmup.png")
+    return SlideSpec("test", "warmup", folder / "warmup.png", None, None, expected_size=(512, 512),
+                     competition_scale=True)
 
 
-def run_set(cfg, specs: list[SlideSpec], workers: int) -> tuple[float, list, FusedPipeline]:  # type: ignore[no-untyped-def]
-    """Wall seconds (decoder start-up excluded), results and pipeline of one run over ``specs``."""
-    overhead = startup_s(cfg, workers)
+def run_set(cfg, specs: list[SlideSpec], warmup: SlideSpec, workers: int) -> tuple[float, list, FusedPipeline]:  # type: ignore[no-untyped-def]
+    """Wall seconds, results and pipeline of one run over ``specs``, as a running stage 05 sees them.
+
+    Every decoder first takes a warm-up image (a small TMA: the process's start, its imports, the encoder's
+    first batches); the clock, and the encoder's busy time, start when the last warm-up is done. A decoder
+    done before the others starts a real image a little early, so the wall can be short by the decoders'
+    start-up jitter (a fraction of a second)."""
     pipeline = FusedPipeline(cfg, workers=workers)
-    jobs = iter([SlideJob(s) for s in specs])
-    started = time.perf_counter()
-    results = list(pipeline.run(lambda: next(jobs, None)))
-    wall = max(1e-3, time.perf_counter() - started - overhead)
+    warmups = [SlideJob(replace(warmup, image_id=f"{warmup.image_id}{i}")) for i in range(pipeline.workers)]
+    jobs = iter(warmups + [SlideJob(s) for s in specs])
+    warming, started, busy_before, results = pipeline.workers, time.perf_counter(), {}, []
+    for result in pipeline.run(lambda: next(jobs, None)):
+        if result.status != "done":
+            raise RuntimeError(f"benchmark image failed: {result.message}")
+        if any(result.job is job for job in warmups):
+            warming -= 1
+            if warming == 0:
+                started, busy_before = time.perf_counter(), dict(pipeline.stats.busy_s)
+        else:
+            results.append(result)
+    wall = max(1e-3, time.perf_counter() - started)
     pipeline.stats.wall_s = wall
-    failed = [r.message for r in results if r.status != "done"]
-    if failed:
-        raise RuntimeError(f"benchmark images failed: {failed}")
+    pipeline.stats.busy_s = {d: v - busy_before.get(d, 0.0) for d, v in pipeline.stats.busy_s.items()}
     return wall, results, pipeline
 
 
-def bench_encoder(cfg, specs: list[SlideSpec], workers: int, kaggle_cores: int, label: str) -> str:  # type: ignore[no-untyped-def]
+def bench_encoder(cfg, specs: list[SlideSpec], warmup: SlideSpec, workers: int, kaggle_cores: int,  # type: ignore[no-untyped-def]
+                  label: str) -> str:
     tmas = [s for s in specs if s.image_id.startswith("tma")]
     wsis = [s for s in specs if s.image_id.startswith("wsi")]
-    tma_wall, tma_results, tma_pipe = run_set(cfg, tmas, workers)
-    wsi_wall, wsi_results, wsi_pipe = run_set(cfg, wsis, workers)
+    tma_wall, tma_results, tma_pipe = run_set(cfg, tmas, warmup, workers)
+    wsi_wall, wsi_results, wsi_pipe = run_set(cfg, wsis, warmup, workers)
     results = tma_results + wsi_results
     gpx = sum(r.decoded_pixels for r in wsi_results) / 1e9
     tma_decode = np.mean([r.decode_s for r in tma_results])
@@ -136,6 +156,7 @@ def bench_encoder(cfg, specs: list[SlideSpec], workers: int, kaggle_cores: int, 
     hours = max(decode_s / kaggle_cores, encode_s / consumers) / 3600
     busy = (sum(tma_pipe.stats.busy_s.values()) + sum(wsi_pipe.stats.busy_s.values())) / (
         (tma_wall + wsi_wall) * consumers)
+    ideal = ideal_wall(tma_results, workers, consumers) + ideal_wall(wsi_results, workers, consumers)
     device = "+".join(tma_pipe.stats.devices)
     if device.startswith("cuda"):
         device += f"({torch.cuda.get_device_name(0).replace(' ', '_')})"
@@ -146,8 +167,17 @@ def bench_encoder(cfg, specs: list[SlideSpec], workers: int, kaggle_cores: int, 
     print(f"[{label}] projection, {kaggle_cores} decoder cores + {consumers} x {device}: decoding "
           f"{decode_s / 3600 / kaggle_cores:.2f} h, encoding {encode_s / 3600 / consumers:.2f} h "
           f"({hidden_wsi_tiles:.0f} tiles per WSI) -> {hours:.2f} h overlapped")
+    print(f"[{label}] {workers} decoders: busy {tma_pipe.stats.busy_fraction:.2f} on TMAs, "
+          f"{wsi_pipe.stats.busy_fraction:.2f} on WSIs; overlap {ideal / (tma_wall + wsi_wall):.2f} of the ideal")
     return (f"RESULT tma_s={tma_wall / len(tmas):.3f} wsi_s_per_gpx={wsi_wall / gpx:.1f} projected_hours={hours:.2f} "
-            f"gpu_busy={busy:.2f} device={device} encoder={label}")
+            f"gpu_busy={busy:.2f} overlap={ideal / (tma_wall + wsi_wall):.2f} device={device} encoder={label} "
+            f"workers={workers}")
+
+
+def ideal_wall(results: list, workers: int, consumers: int) -> float:
+    """A set's wall time with perfect overlap: its decoding shared by the decoders, or its encoding shared
+    by the consumers, whichever is longer."""
+    return max(sum(r.decode_s for r in results) / workers, sum(r.encode_s for r in results) / consumers)
 
 
 def cosine_check(cfg, spec: SlideSpec) -> str:  # type: ignore[no-untyped-def]
@@ -170,7 +200,8 @@ def main() -> int:
     parser.add_argument("--tma-side", type=int, default=3000)
     parser.add_argument("--wsis", type=int, default=1)
     parser.add_argument("--wsi-mpx", type=float, default=300.0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoder processes")
+    parser.add_argument("--workers", default=str(os.cpu_count() or 1),
+                        help="decoder processes; a comma-separated list measures each on the same test set")
     parser.add_argument("--kaggle-cores", type=int, default=4)
     parser.add_argument("--encoders", default="efficientnet_lite0,vit_b16_random")
     parser.add_argument("--device", default="auto")
@@ -179,11 +210,13 @@ def main() -> int:
                         f"always counts {HIDDEN_TILE_CAP} tiles per real WSI)")
     args = parser.parse_args()
     if args.quick:  # the default encoder alone, small, in one process: seconds
-        args.tmas, args.tma_side, args.wsis, args.wsi_mpx, args.workers = 2, 768, 1, 2.0, 1
+        args.tmas, args.tma_side, args.wsis, args.wsi_mpx, args.workers = 2, 768, 1, 2.0, "1"
         args.encoders = "efficientnet_lite0"
+    worker_counts = [int(w) for w in str(args.workers).split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_inference-"))
     specs = make_test_set(work / "test_images", args.tmas, args.tma_side, args.wsis, args.wsi_mpx,
                           base_side=768 if args.quick else 4096)
+    warmup = make_warmup(work / "test_images")
     overrides = [f"paths.data_root={work}", f"runtime.device={args.device}", f"features.batch_size={args.batch_size}",
                  f"tiling.max_tiles_per_slide={args.max_tiles}"]
     if args.quick:
@@ -194,7 +227,8 @@ def main() -> int:
         if name == "vit_b16_random":
             encoder = ["features.encoder=vit_base_patch16_224", f"features.weights={random_vit_weights(work)}"]
         cfg = load_config(None, [*overrides, *encoder])
-        lines.append(bench_encoder(cfg, specs, args.workers, args.kaggle_cores, name))
+        for workers in worker_counts:
+            lines.append(bench_encoder(cfg, specs, warmup, workers, args.kaggle_cores, name))
     cfg = load_config(None, overrides)
     print(cosine_check(cfg, specs[0]))
     print(f"devices visible: {[str(d) for d in visible_devices(args.device)]}; decoder processes here: "

@@ -330,7 +330,7 @@ def test_bench_inference_quick_runs_and_reports():
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("RESULT tma_s=") and all(k in last for k in ("wsi_s_per_gpx=", "projected_hours=",
-                                                                          "gpu_busy=", "device="))
+                                                                          "gpu_busy=", "overlap=", "device="))
 
 
 
