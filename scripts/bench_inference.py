@@ -229,6 +229,7 @@ def main() -> int:
         cfg = load_config(None, [*overrides, *encoder])
         for workers in worker_counts:
             lines.append(bench_encoder(cfg, specs, warmup, workers, args.kaggle_cores, name))
+            print(lines[-1], flush=True)  # at once too: a run cut short keeps its figures
     cfg = load_config(None, overrides)
     print(cosine_check(cfg, specs[0]))
     print(f"devices visible: {[str(d) for d in visible_devices(args.device)]}; decoder processes here: "

@@ -15,4 +15,4 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print('GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], 'torch', torch.__version__)"
 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_inference_scale.py -k "pipelined or cosine or jpeg or budget" 2>&1 | tail -3
 many=$(( $(nproc) - 2 )); many=$(( many > 4 ? many : 4 ))
-"$PY" scripts/bench_inference.py --workers "4,$many" --tmas 16 --wsis 4 --wsi-mpx 300 "$@" 2>&1 | grep -v "^INFO"
+"$PY" scripts/bench_inference.py --workers "4,$many" --tmas 16 --wsis 4 --wsi-mpx 300 "$@" 2>&1 | grep --line-buffered -v "^INFO"

@@ -11,7 +11,7 @@ from skimage import data
 from tests.builders import tiny_config
 from ubc_ocean import layout
 from ubc_ocean.features import WeightsMismatchError, cache, create_encoder
-from ubc_ocean.features.embed import embed_batches
+from ubc_ocean.features.embed import bucket_size, embed_batches
 from ubc_ocean.features.encoders import efficientnet_lite0_imagenet
 from ubc_ocean.features.fused import embed_slide_streaming
 from ubc_ocean.features.stage import embed_tile_folder
@@ -72,6 +72,23 @@ def test_h5_round_trip(tmp_path):
     assert cache.is_complete(path)
     path.write_bytes(b"truncated")
     assert not cache.is_complete(path)
+
+
+def test_bucketed_batches_give_the_same_features_through_power_of_two_shapes(encoder):
+    assert [bucket_size(n) for n in (0, 1, 2, 3, 21, 64, 65)] == [1, 1, 2, 4, 32, 64, 128]
+    tiles = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    seen: list[int] = []
+    hook = encoder.model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    try:
+        (plain,) = embed_batches(encoder, [tiles], CPU)  # the CPU's default: no padding (it would cost time)
+        (bucketed,) = embed_batches(encoder, [tiles], CPU, tta="flips", bucket=True)
+        (flips,) = embed_batches(encoder, [tiles], CPU, tta="flips")
+    finally:
+        hook.remove()
+    assert seen == [5, 8, 8, 8, 5, 5, 5]  # padded to 8 tiles for every TTA view, the padding's rows dropped
+    assert plain.shape == bucketed.shape == (5, 1280)
+    np.testing.assert_allclose(bucketed, flips, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(plain, flips, atol=1e-3)  # the TTA views changed the features: the check has teeth
 
 
 def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path, encoder):

@@ -43,6 +43,18 @@ def prepare_encoder(encoder: Encoder, device: torch.device) -> Encoder:
     return encoder
 
 
+def bucket_size(n: int) -> int:
+    """The batch size ``n`` tiles are padded to on CUDA: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def padded_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` [n, ...] with ``size - n`` zero rows appended (the model's rows are independent in eval mode)."""
+    if len(x) >= size:
+        return x
+    return torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])
+
+
 def embed_batches(
     encoder: Encoder,
     batches: Iterable[np.ndarray | torch.Tensor],
@@ -50,14 +62,21 @@ def embed_batches(
     precision: str = "auto",
     tta: str = "none",
     augment: Callable[[np.ndarray], np.ndarray] | None = None,
+    bucket: bool | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield float32 features [B, D] for each uint8 batch [B, H, W, 3].
 
     ``augment`` transforms the uint8 batch first (stain jitter); ``tta`` averages the features of
     flipped / rotated views. Under fp16 autocast, a view whose features overflow (inf/NaN: large ViTs'
     activations exceed fp16's range) is computed again in fp32.
+
+    ``bucket`` (default: on CUDA) pads each batch to :func:`bucket_size` and drops the padding's features:
+    cuDNN plans its convolutions once per input shape, and a slide's last batch has a size of its own
+    (measured on an H100: 1.8 s for the first batch of a new size through efficientnet_lite0, against 6 ms
+    per batch of 64 after), so the encoder sees a handful of sizes per run instead of one per slide.
     """
     half = autocast_dtype(device, precision) == torch.float16
+    bucket = device.type == "cuda" if bucket is None else bucket
     with torch.inference_mode():
         for batch in batches:
             if augment is not None:
@@ -66,6 +85,9 @@ def embed_batches(
             if device.type == "cuda":
                 tiles = tiles.pin_memory().to(device, non_blocking=True)
             x = encoder.preprocess(tiles)
+            n = len(x)
+            if bucket:
+                x = padded_to(x, bucket_size(n))
             views = tta_views(x, tta)
             total = None
             for view in views:
@@ -77,7 +99,7 @@ def embed_batches(
                     log.warning("%s: fp16 features overflowed; this batch again in fp32", encoder.name)
                     features = encoder.model(view).float()
                 total = features if total is None else total + features
-            yield (total / len(views)).cpu().numpy()
+            yield (total[:n] / len(views)).cpu().numpy()
 
 
 def inference_options(features_cfg: Mapping) -> dict:
