@@ -112,22 +112,27 @@ def run_set(cfg, specs: list[SlideSpec], warmup: SlideSpec, workers: int) -> tup
     """Wall seconds, results and pipeline of one run over ``specs``, as a running stage 05 sees them.
 
     Every decoder first takes a warm-up image (a small TMA: the process's start, its imports, the encoder's
-    first batches); the clock, and the encoder's busy time, start when the last warm-up is done. A decoder
-    done before the others starts a real image a little early, so the wall can be short by the decoders'
-    start-up jitter (a fraction of a second)."""
+    first batches); the clock, and the encoder's busy time, start when the first real image is handed out.
+    Decoders still starting then make the run a little slower than a steady one: the figures err on the
+    slow side, by at most the decoders' start-up jitter."""
     pipeline = FusedPipeline(cfg, workers=workers)
     warmups = [SlideJob(replace(warmup, image_id=f"{warmup.image_id}{i}")) for i in range(pipeline.workers)]
     jobs = iter(warmups + [SlideJob(s) for s in specs])
-    warming, started, busy_before, results = pipeline.workers, time.perf_counter(), {}, []
-    for result in pipeline.run(lambda: next(jobs, None)):
+    clock: dict = {}
+
+    def next_job() -> SlideJob | None:
+        job = next(jobs, None)
+        if job is not None and not any(job is w for w in warmups) and not clock:
+            clock.update(started=time.perf_counter(), busy=dict(pipeline.stats.busy_s))
+        return job
+
+    results = []
+    for result in pipeline.run(next_job):
         if result.status != "done":
             raise RuntimeError(f"benchmark image failed: {result.message}")
-        if any(result.job is job for job in warmups):
-            warming -= 1
-            if warming == 0:
-                started, busy_before = time.perf_counter(), dict(pipeline.stats.busy_s)
-        else:
+        if not any(result.job is w for w in warmups):
             results.append(result)
+    started, busy_before = clock["started"], clock["busy"]
     wall = max(1e-3, time.perf_counter() - started)
     pipeline.stats.wall_s = wall
     pipeline.stats.busy_s = {d: v - busy_before.get(d, 0.0) for d, v in pipeline.stats.busy_s.items()}

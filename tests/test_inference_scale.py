@@ -69,6 +69,38 @@ def test_pipelined_features_equal_in_process_ones_and_a_bad_slide_fails_alone(ti
     assert alone[(specs[1].image_id, "max 4 tiles")].tiles == 4
 
 
+def test_every_device_gets_a_consumer_and_shares_the_batches(tiny_raw, tmp_path, monkeypatch):
+    """Two devices (two CPU consumers standing in for two GPUs): both encode batches, and the features
+    equal those of one consumer."""
+    from ubc_ocean.features import pipeline as pipeline_module
+
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "features.batch_size=4")
+    specs = competition_specs(cfg, TEST)[:3]
+    threads: list[int] = []
+    real_embed = pipeline_module.embed_batches
+
+    def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.get_ident())
+        time.sleep(0.05)  # a batch takes long enough for the other consumer to take the next one
+        yield from real_embed(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "embed_batches", recorded)
+
+    def run(devices: list) -> dict:
+        pending = iter([SlideJob(s) for s in specs])
+        pipeline = FusedPipeline(cfg, devices=devices, workers=2)
+        assert len(pipeline.encoders) == len(devices)
+        return {r.job.spec.image_id: r for r in pipeline.run(lambda: next(pending, None))}
+
+    one = run([CPU])
+    threads.clear()
+    two = run([CPU, CPU])
+    assert len(set(threads)) == 2 and len(threads) >= 6  # both consumers encoded batches
+    assert set(one) == set(two) == {s.image_id for s in specs}
+    for image_id, result in one.items():
+        assert result.status == two[image_id].status == "done"
+        np.testing.assert_array_equal(result.features, two[image_id].features)
+
 
 def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_encoded(tiny_raw, tmp_path,
                                                                                      monkeypatch):
