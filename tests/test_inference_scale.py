@@ -3,6 +3,7 @@ and the feature identity checks, on the tiny synthetic data (real PNGs, the real
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -364,6 +365,16 @@ def test_bench_inference_quick_runs_and_reports():
     assert last.startswith("RESULT tma_s=") and all(k in last for k in ("wsi_s_per_gpx=", "projected_hours=",
                                                                           "gpu_busy=", "overlap=", "device="))
 
+
+
+def test_bench_encoder_runs_and_reports():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "scripts")])}
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_encoder.py"), "--encoders",
+                             "efficientnet_lite0", "--batch-size", "4", "--reps", "1"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT encoder=efficientnet_lite0 device=cpu step_ms=") and "bucketed_ms=" in last
 
 
 def _slow_embed_batches(*args, **kwargs):  # type: ignore[no-untyped-def]
