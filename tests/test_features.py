@@ -76,6 +76,7 @@ def test_h5_round_trip(tmp_path):
 
 def test_bucketed_batches_give_the_same_features_through_power_of_two_shapes(encoder):
     assert [bucket_size(n) for n in (0, 1, 2, 3, 21, 64, 65)] == [1, 1, 2, 4, 32, 64, 128]
+    assert [bucket_size(n, full_batch=100) for n in (21, 64, 65, 100, 130)] == [32, 64, 100, 100, 256]
     tiles = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     seen: list[int] = []
     hook = encoder.model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))

@@ -43,9 +43,11 @@ def prepare_encoder(encoder: Encoder, device: torch.device) -> Encoder:
     return encoder
 
 
-def bucket_size(n: int) -> int:
-    """The batch size ``n`` tiles are padded to on CUDA: the next power of two."""
-    return 1 << max(0, n - 1).bit_length()
+def bucket_size(n: int, full_batch: int | None = None) -> int:
+    """The batch size ``n`` tiles are padded to on CUDA: the next power of two, but never past the size of
+    a full batch (``full_batch``, whose batches stay as they are whatever it is)."""
+    size = 1 << max(0, n - 1).bit_length()
+    return size if full_batch is None or n > full_batch else min(size, full_batch)
 
 
 def padded_to(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -63,6 +65,7 @@ def embed_batches(
     tta: str = "none",
     augment: Callable[[np.ndarray], np.ndarray] | None = None,
     bucket: bool | None = None,
+    full_batch: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield float32 features [B, D] for each uint8 batch [B, H, W, 3].
 
@@ -70,7 +73,8 @@ def embed_batches(
     flipped / rotated views. Under fp16 autocast, a view whose features overflow (inf/NaN: large ViTs'
     activations exceed fp16's range) is computed again in fp32.
 
-    ``bucket`` (default: on CUDA) pads each batch to :func:`bucket_size` and drops the padding's features:
+    ``bucket`` (default: on CUDA) pads each batch to :func:`bucket_size` (capped at ``full_batch``, the
+    configured batch size) and drops the padding's features:
     cuDNN plans its convolutions once per input shape, and a slide's last batch has a size of its own
     (measured on an H100: 1.8 s for the first batch of a new size through efficientnet_lite0, against 6 ms
     per batch of 64 after), so the encoder sees a handful of sizes per run instead of one per slide.
@@ -87,7 +91,7 @@ def embed_batches(
             x = encoder.preprocess(tiles)
             n = len(x)
             if bucket:
-                x = padded_to(x, bucket_size(n))
+                x = padded_to(x, bucket_size(n, full_batch))
             views = tta_views(x, tta)
             total = None
             for view in views:
@@ -103,9 +107,11 @@ def embed_batches(
 
 
 def inference_options(features_cfg: Mapping) -> dict:
-    """``embed_batches`` keyword arguments for test images (stage 05, fused mode): precision and TTA, and
-    never a stain jitter, whatever ``features.stain_augmentation`` says (it augments training tiles only)."""
-    return {"precision": features_cfg["precision"], "tta": features_cfg["tta"]}
+    """``embed_batches`` keyword arguments for test images (stage 05, fused mode): precision, TTA and the
+    full batch size, and never a stain jitter, whatever ``features.stain_augmentation`` says (it augments
+    training tiles only)."""
+    return {"precision": features_cfg["precision"], "tta": features_cfg["tta"],
+            "full_batch": int(features_cfg["batch_size"])}
 
 
 def embedding_options(features_cfg: Mapping, slide_id: str) -> dict:

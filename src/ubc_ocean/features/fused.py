@@ -126,8 +126,7 @@ def embed_slide_streaming(
     """
     job = spec if isinstance(spec, SlideJob) else SlideJob(spec)
     batches = SlideBatches(job, cfg)
-    options = inference_options(cfg["features"])
-    chunks = list(embed_batches(encoder, batches, device, precision=options["precision"], tta=options["tta"]))
+    chunks = list(embed_batches(encoder, batches, device, **inference_options(cfg["features"])))
     return assemble(chunks, batches.result, encoder.out_dim)
 
 

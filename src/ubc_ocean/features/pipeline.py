@@ -114,8 +114,7 @@ class FusedPipeline:
         base = encoder_from_config(cfg)
         self.encoders = [prepare_encoder(base if i == 0 else copy.deepcopy(base), device)
                          for i, device in enumerate(self.devices)]
-        options = inference_options(cfg["features"])
-        self._precision, self._tta = options["precision"], options["tta"]
+        self._options = inference_options(cfg["features"])
 
     @property
     def in_process(self) -> bool:
@@ -152,7 +151,7 @@ class FusedPipeline:
                     if should_stop():
                         return
                     tick = time.perf_counter()
-                    chunks += list(embed_batches(encoder, [batch], device, self._precision, self._tta))
+                    chunks += list(embed_batches(encoder, [batch], device, **self._options))
                     encode_s += time.perf_counter() - tick
                 features, coords, info = assemble(chunks, batches.result, encoder.out_dim)
             except ConfigError:
@@ -308,7 +307,7 @@ class FusedPipeline:
                     continue
                 tick = time.perf_counter()
                 try:
-                    features = next(embed_batches(encoder, [tiles], device, self._precision, self._tta))
+                    features = next(embed_batches(encoder, [tiles], device, **self._options))
                 except Exception as err:  # an encoder error (CUDA, OOM) fails this slide only
                     failed.add(key)
                     results.put(("encode_failed", key, f"batch {index}: unexpected {type(err).__name__}: "
