@@ -211,13 +211,17 @@ def main() -> int:
     parser.add_argument("--encoders", default="efficientnet_lite0,vit_b16_random")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-tiles", type=int, default=2000, help="tile cap while measuring (the projection "
-                        f"always counts {HIDDEN_TILE_CAP} tiles per real WSI)")
+    parser.add_argument("--max-tiles", type=int, default=0, help="tile cap while measuring; 0 (default): the "
+                        f"real {HIDDEN_TILE_CAP} tiles per {HIDDEN_WSI_GPX} Gpx scaled to --wsi-mpx, so a WSI's "
+                        "per-tile work per Gpx is a real one's (the projection always counts "
+                        f"{HIDDEN_TILE_CAP} tiles per real WSI)")
     args = parser.parse_args()
     if args.quick:  # the default encoder alone, small, in one process: seconds
         args.tmas, args.tma_side, args.wsis, args.wsi_mpx, args.workers = 2, 768, 1, 2.0, "1"
         args.encoders = "efficientnet_lite0"
     worker_counts = [int(w) for w in str(args.workers).split(",")]
+    if args.max_tiles <= 0:  # a real WSI's planned tiles per gigapixel: its decoding per Gpx is then a real one's
+        args.max_tiles = max(64, round(HIDDEN_TILE_CAP * args.wsi_mpx / 1000 / HIDDEN_WSI_GPX))
     work = Path(tempfile.mkdtemp(prefix="bench_inference-"))
     specs = make_test_set(work / "test_images", args.tmas, args.tma_side, args.wsis, args.wsi_mpx,
                           base_side=768 if args.quick else 4096)
