@@ -217,6 +217,23 @@ def test_without_a_budget_every_image_is_done_at_full_cost():
     assert list(given)[20:] == [f"wsi{i}" for i in range(8)]
 
 
+def test_without_a_budget_the_log_gives_an_eta_that_matches_the_time_left(caplog):
+    """On a simulated machine whose costs the planner has measured, its ETA is the time the rest takes."""
+    import re
+
+    caplog.set_level("INFO", logger="ubc_ocean.inference.budget")
+    _, _, total = _simulate(IMAGES, None)
+    etas = []
+    for record in caplog.records:
+        found = re.search(r"(\d+)/\d+ images done, ([\d.]+) min elapsed; the \d+ not started need about ([\d.]+) min",
+                          record.getMessage())
+        if found and int(found[1]) > 20:  # the WSIs' rates measured (one done at least)
+            etas.append((float(found[2]) * 60, float(found[3]) * 60))
+    assert len(etas) >= 3
+    for elapsed, eta in etas:
+        assert abs(elapsed + eta - total) <= 9  # minutes to one decimal in the message: 6 s each
+
+
 def test_a_budget_of_half_the_full_cost_ends_in_time_with_every_image_done():
     _, _, full = _simulate(IMAGES, None)
     planner, given, spent = _simulate(IMAGES, full / 2)

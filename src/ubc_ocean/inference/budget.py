@@ -224,6 +224,7 @@ class BudgetPlanner:
         if not self.queue:
             return None
         if self.deadline is None:
+            self._log_eta()
             image = self.queue.pop(0)
             self.modes[image.key] = Mode()
             return image, self.modes[image.key]
@@ -279,10 +280,22 @@ class BudgetPlanner:
     def expired(self) -> bool:
         return self.deadline is not None and self.clock() >= self.deadline
 
-    def _log_plan(self, plan: Plan, every_s: float = 30.0) -> None:
+    def _log_due(self, every_s: float = 30.0) -> bool:
+        """True at the first image and then every ``every_s`` seconds (the progress log's pace)."""
         now = self.clock()
         if now - self._last_log < every_s and self.done:
-            return
+            return False
         self._last_log = now
-        log.info("time budget: %d/%d images done, %.1f min elapsed; plan for the %d left: %s", self.done,
-                 self.total, (now - self.start) / 60, len(self.queue), plan.describe())
+        return True
+
+    def _log_plan(self, plan: Plan) -> None:
+        if self._log_due():
+            log.info("time budget: %d/%d images done, %.1f min elapsed; plan for the %d left: %s", self.done,
+                     self.total, (self.clock() - self.start) / 60, len(self.queue), plan.describe())
+
+    def _log_eta(self) -> None:
+        """Without a budget, the ETA: the images not started at the rates measured so far (priors before)."""
+        if self._log_due():
+            log.info("stage 05: %d/%d images done, %.1f min elapsed; the %d not started need about %.1f min "
+                     "(rates %s)", self.done, self.total, (self.clock() - self.start) / 60, len(self.queue),
+                     self.estimate_s(self.queue, None, None) / 60, "measured so far" if self.done else "assumed")
