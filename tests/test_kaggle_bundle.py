@@ -251,6 +251,31 @@ def test_notebook_finds_its_inputs_by_content_and_names_no_dataset():
     assert "ubc-ocean-bundle" not in cells and "/kaggle/input/ubc" not in cells
 
 
+def test_stage_05_gets_a_decoder_per_core_when_a_gpu_encodes(bundle, tmp_path, monkeypatch):
+    """The bundled config's ``runtime.workers`` is the training machine's: on Kaggle stage 05 gets one decoder
+    process per core with a GPU (PNG decoding is the bottleneck there), one process without; ``extra`` wins."""
+    assert [runner.decoder_processes(gpu, cores) for gpu, cores in ((True, 4), (True, None), (False, 4))] == [4, 1, 1]
+    root, _ = bundle
+    calls = []
+
+    def record(stage, config, overrides, echo, title):  # type: ignore[no-untyped-def]
+        calls.append((stage, list(overrides)))
+        (tmp_path / "submission.csv").write_text("image_id,label\n")
+
+    monkeypatch.setattr(runner, "run_stage", record)
+    monkeypatch.setattr(runner, "gpu_visible", lambda: True)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    said = []
+    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=["runtime.device=cpu"], echo=said.append)
+    stage05 = [overrides for stage, overrides in calls if stage == runner.STAGE_05]
+    assert len(stage05) == 2 and all(o[-2:] == ["runtime.workers=4", "runtime.device=cpu"] for o in stage05)
+    assert all("runtime.workers=4" not in o for stage, o in calls if stage == runner.STAGE_06)
+    assert said[0].startswith("stage 05: 4 decoder processes")
+    calls.clear()
+    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=["runtime.workers=2"], echo=said.append)
+    assert all(o[-1] == "runtime.workers=2" for stage, o in calls if stage == runner.STAGE_05)  # the user's wins
+
+
 @needs_namespaces
 def test_notebook_runs_the_bundle_offline_on_a_read_only_input(bundle, tiny_raw, tmp_path):
     root, _ = bundle
@@ -261,6 +286,7 @@ def test_notebook_runs_the_bundle_offline_on_a_read_only_input(bundle, tiny_raw,
                                            timeout=600, echo=False)
     assert execution.returncode == 0, execution.output[-4000:]
     assert "network=none" in execution.output and "input read-only" in execution.output
+    assert "stage 05: 1 decoder process (no GPU" in execution.output
     assert "Successfully installed ubc-ocean-0.1.0" in execution.output
     check = rehearsal.check_submission(tmp_path / "working" / "submission.csv", Path(tiny_raw.paths.raw) / "test.csv")
     assert rehearsal.submission_ok(check) and check["rows"] == len(pd.read_csv(Path(tiny_raw.paths.raw) / "test.csv"))

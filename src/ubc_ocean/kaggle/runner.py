@@ -11,6 +11,7 @@ under which every output goes, ``features.weights`` a weights file inside the bu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,16 +41,35 @@ def stage_overrides(bundle: Path, competition: Path, working: Path, weights: str
     return overrides
 
 
+def decoder_processes(gpu: bool, cores: int | None) -> int:
+    """Stage 05's ``runtime.workers`` on this machine: with a GPU, one decoder process per core (the GPU
+    encodes; the cores decode PNGs, the bottleneck on Kaggle's 4); without one, 1 (decoding and encoding
+    take turns in one process, the encoder using every core)."""
+    return max(1, cores or 1) if gpu else 1
+
+
+def gpu_visible() -> bool:
+    import torch  # imported here: the notebook's own process has it already; nothing else here needs it
+
+    return bool(torch.cuda.is_available())
+
+
 def run_bundle(bundle: str | Path, competition: str | Path, working: str | Path,
                extra: Sequence[str] = (), echo: Callable[[str], None] = print) -> Path:
     """Stage 05 per experiment, then stage 06; returns the submission (``{working}/submission.csv``).
-    ``extra`` overrides go to every stage (e.g. ``runtime.workers=2``)."""
+    Stage 05 gets :func:`decoder_processes` as ``runtime.workers`` (the bundled config's value is the training
+    machine's). ``extra`` overrides go to every stage and win (e.g. ``runtime.workers=2``)."""
     bundle, competition, working = Path(bundle), Path(competition), Path(working)
     manifest = read_manifest(bundle)
     experiments = manifest["experiments"]
+    gpu = gpu_visible()
+    workers = decoder_processes(gpu, os.cpu_count())
+    echo(f"stage 05: {workers} decoder process{'es' if workers > 1 else ''} "
+         f"({'a GPU encodes, the cores decode' if gpu else 'no GPU: decode and encode in one process'})")
     for name, info in experiments.items():
         overrides = stage_overrides(bundle, competition, working, info.get("weights"))
-        run_stage(STAGE_05, bundle / info["config"], [*overrides, *extra], echo, f"stage 05 ({name})")
+        run_stage(STAGE_05, bundle / info["config"], [*overrides, f"runtime.workers={workers}", *extra], echo,
+                  f"stage 05 ({name})")
     first = next(iter(experiments.values()))
     overrides = stage_overrides(bundle, competition, working, first.get("weights"))
     run_stage(STAGE_06, bundle / manifest["config"], [*overrides, *extra], echo, "stage 06")
