@@ -49,9 +49,11 @@ def decoder_processes(gpu: bool, cores: int | None) -> int:
 
 
 def gpu_visible() -> bool:
-    import torch  # imported here: the notebook's own process has it already; nothing else here needs it
+    """Whether stage 05's consumers would run on GPUs (:func:`ubc_ocean.device.visible_devices`, as the
+    pipeline picks them)."""
+    from ubc_ocean.device import visible_devices  # imports torch: here, not when the notebook imports this module
 
-    return bool(torch.cuda.is_available())
+    return visible_devices("auto")[0].type == "cuda"
 
 
 def run_bundle(bundle: str | Path, competition: str | Path, working: str | Path,
