@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_inference import random_vit_weights
+from bench_inference import card_name, encoder_overrides
 
 from ubc_ocean.config import load_config
-from ubc_ocean.device import autocast, resolve_device
-from ubc_ocean.features.embed import embed_batches, encoder_from_config, prepare_encoder
+from ubc_ocean.device import autocast, autocast_dtype, resolve_device
+from ubc_ocean.features.embed import embed_batches, encoder_from_config, inference_options, prepare_encoder
 
 NEW_SIZES = (17, 23, 29, 41, 53)
 BUCKETED_SIZES = (19, 27, 37, 45, 57)  # padded (on CUDA) to 32, 32, 64, 64, 64
@@ -63,8 +63,10 @@ def bench(cfg, label: str, batch_size: int, reps: int) -> str:  # type: ignore[n
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (batch_size, 256, 256, 3), dtype=np.uint8)
 
+    options = inference_options(cfg["features"])  # stage 05's: precision, TTA, the full batch size
+
     def step(batch: np.ndarray = tiles) -> np.ndarray:
-        return next(embed_batches(encoder, [batch], device, cfg["features"]["precision"]))
+        return next(embed_batches(encoder, [batch], device, **options))
 
     step_ms = per_call_ms(step, device, reps)
     with torch.inference_mode():
@@ -85,11 +87,11 @@ def bench(cfg, label: str, batch_size: int, reps: int) -> str:  # type: ignore[n
     new_shape = {}  # bucketed first (its sizes pad to 32 and 64), then the raw sizes, each unseen before
     for bucket, sizes in ((True, BUCKETED_SIZES), (False, NEW_SIZES)):
         def sized(n: int, bucket: bool = bucket) -> np.ndarray:
-            return next(embed_batches(encoder, [tiles[:n]], device, cfg["features"]["precision"], bucket=bucket))
+            return next(embed_batches(encoder, [tiles[:n]], device, **{**options, "bucket": bucket}))
         firsts = [first_call_ms(lambda n=n: sized(n), device) for n in sizes]
         again = [first_call_ms(lambda n=n: sized(n), device) for n in sizes]
         new_shape[bucket] = (float(np.mean(firsts)), float(np.mean(again)))
-    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    name = card_name(device)
     print(f"[{label}] on {name}, batch {batch_size}: stage-05 step {step_ms:.1f} ms "
           f"({step_ms / batch_size:.3f} ms/tile, precision {cfg['features']['precision']})")
     for key, ms in model_ms.items():
@@ -98,8 +100,9 @@ def bench(cfg, label: str, batch_size: int, reps: int) -> str:  # type: ignore[n
         sizes = BUCKETED_SIZES if bucket else NEW_SIZES
         print(f"[{label}]   batch sizes {sizes} {'padded to powers of two' if bucket else 'as they come'}: "
               f"first call {first:.1f} ms, same size again {again:.1f} ms (mean)")
-    configured = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
-    configured = f"{configured}/channels_last" if device.type == "cuda" else "fp32/contiguous"
+    dtype = autocast_dtype(device, cfg["features"]["precision"])  # what stage 05 computes in
+    configured = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    configured += "/channels_last" if device.type == "cuda" else "/contiguous"
     return (f"RESULT encoder={label} device={name} step_ms={step_ms:.1f} model_ms={model_ms[configured]:.1f} "
             f"new_shape_ms={new_shape[False][0]:.1f} bucketed_ms={new_shape[True][0]:.1f}")
 
@@ -114,10 +117,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_encoder-"))
     lines = []
     for name in args.encoders.split(","):
-        encoder = [f"features.encoder={name}"]
-        if name == "vit_b16_random":
-            encoder = ["features.encoder=vit_base_patch16_224", f"features.weights={random_vit_weights(work)}"]
-        cfg = load_config(None, [f"paths.data_root={work}", f"runtime.device={args.device}", *encoder])
+        cfg = load_config(None, [f"paths.data_root={work}", f"runtime.device={args.device}",
+                                 f"features.batch_size={args.batch_size}", *encoder_overrides(name, work)])
         lines.append(bench(cfg, name, args.batch_size, args.reps))
     for line in lines:
         print(line)

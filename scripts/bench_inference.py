@@ -100,6 +100,19 @@ def random_vit_weights(folder: Path) -> Path:
     return path
 
 
+def encoder_overrides(name: str, work: Path) -> list[str]:
+    """Config overrides of a benchmarked encoder: a timm name, or ``vit_b16_random`` (a ViT-B/16 with random
+    weights saved under ``work``)."""
+    if name == "vit_b16_random":
+        return ["features.encoder=vit_base_patch16_224", f"features.weights={random_vit_weights(work)}"]
+    return [f"features.encoder={name}"]
+
+
+def card_name(device: torch.device) -> str:
+    """A GPU's model name without spaces (as RESULT lines print it), else the device type."""
+    return torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else device.type
+
+
 def make_warmup(folder: Path) -> SlideSpec:
     """A small TMA for the decoders' and the encoder's first steps (see :func:`run_set`)."""
     rgb, _ = render_slide("HGSC", 512, 512, is_tma=True, hospital=1, seed=999)
@@ -164,7 +177,7 @@ def bench_encoder(cfg, specs: list[SlideSpec], warmup: SlideSpec, workers: int, 
     ideal = ideal_wall(tma_results, workers, consumers) + ideal_wall(wsi_results, workers, consumers)
     device = "+".join(tma_pipe.stats.devices)
     if device.startswith("cuda"):
-        device += f"({torch.cuda.get_device_name(0).replace(' ', '_')})"
+        device += f"({card_name(torch.device('cuda', 0))})"
     print(f"[{label}] TMAs: {tma_wall / len(tmas):.2f} s wall each ({tma_decode:.2f} s decoding in a worker, "
           f"{tma_tiles:.0f} tiles); WSIs: {wsi_wall / gpx:.1f} s wall per Gpx ({wsi_decode_per_gpx:.1f} s decoding "
           f"per Gpx in a worker, {wsi_tiles_per_gpx:.0f} tiles per Gpx before the cap); encoder "
@@ -232,10 +245,7 @@ def main() -> int:
         overrides += ["tiling.max_tiles_per_slide=16", "features.input_size=64"]
     lines = []
     for name in args.encoders.split(","):
-        encoder = [f"features.encoder={name}"]
-        if name == "vit_b16_random":
-            encoder = ["features.encoder=vit_base_patch16_224", f"features.weights={random_vit_weights(work)}"]
-        cfg = load_config(None, [*overrides, *encoder])
+        cfg = load_config(None, [*overrides, *encoder_overrides(name, work)])
         for workers in worker_counts:
             lines.append(bench_encoder(cfg, specs, warmup, workers, args.kaggle_cores, name))
             print(lines[-1], flush=True)  # at once too: a run cut short keeps its figures
