@@ -59,10 +59,6 @@ class CoreSite:
         """The window's level-0 side."""
         return self.cells * self.extent
 
-    @property
-    def centre(self) -> tuple[float, float]:
-        return self.x + self.side / 2, self.y + self.side / 2
-
     def boxes(self) -> list[tuple[int, int]]:
         """The level-0 corners of the window's cells, row-major."""
         return [(self.x + c * self.extent, self.y + r * self.extent)
@@ -138,10 +134,8 @@ class CoreCutter:
         self._canvases = [np.full((window, window, 3), WHITE, np.uint8) for _ in sites]
         self._where: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # box -> (site, row, col)
         for k, site in enumerate(sites):
-            for r in range(site.cells):
-                for c in range(site.cells):
-                    box = (site.x + c * site.extent, site.y + r * site.extent)
-                    self._where.setdefault(box, []).append((k, r, c))
+            for i, box in enumerate(site.boxes()):  # row-major
+                self._where.setdefault(box, []).append((k, *divmod(i, site.cells)))
 
     @property
     def boxes(self) -> set[tuple[int, int]]:
