@@ -360,6 +360,21 @@ def test_a_budget_too_small_for_any_image_still_leaves_a_complete_submission(pip
     assert sorted(submission.image_id) == sorted(test_ids) and set(submission.label) == {"Other"}
 
 
+def test_without_the_provisional_submission_stage_05_leaves_the_submission_on_disk(pipeline, tmp_path):
+    """``inference.provisional_submission=false`` (the Kaggle runner's later experiments): stage 05 predicts,
+    and the submission an earlier experiment left stays as it was, byte for byte."""
+    from ubc_ocean.inference.stage import run as infer
+
+    cfg = _copy_without_test_embeddings(pipeline, tmp_path, "inference.provisional_submission=false")
+    path = layout.submission_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("image_id,label\nearlier,HGSC\n")
+    written = infer(cfg)
+    assert path.read_text() == "image_id,label\nearlier,HGSC\n"
+    test_ids = pd.read_csv(Path(cfg.paths.raw) / "test.csv", dtype={"image_id": str}).image_id
+    assert all(len(pd.read_csv(table)) == len(test_ids) for table in written.values())
+
+
 @pytest.mark.parametrize(("override", "words"), [
     ("tiling.jpeg_quality=80", ("tile encoding", "'jpg q90' at training", "'jpg q80' now")),
     ("features.input_size=96", ("input size", "64 at training", "96 now")),

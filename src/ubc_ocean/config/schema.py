@@ -364,6 +364,7 @@ RULES: dict[str, Rule] = {
     "inference.time_budget_minutes": above(0, kind=float, null=True),
     "inference.budget_reserve": Rule(low=0, high=1, test=lambda v: v < 1, accepts="a number in [0, 1)"),
     "inference.budget_min_tiles": at_least(1),
+    "inference.provisional_submission": TYPE,
     "submit.name": TEXT,
     "submit.weighting": one_of("equal", "oof"),
     "submit.experiments": Rule(list, item=str, null=True, nonempty=True, unique=True,

@@ -17,7 +17,8 @@ every model must have been trained on features of the identity this config compu
 Images are embedded by the pipelined fused inference (:mod:`ubc_ocean.features.pipeline`) under the time
 budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive (a model trained
 with the tumour scorer sees each bag cut down by its ``tumour_scorer.json``, as in training); an unsharded
-run rewrites a complete provisional submission (:mod:`ubc_ocean.submit.submission`) as they do.
+run rewrites a complete provisional submission (:mod:`ubc_ocean.submit.submission`) as they do, unless
+``inference.provisional_submission`` is false.
 """
 
 from __future__ import annotations
@@ -129,10 +130,16 @@ def load_choosers(cfg: Mapping, names: list[str]) -> dict[str, TileChooser | Non
     return choosers
 
 
+def writes_provisional(cfg: Mapping) -> bool:
+    """Whether this run rewrites the provisional submission: unsharded runs with
+    ``inference.provisional_submission`` only (a shard knows only its own images, and would overwrite what
+    the others found; the Kaggle runner's later experiments leave the earlier one's submission standing)."""
+    return cfg["runtime"]["shard"] in (None, "", "null") and bool(cfg["inference"]["provisional_submission"])
+
+
 def provisional_submission(cfg: Mapping, names: list[str]) -> ProvisionalSubmission | None:
-    """The complete submission rewritten as predictions arrive (unsharded runs only: a shard knows only
-    its own images, and would overwrite what the others found)."""
-    if cfg["runtime"]["shard"] not in (None, "", "null"):
+    """The complete submission rewritten as predictions arrive, when :func:`writes_provisional`."""
+    if not writes_provisional(cfg):
         return None
     calibration = EnsembleCalibration.from_oof({n: layout.model_dir(cfg, n).read_oof() for n in names}, cfg)
     return ProvisionalSubmission(layout.submission_path(cfg), read_test_csv(cfg)["image_id"].astype(str),
@@ -247,9 +254,8 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
 def run(cfg: Mapping) -> dict[str, Path]:
     """Embed (this shard's share of) the test images and predict each with every model as it arrives."""
     start = clock()
-    unsharded = cfg["runtime"]["shard"] in (None, "", "null")  # then it rewrites the provisional submission
     # trained models may be read-only (Kaggle)
-    layout.require_writable(cfg, "processed", "predictions", *(["submissions"] if unsharded else []))
+    layout.require_writable(cfg, "processed", "predictions", *(["submissions"] if writes_provisional(cfg) else []))
     names = model_names(cfg)
     width = layout.feature_width(cfg)
     check_feature_widths(cfg, names, width)
