@@ -103,6 +103,16 @@ def test_every_device_gets_a_consumer_and_shares_the_batches(tiny_raw, tmp_path,
         np.testing.assert_array_equal(result.features, two[image_id].features)
 
 
+def test_one_decoder_feeding_a_gpu_on_a_machine_with_more_cores_gets_advice():
+    from ubc_ocean.features.pipeline import decoder_hint
+
+    hint = decoder_hint(1, 4, [torch.device("cuda", 0)])
+    assert hint is not None and "runtime.workers=4" in hint
+    assert decoder_hint(4, 4, [torch.device("cuda", 0)]) is None  # one per core already
+    assert decoder_hint(1, 4, [CPU]) is None  # on the CPU one process decodes and encodes in turn
+    assert decoder_hint(1, 1, [torch.device("cuda", 0)]) is None  # no other core to decode with
+
+
 def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_encoded(tiny_raw, tmp_path,
                                                                                      monkeypatch):
     """A time budget's deadline stops the run at once: the run returns while a consumer is still encoding

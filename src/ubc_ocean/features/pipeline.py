@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import queue
 import threading
 import time
@@ -101,6 +102,15 @@ def failure_message(job: SlideJob, err: BaseException) -> str:
     return f"{job.spec.path.name}: unexpected {type(err).__name__}: {text}"
 
 
+def decoder_hint(workers: int, cores: int, devices: list[torch.device]) -> str | None:
+    """Advice when one decoder process feeds a GPU on a machine with more cores: PNG decoding then bounds
+    the run while the GPU waits (``runtime.workers`` is 1 by default; the Kaggle runner sets it per core)."""
+    if workers != 1 or cores <= 1 or not any(device.type == "cuda" for device in devices):
+        return None
+    return (f"one decoder process feeds the GPU: PNG decoding will bound the run while the GPU waits; "
+            f"runtime.workers={cores} (one per core) decodes {cores} slides at once")
+
+
 class FusedPipeline:
     """Embeds the slides a caller hands out, decoding and encoding at once (see the module's notes)."""
 
@@ -115,6 +125,18 @@ class FusedPipeline:
         self.encoders = [prepare_encoder(base if i == 0 else copy.deepcopy(base), device)
                          for i, device in enumerate(self.devices)]
         self._options = inference_options(cfg["features"])
+        log.info("fused inference: %s", self.describe())
+        hint = decoder_hint(self.workers, os.cpu_count() or 1, self.devices)
+        if hint:
+            log.warning(hint)
+
+    def describe(self) -> str:
+        """How slides are decoded and encoded, in words."""
+        devices = ", ".join(str(device) for device in self.devices)
+        if self.in_process:
+            return f"decoding and encoding take turns in this process on {devices}"
+        many = self.workers > 1
+        return f"{self.workers} decoder process{'es feed' if many else ' feeds'} the encoder on {devices}"
 
     @property
     def in_process(self) -> bool:
