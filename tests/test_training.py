@@ -266,6 +266,43 @@ def test_auto_precision_is_native_bf16_else_fp16(monkeypatch):
         autocast_dtype(CPU, "fp8")
 
 
+# torch.cuda.get_arch_list() of the CUDA 12.8 builds Kaggle's image ships (no Pascal code), and of an older one
+CU128_ARCHS = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+
+
+def test_gpus_without_kernels_in_the_torch_build_are_never_chosen(monkeypatch, caplog):
+    """A P100 (compute 6.0) under a CUDA 12.8 build: ``torch.cuda.is_available()`` is true, and every kernel
+    fails. ``auto`` leaves it out (a T4 beside it is used; alone, the CPU), with one warning naming the card
+    and the build's architectures; asking for it by name is an error that says why."""
+    import ubc_ocean.device as device_module
+    from ubc_ocean.device import arch_supported, resolve_device, visible_devices
+
+    assert not arch_supported((6, 0), CU128_ARCHS) and arch_supported((7, 5), CU128_ARCHS)
+    assert arch_supported((8, 9), CU128_ARCHS)  # sm_86 machine code runs on 8.9 (same major, lower minor)
+    assert arch_supported((13, 0), CU128_ARCHS)  # PTX compute_120 is compiled by the driver for newer GPUs
+    assert not arch_supported((9, 1), ["sm_80", "sm_90a"])  # an arch-specific variant runs on exactly 9.0
+    assert arch_supported((6, 0), ["sm_50", "sm_60", "compute_50"]) and arch_supported((6, 0), [])
+    cards = {0: ("Tesla P100-PCIE-16GB", (6, 0)), 1: ("Tesla T4", (7, 5))}
+    monkeypatch.setattr(device_module, "_warned", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CU128_ARCHS)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: cards[index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: cards[index][1])
+    caplog.set_level("WARNING", logger="ubc_ocean.device")
+    assert visible_devices("auto") == [torch.device("cuda", 1)] and resolve_device("auto") == torch.device("cuda", 1)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "Tesla P100-PCIE-16GB" in warnings[0] and "6.0" in warnings[0]
+    assert "sm_70 sm_75" in warnings[0]
+    with pytest.raises(RuntimeError, match="has no kernels in this torch"):
+        resolve_device("cuda:0")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(RuntimeError, match="only 2 GPUs are visible"):
+        resolve_device("cuda:2")
+    del cards[1]
+    assert visible_devices("auto") == [CPU] and resolve_device("auto") == CPU  # a P100 alone: the CPU
+
+
 def test_fp16_training_is_loss_scaled_and_still_learns(monkeypatch):
     """The fp16 path (as on a T4) on CPU: autocast to fp16, scaled loss, unscaled clipping, skipped steps."""
     import ubc_ocean.device as device_module

@@ -3,27 +3,91 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
+import re
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+_warned: set[int] = set()  # GPUs already reported as unusable in this process
+
+
+def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build compiled for ``arch_list`` (``torch.cuda.get_arch_list()``: ``sm_XY`` machine
+    code, ``compute_XY`` PTX) runs kernels on a GPU of compute ``capability``: machine code of the same
+    major version and no higher minor one (an ``sm_XYa``/``sm_XYf`` variant only on exactly X.Y), or PTX of
+    no higher version, which the driver compiles for newer GPUs. An empty list (unknown) counts as yes."""
+    if not arch_list:
+        return True
+    for arch in arch_list:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
+        if match is None:
+            continue
+        kind, major, minor, variant = match[1], int(match[2]), int(match[3]), match[4]
+        if variant:
+            ok = (major, minor) == capability
+        elif kind == "sm":
+            ok = major == capability[0] and minor <= capability[1]
+        else:
+            ok = (major, minor) <= capability
+        if ok:
+            return True
+    return False
+
+
+def gpu_problem(index: int) -> str | None:
+    """Why GPU ``index`` cannot run this torch build's kernels (e.g. a P100, compute 6.0, under a CUDA 12.8
+    build without Pascal code: ``torch.cuda.is_available()`` is true, and the first kernel fails), or None."""
+    capability = tuple(torch.cuda.get_device_capability(index))
+    arch_list = list(torch.cuda.get_arch_list())
+    if arch_supported(capability, arch_list):
+        return None
+    return (f"cuda:{index} ({torch.cuda.get_device_name(index)}, compute capability {capability[0]}.{capability[1]}) "
+            f"has no kernels in this torch {torch.__version__} build (CUDA architectures {' '.join(arch_list)})")
+
+
+def usable_gpus() -> list[torch.device]:
+    """The visible GPUs this torch build can run on; each one it cannot is logged once, as a warning."""
+    if not torch.cuda.is_available():
+        return []
+    usable = []
+    for index in range(torch.cuda.device_count()):
+        problem = gpu_problem(index)
+        if problem is None:
+            usable.append(torch.device("cuda", index))
+        elif index not in _warned:
+            _warned.add(index)
+            log.warning("%s: not used (runtime.device auto); install a torch build for it, or expect CPU speed",
+                        problem)
+    return usable
+
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` are taken as given."""
+    """``auto`` picks the first GPU this torch build can run on (:func:`usable_gpus`), else the CPU;
+    ``cpu``/``cuda``/``cuda:N`` are taken as given, a GPU only if it exists and can run the build's kernels."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        gpus = usable_gpus()
+        return gpus[0] if gpus else torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPUs are visible")
+        problem = gpu_problem(index)
+        if problem is not None:
+            raise RuntimeError(f"device {name!r} asked for, but {problem}; set runtime.device to auto or cpu")
     return device
 
 
 def visible_devices(name: str = "auto") -> list[torch.device]:
-    """Every device a data-parallel consumer should run on: with ``auto`` each visible GPU (``cuda:0`` ...
-    ``cuda:{n-1}``), else the CPU; any other name is that one device (:func:`resolve_device`)."""
-    if name == "auto" and torch.cuda.is_available():
-        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    """Every device a data-parallel consumer should run on: with ``auto`` each GPU this torch build can run
+    on (:func:`usable_gpus`), else the CPU; any other name is that one device (:func:`resolve_device`)."""
+    if name == "auto":
+        return usable_gpus() or [torch.device("cpu")]
     return [resolve_device(name)]
 
 

@@ -83,9 +83,12 @@ import importlib
 importlib.invalidate_caches()
 import torch
 import ubc_ocean
+from ubc_ocean.device import visible_devices
 
 print(f"ubc_ocean {ubc_ocean.__version__} from {ubc_ocean.__file__}; python {sys.version.split()[0]}, "
-      f"torch {torch.__version__}, CUDA {torch.cuda.is_available()}")'''
+      f"torch {torch.__version__}, CUDA {torch.cuda.is_available()}; encoding on "
+      f"{', '.join(str(device) for device in visible_devices())} (a GPU this torch build has no kernels for is "
+      "left out)")'''
 
 PREDICT = '''from ubc_ocean.kaggle.runner import run_bundle
 
