@@ -282,6 +282,7 @@ def test_gpus_without_kernels_in_the_torch_build_are_never_chosen(monkeypatch, c
     assert arch_supported((13, 0), CU128_ARCHS)  # PTX compute_120 is compiled by the driver for newer GPUs
     assert not arch_supported((9, 1), ["sm_80", "sm_90a"])  # an arch-specific variant runs on exactly 9.0
     assert arch_supported((6, 0), ["sm_50", "sm_60", "compute_50"]) and arch_supported((6, 0), [])
+    assert arch_supported((9, 0), ["gfx90a", "gfx942"])  # a ROCm build's list names no CUDA architecture
     cards = {0: ("Tesla P100-PCIE-16GB", (6, 0)), 1: ("Tesla T4", (7, 5))}
     monkeypatch.setattr(device_module, "_warned", set())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

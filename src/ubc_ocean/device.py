@@ -18,13 +18,12 @@ def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
     """Whether a torch build compiled for ``arch_list`` (``torch.cuda.get_arch_list()``: ``sm_XY`` machine
     code, ``compute_XY`` PTX) runs kernels on a GPU of compute ``capability``: machine code of the same
     major version and no higher minor one (an ``sm_XYa``/``sm_XYf`` variant only on exactly X.Y), or PTX of
-    no higher version, which the driver compiles for newer GPUs. An empty list (unknown) counts as yes."""
-    if not arch_list:
+    no higher version, which the driver compiles for newer GPUs. A list without CUDA architectures (empty,
+    or a ROCm build's ``gfx...``) says nothing, and counts as yes."""
+    matches = [m for m in (re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch) for arch in arch_list) if m]
+    if not matches:
         return True
-    for arch in arch_list:
-        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
-        if match is None:
-            continue
+    for match in matches:
         kind, major, minor, variant = match[1], int(match[2]), int(match[3]), match[4]
         if variant:
             ok = (major, minor) == capability
