@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -281,23 +282,49 @@ def test_stage_05_gets_a_decoder_per_core_when_a_gpu_encodes(bundle, tmp_path, m
 
 
 def _run_with_simulated_stages(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, minutes: dict[str, float],
-                               extra: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
-    """``run_bundle`` with stages that only move a simulated clock on (``minutes`` per stage title): the
-    stages' override lists and what the runner said."""
+                               extra: list[str], failing: tuple[str, ...] = (), keep_going: bool | None = None
+                               ) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """``run_bundle`` with stages that only move a simulated clock on (``minutes`` per stage title) and write
+    the submission, except those titled in ``failing``, which fail first: the stages' override lists and
+    what the runner said."""
     now = [0.0]
     calls: list[tuple[str, list[str]]] = []
 
     def simulated(stage, config, overrides, echo, title):  # type: ignore[no-untyped-def]
         calls.append((stage, list(overrides)))
         now[0] += 60 * minutes.get(title, 0.0)
+        if title in failing:
+            raise runner.StageFailed(f"{title} failed with exit status 1")
         (tmp_path / "submission.csv").write_text("image_id,label\n")
 
     monkeypatch.setattr(runner, "run_stage", simulated)
     monkeypatch.setattr(runner, "monotonic", lambda: now[0])
     monkeypatch.setattr(runner, "gpu_visible", lambda: False)
+    (tmp_path / "submission.csv").unlink(missing_ok=True)
     said: list[str] = []
-    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=extra, echo=said.append)
+    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=extra, echo=said.append, keep_going=keep_going)
     return calls, said
+
+
+def test_in_the_scoring_rerun_a_failed_stage_costs_only_its_share(bundle, tmp_path, monkeypatch):
+    """Kaggle's scoring rerun (``KAGGLE_IS_COMPETITION_RERUN``): a notebook that raises scores nothing, so a
+    failed experiment is left out (the next one writes the provisional submission, stage 06 ensembles the
+    rest) and a failed stage 06 leaves the provisional submission standing. Elsewhere a failure raises."""
+    root, _ = bundle
+    monkeypatch.setenv(runner.RERUN_VARIABLE, "1")
+    calls, said = _run_with_simulated_stages(root, tmp_path, monkeypatch, {}, [], failing=("stage 05 (a)",))
+    _, (_, b), (_, final) = calls
+    assert _value(b, "inference.provisional_submission") is None  # b is the first to end: its submission stands
+    assert _value(final, "submit.experiments") == '["b"]'
+    assert any("experiment a is left out of the submission" in line for line in said)
+    calls, said = _run_with_simulated_stages(root, tmp_path, monkeypatch, {}, [], failing=("stage 06",))
+    assert any("the provisional submission stage 05 wrote stands" in line for line in said)
+    with pytest.raises(runner.StageFailed, match="no experiment's stage 05 ended"):
+        _run_with_simulated_stages(root, tmp_path, monkeypatch, {}, [], failing=("stage 05 (a)", "stage 05 (b)"))
+    monkeypatch.delenv(runner.RERUN_VARIABLE)
+    for failing in ("stage 05 (b)", "stage 06"):
+        with pytest.raises(runner.StageFailed, match=f"{re.escape(failing)} failed"):
+            _run_with_simulated_stages(root, tmp_path, monkeypatch, {}, [], failing=(failing,))
 
 
 def _value(overrides: list[str], key: str) -> str | None:
