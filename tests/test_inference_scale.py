@@ -409,6 +409,18 @@ def test_bench_inference_quick_runs_and_reports():
 
 
 
+@pytest.mark.slow
+def test_bench_bundle_budget_quick_runs_a_two_experiment_bundle_and_reports(tmp_path):
+    """The smoke test of the bundle's budget benchmark: two experiments trained, bundled and run twice by the
+    Kaggle runner (its figures mean nothing at this size: start-up is most of the wall time)."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_bundle_budget.py"), "--quick",
+                             "--work", str(tmp_path / "work")], capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    # at this size start-up may spend the budget before b: a always runs, b may not
+    assert last.startswith("RESULT full_s=") and "ids_ok=True" in last and " ran=a" in last, last
+
+
 def test_bench_encoder_runs_and_reports():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "scripts")])}
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_encoder.py"), "--encoders",
