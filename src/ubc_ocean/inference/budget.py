@@ -290,12 +290,16 @@ class BudgetPlanner:
 
     def _log_plan(self, plan: Plan) -> None:
         if self._log_due():
-            log.info("time budget: %d/%d images done, %.1f min elapsed; plan for the %d left: %s", self.done,
-                     self.total, (self.clock() - self.start) / 60, len(self.queue), plan.describe())
+            log.info("time budget: %d/%d images done, %.1f min elapsed; plan for the %d left: %s (rates %s)",
+                     self.done, self.total, (self.clock() - self.start) / 60, len(self.queue), plan.describe(),
+                     self._rates_source())
 
     def _log_eta(self) -> None:
         """Without a budget, the ETA: the images not started at the rates measured so far (priors before)."""
         if self._log_due():
             log.info("stage 05: %d/%d images done, %.1f min elapsed; the %d not started need about %.1f min "
                      "(rates %s)", self.done, self.total, (self.clock() - self.start) / 60, len(self.queue),
-                     self.estimate_s(self.queue, None, None) / 60, "measured so far" if self.done else "assumed")
+                     self.estimate_s(self.queue, None, None) / 60, self._rates_source())
+
+    def _rates_source(self) -> str:
+        return "measured so far" if self.done else "assumed: no image measured yet"
