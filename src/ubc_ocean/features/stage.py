@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -45,15 +46,18 @@ class TileFiles(Dataset):
         return rgb, True
 
 
-def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torch.device):  # type: ignore[no-untyped-def]
-    """Features and coords of every readable tile in a slide folder, plus the names of unreadable ones."""
+def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torch.device,
+                      index: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features and coords of every readable tile in a slide folder, plus the names of unreadable ones
+    (``index``: the folder's tile index, when the caller has read it already)."""
     features_cfg = cfg["features"]
-    index = store.read_index(folder)
+    index = store.read_index(folder) if index is None else index
     dataset = TileFiles([folder / name for name in index["file"]], int(cfg["tiling"]["tile_size"]))
     loader = DataLoader(dataset, batch_size=int(features_cfg["batch_size"]),
                         num_workers=int(features_cfg["num_workers"]), pin_memory=device.type == "cuda")
     oks: list[np.ndarray] = []
-    def tiles_only():  # type: ignore[no-untyped-def]
+
+    def tiles_only() -> Iterator[torch.Tensor]:
         for tiles, ok in loader:
             oks.append(ok.numpy())
             yield tiles
@@ -66,10 +70,9 @@ def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torc
     return features, coords, bad
 
 
-def _tumour_fractions(folder: Path, bad: list[str]) -> np.ndarray | None:
+def _tumour_fractions(index: pd.DataFrame, bad: list[str]) -> np.ndarray | None:
     """The embedded tiles' tumour fractions (index order, unreadable tiles left out, as the features), or
     None when the slide has no mask (no finite fraction): its h5 is then as it was before masks."""
-    index = store.read_index(folder)
     values = index.loc[~index["file"].isin(bad), store.TUMOUR_FRACTION].to_numpy(np.float32)
     return values if np.isfinite(values).any() else None
 
@@ -89,14 +92,15 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
     encoder = encoder_from_config(cfg)
     device = resolve_device(cfg["runtime"]["device"])
     prepare_encoder(encoder, device)
-    features, coords, bad = embed_tile_folder(folder, encoder, cfg, device)
+    index = store.read_index(folder)
+    features, coords, bad = embed_tile_folder(folder, encoder, cfg, device, index)
     if len(features) == 0:
         return TaskResult(slide_id, "failed", "zero readable tiles")
     if not np.isfinite(features).all():
         return TaskResult(slide_id, "failed", "encoder produced NaN/inf features")
     attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
                                    tiles_fingerprint=tiles_fingerprint)
-    cache.write_embeddings(out, features, coords, attrs, tumour_fraction=_tumour_fractions(folder, bad))
+    cache.write_embeddings(out, features, coords, attrs, tumour_fraction=_tumour_fractions(index, bad))
     message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""
     return TaskResult(slide_id, "done", message, count=len(features))
 
