@@ -13,8 +13,8 @@ if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print('GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], 'torch', torch.__version__)"
-"$PY" -m pytest -q -x -p no:cacheprovider tests/test_inference_scale.py -k "pipelined or cosine or jpeg or budget" 2>&1 | tail -3
+"$PY" -c "import torch; from ubc_ocean.device import usable_gpus; assert torch.cuda.is_available(), 'no GPU visible'; print('GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], 'usable by this build:', usable_gpus(), 'torch', torch.__version__, torch.cuda.get_arch_list())"
+"$PY" -m pytest -q -x -p no:cacheprovider tests/test_inference_scale.py -k "(pipelined or cosine or jpeg or budget) and not bench" 2>&1 | tail -3
 PYTHONPATH="$PWD/scripts:$PYTHONPATH" "$PY" scripts/bench_encoder.py 2>&1 | grep --line-buffered -v "^INFO"
 many=$(( $(nproc) - 2 )); many=$(( many > 4 ? many : 4 ))
 "$PY" scripts/bench_inference.py --workers "4,$many" --tmas 8 --wsis 2 --wsi-mpx 300 "$@" 2>&1 | grep --line-buffered -v "^INFO"
