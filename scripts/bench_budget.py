@@ -102,8 +102,8 @@ def outcome(cfg: Config, ids: list[str]) -> tuple[bool, int, int]:
     return ids_ok, sum(mode != "full" for mode in modes), len(ids) - len(modes)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_test_set_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the test set and the run (this script's and ``bench_bundle_budget``'s)."""
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, figures meaningless")
     parser.add_argument("--tmas", type=int, default=24)
     parser.add_argument("--tma-side", type=int, default=1100, help="px (the demo's TMA scale: slides.tma_max_side)")
@@ -111,15 +111,26 @@ def main() -> int:
     parser.add_argument("--wsi-mpx", type=float, default=120.0)
     parser.add_argument("--max-tiles", type=int, default=400, help="tiling.max_tiles_per_slide (the demo's: 48): "
                         "the WSIs' encoding then outweighs stage 05's start-up, as on the real set")
-    parser.add_argument("--workers", type=int, default=2, help="decoder processes (runtime.workers)")
     parser.add_argument("--work", type=Path, default=None, help="folder to work in (default: a new temporary one)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extra = [f"runtime.workers={args.workers}", f"tiling.max_tiles_per_slide={args.max_tiles}"]
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides the options give; ``--quick`` also shrinks the test set in ``args``."""
+    extra = [f"tiling.max_tiles_per_slide={args.max_tiles}"]
     if args.quick:
         args.tmas, args.tma_side, args.wsis, args.wsi_mpx = 2, 600, 1, 2.0
         extra += ["synthetic.wsi_width=[700,900]", "synthetic.wsi_height=[500,640]", "synthetic.tma_sides=[480,520]",
                   "tiling.tile_size=64", "features.input_size=64", "tiling.max_tiles_per_slide=24", "mil.epochs=1"]
+    return extra
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_test_set_options(parser)
+    parser.add_argument("--workers", type=int, default=2, help="decoder processes (runtime.workers)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    extra = [f"runtime.workers={args.workers}", *run_overrides(args)]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_budget-"))
     cfg = small_run(run_config(work, extra))
     ids = swap_test_set(cfg, args.tmas, args.tma_side, args.wsis, args.wsi_mpx, base_side=768 if args.quick else 2048)

@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from bench_budget import SMALL_RUN, run_config, small_run, swap_test_set
+from bench_budget import SMALL_RUN, add_test_set_options, run_config, run_overrides, small_run, swap_test_set
 from packaging.utils import canonicalize_name
 
 from ubc_ocean.config import Config
@@ -87,20 +87,10 @@ def outcome(working: Path, ids: list[str]) -> tuple[bool, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, figures meaningless")
-    parser.add_argument("--tmas", type=int, default=24)
-    parser.add_argument("--tma-side", type=int, default=1100, help="px (the demo's TMA scale: slides.tma_max_side)")
-    parser.add_argument("--wsis", type=int, default=6)
-    parser.add_argument("--wsi-mpx", type=float, default=120.0)
-    parser.add_argument("--max-tiles", type=int, default=400, help="tiling.max_tiles_per_slide (the demo's: 48)")
-    parser.add_argument("--work", type=Path, default=None, help="folder to work in (default: a new temporary one)")
+    add_test_set_options(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extra = [f"tiling.max_tiles_per_slide={args.max_tiles}"]
-    if args.quick:
-        args.tmas, args.tma_side, args.wsis, args.wsi_mpx = 2, 600, 1, 2.0
-        extra += ["synthetic.wsi_width=[700,900]", "synthetic.wsi_height=[500,640]", "synthetic.tma_sides=[480,520]",
-                  "tiling.tile_size=64", "features.input_size=64", "tiling.max_tiles_per_slide=24", "mil.epochs=1"]
+    extra = run_overrides(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_bundle_budget-"))
     first, *others = EXPERIMENTS
     cfg = small_run(run_config(work, [*extra, f"experiment={first}", *EXPERIMENTS[first]]))
