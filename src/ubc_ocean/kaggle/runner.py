@@ -76,12 +76,12 @@ class BundleBudget:
     """The bundle's time budget shared among its experiments' stage 05 runs (see the module's notes);
     ``minutes`` None: no budget."""
 
-    def __init__(self, minutes: float | None, reserve: float, clock: Callable[[], float] | None = None):
-        self.minutes, self.reserve, self.clock = minutes, reserve, clock or monotonic
-        self.start = self.clock()
+    def __init__(self, minutes: float | None, reserve: float):
+        self.minutes, self.reserve = minutes, reserve
+        self.start = monotonic()
 
     def left_minutes(self) -> float:
-        return float("inf") if self.minutes is None else self.minutes - (self.clock() - self.start) / 60
+        return float("inf") if self.minutes is None else self.minutes - (monotonic() - self.start) / 60
 
     def share(self, experiments_left: int) -> float | None:
         """Stage 05's budget for the next of ``experiments_left`` experiments: the time left shared
