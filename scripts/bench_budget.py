@@ -127,10 +127,11 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_test_set_options(parser)
-    parser.add_argument("--workers", type=int, default=2, help="decoder processes (runtime.workers)")
+    parser.add_argument("--workers", type=int, default=2, help="decoder processes (inference.decoders, and "
+                        "runtime.workers: the CPU encoder's threads are shared among them)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extra = [f"runtime.workers={args.workers}", *run_overrides(args)]
+    extra = [f"runtime.workers={args.workers}", f"inference.decoders={args.workers}", *run_overrides(args)]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_budget-"))
     cfg = small_run(run_config(work, extra))
     ids = swap_test_set(cfg, args.tmas, args.tma_side, args.wsis, args.wsi_mpx, base_side=768 if args.quick else 2048)

@@ -103,14 +103,32 @@ def test_every_device_gets_a_consumer_and_shares_the_batches(tiny_raw, tmp_path,
         np.testing.assert_array_equal(result.features, two[image_id].features)
 
 
-def test_one_decoder_feeding_a_gpu_on_a_machine_with_more_cores_gets_advice():
-    from ubc_ocean.features.pipeline import decoder_hint
+def test_decoders_default_to_one_per_core_when_a_gpu_encodes(tmp_path, monkeypatch):
+    """``inference.decoders: auto``: one decoder process per usable core when a GPU encodes (PNG decoding bounds
+    the run), ``runtime.workers`` on the CPU; a number is taken as it is, with or without a GPU."""
+    from ubc_ocean.features import pipeline as pipeline_module
 
-    hint = decoder_hint(1, 4, [torch.device("cuda", 0)])
-    assert hint is not None and "runtime.workers=4" in hint
-    assert decoder_hint(4, 4, [torch.device("cuda", 0)]) is None  # one per core already
-    assert decoder_hint(1, 4, [CPU]) is None  # on the CPU one process decodes and encodes in turn
-    assert decoder_hint(1, 1, [torch.device("cuda", 0)]) is None  # no other core to decode with
+    gpu = [torch.device("cuda", 0)]
+    assert pipeline_module.decoder_count("auto", 1, gpu, cores=4) == 4
+    assert pipeline_module.decoder_count("auto", 1, [CPU, *gpu], cores=16) == 16
+    assert pipeline_module.decoder_count("auto", 3, [CPU], cores=16) == 3
+    assert pipeline_module.decoder_count(2, 1, gpu, cores=16) == 2
+    assert pipeline_module.decoder_count(5, 1, [CPU], cores=2) == 5
+    assert pipeline_module.decoder_count("auto", 1, gpu, cores=0) == 1
+
+    monkeypatch.setattr(pipeline_module, "usable_cores", lambda: 6)
+    monkeypatch.setattr(pipeline_module, "prepare_encoder", lambda encoder, device: encoder)  # no GPU here
+    assert FusedPipeline(tiny_config(tmp_path), devices=gpu).workers == 6
+    assert FusedPipeline(tiny_config(tmp_path, "runtime.workers=2"), devices=[CPU]).workers == 2
+    assert FusedPipeline(tiny_config(tmp_path, "inference.decoders=3"), devices=[CPU]).workers == 3
+    assert FusedPipeline(tiny_config(tmp_path, "inference.decoders=3"), devices=[CPU], workers=1).in_process
+
+
+def test_usable_cores_are_this_process_s_affinity():
+    from ubc_ocean.parallel import usable_cores
+
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert usable_cores() == expected >= 1
 
 
 def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_encoded(tiny_raw, tmp_path,

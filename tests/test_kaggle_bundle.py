@@ -256,10 +256,12 @@ def test_notebook_finds_its_inputs_by_content_and_names_no_dataset():
     assert "ubc-ocean-bundle" not in cells and "/kaggle/input/ubc" not in cells
 
 
-def test_stage_05_gets_a_decoder_per_core_when_a_gpu_encodes(bundle, tmp_path, monkeypatch):
-    """The bundled config's ``runtime.workers`` is the training machine's: on Kaggle stage 05 gets one decoder
-    process per core with a GPU (PNG decoding is the bottleneck there), one process without; ``extra`` wins."""
-    assert [runner.decoder_processes(gpu, cores) for gpu, cores in ((True, 4), (True, None), (False, 4))] == [4, 1, 1]
+def test_stage_05_decides_its_decoders_on_kaggle_not_with_the_training_machines_numbers(bundle, tmp_path,
+                                                                                          monkeypatch):
+    """The bundled config's ``runtime.workers`` and ``inference.decoders`` are the training machine's: on Kaggle
+    stage 05 gets ``runtime.workers=1`` and ``inference.decoders=auto`` (the pipeline then decodes with one
+    process per core when a GPU encodes, in turn in one process without); stage 06 gets neither; ``extra``
+    wins."""
     root, _ = bundle
     calls = []
 
@@ -268,17 +270,15 @@ def test_stage_05_gets_a_decoder_per_core_when_a_gpu_encodes(bundle, tmp_path, m
         (tmp_path / "submission.csv").write_text("image_id,label\n")
 
     monkeypatch.setattr(runner, "run_stage", record)
-    monkeypatch.setattr(runner, "gpu_visible", lambda: True)
-    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
-    said = []
-    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=["runtime.device=cpu"], echo=said.append)
+    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=["runtime.device=cpu"], echo=lambda line: None)
     stage05 = [overrides for stage, overrides in calls if stage == runner.STAGE_05]
-    assert len(stage05) == 2 and all("runtime.workers=4" in o and o[-1] == "runtime.device=cpu" for o in stage05)
-    assert all("runtime.workers=4" not in o for stage, o in calls if stage == runner.STAGE_06)
-    assert said[0].startswith("stage 05: 4 decoder processes")
+    assert len(stage05) == 2
+    assert all(_value(o, "inference.decoders") == "auto" and _value(o, "runtime.workers") == "1" for o in stage05)
+    assert all(o[-1] == "runtime.device=cpu" for o in stage05)
+    assert all(_value(o, "inference.decoders") is None for stage, o in calls if stage == runner.STAGE_06)
     calls.clear()
-    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=["runtime.workers=2"], echo=said.append)
-    assert all(o[-1] == "runtime.workers=2" for stage, o in calls if stage == runner.STAGE_05)  # the user's wins
+    runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=["inference.decoders=2"], echo=lambda line: None)
+    assert all(o[-1] == "inference.decoders=2" for stage, o in calls if stage == runner.STAGE_05)  # the user's wins
 
 
 def _run_with_simulated_stages(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, minutes: dict[str, float],
@@ -299,7 +299,6 @@ def _run_with_simulated_stages(root: Path, tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(runner, "run_stage", simulated)
     monkeypatch.setattr(runner, "monotonic", lambda: now[0])
-    monkeypatch.setattr(runner, "gpu_visible", lambda: False)
     (tmp_path / "submission.csv").unlink(missing_ok=True)
     said: list[str] = []
     runner.run_bundle(root, tmp_path / "comp", tmp_path, extra=extra, echo=said.append, keep_going=keep_going)
@@ -378,7 +377,7 @@ def test_notebook_runs_the_bundle_offline_on_a_read_only_input(bundle, tiny_raw,
                                            timeout=600, echo=False)
     assert execution.returncode == 0, execution.output[-4000:]
     assert "network=none" in execution.output and "input read-only" in execution.output
-    assert "stage 05: 1 decoder process (no GPU" in execution.output
+    assert "fused inference: decoding and encoding take turns in this process on cpu" in execution.output
     assert "Successfully installed ubc-ocean-0.1.0" in execution.output
     check = rehearsal.check_submission(tmp_path / "working" / "submission.csv", Path(tiny_raw.paths.raw) / "test.csv")
     assert rehearsal.submission_ok(check) and check["rows"] == len(pd.read_csv(Path(tiny_raw.paths.raw) / "test.csv"))

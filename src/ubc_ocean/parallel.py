@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import re
 import traceback
 from collections import Counter, deque
@@ -27,6 +28,15 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS reports one (a container or
+    ``taskset`` may allow fewer than the machine has), else every core."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -360,6 +360,8 @@ RULES: dict[str, Rule] = {
     "outliers.per_type_thresholds": TYPE,
     "outliers.per_type_min_slides": at_least(1),
     "inference.models": Rule(list, item=str, null=True, nonempty=True, unique=True),
+    "inference.decoders": Rule(object, test=lambda v: v == "auto" or (type(v) is int and v >= 1),
+                               accepts="auto or an integer >= 1"),
     "inference.queue_depth": at_least(1),
     "inference.time_budget_minutes": above(0, kind=float, null=True),
     "inference.budget_reserve": Rule(low=0, high=1, test=lambda v: v < 1, accepts="a number in [0, 1)"),

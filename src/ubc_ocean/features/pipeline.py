@@ -8,7 +8,8 @@
            in shared memory)
                                   results (features per batch, slide ends) ─> FusedPipeline.run (the caller)
 
-* Decoding (PNG, tiling, the tile round trip) runs in ``workers`` spawned processes, one slide each; the
+* Decoding (PNG, tiling, the tile round trip) runs in ``workers`` spawned processes (``inference.decoders``,
+  :func:`decoder_count`: by default one per core when a GPU encodes), one slide each; the
   caller's ``next_job`` is asked for a slide whenever a decoder is idle, so a time budget decides each
   slide's mode with the rates measured so far.
 * Batches travel as uint8 tensors in shared memory, each decoder's through a queue of its own (one batch)
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import queue
 import threading
 import time
@@ -49,7 +49,7 @@ from ubc_ocean.device import visible_devices
 from ubc_ocean.features.embed import embed_batches, encoder_from_config, inference_options, prepare_encoder
 from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.features.fused import SlideBatches, SlideJob, TiledSlide, assemble
-from ubc_ocean.parallel import one_line
+from ubc_ocean.parallel import one_line, usable_cores
 from ubc_ocean.slides import SlideError
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,15 @@ def failure_message(job: SlideJob, err: BaseException) -> str:
     return f"{job.spec.path.name}: unexpected {type(err).__name__}: {text}"
 
 
-def decoder_hint(workers: int, cores: int, devices: list[torch.device]) -> str | None:
-    """Advice when one decoder process feeds a GPU on a machine with more cores: PNG decoding then bounds
-    the run while the GPU waits (``runtime.workers`` is 1 by default; the Kaggle runner sets it per core)."""
-    if workers != 1 or cores <= 1 or not any(device.type == "cuda" for device in devices):
-        return None
-    return (f"one decoder process feeds the GPU: PNG decoding will bound the run while the GPU waits; "
-            f"runtime.workers={cores} (one per core) decodes {cores} slides at once")
+def decoder_count(setting: int | str, workers: int, devices: list[torch.device], cores: int) -> int:
+    """Stage 05's decoder processes: ``inference.decoders`` when it is a number; ``auto``: one per core when a
+    GPU encodes (PNG decoding is then the bottleneck: one process feeding a GPU leaves it waiting), else
+    ``runtime.workers`` (on the CPU the encoder competes with the decoders for the same cores)."""
+    if setting != "auto":
+        return max(1, int(setting))
+    if any(device.type == "cuda" for device in devices):
+        return max(1, cores)
+    return max(1, int(workers))
 
 
 class FusedPipeline:
@@ -118,7 +120,8 @@ class FusedPipeline:
                  queue_depth: int | None = None):
         self.cfg = cfg
         self.devices = devices or visible_devices(cfg["runtime"]["device"])
-        self.workers = max(1, int(cfg["runtime"]["workers"] if workers is None else workers))
+        self.workers = max(1, int(workers)) if workers is not None else decoder_count(
+            cfg["inference"]["decoders"], int(cfg["runtime"]["workers"]), self.devices, usable_cores())
         self.queue_depth = max(1, int(cfg["inference"]["queue_depth"] if queue_depth is None else queue_depth))
         self.stats = PipelineStats([str(d) for d in self.devices])
         base = encoder_from_config(cfg)
@@ -126,9 +129,6 @@ class FusedPipeline:
                          for i, device in enumerate(self.devices)]
         self._options = inference_options(cfg["features"])
         log.info("fused inference: %s", self.describe())
-        hint = decoder_hint(self.workers, os.cpu_count() or 1, self.devices)
-        if hint:
-            log.warning(hint)
 
     def describe(self) -> str:
         """How slides are decoded and encoded, in words."""

@@ -36,6 +36,7 @@ STAGE_06 = "ubc_ocean.submit.stage:run"
 BUDGET_KEY = "inference.time_budget_minutes"
 RERUN_VARIABLE = "KAGGLE_IS_COMPETITION_RERUN"  # set by Kaggle in the scoring rerun on the hidden test set
 monotonic = time.monotonic  # the budget's clock (tests simulate it)
+KAGGLE_DECODING = ("runtime.workers=1", "inference.decoders=auto")  # stage 05 decides on this machine, not the bundle's
 MIN_SHARE_MINUTES = 1e-6  # a stage-05 budget must be > 0: the first experiment always runs, however late
 _LAUNCH = ("import sys; from ubc_ocean.cli import main; "
            "raise SystemExit(main(sys.argv[1], 'stage ' + sys.argv[1], sys.argv[2:]))")
@@ -55,21 +56,6 @@ def stage_overrides(bundle: Path, competition: Path, working: Path, weights: str
     if weights:
         overrides.append(f"features.weights={bundle / weights}")
     return overrides
-
-
-def decoder_processes(gpu: bool, cores: int | None) -> int:
-    """Stage 05's ``runtime.workers`` on this machine: with a GPU, one decoder process per core (the GPU
-    encodes; the cores decode PNGs, the bottleneck on Kaggle's 4); without one, 1 (decoding and encoding
-    take turns in one process, the encoder using every core)."""
-    return max(1, cores or 1) if gpu else 1
-
-
-def gpu_visible() -> bool:
-    """Whether stage 05's consumers would run on GPUs (:func:`ubc_ocean.device.visible_devices`, as the
-    pipeline picks them)."""
-    from ubc_ocean.device import visible_devices  # imports torch: here, not when the notebook imports this module
-
-    return visible_devices("auto")[0].type == "cuda"
 
 
 class BundleBudget:
@@ -114,9 +100,11 @@ def run_bundle(bundle: str | Path, competition: str | Path, working: str | Path,
                extra: Sequence[str] = (), echo: Callable[[str], None] = print,
                keep_going: bool | None = None) -> Path:
     """Stage 05 per experiment, then stage 06; returns the submission (``{working}/submission.csv``).
-    Stage 05 gets :func:`decoder_processes` as ``runtime.workers`` (the bundled config's value is the training
-    machine's) and its share of the time budget (see the module's notes). ``extra`` overrides go to every
-    stage and win (e.g. ``runtime.workers=2``), except the budget's, which the runner shares out.
+    Stage 05 gets ``runtime.workers=1`` and ``inference.decoders=auto`` (one decoder process per core when a GPU
+    encodes, else decoding and encoding in turn in one process: the bundled config's numbers are the training
+    machine's) and its share of the time budget (see the module's notes).
+    ``extra`` overrides go to every stage and win (e.g. ``inference.decoders=2``), except the budget's, which
+    the runner shares out.
     ``keep_going`` (default: :func:`scoring_rerun`) ends with the best submission the stages that worked
     allow instead of raising :class:`StageFailed`; with no experiment predicted it raises all the same."""
     keep_going = scoring_rerun() if keep_going is None else keep_going
@@ -127,10 +115,6 @@ def run_bundle(bundle: str | Path, competition: str | Path, working: str | Path,
     final_overrides = stage_overrides(bundle, competition, working, first.get("weights"))
     budget = bundle_budget(bundle / manifest["config"], final_overrides, extra)
     extra = [o for o in extra if o.split("=", 1)[0].strip() != BUDGET_KEY]
-    gpu = gpu_visible()
-    workers = decoder_processes(gpu, os.cpu_count())
-    echo(f"stage 05: {workers} decoder process{'es' if workers > 1 else ''} "
-         f"({'a GPU encodes, the cores decode' if gpu else 'no GPU: decode and encode in one process'})")
     if budget.minutes is not None:
         echo(f"time budget: {budget.minutes:g} min for stages 05 and 06, shared among {len(experiments)} "
              f"experiment{'s' if len(experiments) > 1 else ''}")
@@ -141,7 +125,7 @@ def run_bundle(bundle: str | Path, competition: str | Path, working: str | Path,
                  "for stage 06)")
             continue
         share = budget.share(len(experiments) - position)
-        overrides = [*stage_overrides(bundle, competition, working, info.get("weights")), f"runtime.workers={workers}",
+        overrides = [*stage_overrides(bundle, competition, working, info.get("weights")), *KAGGLE_DECODING,
                      f"{BUDGET_KEY}={'null' if share is None else format(share, '.6g')}"]
         if ran:  # the first experiment's submission stands while a later one runs
             overrides.append("inference.provisional_submission=false")
