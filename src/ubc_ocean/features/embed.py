@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -12,14 +11,16 @@ import torch
 from ubc_ocean.device import autocast, autocast_dtype
 from ubc_ocean.features.augment import stain_augmenter, tta_views
 from ubc_ocean.features.encoders import Encoder, create_encoder
+from ubc_ocean.parallel import usable_cores
 
 log = logging.getLogger(__name__)
 _ENCODERS: dict[tuple, Encoder] = {}
 
 
 def set_cpu_threads(cfg: Mapping) -> None:
-    """``features.cpu_threads`` (0: every core) shared among the ``runtime.workers`` processes."""
-    threads = int(cfg["features"]["cpu_threads"]) or os.cpu_count() or 1
+    """``features.cpu_threads`` (0: every core this process may use) shared among the ``runtime.workers``
+    processes."""
+    threads = int(cfg["features"]["cpu_threads"]) or usable_cores()
     torch.set_num_threads(max(1, threads // int(cfg["runtime"]["workers"])))
 
 
