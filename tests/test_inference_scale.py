@@ -388,6 +388,14 @@ def test_a_budget_too_small_for_any_image_still_leaves_a_complete_submission(pip
     assert sorted(submission.image_id) == sorted(test_ids) and set(submission.label) == {"Other"}
 
 
+def test_only_a_run_over_the_whole_test_set_writes_the_provisional_submission(tmp_path):
+    from ubc_ocean.inference.stage import writes_provisional
+
+    assert writes_provisional(tiny_config(tmp_path)) and writes_provisional(tiny_config(tmp_path, "runtime.shard=0/1"))
+    assert not writes_provisional(tiny_config(tmp_path, "runtime.shard=1/2"))  # it knows only its own images
+    assert not writes_provisional(tiny_config(tmp_path, "inference.provisional_submission=false"))
+
+
 def test_without_the_provisional_submission_stage_05_leaves_the_submission_on_disk(pipeline, tmp_path):
     """``inference.provisional_submission=false`` (the Kaggle runner's later experiments): stage 05 predicts,
     and the submission an earlier experiment left stays as it was, byte for byte."""

@@ -48,7 +48,7 @@ from ubc_ocean.mil.predict import CheckpointEnsemble
 from ubc_ocean.mil.train import model_training_config
 from ubc_ocean.mil.tumour import TileChooser
 from ubc_ocean.outliers import SCORE_NAMES
-from ubc_ocean.parallel import select_shard, shard_output
+from ubc_ocean.parallel import parse_shard, select_shard, shard_output
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs, is_tma_by_image, read_test_csv, spec_is_tma
 from ubc_ocean.submit.submission import EnsembleCalibration, ProvisionalSubmission
 
@@ -133,8 +133,9 @@ def load_choosers(cfg: Mapping, names: list[str]) -> dict[str, TileChooser | Non
 def writes_provisional(cfg: Mapping) -> bool:
     """Whether this run rewrites the provisional submission: unsharded runs with
     ``inference.provisional_submission`` only (a shard knows only its own images, and would overwrite what
-    the others found; the Kaggle runner's later experiments leave the earlier one's submission standing)."""
-    return cfg["runtime"]["shard"] in (None, "", "null") and bool(cfg["inference"]["provisional_submission"])
+    the others found; the Kaggle runner's later experiments leave the earlier one's submission standing). A
+    shard ``0/1`` is the whole set, as :func:`~ubc_ocean.parallel.shard_output` counts it."""
+    return parse_shard(cfg["runtime"]["shard"])[1] == 1 and bool(cfg["inference"]["provisional_submission"])
 
 
 def provisional_submission(cfg: Mapping, names: list[str]) -> ProvisionalSubmission | None:
