@@ -128,7 +128,8 @@ class FusedPipeline:
         self.encoders = [prepare_encoder(base if i == 0 else copy.deepcopy(base), device)
                          for i, device in enumerate(self.devices)]
         self._options = inference_options(cfg["features"])
-        log.info("fused inference: %s", self.describe())
+        auto = workers is None and cfg["inference"]["decoders"] == "auto"
+        log.info("fused inference: %s%s", self.describe(), " (inference.decoders: auto)" if auto else "")
 
     def describe(self) -> str:
         """How slides are decoded and encoded, in words."""
