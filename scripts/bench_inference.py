@@ -22,7 +22,8 @@ one TMA. Lines start with ``RESULT`` per encoder::
 set is the larger of its decoding seconds shared by the decoders and its encoding seconds shared by the
 consumers; 1.0 is a perfect pipeline (decoders and consumers that take turns score about 0.5 when both cost
 the same). A fast GPU fed by few cores is idle most of the time (``gpu_busy`` low) with ``overlap`` near 1:
-the decoders bound the run. ``--workers 4,14`` measures several decoder counts on the same test set.
+the decoders bound the run. ``--workers 4,14`` measures several decoder counts on the same test set;
+``auto`` is stage 05's own choice (``inference.decoders: auto``).
 
 ``--quick`` shrinks everything for a smoke test (its figures mean nothing): the default encoder at input
 size 64, two small TMAs and a 2-megapixel WSI, in one process.
@@ -121,7 +122,8 @@ def make_warmup(folder: Path) -> SlideSpec:
                      competition_scale=True)
 
 
-def run_set(cfg, specs: list[SlideSpec], warmup: SlideSpec, workers: int) -> tuple[float, list, FusedPipeline]:  # type: ignore[no-untyped-def]
+def run_set(cfg, specs: list[SlideSpec], warmup: SlideSpec,  # type: ignore[no-untyped-def]
+            workers: int | None) -> tuple[float, list, FusedPipeline]:
     """Wall seconds, results and pipeline of one run over ``specs``, as a running stage 05 sees them.
 
     Every decoder first takes a warm-up image (a small TMA: the process's start, its imports, the encoder's
@@ -152,12 +154,15 @@ def run_set(cfg, specs: list[SlideSpec], warmup: SlideSpec, workers: int) -> tup
     return wall, results, pipeline
 
 
-def bench_encoder(cfg, specs: list[SlideSpec], warmup: SlideSpec, workers: int, kaggle_cores: int,  # type: ignore[no-untyped-def]
-                  label: str) -> str:
+def bench_encoder(cfg, specs: list[SlideSpec], warmup: SlideSpec, workers: int | None,  # type: ignore[no-untyped-def]
+                  kaggle_cores: int, label: str) -> str:
+    """One encoder's figures with ``workers`` decoder processes (None: stage 05's own choice,
+    ``inference.decoders: auto``), as its ``RESULT`` line."""
     tmas = [s for s in specs if s.image_id.startswith("tma")]
     wsis = [s for s in specs if s.image_id.startswith("wsi")]
     tma_wall, tma_results, tma_pipe = run_set(cfg, tmas, warmup, workers)
     wsi_wall, wsi_results, wsi_pipe = run_set(cfg, wsis, warmup, workers)
+    workers = tma_pipe.workers
     results = tma_results + wsi_results
     gpx = sum(r.decoded_pixels for r in wsi_results) / 1e9
     tma_decode = np.mean([r.decode_s for r in tma_results])
@@ -219,7 +224,8 @@ def main() -> int:
     parser.add_argument("--wsis", type=int, default=1)
     parser.add_argument("--wsi-mpx", type=float, default=300.0)
     parser.add_argument("--workers", default=str(os.cpu_count() or 1),
-                        help="decoder processes; a comma-separated list measures each on the same test set")
+                        help="decoder processes, or auto (stage 05's default, inference.decoders: auto); a "
+                        "comma-separated list measures each on the same test set")
     parser.add_argument("--kaggle-cores", type=int, default=4)
     parser.add_argument("--encoders", default="efficientnet_lite0,vit_b16_random")
     parser.add_argument("--device", default="auto")
@@ -232,7 +238,7 @@ def main() -> int:
     if args.quick:  # the default encoder alone, small, in one process: seconds
         args.tmas, args.tma_side, args.wsis, args.wsi_mpx, args.workers = 2, 768, 1, 2.0, "1"
         args.encoders = "efficientnet_lite0"
-    worker_counts = [int(w) for w in str(args.workers).split(",")]
+    worker_counts = [None if w.strip() == "auto" else int(w) for w in str(args.workers).split(",")]
     if args.max_tiles <= 0:  # a real WSI's planned tiles per gigapixel: its decoding per Gpx is then a real one's
         args.max_tiles = max(64, round(HIDDEN_TILE_CAP * args.wsi_mpx / 1000 / HIDDEN_WSI_GPX))
     work = Path(tempfile.mkdtemp(prefix="bench_inference-"))

@@ -2,7 +2,8 @@
 # One-go GPU check of stage 05's pipelined inference (issue 13), for a machine with one or more GPUs.
 # Runs the inference tests on the GPU (pipelined = bit-equal to in-process, the cosine bound, the budget), the
 # encoder alone (bench_encoder.py: precisions, formats, new batch sizes), then the benchmark with every visible GPU: default encoder and ViT-B/16 (random weights), with 4 decoder processes
-# as on Kaggle and with all but two of this machine's cores (does the GPU keep up when the decoders are many?).
+# as on Kaggle and with stage 05's default (inference.decoders: auto, one per core: does the GPU keep up when the
+# decoders are many?).
 # Paste the RESULT lines (each names its card) into the issue. About 6 minutes on one H100 with 16 cores
 # (the tests 1.5, the encoder 0.7, the benchmark 3.3 with 8 TMAs and 2 WSIs before batch padding).
 #   usage: bash scripts/gpu_check_inference.sh [extra bench_inference.py arguments]
@@ -16,5 +17,4 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; from ubc_ocean.device import usable_gpus; assert torch.cuda.is_available(), 'no GPU visible'; print('GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], 'usable by this build:', usable_gpus(), 'torch', torch.__version__, torch.cuda.get_arch_list())"
 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_inference_scale.py -k "(pipelined or cosine or jpeg or budget) and not bench" 2>&1 | tail -3
 PYTHONPATH="$PWD/scripts:$PYTHONPATH" "$PY" scripts/bench_encoder.py 2>&1 | grep --line-buffered -v "^INFO"
-many=$(( $(nproc) - 2 )); many=$(( many > 4 ? many : 4 ))
-"$PY" scripts/bench_inference.py --workers "4,$many" --tmas 8 --wsis 2 --wsi-mpx 300 "$@" 2>&1 | grep --line-buffered -v "^INFO"
+"$PY" scripts/bench_inference.py --workers "4,auto" --tmas 8 --wsis 2 --wsi-mpx 300 "$@" 2>&1 | grep --line-buffered -v "^INFO"
