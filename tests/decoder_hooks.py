@@ -37,3 +37,8 @@ def decode_or_die(cfg: Mapping, jobs: Any, batches: Any) -> None:
     """The decoder process's loop, with the doomed slides' batches."""
     pipeline.SlideBatches = _DoomedBatches  # this process only: it was spawned for the test
     pipeline._decode_slides(cfg, jobs, batches)
+
+
+def exit_at_start(cfg: Mapping, jobs: Any, batches: Any) -> None:
+    """A decoder process that cannot start (a broken install): it exits before reading any job."""
+    raise SystemExit(1)

@@ -131,6 +131,26 @@ def test_usable_cores_are_this_process_s_affinity():
     assert usable_cores() == expected >= 1
 
 
+def test_a_decoder_process_that_cannot_run_stops_the_run_with_the_way_to_see_why(tiny_raw, tmp_path, monkeypatch):
+    """A decoder process that Python exits (it could not start: a broken install) fails no slide as if a
+    native crash had killed it; it stops the run, and the advice it gives (one process on the CPU) works."""
+    from tests import decoder_hooks
+    from ubc_ocean.features import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "decoder_entry", decoder_hooks.exit_at_start)
+    cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}")
+    specs = competition_specs(cfg, TEST)
+
+    def run(pipeline: FusedPipeline) -> list:
+        jobs = iter([SlideJob(s) for s in specs])
+        return list(pipeline.run(lambda: next(jobs, None)))
+
+    with pytest.raises(RuntimeError, match=r"exited with code 1 .*inference\.decoders=1 runtime\.device=cpu"):
+        run(FusedPipeline(cfg, devices=[CPU], workers=2))
+    advised = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "inference.decoders=1", "runtime.device=cpu")
+    assert {r.status for r in run(FusedPipeline(advised))} == {"done"}
+
+
 def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_encoded(tiny_raw, tmp_path,
                                                                                      monkeypatch):
     """A time budget's deadline stops the run at once: the run returns while a consumer is still encoding

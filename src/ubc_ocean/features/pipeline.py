@@ -23,7 +23,8 @@
 * On the CPU with one worker it stays simple: each slide is decoded and embedded in this process, in turn.
 
 A slide that fails (bad file, encoder error) is a ``failed`` :class:`SlideResult`; a decoder process that
-dies (a native crash, the OOM killer) costs the slide it held, and is replaced. Each batch's tensor is
+dies (a native crash, the OOM killer) costs the slide it held, and is replaced; one that Python exits (it
+could not start or run its loop, which no slide causes) stops the run. Each batch's tensor is
 pickled by its decoder apart from the message that carries it (its shared memory is handed over by the
 decoder process): a batch whose decoder died before a consumer took it cannot be received, and fails
 its slide only.
@@ -294,9 +295,11 @@ class FusedPipeline:
             if decoder.process.is_alive():
                 continue
             key, code = decoder.key, decoder.process.exitcode
-            if key is None:  # it died holding no slide: it could not start (a broken install), not a bad file
-                raise RuntimeError(f"a decoder process exited with code {code} before taking a slide; run with "
-                                   "runtime.workers=1 on the CPU to see the error in this process")
+            if key is None or (code is not None and code > 0):
+                # Python exited it: every slide's error is caught and sent, so it could not start or run its
+                # loop (a broken install), which no slide causes and every new process would repeat
+                raise RuntimeError(f"a decoder process exited with code {code} outside any slide's work; run "
+                                   "with inference.decoders=1 runtime.device=cpu to see the error in this process")
             decoder.restart()
             slide = slides.pop(key, None) if key is not None else None
             if slide is not None:
