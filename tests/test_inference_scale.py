@@ -431,6 +431,33 @@ def test_without_the_provisional_submission_stage_05_leaves_the_submission_on_di
     assert all(len(pd.read_csv(table)) == len(test_ids) for table in written.values())
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stage_05_stops_when_every_image_fails_with_the_same_unexpected_error(pipeline, tmp_path, monkeypatch,
+                                                                               workers):
+    """An encoder that raises on every batch (a bug, a broken install) fails every image with the same
+    unexpected error: stage 05 ends with exit status 1, as stages 01 and 03 do, instead of predicting
+    nothing and leaving an all-fallback submission; each image still has its failure row. One bad file
+    among good ones does not stop it (the hostile-input tests)."""
+    from ubc_ocean.cli import main
+    from ubc_ocean.features import pipeline as pipeline_module
+    from ubc_ocean.inference.stage import run as infer
+    from ubc_ocean.parallel import AllTasksFailed
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no kernel image is available for execution on the device")
+        yield
+
+    monkeypatch.setattr(pipeline_module, "embed_batches", broken)
+    cfg = _copy_without_test_embeddings(pipeline, tmp_path, f"inference.decoders={workers}")
+    with pytest.raises(AllTasksFailed, match=r"same unexpected RuntimeError .*no kernel image"):
+        infer(cfg)
+    failures = pd.read_csv(layout.predictions_dir(cfg) / "failures_05.csv")
+    test_ids = pd.read_csv(Path(cfg.paths.raw) / "test.csv", dtype={"image_id": str}).image_id
+    assert len(failures) == len(test_ids) and failures.message.str.contains("unexpected RuntimeError").all()
+    if workers == 1:  # the front door: one error line and exit status 1
+        assert main(infer, "stage 05", ["--config", str(layout.predictions_dir(cfg) / "config_05.yaml")]) == 1
+
+
 @pytest.mark.parametrize(("override", "words"), [
     ("tiling.jpeg_quality=80", ("tile encoding", "'jpg q90' at training", "'jpg q80' now")),
     ("features.input_size=96", ("input size", "64 at training", "96 now")),

@@ -191,17 +191,23 @@ def run_tasks(
         close = getattr(results, "close", None)
         if close is not None:  # stops the worker processes when the caller leaves early
             close()
+    check_unexpected(desc, unexpected, len(items), totals["done"] + totals["failed"], last_unexpected)
+
+
+def check_unexpected(desc: str, unexpected: Counter[str], total: int, tried: int, last: str) -> None:
+    """After a run over ``total`` slides, ``tried`` of them (done or failed, not skipped): log how many failed
+    with an unexpected error (``unexpected``: their exception types), and raise :class:`AllTasksFailed` when
+    at least two were tried and every one failed with the same type (``last``: the last such message)."""
     if not unexpected:
         return
     kinds = ", ".join(f"{kind} x{n}" for kind, n in unexpected.most_common())
     hint = "" if log.isEnabledFor(logging.DEBUG) else "; rerun with --log-level DEBUG for the tracebacks"
-    log.warning("%s: %d of %d slides failed with an unexpected error (%s)%s",
-                desc, unexpected.total(), len(items), kinds, hint)
-    tried = totals["done"] + totals["failed"]
+    log.warning("%s: %d of %d slides failed with an unexpected error (%s)%s", desc, unexpected.total(), total,
+                kinds, hint)
     if tried >= 2 and len(unexpected) == 1 and unexpected.total() == tried:
         raise AllTasksFailed(
             f"{desc}: all {tried} slides tried failed with the same unexpected {next(iter(unexpected))} "
-            f"(last: {last_unexpected}), more often a bug or a broken install than {tried} bad files; "
+            f"(last: {last}), more often a bug or a broken install than {tried} bad files; "
             f"each has its row in the stage's failures file, tracebacks at --log-level DEBUG"
         )
 

@@ -60,8 +60,9 @@ LIVENESS_S = 1.0  # how often the caller's loop looks at its decoder processes w
 
 @dataclass
 class SlideResult:
-    """One slide's outcome: ``done`` with its features, coords and facts, or ``failed`` with a message;
-    with the CPU seconds its decoding took, the pixels it decoded, and the encoder seconds of its tiles."""
+    """One slide's outcome: ``done`` with its features, coords and facts, or ``failed`` with a message (and
+    ``error``, the exception's type when it was unexpected: not a bad file's error nor a dead decoder); with
+    the CPU seconds its decoding took, the pixels it decoded, and the encoder seconds of its tiles."""
 
     job: SlideJob
     status: str
@@ -69,6 +70,7 @@ class SlideResult:
     coords: np.ndarray | None = None
     info: dict = field(default_factory=dict)
     message: str = ""
+    error: str = ""
     decode_s: float = 0.0
     decoded_pixels: int = 0
     encode_s: float = 0.0
@@ -95,12 +97,21 @@ class PipelineStats:
         return sum(self.busy_s.values()) / (self.wall_s * len(self.devices))
 
 
+def unexpected_error(err: BaseException) -> str:
+    """The type name of an error no bad slide explains (a bug, a broken install), else ""."""
+    return "" if isinstance(err, (SlideError, OSError, ValueError)) else type(err).__name__
+
+
 def failure_message(job: SlideJob, err: BaseException) -> str:
     """One line naming the file: the error's own text for a bad slide, type and text for anything else."""
     text = one_line(str(err)) or "(no message)"
-    if isinstance(err, (SlideError, OSError, ValueError)):
-        return f"{job.spec.path.name}: {text}"
-    return f"{job.spec.path.name}: unexpected {type(err).__name__}: {text}"
+    kind = unexpected_error(err)
+    return f"{job.spec.path.name}: {f'unexpected {kind}: ' if kind else ''}{text}"
+
+
+def failed_result(job: SlideJob, err: BaseException) -> SlideResult:
+    """The ``failed`` result of a slide whose work raised ``err``."""
+    return SlideResult(job, "failed", message=failure_message(job, err), error=unexpected_error(err))
 
 
 def decoder_count(setting: int | str, workers: int, devices: list[torch.device], cores: int) -> int:
@@ -181,7 +192,7 @@ class FusedPipeline:
             except ConfigError:
                 raise
             except Exception as err:  # one bad slide never stops the run
-                yield SlideResult(job, "failed", message=failure_message(job, err))
+                yield failed_result(job, err)
                 continue
             finally:
                 self._count(str(device), encode_s)
@@ -256,7 +267,7 @@ class FusedPipeline:
                 if decoder.key == key:
                     decoder.process.join(timeout=1.0)  # a dying process: let it be gone
             yield from self._replace_dead(decoders, slides)  # then its slide fails as the decoder's death
-            kind = "encode_failed"  # else (a live decoder) with the consumer's words
+            kind, message = "encode_failed", (*message, "")  # else (a live decoder) with the consumer's words
         if kind in ("end", "failed"):  # the decoder is free again
             for decoder in decoders:
                 if decoder.key == key:
@@ -273,7 +284,7 @@ class FusedPipeline:
         elif kind in ("failed", "encode_failed"):  # the decoder's message names the file; the consumer's not
             del slides[key]
             text = message[2] if kind == "failed" else f"{slide.job.spec.path.name}: {message[2]}"
-            yield SlideResult(slide.job, "failed", message=text)
+            yield SlideResult(slide.job, "failed", message=text, error=message[3])
             return
         if slide.complete:
             del slides[key]
@@ -285,7 +296,7 @@ class FusedPipeline:
         try:
             features, coords, info = assemble(chunks, tiled, self.encoders[0].out_dim)
         except RuntimeError as err:
-            return SlideResult(slide.job, "failed", message=failure_message(slide.job, err))
+            return failed_result(slide.job, err)
         self.stats.tiles += len(features)
         return SlideResult(slide.job, "done", features, coords, info, decode_s=tiled.decode_s,
                            decoded_pixels=tiled.decoded_pixels, encode_s=slide.encode_s)
@@ -337,7 +348,7 @@ class FusedPipeline:
                 except Exception as err:  # an encoder error (CUDA, OOM) fails this slide only
                     failed.add(key)
                     results.put(("encode_failed", key, f"batch {index}: unexpected {type(err).__name__}: "
-                                 f"{one_line(str(err))}"))
+                                 f"{one_line(str(err))}", type(err).__name__))
                     continue
                 seconds = time.perf_counter() - tick
                 self._count(str(device), seconds)
@@ -440,7 +451,7 @@ def _decode_slides(cfg: Mapping, jobs: Any, batches: Any) -> None:
             batches.put(("fatal", key, str(err)))
             continue
         except Exception as err:  # one bad slide: its failure row, and the next slide
-            batches.put(("failed", key, failure_message(job, err)))
+            batches.put(("failed", key, failure_message(job, err), unexpected_error(err)))
             continue
         batches.put(("end", key, slide.result))
 
