@@ -20,7 +20,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,8 +165,7 @@ def run_tasks(
     items = list(items)
     totals = {"done": 0, "skipped": 0, "failed": 0}
     counted = 0
-    unexpected: Counter[str] = Counter()
-    last_unexpected = ""
+    unexpected = UnexpectedErrors()
     guarded = GuardedTask(task)
     bar = tqdm(total=len(items), desc=desc, unit="slide", dynamic_ncols=True)
     if workers > 1 and len(items) > 1:
@@ -182,8 +181,7 @@ def run_tasks(
             rate = f"{counted / elapsed:.1f}"
             bar.set_postfix({unit_counted: counted, f"{unit_counted}/s": rate, **totals}, refresh=False)
             if result.error:
-                unexpected[result.error] += 1
-                last_unexpected = result.message
+                unexpected.record(result.error, result.message)
                 log.debug("%s: traceback of the unexpected error:\n%s", result.item, result.traceback.rstrip())
             yield result
     finally:
@@ -191,25 +189,40 @@ def run_tasks(
         close = getattr(results, "close", None)
         if close is not None:  # stops the worker processes when the caller leaves early
             close()
-    check_unexpected(desc, unexpected, len(items), totals["done"] + totals["failed"], last_unexpected)
+    unexpected.check(desc, len(items), totals["done"] + totals["failed"])
 
 
-def check_unexpected(desc: str, unexpected: Counter[str], total: int, tried: int, last: str) -> None:
-    """After a run over ``total`` slides, ``tried`` of them (done or failed, not skipped): log how many failed
-    with an unexpected error (``unexpected``: their exception types), and raise :class:`AllTasksFailed` when
-    at least two were tried and every one failed with the same type (``last``: the last such message)."""
-    if not unexpected:
-        return
-    kinds = ", ".join(f"{kind} x{n}" for kind, n in unexpected.most_common())
-    hint = "" if log.isEnabledFor(logging.DEBUG) else "; rerun with --log-level DEBUG for the tracebacks"
-    log.warning("%s: %d of %d slides failed with an unexpected error (%s)%s", desc, unexpected.total(), total,
-                kinds, hint)
-    if tried >= 2 and len(unexpected) == 1 and unexpected.total() == tried:
-        raise AllTasksFailed(
-            f"{desc}: all {tried} slides tried failed with the same unexpected {next(iter(unexpected))} "
-            f"(last: {last}), more often a bug or a broken install than {tried} bad files; "
-            f"each has its row in the stage's failures file, tracebacks at --log-level DEBUG"
-        )
+@dataclass
+class UnexpectedErrors:
+    """A run's slides that failed with an unexpected error (a bug, a broken install; not a bad file's error):
+    how many of each exception type, and the last one's message."""
+
+    kinds: Counter[str] = field(default_factory=Counter)
+    last: str = ""
+
+    def record(self, kind: str, message: str) -> None:
+        """One failed slide's error type (``""``: an expected failure, not counted) and message."""
+        if kind:
+            self.kinds[kind] += 1
+            self.last = message
+
+    def check(self, desc: str, total: int, tried: int) -> None:
+        """After a run over ``total`` slides, ``tried`` of them (done or failed, not skipped): log how many
+        failed unexpectedly, and raise :class:`AllTasksFailed` when at least two were tried and every one
+        failed with the same type."""
+        kinds = self.kinds
+        if not kinds:
+            return
+        listed = ", ".join(f"{kind} x{n}" for kind, n in kinds.most_common())
+        hint = "" if log.isEnabledFor(logging.DEBUG) else "; rerun with --log-level DEBUG for the tracebacks"
+        log.warning("%s: %d of %d slides failed with an unexpected error (%s)%s", desc, kinds.total(), total,
+                    listed, hint)
+        if tried >= 2 and len(kinds) == 1 and kinds.total() == tried:
+            raise AllTasksFailed(
+                f"{desc}: all {tried} slides tried failed with the same unexpected {next(iter(kinds))} "
+                f"(last: {self.last}), more often a bug or a broken install than {tried} bad files; "
+                f"each has its row in the stage's failures file, tracebacks at --log-level DEBUG"
+            )
 
 
 _ANNOUNCE: Any = None  # in a worker process: where it says which item it starts

@@ -267,7 +267,7 @@ class FusedPipeline:
                 if decoder.key == key:
                     decoder.process.join(timeout=1.0)  # a dying process: let it be gone
             yield from self._replace_dead(decoders, slides)  # then its slide fails as the decoder's death
-            kind, message = "encode_failed", (*message, "")  # else (a live decoder) with the consumer's words
+            kind = "encode_failed"  # else (a live decoder) with the consumer's words
         if kind in ("end", "failed"):  # the decoder is free again
             for decoder in decoders:
                 if decoder.key == key:
@@ -338,7 +338,7 @@ class FusedPipeline:
                 except Exception as err:
                     failed.add(key)
                     results.put(("lost", key, f"tile batch {index} could not be received from its decoder "
-                                 f"process: {type(err).__name__}: {one_line(str(err))}"))
+                                 f"process: {type(err).__name__}: {one_line(str(err))}", ""))  # no bug's error
                     continue
                 if key in failed:
                     continue

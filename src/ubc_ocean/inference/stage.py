@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from ubc_ocean.mil.predict import CheckpointEnsemble
 from ubc_ocean.mil.train import model_training_config
 from ubc_ocean.mil.tumour import TileChooser
 from ubc_ocean.outliers import SCORE_NAMES
-from ubc_ocean.parallel import check_unexpected, parse_shard, select_shard, shard_output
+from ubc_ocean.parallel import UnexpectedErrors, parse_shard, select_shard, shard_output
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs, is_tma_by_image, read_test_csv, spec_is_tma
 from ubc_ocean.submit.submission import EnsembleCalibration, ProvisionalSubmission
 
@@ -220,8 +219,7 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
 
     encoder = pipeline.encoders[0]
     finished: set[str] = set()
-    unexpected: Counter[str] = Counter()  # failures' exception types that no bad file explains
-    last_unexpected = ""
+    unexpected = UnexpectedErrors()
     bar = tqdm(total=len(specs), desc="test slides", unit="slide", dynamic_ncols=True)
     try:
         for result in pipeline.run(next_job, should_stop=planner.expired):
@@ -236,9 +234,7 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
             if result.status == "failed":
                 log.error("%s: %s", slide_id, result.message)
                 failures.record(slide_id, result.message)
-                if result.error:
-                    unexpected[result.error] += 1
-                    last_unexpected = result.message
+                unexpected.record(result.error, result.message)
                 continue
             attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
                                            is_tma=bool(result.info["is_tma"]), stain_augmentation=0.0,
@@ -259,7 +255,7 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
     stats = pipeline.stats
     log.info("stage 05: %d images embedded in %.0f s, %d tiles; encoder busy %.0f%% of the time on %s",
              len(finished), stats.wall_s, stats.tiles, 100 * stats.busy_fraction, ", ".join(stats.devices))
-    check_unexpected("test slides", unexpected, len(specs), len(finished), last_unexpected)
+    unexpected.check("test slides", len(specs), len(finished))
 
 
 def run(cfg: Mapping) -> dict[str, Path]:
