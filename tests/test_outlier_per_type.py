@@ -22,7 +22,7 @@ from scipy.stats import norm
 from tests.builders import LEAN, tiny_config
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError, load_config
-from ubc_ocean.mil.report import seed_mean
+from ubc_ocean.metrics import seed_mean
 from ubc_ocean.outliers import OutlierThreshold, calibrate_threshold, outlier_scores
 from ubc_ocean.sources import is_tma_by_image
 from ubc_ocean.submit.ensemble import ensemble_scores

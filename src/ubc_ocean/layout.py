@@ -42,15 +42,12 @@ import h5py
 import pandas as pd
 
 from ubc_ocean.config import ConfigError
-from ubc_ocean.features.augment import variant_name
-from ubc_ocean.features.encoders import encoder_cache_name, encoder_out_dim, resolve_weights
-from ubc_ocean.features.weights import file_checksum
+from ubc_ocean.features.weights import encoder_cache_name, file_checksum, resolve_weights
 from ubc_ocean.io_utils import FailureLog, atomic_write_text
 from ubc_ocean.parallel import shard_output
 from ubc_ocean.slides.magnification import native_magnification
-from ubc_ocean.sources import TEST, TRAIN, competition_specs, raw_path
+from ubc_ocean.sources import TEST, TRAIN, SlideFiles, competition_specs, raw_path
 from ubc_ocean.tiling.store import read_slide_info, tiling_key
-from ubc_ocean.viz.slide import SlideFiles
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +130,14 @@ def test_embeddings_root(cfg: Mapping) -> Path:
     return _embeddings_folder(cfg, 0.0)
 
 
+def variant_name(tta: str, stain_augmentation: float) -> str:
+    """Suffix of the cache folder: features made with TTA or stain jitter never mix with plain ones."""
+    parts = [] if tta == "none" else [f"tta-{tta}"]
+    if stain_augmentation:
+        parts.append(f"stain{stain_augmentation:g}")
+    return "".join(f"-{p}" for p in parts)
+
+
 def _embeddings_folder(cfg: Mapping, stain_augmentation: float) -> Path:
     features = cfg["features"]
     encoder = encoder_cache_name(features["encoder"], features["weights"], features["input_size"])
@@ -143,6 +148,8 @@ def _embeddings_folder(cfg: Mapping, stain_augmentation: float) -> Path:
 def feature_width(cfg: Mapping) -> int:
     """The width D of the features the configured encoder makes (every bag's, every MIL model's
     ``in_dim``): from the encoder's architecture, without loading its weights; never from the data."""
+    from ubc_ocean.features.encoders import encoder_out_dim  # torch and timm: asked only where models are built
+
     features = cfg["features"]
     return encoder_out_dim(features["encoder"], features["weights"], features["input_size"])
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix
 
 
 def balanced_accuracy(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None) -> float:
@@ -31,6 +30,8 @@ def per_class_recall(
 
 def confusion_frame(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> pd.DataFrame:
     """Rows: true class; columns: predicted class."""
+    from sklearn.metrics import confusion_matrix  # here: importing scikit-learn costs each stage process a second
+
     matrix = confusion_matrix(list(y_true), list(y_pred), labels=list(labels))
     return pd.DataFrame(matrix, index=pd.Index(labels, name="true"), columns=pd.Index(labels, name="predicted"))
 
@@ -98,3 +99,35 @@ def percentile_interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, 
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def seed_mean(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """One row per slide: class probabilities (and ``score_*`` columns) averaged over seeds."""
+    keys = ["slide_id", "image_id", "label", "is_tma", "fold"]
+    values = list(classes) + [c for c in oof.columns if c.startswith("score_")]
+    return oof.groupby(keys, as_index=False, sort=True)[values].mean()
+
+
+def oof_metrics(per_slide: pd.DataFrame, classes: Sequence[str]) -> dict:
+    """Balanced accuracy overall and for WSIs and TMAs apart, per-class recall, and whether the model
+    learned: ``learned`` is false when the balanced accuracy is not above ``chance_balanced_accuracy_p99``,
+    what 99% of label shufflings stay below (see :func:`ubc_ocean.metrics.chance_balanced_accuracy`)."""
+    predicted = np.asarray(classes)[per_slide[list(classes)].to_numpy().argmax(1)]
+    truth = per_slide["label"].to_numpy()
+    tma = per_slide["is_tma"].astype(bool).to_numpy()
+
+    def subset(mask: np.ndarray) -> float | None:
+        return balanced_accuracy(truth[mask], predicted[mask], classes) if mask.any() else None
+
+    score = balanced_accuracy(truth, predicted, classes)
+    chance, upper = chance_balanced_accuracy(truth, predicted)
+    return {
+        "n_slides": len(per_slide),
+        "balanced_accuracy": score,
+        "chance_balanced_accuracy": chance,
+        "chance_balanced_accuracy_p99": upper,
+        "learned": bool(score > upper),
+        "balanced_accuracy_wsi": subset(~tma),
+        "balanced_accuracy_tma": subset(tma),
+        "per_class_recall": per_class_recall(truth, predicted, classes),
+    }

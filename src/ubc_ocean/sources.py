@@ -40,6 +40,20 @@ class SlideSpec:
         return f"{self.source}/{self.image_id}"
 
 
+@dataclass(frozen=True)
+class SlideFiles:
+    """Where one slide's pieces are (``layout.find_slide`` fills it in)."""
+
+    slide_id: str
+    label: str | None
+    image: Path  # the raw image
+    thumbnail: Path | None  # used for the view when it stands for the image
+    embeddings: Path  # h5 with coords
+    extent: int  # a tile's level-0 side
+    tiles: Path | None = None  # stage-01 tile folder (training slides); None: tiles are cut from the image
+    fold: int | None = None  # its validation fold (training slides): heatmaps use that fold's checkpoints
+
+
 @dataclass
 class ExternalSource:
     name: str

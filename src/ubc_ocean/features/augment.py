@@ -44,11 +44,3 @@ def stain_augmenter(seed_text: str, strength: float) -> Callable[[np.ndarray], n
         return np.stack([transform(image=np.ascontiguousarray(tile))["image"] for tile in batch])
 
     return apply
-
-
-def variant_name(tta: str, stain_augmentation: float) -> str:
-    """Suffix of the cache folder: features made with TTA or stain jitter never mix with plain ones."""
-    parts = [] if tta == "none" else [f"tta-{tta}"]
-    if stain_augmentation:
-        parts.append(f"stain{stain_augmentation:g}")
-    return "".join(f"-{p}" for p in parts)

@@ -17,17 +17,7 @@ import h5py
 import numpy as np
 
 from ubc_ocean import __version__
-from ubc_ocean.features.augment import variant_name
 from ubc_ocean.io_utils import atomic_path
-from ubc_ocean.tiling.store import tiling_key
-
-
-def embeddings_root(cfg: Mapping, encoder_cache_name: str) -> Path:
-    """``{processed}/embeddings/{encoder}{variant}__{tiling key}``: encoders, TTA/stain variants and
-    tilings never share a folder."""
-    features = cfg["features"]
-    variant = variant_name(features["tta"], float(features["stain_augmentation"]))
-    return Path(cfg["paths"]["processed"]) / "embeddings" / f"{encoder_cache_name}{variant}__{tiling_key(cfg)}"
 
 
 def embedding_path(root: Path, source: str, image_id: str) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from ubc_ocean.config import ConfigError
 from ubc_ocean.features.hf_convert import hf_vit_to_timm
-from ubc_ocean.features.presets import POOLERS, resolved_options
+from ubc_ocean.features.presets import resolved_options
 from ubc_ocean.features.weights import (
     DEFAULT_ENCODER,
     HUB,
@@ -30,6 +30,7 @@ from ubc_ocean.features.weights import (
     ResolvedWeights,
     cache_name,
     efficientnet_lite0_weights_file,
+    encoder_cache_name,
     file_checksum,
     resolve_weights,
 )
@@ -40,6 +41,33 @@ __all__ = [
     "encoder_out_dim", "file_checksum", "load_state_dict_file", "load_weights", "meta_device", "resolve_weights",
     "resolved_out_dim",
 ]
+
+
+class TokenPooling(nn.Module):
+    """Turn a timm ViT's token sequence into one vector: the cls token, or cls concatenated with the mean
+    of the patch tokens (Virchow2's recommended embedding)."""
+
+    def __init__(self, model: nn.Module, mode: str):
+        super().__init__()
+        if mode not in ("cls", "cls_mean"):
+            raise ValueError(f"unknown pooling {mode!r}")
+        self.model, self.mode = model, mode
+        self.num_features = model.num_features * (2 if mode == "cls_mean" else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.forward_features(x)
+        cls = tokens[:, 0]
+        if self.mode == "cls":
+            return cls
+        patches = tokens[:, self.model.num_prefix_tokens :]
+        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
+
+
+POOLERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "default": lambda model: model,
+    "cls": lambda model: TokenPooling(model, "cls"),
+    "cls_mean": lambda model: TokenPooling(model, "cls_mean"),
+}
 
 
 class WeightsMismatchError(ValueError):
@@ -73,11 +101,6 @@ class Encoder:
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
-
-
-def encoder_cache_name(name: str, weights: str | Path | None, input_size: int | None) -> str:
-    """An encoder's cache folder name without building the model (stages 04-06 need only the name)."""
-    return resolve_weights(name, weights, input_size).cache_name
 
 
 @functools.lru_cache(maxsize=16)

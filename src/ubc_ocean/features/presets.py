@@ -9,11 +9,12 @@ hub`` lets timm fetch the ``hf_hub`` repository (the gated ones need a Hugging F
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # the presets are plain data: naming an encoder's features imports neither torch nor timm
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +43,12 @@ def _conv_stem() -> type[nn.Module]:
     from ubc_ocean.features.convstem import ConvStem
 
     return ConvStem
+
+
+def _silu() -> type[nn.Module]:
+    from torch import nn
+
+    return nn.SiLU
 
 
 def _swiglu_packed() -> type[nn.Module]:
@@ -84,7 +91,7 @@ PRESETS: dict[str, EncoderPreset] = {
     "virchow2": EncoderPreset(
         "vit_huge_patch14_224", 224, IMAGENET_MEAN, IMAGENET_STD, "paige-ai/Virchow2", "pytorch_model.bin",
         options={"init_values": 1e-5, "mlp_ratio": 5.3375, "dynamic_img_size": True,
-                 "mlp_layer": _swiglu_packed, "act_layer": lambda: nn.SiLU, "reg_tokens": 4,
+                 "mlp_layer": _swiglu_packed, "act_layer": _silu, "reg_tokens": 4,
                  "no_embed_class": True},
         pooling="cls_mean",
     ),
@@ -94,30 +101,3 @@ PRESETS: dict[str, EncoderPreset] = {
 def resolved_options(preset: EncoderPreset) -> dict:
     """The preset's timm options with class-valued entries resolved."""
     return {key: value() if callable(value) else value for key, value in preset.options.items()}
-
-
-class TokenPooling(nn.Module):
-    """Turn a timm ViT's token sequence into one vector: the cls token, or cls concatenated with the mean
-    of the patch tokens (Virchow2's recommended embedding)."""
-
-    def __init__(self, model: nn.Module, mode: str):
-        super().__init__()
-        if mode not in ("cls", "cls_mean"):
-            raise ValueError(f"unknown pooling {mode!r}")
-        self.model, self.mode = model, mode
-        self.num_features = model.num_features * (2 if mode == "cls_mean" else 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.model.forward_features(x)
-        cls = tokens[:, 0]
-        if self.mode == "cls":
-            return cls
-        patches = tokens[:, self.model.num_prefix_tokens :]
-        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
-
-
-POOLERS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "default": lambda model: model,
-    "cls": lambda model: TokenPooling(model, "cls"),
-    "cls_mean": lambda model: TokenPooling(model, "cls_mean"),
-}

@@ -108,6 +108,11 @@ def resolve_weights(name: str, weights: str | Path | None = None, input_size: in
     return ResolvedWeights(name, LOCAL_FILE, path, cached_file_checksum(path), name, size)
 
 
+def encoder_cache_name(name: str, weights: str | Path | None, input_size: int | None) -> str:
+    """An encoder's cache folder name without building the model (stages 04-06 need only the name)."""
+    return resolve_weights(name, weights, input_size).cache_name
+
+
 def resolve_input_size(name: str, input_size: int | None) -> int:
     """The configured input size, else the preset's, else timm's pretrained config's.
 

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -25,6 +24,8 @@ class FeatureSpaceDetector:
 
     @classmethod
     def fit(cls, embeddings: np.ndarray, labels: Sequence[int], n_classes: int, k: int = 5) -> FeatureSpaceDetector:
+        from sklearn.covariance import LedoitWolf  # here, not at the top: stage 05 only loads fitted detectors
+
         x = np.asarray(embeddings, dtype=np.float64)
         y = np.asarray(labels)
         means = np.full((n_classes, x.shape[1]), np.nan)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ubc_ocean.io_utils import atomic_write_csv
-from ubc_ocean.mil.report import oof_metrics, seed_mean
+from ubc_ocean.metrics import oof_metrics, seed_mean
 from ubc_ocean.outliers import PROBABILITY_SCORES, OutlierThreshold, calibrate_from_config
 from ubc_ocean.submit.ensemble import ensemble_scores, ensemble_weights, label_predictions, weighted_mean
 

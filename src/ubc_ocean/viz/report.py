@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ubc_ocean import layout
 from ubc_ocean.features import cache
 from ubc_ocean.folds import is_synthetic
-from ubc_ocean.mil.report import seed_mean
+from ubc_ocean.metrics import seed_mean
 from ubc_ocean.outliers import OutlierThreshold
 from ubc_ocean.viz.cv import cv_figure, model_summary
 from ubc_ocean.viz.html import Section, figure_png, write_report

@@ -12,6 +12,7 @@ import torch
 
 from ubc_ocean.features import cache
 from ubc_ocean.slides.reader import open_slide, sorted_boxes
+from ubc_ocean.sources import SlideFiles
 from ubc_ocean.tiling import store
 from ubc_ocean.viz.overlay import attention_heatmap, ranked_tiles
 from ubc_ocean.viz.relevance import Relevance, ensemble_relevance
@@ -19,20 +20,6 @@ from ubc_ocean.viz.relevance import Relevance, ensemble_relevance
 VIEW_MAX_SIDE = 768
 TILE_PREVIEW = 128  # pixels per side of a most / least attended tile in the picture
 IN_MEMORY_MAX_PIXELS = 64_000_000  # a TMA without thumbnail is decoded whole for its view
-
-
-@dataclass(frozen=True)
-class SlideFiles:
-    """Where one slide's pieces are (``layout.find_slide`` fills it in)."""
-
-    slide_id: str
-    label: str | None
-    image: Path  # the raw image
-    thumbnail: Path | None  # used for the view when it stands for the image
-    embeddings: Path  # h5 with coords
-    extent: int  # a tile's level-0 side
-    tiles: Path | None = None  # stage-01 tile folder (training slides); None: tiles are cut from the image
-    fold: int | None = None  # its validation fold (training slides): heatmaps use that fold's checkpoints
 
 
 @dataclass
