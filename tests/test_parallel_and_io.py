@@ -1,6 +1,7 @@
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,30 @@ def test_a_stage_where_every_slide_fails_alike_ends_in_error(kinds, stops):
     else:
         seen.extend(run_tasks(kinds, _raise))
     assert sorted(r.item for r in seen) == sorted(kinds)  # every row was handed out before the error
+
+
+def _what_the_worker_has(item: str) -> TaskResult:
+    """The variable the test set, and whether torch was loaded before this task imported anything."""
+    variable = os.environ.get("UBC_OCEAN_TEST_VARIABLE")
+    return TaskResult(item, "done", f"{variable}|{'torch' in sys.modules}|{os.getpid()}")
+
+
+def test_workers_see_the_callers_environment_of_the_moment_and_start_with_the_heavy_libraries(monkeypatch):
+    """A worker reads the environment its caller has when the pool starts (a fork server's workers would
+    otherwise have the server's, from the first pool); on Linux it is forked from the fork server, which has
+    loaded torch once for all of them (a spawned worker would import it again, seconds each)."""
+    from ubc_ocean.parallel import FORK_SERVER_PRELOAD, process_context
+
+    monkeypatch.setenv("UBC_OCEAN_TEST_VARIABLE", "first")
+    first = [r.message.split("|") for r in run_tasks(["a", "b"], _what_the_worker_has, workers=2)]
+    monkeypatch.setenv("UBC_OCEAN_TEST_VARIABLE", "second")
+    second = [r.message.split("|") for r in run_tasks(["c", "d"], _what_the_worker_has, workers=2)]
+    assert {variable for variable, _, _ in first} == {"first"}
+    assert {variable for variable, _, _ in second} == {"second"}
+    assert len({pid for *_, pid in first + second} | {str(os.getpid())}) == 5  # four workers, none of them this one
+    if sys.platform.startswith("linux"):
+        assert process_context().get_start_method() == "forkserver" and "torch" in FORK_SERVER_PRELOAD
+        assert {loaded for _, loaded, _ in first + second} == {"True"}
 
 
 def _die_on(item: str) -> TaskResult:

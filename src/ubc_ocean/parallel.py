@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import sys
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,37 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+# What a fork server loads once for every worker process it starts: the heavy libraries the workers import
+# that are safe to fork (libvips and OpenCV start threads when they load: each worker loads them itself).
+FORK_SERVER_PRELOAD = ("numpy", "pandas", "scipy.ndimage", "h5py", "torch")
+
+
+def process_context() -> Any:
+    """How worker processes start (stage pools, stage 05's decoders). On Linux, from a fork server: one
+    clean process, started at the first pool, that has loaded :data:`FORK_SERVER_PRELOAD` and forks each
+    worker in milliseconds, where a spawned worker spends seconds importing torch and the rest again (the
+    default on Linux from Python 3.14). Elsewhere, spawned. Either way a worker starts without the caller's
+    threads or state, and :func:`in_environment` gives it the caller's environment variables of the moment."""
+    if not sys.platform.startswith("linux"):
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))  # read when the server starts (the first pool)
+    return context
+
+
+def adopt_environment(environment: Mapping[str, str]) -> None:
+    """Make ``os.environ`` equal ``environment`` (the caller's, in a worker): a fork server's workers inherit
+    the variables the server started with, not the caller's of the moment, as a spawned worker would."""
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+def in_environment(environment: Mapping[str, str], target: Callable[..., T], *args: Any) -> T:
+    """``target(*args)`` after :func:`adopt_environment` (a worker process's entry point)."""
+    adopt_environment(environment)
+    return target(*args)
 
 
 def usable_cores() -> int:
@@ -228,8 +260,9 @@ class UnexpectedErrors:
 _ANNOUNCE: Any = None  # in a worker process: where it says which item it starts
 
 
-def _remember_announcer(queue: Any) -> None:
+def _remember_announcer(queue: Any, environment: Mapping[str, str]) -> None:
     global _ANNOUNCE
+    adopt_environment(environment)
     _ANNOUNCE = queue
 
 
@@ -239,18 +272,18 @@ def _announced(task: Callable[[Any], TaskResult], index: int, item: Any) -> tupl
 
 
 def _in_processes(task: GuardedTask, items: Sequence[Any], workers: int) -> Iterator[TaskResult]:
-    """``task`` over ``items`` in ``workers`` spawned processes, results as they finish.
+    """``task`` over ``items`` in ``workers`` worker processes (:func:`process_context`), results as they finish.
 
     Each worker announces the item it starts. When a worker dies (no Python exception can tell which slide
     killed it), the items started but not finished are retried one at a time, each in a process of its
     own: the one that kills its process again gets a failure row; the rest run on in a fresh pool.
     """
-    context = mp.get_context("spawn")
+    context = process_context()
     pending = dict(enumerate(items))
     while pending:
         queue = context.SimpleQueue()
         pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
-                                   initializer=_remember_announcer, initargs=(queue,))
+                                   initializer=_remember_announcer, initargs=(queue, dict(os.environ)))
         broken = finished = False
         try:
             futures = [pool.submit(_announced, task, index, item) for index, item in pending.items()]
@@ -283,7 +316,7 @@ def _drain(queue: Any) -> set[int]:
 def _alone(task: GuardedTask, item: Any, context: Any) -> TaskResult:
     """``task(item)`` in a process of its own; a process that dies is the item's failure row."""
     pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_remember_announcer,
-                               initargs=(context.SimpleQueue(),))
+                               initargs=(context.SimpleQueue(), dict(os.environ)))
     try:
         return pool.submit(_announced, task, 0, item).result()[1]
     except BrokenProcessPool:

@@ -8,8 +8,9 @@
            in shared memory)
                                   results (features per batch, slide ends) ─> FusedPipeline.run (the caller)
 
-* Decoding (PNG, tiling, the tile round trip) runs in ``workers`` spawned processes (``inference.decoders``,
-  :func:`decoder_count`: by default one per core when a GPU encodes), one slide each; the
+* Decoding (PNG, tiling, the tile round trip) runs in ``workers`` processes (``inference.decoders``,
+  :func:`decoder_count`: by default one per core when a GPU encodes; forked from a fork server on Linux,
+  else spawned: :func:`ubc_ocean.parallel.process_context`), one slide each; the
   caller's ``next_job`` is asked for a slide whenever a decoder is idle, so a time budget decides each
   slide's mode with the rates measured so far.
 * Batches travel as uint8 tensors in shared memory, each decoder's through a queue of its own (one batch)
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import queue
 import threading
 import time
@@ -50,7 +52,7 @@ from ubc_ocean.device import visible_devices
 from ubc_ocean.features.embed import embed_batches, encoder_from_config, inference_options, prepare_encoder
 from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.features.fused import SlideBatches, SlideJob, TiledSlide, assemble
-from ubc_ocean.parallel import one_line, usable_cores
+from ubc_ocean.parallel import in_environment, one_line, process_context, usable_cores
 from ubc_ocean.slides import SlideError
 
 log = logging.getLogger(__name__)
@@ -207,7 +209,7 @@ class FusedPipeline:
 
     def _run_pipelined(self, next_job: Callable[[], SlideJob | None],
                        should_stop: Callable[[], bool]) -> Iterator[SlideResult]:
-        context = torch.multiprocessing.get_context("spawn")
+        context = process_context()
         batches: queue.Queue = queue.Queue(maxsize=self.queue_depth)
         results: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -384,8 +386,8 @@ class _Decoder:
         self.jobs = self.context.SimpleQueue()
         self.output = self.context.Queue(maxsize=1)
         self.retired = threading.Event()
-        self.process = self.context.Process(target=decoder_entry, args=(self.cfg, self.jobs, self.output),
-                                            name=f"decoder-{self.index}", daemon=True)
+        self.process = self.context.Process(target=in_environment, name=f"decoder-{self.index}", daemon=True,
+                                            args=(dict(os.environ), decoder_entry, self.cfg, self.jobs, self.output))
         self.process.start()
         threading.Thread(target=_forward, args=(self.output, self.batches, self.stop, self.retired),
                          name=f"forward-decoder-{self.index}", daemon=True).start()
@@ -456,5 +458,5 @@ def _decode_slides(cfg: Mapping, jobs: Any, batches: Any) -> None:
         batches.put(("end", key, slide.result))
 
 
-# What a decoder process runs (a seam: tests point it at a module of theirs that spawned processes import).
+# What a decoder process runs (a seam: tests point it at a module of theirs that decoder processes import).
 decoder_entry: Callable[[Mapping, Any, Any], None] = _decode_slides
