@@ -106,6 +106,25 @@ def test_ensemble_of_models_with_different_ids_averages_those_that_predicted():
     assert only_a.loc["2", "X"] == 0.0 and only_a.loc["3", "X"] == pytest.approx(0.2)
 
 
+def test_best_valid_stops_at_a_perfect_score_or_after_patience_epochs_without_progress():
+    """A validation set that the model learns to get all right ends training at the first perfect epoch (no
+    later one could be kept); one it never gets right ends it ``patience`` epochs after the best."""
+    train_bags, train_labels = class_centre_bags(6)
+    valid_bags, valid_labels = class_centre_bags(3, seed=1)
+    options = {"hidden_dim": 16, "attention_dim": 8}
+    perfect = fit("abmil", options, train_bags, train_labels, valid_bags, valid_labels, 3,
+                  _mil_cfg(epochs=40, patience=5), 0, CPU)
+    scores = [c["valid_balanced_accuracy"] for c in perfect.curves]
+    assert perfect.best_score == scores[-1] == 1.0 and max(scores[:-1]) < 1.0 and len(scores) < 40
+    assert perfect.best_epoch == len(scores) - 1
+    wrong = [(label + 1) % 3 for label in valid_labels]  # the classes' bags under another class's name
+    stale = fit("abmil", options, train_bags, train_labels, valid_bags, wrong, 3, _mil_cfg(epochs=40, patience=3), 0,
+                CPU)
+    scores = [c["valid_balanced_accuracy"] for c in stale.curves]
+    assert max(scores) < 1.0 and len(scores) == stale.best_epoch + 1 + 3 < 40
+    assert stale.best_score == max(scores) == scores[stale.best_epoch] >= max(scores[stale.best_epoch + 1 :])
+
+
 def test_epoch_selection_last_keeps_the_final_epoch():
     train_bags, train_labels = class_centre_bags(6)
     valid_bags, valid_labels = class_centre_bags(3, seed=1)

@@ -25,6 +25,7 @@ from ubc_ocean.mil.predict import BagOutputs, predict_bags
 from ubc_ocean.outliers.feature_space import FeatureSpaceDetector
 
 log = logging.getLogger(__name__)
+PERFECT = 1.0  # the highest validation balanced accuracy: best_valid training stops at the first epoch with it
 
 
 @dataclass
@@ -124,8 +125,9 @@ def check_models(mil_cfg: Mapping, in_dim: int, n_classes: int) -> None:
 
 def epoch_selection(mil_cfg: Mapping) -> str:
     """``best_valid``: keep the epoch of best validation balanced accuracy and stop after ``patience``
-    epochs without progress (the OOF predictions are then optimistic: the fold being scored chose the
-    epoch); ``last``: train every epoch and keep the last (OOF predictions untouched by their labels)."""
+    epochs without progress, or at once at a perfect score, which no later epoch could beat (the OOF
+    predictions are then optimistic: the fold being scored chose the epoch); ``last``: train every epoch
+    and keep the last (OOF predictions untouched by their labels)."""
     return str(mil_cfg["epoch_selection"])
 
 
@@ -199,6 +201,8 @@ def fit(
         if last_epoch_kept or score > best_score:
             best_epoch, best_score, best_valid, stale = epoch, score, valid, 0
             best_state = None if last_epoch_kept else copy.deepcopy(model.state_dict())
+            if not last_epoch_kept and score >= PERFECT:
+                break  # no later epoch can score higher, so none could be kept: the rest would be wasted
         else:
             stale += 1
             if stale >= int(mil_cfg["patience"]):
