@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from nystrom_attention import NystromAttention
 from torch import nn
 
@@ -79,13 +80,27 @@ def exact_attention(attention: NystromAttention, x: torch.Tensor) -> torch.Tenso
 
 class PPEG(nn.Module):
     """Pyramid position encoding generator: identity plus depthwise 7x7, 5x5 and 3x3 convolutions over
-    the patch tokens laid out on a ``side x side`` grid; the leading cls token passes through unchanged."""
+    the patch tokens laid out on a ``side x side`` grid; the leading cls token passes through unchanged.
+
+    The three convolutions and the identity run as one depthwise 7x7 convolution whose kernel is their sum
+    (the 5x5 and 3x3 kernels zero-padded to 7x7, the identity a 1 at the centre; same padding, so the same
+    result up to float rounding): one pass over the grid forward and backward instead of three. The three
+    ``Conv2d`` modules keep their parameters (checkpoints are unchanged) and their gradients."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.conv7 = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.conv5 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
         self.conv3 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        identity = torch.zeros(1, 1, 7, 7)
+        identity[..., 3, 3] = 1.0
+        self.register_buffer("identity", identity, persistent=False)
+
+    def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one depthwise 7x7 kernel ``[dim, 1, 7, 7]`` and bias ``[dim]`` equal to identity + the three."""
+        weight = (self.conv7.weight + F.pad(self.conv5.weight, (1, 1, 1, 1)) + F.pad(self.conv3.weight, (2, 2, 2, 2))
+                  + self.identity.to(self.conv7.weight.dtype))
+        return weight, self.conv7.bias + self.conv5.bias + self.conv3.bias
 
     def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
         b, n, c = x.shape
@@ -93,7 +108,8 @@ class PPEG(nn.Module):
             raise ValueError(f"PPEG expects 1 cls + {side}x{side} patch tokens, got {n} tokens")
         cls_token, patches = x[:, :1], x[:, 1:]
         grid = patches.transpose(1, 2).reshape(b, c, side, side)
-        grid = grid + self.conv7(grid) + self.conv5(grid) + self.conv3(grid)
+        weight, bias = self.fused_kernel()
+        grid = F.conv2d(grid, weight, bias, padding=3, groups=c)
         return torch.cat([cls_token, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
