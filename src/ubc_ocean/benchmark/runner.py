@@ -31,24 +31,25 @@ from ubc_ocean import layout
 from ubc_ocean.benchmark.report import DELTAS, Outcome, markdown_table, result_line, results_frame
 from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best
 from ubc_ocean.config import Config, ConfigError, as_plain, save_config, with_overrides
-from ubc_ocean.external.stage import run as merge
-from ubc_ocean.features.stage import run as embed
-from ubc_ocean.inference.stage import run as infer
 from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.metrics import bootstrap_counts
-from ubc_ocean.mil.stage import run as train
-from ubc_ocean.mil.train import check_models
 from ubc_ocean.submit.score import scored_frame
-from ubc_ocean.submit.stage import run as submit
-from ubc_ocean.synthetic import run as make_data
-from ubc_ocean.tiling.stage import run as tile
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[tuple[str, Callable[[Config], object]], ...] = (
-    ("01_tile", tile), ("02_merge", merge), ("03_embed", embed), ("04_train", train), ("05_infer", infer),
-    ("06_submit", submit),
-)
+
+def stages() -> tuple[tuple[str, Callable[[Config], object]], ...]:
+    """Stages 01-06 in order, by the name their timings are reported under. Imported when the work starts,
+    so that a bad configuration is reported before torch and the models load."""
+    from ubc_ocean.external.stage import run as merge
+    from ubc_ocean.features.stage import run as embed
+    from ubc_ocean.inference.stage import run as infer
+    from ubc_ocean.mil.stage import run as train
+    from ubc_ocean.submit.stage import run as submit
+    from ubc_ocean.tiling.stage import run as tile
+
+    return (("01_tile", tile), ("02_merge", merge), ("03_embed", embed), ("04_train", train), ("05_infer", infer),
+            ("06_submit", submit))
 
 
 @dataclass(frozen=True)
@@ -83,17 +84,28 @@ def configurations(cfg: Config) -> list[Configuration]:
         raise ConfigError(f"the benchmark scores every test image: runtime.shard must be null; "
                           f"got {cfg['runtime']['shard']!r}")
     out = []
-    n_classes = len(cfg["data"]["classes"])
-    for entry in cfg["benchmark"]["configurations"]:
+    for entry in cfg["benchmark"]["configurations"]:  # every config loaded first: its errors come in a second
         name, overrides = entry["name"], list(entry["overrides"])
         experiment = layout.benchmark_experiment(cfg, name)
-        try:
+        with _named(name):
             resolved = with_overrides(cfg, [*overrides, f"experiment={experiment}", f"submit.name={experiment}"])
-            check_models(resolved["mil"], layout.feature_width(resolved), n_classes)
-        except ConfigError as err:
-            raise ConfigError(f"benchmark configuration {name!r}: {err}") from None
         out.append(Configuration(name, overrides, resolved))
+    from ubc_ocean.mil.train import check_models  # torch and the encoder's architecture, for the widths
+
+    for configuration in out:
+        with _named(configuration.name):
+            resolved = configuration.cfg
+            check_models(resolved["mil"], layout.feature_width(resolved), len(resolved["data"]["classes"]))
     return out
+
+
+@contextlib.contextmanager
+def _named(name: str) -> Iterator[None]:
+    """A ``ConfigError`` raised in the block names benchmark configuration ``name``."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"benchmark configuration {name!r}: {err}") from None
 
 
 @contextlib.contextmanager
@@ -131,7 +143,7 @@ def run_configuration(configuration: Configuration, truth: pd.DataFrame, folder:
     cfg = configuration.cfg
     log.info("benchmark configuration %s %s (experiment %s): %s", position, configuration.name, cfg["experiment"],
              " ".join(configuration.overrides) or "no overrides")
-    for stage_name, stage in STAGES:
+    for stage_name, stage in stages():
         start = time.perf_counter()
         try:
             stage(cfg)
@@ -176,6 +188,8 @@ def run(cfg: Config) -> Summary:
     """Run the benchmark; write ``results.csv``, ``results.md`` and ``timings.csv`` under
     ``{runs}/{experiment}``. A configuration that fails is logged with its traceback and reported as
     failed; the others go on (the summary lists the failed ones)."""
+    from ubc_ocean.synthetic import run as make_data
+
     plans = configurations(cfg)
     bench = cfg["benchmark"]
     baseline = bench["baseline"] or plans[0].name
