@@ -119,7 +119,10 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     extra = [f"tiling.max_tiles_per_slide={args.max_tiles}"]
     if args.quick:
         args.tmas, args.tma_side, args.wsis, args.wsi_mpx = 2, 600, 1, 2.0
+        # one WSI per class, and stages 00, 01 and 03 in this process: at this size worker processes would only add
+        # their start-up (stage 05's decoders are inference.decoders, still --workers in bench_budget)
         extra += ["synthetic.wsi_width=[700,900]", "synthetic.wsi_height=[500,640]", "synthetic.tma_sides=[480,520]",
+                  "synthetic.wsi_per_class=1", "synthetic.workers=1", "runtime.workers=1",
                   "tiling.tile_size=64", "features.input_size=64", "tiling.max_tiles_per_slide=24", "mil.epochs=1"]
     return extra
 
