@@ -2,6 +2,11 @@
 # Both (re)build .venv only when requirements.txt, requirements-dev.txt or pyproject.toml changed.
 # `make test-min` does the same for .venv-min, the oldest supported stack (requirements-min.txt).
 
+# Python compiles each module once into __pycache__ (git-ignored) rather than in every process: the test suite
+# and the stages start ~100 Python processes, and an environment with PYTHONDONTWRITEBYTECODE set made each of
+# them compile the package (and pytest every test module) again.
+unexport PYTHONDONTWRITEBYTECODE
+
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3

@@ -1,20 +1,28 @@
 """Data builders shared by the tests: configs, images, MIL bags and small MIL models.
 
 Test modules import builders from here; ``conftest.py`` holds only fixtures (which use these builders).
-Every builder is deterministic: the same arguments give the same data.
+Every builder is deterministic: the same arguments give the same data. Torch and the MIL models are imported
+by the builders that use them: a worker process that a test spawns imports this module, and should not pay
+for torch unless it uses it.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyvips
-import torch
 
 from ubc_ocean.config import Config, load_config
-from ubc_ocean.mil import MILModel, create_mil_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from ubc_ocean.mil import MILModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,6 +80,11 @@ TINY_RUN_OVERRIDES = [
 ]
 
 
+def tiny_run_config(data_root: Path, *extra: str) -> Config:
+    """The config of :func:`build_tiny_run`'s run under ``data_root``."""
+    return tiny_config(data_root, *TINY_RUN_OVERRIDES, *extra)
+
+
 def build_tiny_run(data_root: Path, *extra: str) -> Config:
     """Stages 00-06 in-process on the tiny config with ``TINY_RUN_OVERRIDES``, everything under
     ``data_root``; returns the config. About as long as the end-to-end pipeline test."""
@@ -83,7 +96,7 @@ def build_tiny_run(data_root: Path, *extra: str) -> Config:
     from ubc_ocean.synthetic import run as make_data
     from ubc_ocean.tiling.stage import run as tile
 
-    cfg = tiny_config(data_root, *TINY_RUN_OVERRIDES, *extra)
+    cfg = tiny_run_config(data_root, *extra)
     for stage in (make_data, tile, merge, embed, train, infer, submit):
         stage(cfg)
     return cfg
@@ -116,6 +129,28 @@ TINY_SYNTHETIC_OVERRIDES = [
 def tiny_synthetic_config(root: Path, *extra: str) -> Config:
     """The package defaults shrunk for the stage 00 tests, everything (relative paths included) under ``root``."""
     return load_config(None, overrides=[f"paths.data_root={root}", *TINY_SYNTHETIC_OVERRIDES, *extra], root=root)
+
+
+# ------------------------------------------------------------------------------------------ shared data
+
+
+def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder ``name`` of this test run, made by ``build(folder)`` once for the whole run: under
+    pytest-xdist the first worker that asks builds it while the others wait on a file lock, then every
+    worker reads the same folder (a build that raised is retried by the next one to ask). Treat it as
+    read-only; a test that writes works on a copy."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base folder, above every worker's own
+    folder, built = root / name, root / f"{name}.built"
+    with FileLock(root / f"{name}.lock"):
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            built.touch()
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -154,6 +189,8 @@ def separable_bags(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Bags with a planted signal: 10-29 standard-normal noise instances plus 2-4 instances at 0.3 noise
     around ``4 * e_label``, shuffled; labels cycle ``0, 1, ..., n_classes - 1``. Float32, torch RNG."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     means = 4.0 * torch.eye(n_classes, in_dim)
     bags, labels = [], []
@@ -173,6 +210,8 @@ def class_centre_bags(
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Bags as the training stage stores them (float16): 8-29 standard-normal instances, the first quarter
     (at least 2) shifted by a random class centre (the same centres for every seed); labels grouped by class."""
+    import torch
+
     centres = np.random.default_rng(123).normal(size=(n_classes, dim)) * 3
     rng = np.random.default_rng(seed)
     bags, labels = [], []
@@ -203,5 +242,9 @@ SMALL_MIL_OPTIONS: dict[str, dict[str, Any]] = {
 def small_mil_model(name: str, seed: int = 0, **options: Any) -> MILModel:
     """Registered model ``name`` with ``SMALL_MIL_OPTIONS`` (``options`` override them), ``MIL_IN_DIM`` in,
     ``MIL_N_CLASSES`` out, its weights drawn after ``torch.manual_seed(seed)``."""
+    import torch
+
+    from ubc_ocean.mil import create_mil_model
+
     torch.manual_seed(seed)
     return create_mil_model(name, MIL_IN_DIM, MIL_N_CLASSES, **{**SMALL_MIL_OPTIONS.get(name, {}), **options})

@@ -159,12 +159,12 @@ def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_enc
 
     cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}")
     jobs = iter([SlideJob(s) for s in competition_specs(cfg, TEST)])
-    encoding, encoded = threading.Event(), threading.Event()
+    encoding, released, encoded = threading.Event(), threading.Event(), threading.Event()
     real_embed = pipeline_module.embed_batches
 
     def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
         encoding.set()
-        time.sleep(8)  # far longer than the run takes to stop
+        released.wait(60)  # the batch is still being encoded when the run returns: the test lets it end after
         encoded.set()
         yield from real_embed(*args, **kwargs)
 
@@ -181,6 +181,7 @@ def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_enc
     assert list(pipeline.run(lambda: next(jobs, None), should_stop=encoding.is_set)) == []
     assert not encoded.is_set()
     assert processes and not any(process.is_alive() for process in processes)
+    released.set()
     assert encoded.wait(60)  # the abandoned batch still goes on, in its own thread, which then ends
     for thread in threading.enumerate():
         if thread.name.startswith("encoder-"):
@@ -472,6 +473,7 @@ def test_models_trained_on_other_features_are_refused_naming_both_sides(pipeline
     check_feature_identities(tiny_config(pipeline, *LEAN), ["abmil"])  # the training config passes
 
 
+@pytest.mark.long
 def test_bench_inference_quick_runs_and_reports():
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_inference.py"), "--quick"],
                             capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -494,6 +496,7 @@ def test_bench_bundle_budget_quick_runs_a_two_experiment_bundle_and_reports(tmp_
     assert last.startswith("RESULT full_s=") and "ids_ok=True" in last and " ran=a" in last, last
 
 
+@pytest.mark.long
 def test_bench_encoder_runs_and_reports():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "scripts")])}
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_encoder.py"), "--encoders",
@@ -512,6 +515,7 @@ def _slow_embed_batches(*args, **kwargs):  # type: ignore[no-untyped-def]
     yield from embed_batches(*args, **kwargs)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("late", [False, True], ids=["dies-at-once", "dies-with-its-batch-queued"])
 def test_decoder_processes_that_die_fail_their_slides_only_and_the_submission_is_complete(pipeline, tmp_path,
                                                                                           monkeypatch, late):

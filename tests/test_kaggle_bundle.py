@@ -22,7 +22,7 @@ import pytest
 import yaml
 from packaging.utils import canonicalize_name
 
-from tests.builders import REPO, tiny_config, tiny_overrides
+from tests.builders import REPO, built_once, tiny_config, tiny_overrides
 from ubc_ocean import layout
 from ubc_ocean.config import Config, ConfigError, load_config
 from ubc_ocean.kaggle import bundle as kaggle_bundle
@@ -36,26 +36,29 @@ PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 BUNDLED = {"complete.json", "oof.csv", "outlier.json", "metrics.json"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def experiments(tiny_raw: Config, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Overrides of a data root where experiments ``a`` (abmil) and ``b`` (meanpool, 96 px encoder input) are
-    trained (stages 01-04); nothing predicted yet."""
+    trained (stages 01-04); nothing predicted yet. Built once per test run (``built_once``)."""
     from ubc_ocean.external.stage import run as merge
     from ubc_ocean.features.stage import run as embed
     from ubc_ocean.mil.stage import run as train
     from ubc_ocean.tiling.stage import run as tile
 
-    root = tmp_path_factory.mktemp("kaggle")
-    extra = [str(root), f"paths.raw={tiny_raw.paths.raw}", f"paths.external={tiny_raw.paths.external}"]
-    a = _cfg(extra, "a")
-    tile(a)
-    merge(a)
-    embed(a)
-    train(a)
-    b = _cfg(extra, "b")
-    embed(b)
-    train(b)
-    return extra
+    def overrides(root: Path) -> list[str]:
+        return [str(root), f"paths.raw={tiny_raw.paths.raw}", f"paths.external={tiny_raw.paths.external}"]
+
+    def build(root: Path) -> None:
+        a = _cfg(overrides(root), "a")
+        tile(a)
+        merge(a)
+        embed(a)
+        train(a)
+        b = _cfg(overrides(root), "b")
+        embed(b)
+        train(b)
+
+    return overrides(built_once(tmp_path_factory, "kaggle", build))
 
 
 EXPERIMENT = {"a": ["mil.models=[abmil]"], "b": ["mil.models=[meanpool]", "features.input_size=96"]}
@@ -181,23 +184,29 @@ def test_stage_06_ensembles_two_experiments_from_a_read_only_run(experiments, tm
 BUNDLE_BUDGET = 480  # minutes, set when packaging: the whole bundle's
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bundle(experiments, tmp_path_factory) -> tuple[Path, str]:
     """The bundle of experiments a and b, built offline through its script with a time budget; the image is
-    this venv less this package, so the only wheel is this package's (built from the source tree)."""
-    folder = tmp_path_factory.mktemp("bundle")
-    image = folder / "image-requirements.txt"
-    installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
-    image.write_text("\n".join(sorted(installed - {"ubc-ocean"})) + "\n")
-    (folder / "no-index").mkdir()
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "07_package_kaggle.py"),
-         "--config", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(Path(experiments[0]), *experiments[1:]),
-         f"{runner.BUDGET_KEY}={BUNDLE_BUDGET}", "--out", str(folder / "bundle"),
-         "--experiments", "a,b", "--python-version", PYTHON, "--wheels-from", str(folder / "no-index"),
-         "--image-requirements", str(image)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "bundle", result.stdout
+    this venv less this package, so the only wheel is this package's (built from the source tree). Built once
+    per test run; the script's standard output is kept beside it."""
+
+    def build(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        image = folder / "image-requirements.txt"
+        installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+        image.write_text("\n".join(sorted(installed - {"ubc-ocean"})) + "\n")
+        (folder / "no-index").mkdir()
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "07_package_kaggle.py"),
+             "--config", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(Path(experiments[0]), *experiments[1:]),
+             f"{runner.BUDGET_KEY}={BUNDLE_BUDGET}", "--out", str(folder / "bundle"),
+             "--experiments", "a,b", "--python-version", PYTHON, "--wheels-from", str(folder / "no-index"),
+             "--image-requirements", str(image)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (folder / "stdout.txt").write_text(result.stdout)
+
+    folder = built_once(tmp_path_factory, "kaggle_bundle", build)
+    return folder / "bundle", (folder / "stdout.txt").read_text()
 
 
 def test_bundle_holds_what_stages_05_06_read_and_lists_it(bundle, experiments):
@@ -368,6 +377,7 @@ def test_a_time_budget_is_the_whole_bundles_shared_among_its_experiments(bundle,
 
 
 @needs_namespaces
+@pytest.mark.long
 def test_notebook_runs_the_bundle_offline_on_a_read_only_input(bundle, tiny_raw, tmp_path):
     root, _ = bundle
     input_root, copy = rehearsal.input_tree(root, Path(tiny_raw.paths.raw), tmp_path / "input")

@@ -45,6 +45,7 @@ def _outputs(notebook) -> list[dict]:  # type: ignore[no-untyped-def]
     return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_top_to_bottom(path, tiny_run, tmp_path):
     import nbformat

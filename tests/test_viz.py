@@ -157,6 +157,7 @@ def _test_ids(cfg) -> list[str]:
     return read_test_csv(cfg)["image_id"].astype(str).tolist()
 
 
+@pytest.mark.long
 def test_heatmaps_script_writes_pictures_of_tissue_and_heat(tiny_run, tmp_path):
     """scripts/heatmaps.py on two test slides and one training slide: one PNG each, showing tissue (pink /
     purple pixels) and the heat colours (saturated jet red and blue) of the overlay."""
@@ -188,6 +189,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.long
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     """The report is one HTML file with every image embedded; Chromium (Debian's package) renders it: the
     screenshot holds the heading rule's colour, and many colours (figures), not a blank page."""
