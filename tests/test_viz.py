@@ -50,6 +50,19 @@ def test_planted_values_land_on_their_tiles_pixels():
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (20, 39, 40, 59)
 
 
+def test_tile_strip_puts_each_picture_in_its_slot_at_one_size_with_white_between():
+    from ubc_ocean.viz.slide import tile_strip
+
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = 200
+    blue = np.zeros((16, 16, 4), np.uint8)  # another size, with alpha: resized, alpha dropped
+    blue[..., 2] = 180
+    strip = tile_strip([red, None, blue], size=8, gap=2)
+    assert strip.shape == (8, 3 * 8 + 2 * 2, 3) and strip.dtype == np.uint8
+    assert (strip[:, :8] == [200, 0, 0]).all() and (strip[:, 20:28] == [0, 0, 180]).all()
+    assert (strip[:, 8:20] == 255).all()  # the gap, the empty slot and the next gap
+
+
 def test_tile_rectangles_clip_and_never_vanish():
     rects = tile_rectangles(np.array([[0, 0], [1990, 990]]), 5, (2000, 1000), (200, 100))
     assert rects.tolist() == [[0, 0, 1, 1], [199, 99, 200, 100]]
