@@ -488,7 +488,6 @@ def _run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch, capsys: 
     return code, out, err
 
 
-@pytest.mark.long
 def test_bench_inference_quick_runs_and_reports(monkeypatch, capsys):
     code, out, err = _run_script("bench_inference.py", "--quick", monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err[-3000:]
@@ -510,7 +509,6 @@ def test_bench_bundle_budget_quick_runs_a_two_experiment_bundle_and_reports(tmp_
     assert last.startswith("RESULT full_s=") and "ids_ok=True" in last and " ran=a" in last, last
 
 
-@pytest.mark.long
 def test_bench_encoder_runs_and_reports(monkeypatch, capsys):
     code, out, err = _run_script("bench_encoder.py", "--encoders", "efficientnet_lite0", "--batch-size", "4",
                                  "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
