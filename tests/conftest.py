@@ -7,16 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.builders import LEAN, build_tiny_run, built_once, tiny_config, tiny_run_config
 from ubc_ocean.config import Config
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist each worker owns one core (its processes, children included, run there)."""
+    """Under pytest-xdist each worker owns one core (its processes, children included, run there). Torch is
+    imported here and in the fixtures, not at the top: the xdist controller, which runs no test, never loads it."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker and hasattr(os, "sched_setaffinity"):
+        import torch
+
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
         torch.set_num_threads(1)
@@ -97,6 +99,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Config:
 @pytest.fixture(scope="module")
 def single_torch_thread() -> Iterator[None]:
     """Tiny tensors run fastest (and steadiest on a busy machine) on one intra-op thread."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -148,7 +148,6 @@ stage.run(tiny_config(Path({root!r}), *{extra!r}))
 """
 
 
-@pytest.mark.long
 def test_killed_retrain_leaves_the_previous_model_and_the_next_run_cleans_up(pipeline):
     """SIGKILL at the worst moment, between the two renames of the swap; the next run puts the old folder back
     (byte-identical), removes the leftovers, then retrains."""
