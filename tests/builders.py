@@ -131,6 +131,28 @@ def tiny_synthetic_config(root: Path, *extra: str) -> Config:
     return load_config(None, overrides=[f"paths.data_root={root}", *TINY_SYNTHETIC_OVERRIDES, *extra], root=root)
 
 
+# ------------------------------------------------------------------------------------------------ scripts
+
+
+def run_script(name: str, *args: str, monkeypatch: Any, capsys: Any) -> tuple[int, str, str]:
+    """``python scripts/<name> <args>`` from the repository root, run in this process (whose torch and timm are
+    loaded already: a new interpreter spends seconds importing them): (exit status, stdout, stderr). For
+    scripts whose output the test reads from stdout and stderr; logging goes to pytest's capture."""
+    import runpy
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # the benchmarks import one another, as scripts do
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    monkeypatch.chdir(REPO)
+    try:
+        runpy.run_path(str(REPO / "scripts" / name), run_name="__main__")
+        code = 0
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 # ------------------------------------------------------------------------------------------ shared data
 
 

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from tests.builders import LEAN, REPO, tiny_config, tiny_overrides
+from tests.builders import LEAN, REPO, run_script, tiny_config, tiny_overrides
 from ubc_ocean.config import ConfigError
 
 # No external sources: fewer slides to tile and embed in the end-to-end run (stage 00 still writes one of each:
@@ -47,14 +47,14 @@ def test_configurations_are_checked_at_load(tmp_path, configurations, message):
      ("mil.epochs=0", "benchmark configuration 'bad': mil.epochs must be an integer >= 1; got 0"),
      ("'mil.models=[abmil,nosuchmodel]'", "benchmark configuration 'bad': mil.models: unknown MIL model")],
 )
-def test_every_configuration_is_loaded_before_any_work(tmp_path, override, message):
+def test_every_configuration_is_loaded_before_any_work(tmp_path, override, message, monkeypatch, capsys):
     """The second configuration is bad: the script says which and why (exit 2) and has made nothing."""
     root = tmp_path / "data"
     configurations = f"[{{name: good, overrides: []}}, {{name: bad, overrides: [{override}]}}]"
-    result = _benchmark("--config", "configs/demo.yaml", *tiny_overrides(root),
-                        f"benchmark.configurations={configurations}")
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
+    code, _, err = run_script("benchmark.py", "--config", "configs/demo.yaml", *tiny_overrides(root),
+                              f"benchmark.configurations={configurations}", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2, err[-2000:]
+    assert message in err
     assert not root.exists()
 
 

@@ -4,9 +4,7 @@ and the feature identity checks, on the tiny synthetic data (real PNGs, the real
 from __future__ import annotations
 
 import os
-import runpy
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.builders import LEAN, REPO, tiny_config
+from tests.builders import LEAN, run_script, tiny_config
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError
 from ubc_ocean.features import cache
@@ -473,23 +471,8 @@ def test_models_trained_on_other_features_are_refused_naming_both_sides(pipeline
     check_feature_identities(tiny_config(pipeline, *LEAN), ["abmil"])  # the training config passes
 
 
-def _run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple:
-    """``python scripts/<name> <args>`` from the repository root, run in this process (whose torch and timm are
-    loaded already: a new interpreter spends seconds importing them): (exit status, stdout, stderr)."""
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # the benchmarks import one another, as scripts do
-    monkeypatch.setattr(sys, "argv", [name, *args])
-    monkeypatch.chdir(REPO)
-    try:
-        runpy.run_path(str(REPO / "scripts" / name), run_name="__main__")
-        code = 0
-    except SystemExit as stopped:
-        code = stopped.code if isinstance(stopped.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_bench_inference_quick_runs_and_reports(monkeypatch, capsys):
-    code, out, err = _run_script("bench_inference.py", "--quick", monkeypatch=monkeypatch, capsys=capsys)
+    code, out, err = run_script("bench_inference.py", "--quick", monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err[-3000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT tma_s=") and all(k in last for k in ("wsi_s_per_gpx=", "projected_hours=",
@@ -501,7 +484,7 @@ def test_bench_inference_quick_runs_and_reports(monkeypatch, capsys):
 def test_bench_bundle_budget_quick_runs_a_two_experiment_bundle_and_reports(tmp_path, monkeypatch, capsys):
     """The smoke test of the bundle's budget benchmark: two experiments trained, bundled and run twice by the
     Kaggle runner (its figures mean nothing at this size: start-up is most of the wall time)."""
-    code, out, err = _run_script("bench_bundle_budget.py", "--quick", "--work", str(tmp_path / "work"),
+    code, out, err = run_script("bench_bundle_budget.py", "--quick", "--work", str(tmp_path / "work"),
                                  monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err[-3000:]
     last = out.strip().splitlines()[-1]
@@ -510,7 +493,7 @@ def test_bench_bundle_budget_quick_runs_a_two_experiment_bundle_and_reports(tmp_
 
 
 def test_bench_encoder_runs_and_reports(monkeypatch, capsys):
-    code, out, err = _run_script("bench_encoder.py", "--encoders", "efficientnet_lite0", "--batch-size", "4",
+    code, out, err = run_script("bench_encoder.py", "--encoders", "efficientnet_lite0", "--batch-size", "4",
                                  "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err[-3000:]
     last = out.strip().splitlines()[-1]

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.builders import REPO, TINY_RUN_OVERRIDES, read_rgb, small_mil_model, tiny_overrides
+from tests.builders import TINY_RUN_OVERRIDES, read_rgb, run_script, small_mil_model, tiny_overrides
 from ubc_ocean.viz import attention_heatmap, instance_relevance
 from ubc_ocean.viz.overlay import heat_grid, ranked_tiles, tile_rectangles
 
@@ -170,18 +169,15 @@ def _test_ids(cfg) -> list[str]:
     return read_test_csv(cfg)["image_id"].astype(str).tolist()
 
 
-@pytest.mark.long
-def test_heatmaps_script_writes_pictures_of_tissue_and_heat(tiny_run, tmp_path):
+def test_heatmaps_script_writes_pictures_of_tissue_and_heat(tiny_run, monkeypatch, capsys):
     """scripts/heatmaps.py on two test slides and one training slide: one PNG each, showing tissue (pink /
     purple pixels) and the heat colours (saturated jet red and blue) of the overlay."""
     data_root = Path(tiny_run.paths.data_root)
     train_id = pd.read_csv(Path(tiny_run.paths.raw) / "train.csv").image_id[0]
     slides = [*_test_ids(tiny_run)[:2], f"train/{train_id}"]
-    result = subprocess.run(
-        [sys.executable, "scripts/heatmaps.py", "--config", "configs/demo.yaml",
-         *tiny_overrides(data_root), *TINY_RUN_OVERRIDES, "--slides", ",".join(slides)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, err = run_script("heatmaps.py", "--config", "configs/demo.yaml", *tiny_overrides(data_root),
+                              *TINY_RUN_OVERRIDES, "--slides", ",".join(slides), monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err[-3000:]
     from ubc_ocean import layout
     from ubc_ocean.viz.report import heatmaps
 
