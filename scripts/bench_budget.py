@@ -32,11 +32,10 @@ from pathlib import Path
 import pandas as pd
 from bench_inference import make_test_set
 
-from ubc_ocean import layout
+from ubc_ocean import embedding_cache, layout
 from ubc_ocean.config import Config, load_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.external.stage import run as merge
-from ubc_ocean.features import cache
 from ubc_ocean.features.stage import run as embed
 from ubc_ocean.inference.stage import run as infer
 from ubc_ocean.mil.stage import run as train
@@ -97,8 +96,8 @@ def outcome(cfg: Config, ids: list[str]) -> tuple[bool, int, int]:
     """(every test id in the submission exactly once, images embedded at lower cost, images not embedded)."""
     submission = pd.read_csv(layout.submission_path(cfg), dtype={"image_id": str})
     ids_ok = Counter(submission.image_id) == Counter(ids)
-    modes = [cache.read_attrs(path).get("inference_mode", "full")
-             for path in (layout.embeddings_root(cfg) / TEST).glob("*.h5") if cache.is_complete(path)]
+    modes = [embedding_cache.read_attrs(path).get("inference_mode", "full")
+             for path in (layout.embeddings_root(cfg) / TEST).glob("*.h5") if embedding_cache.is_complete(path)]
     return ids_ok, sum(mode != "full" for mode in modes), len(ids) - len(modes)
 
 

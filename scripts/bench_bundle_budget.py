@@ -40,9 +40,9 @@ import pandas as pd
 from bench_budget import SMALL_RUN, add_test_set_options, run_config, run_overrides, small_run, swap_test_set
 from packaging.utils import canonicalize_name
 
+from ubc_ocean import embedding_cache
 from ubc_ocean.config import Config
 from ubc_ocean.device import resolve_device
-from ubc_ocean.features import cache
 from ubc_ocean.features.stage import run as embed
 from ubc_ocean.kaggle import wheels
 from ubc_ocean.kaggle.bundle import build_bundle
@@ -80,8 +80,8 @@ def run_once(bundle: Path, raw: Path, working: Path, budget_minutes: float | Non
 def outcome(working: Path, ids: list[str]) -> tuple[bool, int]:
     """(every test id in the submission exactly once, test embeddings made at lower cost)."""
     submission = pd.read_csv(working / "submission.csv", dtype={"image_id": str})
-    modes = [cache.read_attrs(path).get("inference_mode", "full") for path in working.rglob("test/*.h5")
-             if cache.is_complete(path)]
+    modes = [embedding_cache.read_attrs(path).get("inference_mode", "full") for path in working.rglob("test/*.h5")
+             if embedding_cache.is_complete(path)]
     return Counter(submission.image_id) == Counter(ids), sum(mode != "full" for mode in modes)
 
 

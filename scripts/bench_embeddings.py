@@ -20,15 +20,14 @@ import numpy as np
 import pyvips
 import torch
 
-from ubc_ocean import layout
+from ubc_ocean import layout, tile_store
 from ubc_ocean.config import load_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.features.embed import embed_batches, encoder_from_config, prepare_encoder
-from ubc_ocean.features.fused import embed_slide_streaming
 from ubc_ocean.features.stage import embed_tile_folder
+from ubc_ocean.inference.fused import embed_slide_streaming
 from ubc_ocean.sources import SlideSpec
 from ubc_ocean.synthetic import render_slide
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
 
 
@@ -58,13 +57,13 @@ def main() -> int:
     spec = SlideSpec("bench", "slide", png, thumbnail=thumb, is_tma=False, competition_scale=True)
     assert tile_slide(spec, cfg).status == "done"
     folder = layout.slide_tiles_dir(cfg, "bench", "slide")
-    n_tiles = len(store.read_index(folder))
+    n_tiles = len(tile_store.read_index(folder))
     encoder = prepare_encoder(encoder_from_config(cfg), device)
     print(f"{args.encoder} on {device} ({torch.get_num_threads()} threads), {n_tiles} tiles of "
           f"{args.tile_size} px, input {encoder.input_size}, batch {args.batch_size}", flush=True)
 
     # The in-memory batches are the slide's own tiles (same pixels, same batch sizes as the stages see).
-    tiles = np.stack([store.read_tile(folder / name) for name in store.read_index(folder)["file"]])
+    tiles = np.stack([tile_store.read_tile(folder / name) for name in tile_store.read_index(folder)["file"]])
     batches = [tiles[i : i + args.batch_size] for i in range(0, n_tiles, args.batch_size)]
 
     def pure_forward() -> float:

@@ -6,7 +6,7 @@ The set: TMAs of about 3000x3000 px (40x, white background) and WSIs of several 
 black background, with ~3000 px thumbnails as the competition gives), PNGs whose compression ratio is
 printed (real ones: about 4.7:1; the synthetic renders, already textured, about 3:1: their decoding is
 if anything dearer than real PNGs'). Each encoder (the default, and a ViT-B/16 with random weights: timing
-only) embeds the TMAs, then the WSIs, through :class:`~ubc_ocean.features.pipeline.FusedPipeline` with
+only) embeds the TMAs, then the WSIs, through :class:`~ubc_ocean.inference.pipeline.FusedPipeline` with
 ``--workers`` decoder processes and one consumer per visible GPU. Measured per image: the decoders' seconds
 (decoding, tiling, the JPEG round trip) and the encoder's seconds per tile. The projection gives the full
 set's decoding to ``--kaggle-cores`` decoder processes (cores assumed as fast as this machine's) and its
@@ -47,9 +47,9 @@ from ubc_ocean import layout
 from ubc_ocean.config import load_config
 from ubc_ocean.device import resolve_device, visible_devices
 from ubc_ocean.features.embed import encoder_from_config, prepare_encoder
-from ubc_ocean.features.fused import SlideJob, embed_slide_streaming
-from ubc_ocean.features.pipeline import FusedPipeline
 from ubc_ocean.features.stage import embed_tile_folder
+from ubc_ocean.inference.fused import SlideJob, embed_slide_streaming
+from ubc_ocean.inference.pipeline import FusedPipeline
 from ubc_ocean.sources import SlideSpec
 from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling.stage import tile_slide

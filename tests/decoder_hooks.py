@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ubc_ocean.features import pipeline
+from ubc_ocean.inference import pipeline
 
 DOOMED = "UBC_OCEAN_TEST_DOOMED_SLIDES"
 LATE = "UBC_OCEAN_TEST_DIE_LATE"

@@ -1,19 +1,26 @@
-"""Imports go one way, down the layers: the benchmark runner (it runs the stages one after another) -> entry
-points (each stage's ``run``, the tools' ``run`` such as ``viz.report``) -> layout -> library (``viz``
-pictures included) -> base.
+"""Imports go one way, down the layers.
 
-Read from the source with ``ast`` (nothing is imported), so a new module is checked the day it is added.
+Between packages, import-linter enforces the contracts in ``pyproject.toml`` (``[tool.importlinter]``: the
+layers of DESIGN.md, the stages' independence, a base that imports no stage, stages 00-02 and 06 without
+torch); ``make test`` runs ``lint-imports`` and the tests below show that it holds and that a planted upward
+import breaks it. Within packages, the ``ast`` checks here keep modules that are not entry points (a
+top-level ``run(cfg)``) below the layout: the benchmark runner -> entry points -> layout -> library -> base.
+Read from the source (nothing is imported), so a new module is checked the day it is added.
 """
 
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ubc_ocean"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "ubc_ocean"
 BASE = {"ubc_ocean", "ubc_ocean.config", "ubc_ocean.io_utils", "ubc_ocean.parallel", "ubc_ocean.device",
         "ubc_ocean.memory", "ubc_ocean.metrics"}
 FRONT_DOOR = "ubc_ocean.cli"
@@ -103,3 +110,49 @@ def test_outliers_and_sources_stay_below_their_users():
     outliers = {m for name in MODULES if name.startswith("ubc_ocean.outliers") for m in _imports(name)}
     assert not {m for m in outliers if m.startswith("ubc_ocean.mil")}
     assert not {m for m in _imports("ubc_ocean.sources") if m.startswith("ubc_ocean.tiling")}
+
+
+def _lint_imports(project: Path) -> subprocess.CompletedProcess:
+    """import-linter's report on the package under ``project/src`` with ``project/pyproject.toml``'s contracts
+    (a new interpreter: the ``ubc_ocean`` it reads is the one that folder holds)."""
+    code = ("import sys; sys.path.insert(0, 'src'); from importlinter.cli import lint_imports; "
+            "sys.exit(lint_imports(no_cache=True, no_logo=True))")
+    return subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=120)
+
+
+def _plant(path: Path, after: str, line: str) -> None:
+    text = path.read_text()
+    assert after in text, f"{path.name} no longer has {after!r}: plant the import elsewhere"
+    path.write_text(text.replace(after, f"{after}{line}\n", 1))
+
+
+def test_the_import_contracts_hold_and_a_planted_upward_import_breaks_them(tmp_path):
+    kept = _lint_imports(ROOT)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert "4 kept, 0 broken" in kept.stdout
+
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    shutil.copytree(PACKAGE, tmp_path / "src" / "ubc_ocean", ignore=shutil.ignore_patterns("__pycache__"))
+    planted = tmp_path / "src" / "ubc_ocean"
+    _plant(planted / "layout.py", "from __future__ import annotations\n", "from ubc_ocean.mil import registry")
+    _plant(planted / "tiling" / "tissue.py", "from __future__ import annotations\n", "import torch")
+    _plant(planted / "submit" / "ensemble.py", "from __future__ import annotations\n",
+           "from ubc_ocean.features import stage")
+    broken = _lint_imports(tmp_path)
+    report = " ".join(broken.stdout.split())  # the contract names are wrapped to the terminal's width
+    assert broken.returncode == 1, report
+    assert "0 kept, 4 broken" in report
+    # each contract names the offending chain
+    assert "ubc_ocean.layout -> ubc_ocean.mil.registry" in report
+    assert "ubc_ocean.tiling.tissue -> torch" in report
+    assert "ubc_ocean.submit.ensemble -> ubc_ocean.features.stage" in report
+
+
+def test_stages_00_to_02_and_06_load_neither_torch_nor_timm_nor_sklearn():
+    """What every --workers process of those stages pays: checked in a fresh interpreter."""
+    modules = ["ubc_ocean.synthetic.generate", "ubc_ocean.tiling.stage", "ubc_ocean.external.stage",
+               "ubc_ocean.submit.stage"]
+    code = (f"import sys; import {', '.join(modules)}; "
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'sklearn') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

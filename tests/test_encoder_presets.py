@@ -10,10 +10,10 @@ import timm
 import torch
 
 from ubc_ocean.config import ConfigError
-from ubc_ocean.features import WeightsMismatchError, create_encoder
-from ubc_ocean.features.encoders import meta_device
-from ubc_ocean.features.hf_convert import hf_vit_to_timm
-from ubc_ocean.features.presets import PRESETS, resolved_options
+from ubc_ocean.encoders import WeightsMismatchError, create_encoder
+from ubc_ocean.encoders.hf_convert import hf_vit_to_timm
+from ubc_ocean.encoders.presets import PRESETS, resolved_options
+from ubc_ocean.encoders.registry import meta_device
 
 EXPECTED_DIM = {
     "phikon": 768, "phikon_v2": 1024, "lunit_dino_vit_s16": 384, "lunit_dino_vit_s8": 384, "uni": 1024,
@@ -130,7 +130,7 @@ def test_truncated_weights_file_is_refused_with_key_list(tmp_path):
 
 
 def test_cache_name_is_known_without_building_the_model(tmp_path):
-    from ubc_ocean.features.encoders import encoder_cache_name
+    from ubc_ocean.encoders.registry import encoder_cache_name
 
     path = tmp_path / "lunit.pth"
     torch.save(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).state_dict(), path)

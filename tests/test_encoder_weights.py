@@ -17,9 +17,9 @@ import timm
 import torch
 
 from ubc_ocean.config import ConfigError
-from ubc_ocean.features import create_encoder, weights
-from ubc_ocean.features.encoders import encoder_cache_name
-from ubc_ocean.features.weights import (
+from ubc_ocean.encoders import create_encoder, weights
+from ubc_ocean.encoders.registry import encoder_cache_name
+from ubc_ocean.encoders.weights import (
     CHECKSUM_CACHE_FILE,
     ResolvedWeights,
     cached_file_checksum,
@@ -66,6 +66,14 @@ def test_packaged_default_keeps_its_identity():
     assert resolved.architecture == "efficientnet_lite0" and resolved.input_size == 224 and resolved.preset is None
     # the folder the existing embeddings live in
     assert encoder_cache_name("efficientnet_lite0", None, 128) == "efficientnet_lite0-57934424-s128"
+
+
+def test_the_default_encoders_input_size_is_timms_without_asking_timm():
+    import timm
+
+    # resolve_input_size answers it from a constant, so naming the default embeddings folder loads no timm
+    assert timm.get_pretrained_cfg(weights.DEFAULT_ENCODER).input_size[-1] == weights.DEFAULT_ENCODER_INPUT_SIZE
+    assert weights.resolve_input_size(weights.DEFAULT_ENCODER, None) == weights.DEFAULT_ENCODER_INPUT_SIZE
 
 
 def test_local_file_resolves_to_its_sha256(tmp_path):
@@ -122,7 +130,7 @@ def test_disk_cache_answers_a_fresh_process(tmp_path, private_cache, hash_calls)
     # a new interpreter whose hashing function refuses to run still knows the identity
     script = (
         "import sys\n"
-        "from ubc_ocean.features import weights\n"
+        "from ubc_ocean.encoders import weights\n"
         "def refuse(path):\n"
         "    raise AssertionError('hashed again')\n"
         "weights.file_checksum = refuse\n"
@@ -146,7 +154,7 @@ def test_unwritable_or_corrupt_cache_never_fails(tmp_path, monkeypatch, hash_cal
     want = hashlib.sha256(b"z" * 500).hexdigest()
     blocker = _blob(tmp_path / "not_a_folder", b"")
     monkeypatch.setenv("UBC_OCEAN_CACHE", str(blocker / "cache"))  # cannot be created, even by root
-    with caplog.at_level("DEBUG", logger="ubc_ocean.features.weights"):
+    with caplog.at_level("DEBUG", logger="ubc_ocean.encoders.weights"):
         assert resolve_weights("resnet10t", path).identity == want
     assert "not writable" in caplog.text
     assert resolve_weights("resnet10t", path).identity == want and len(hash_calls) == 1  # the memo still works

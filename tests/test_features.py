@@ -9,15 +9,14 @@ import torch
 from skimage import data
 
 from tests.builders import tiny_config
-from ubc_ocean import layout
-from ubc_ocean.features import WeightsMismatchError, cache, create_encoder
+from ubc_ocean import embedding_cache, layout, tile_store
+from ubc_ocean.encoders import WeightsMismatchError, create_encoder
+from ubc_ocean.encoders.registry import efficientnet_lite0_imagenet
 from ubc_ocean.features.embed import bucket_size, embed_batches
-from ubc_ocean.features.encoders import efficientnet_lite0_imagenet
-from ubc_ocean.features.fused import embed_slide_streaming
 from ubc_ocean.features.stage import embed_tile_folder
+from ubc_ocean.inference.fused import embed_slide_streaming
 from ubc_ocean.sources import TRAIN, competition_specs
 from ubc_ocean.synthetic import render_slide
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.stage import tile_slide
 
 CPU = torch.device("cpu")
@@ -65,13 +64,13 @@ def test_h5_round_trip(tmp_path):
     feats = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
     coords = np.arange(10).reshape(5, 2)
     path = tmp_path / "train" / "1.h5"
-    cache.write_embeddings(path, feats, coords, {"encoder": "x", "weights_sha256": None})
-    got, got_coords, attrs = cache.read_embeddings(path)
+    embedding_cache.write_embeddings(path, feats, coords, {"encoder": "x", "weights_sha256": None})
+    got, got_coords, attrs = embedding_cache.read_embeddings(path)
     assert got.dtype == np.float16 and np.allclose(got, feats, atol=1e-2)
     assert (got_coords == coords).all() and attrs["encoder"] == "x" and "package_version" in attrs
-    assert cache.is_complete(path)
+    assert embedding_cache.is_complete(path)
     path.write_bytes(b"truncated")
-    assert not cache.is_complete(path)
+    assert not embedding_cache.is_complete(path)
 
 
 def test_bucketed_batches_give_the_same_features_through_power_of_two_shapes(encoder):
@@ -98,9 +97,9 @@ def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path,
     assert tile_slide(spec, cfg).status == "done"
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
     features, coords, bad = embed_tile_folder(folder, encoder, cfg, CPU)
-    assert not bad and features.shape == (len(store.read_index(folder)), 1280)
+    assert not bad and features.shape == (len(tile_store.read_index(folder)), 1280)
     # Two-step features equal a direct forward over the same tile files.
-    tiles = np.stack([store.read_tile(folder / name) for name in store.read_index(folder)["file"]])
+    tiles = np.stack([tile_store.read_tile(folder / name) for name in tile_store.read_index(folder)["file"]])
     direct = np.concatenate(list(embed_batches(encoder, [tiles], CPU)))
     np.testing.assert_allclose(features, direct, rtol=1e-4, atol=1e-4)
     # Fused streaming (no tiles written) gives the same features for the same slide (lossless PNG tiles).
@@ -111,7 +110,7 @@ def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path,
     strict = tiny_config(tmp_path / "strict", f"paths.raw={tiny_raw.paths.raw}", "tiling.format=png",
                          "tiling.min_blur_score=1e9", "tiling.quality_fallback_tiles=3")
     assert tile_slide(spec, strict).status == "done"
-    index = store.read_index(layout.slide_tiles_dir(strict, spec.source, spec.image_id))
+    index = tile_store.read_index(layout.slide_tiles_dir(strict, spec.source, spec.image_id))
     few, few_coords, few_info = embed_slide_streaming(spec, strict, encoder, CPU)
     assert len(few) == 3 == len(index) and (few_coords == index[["x", "y"]].to_numpy()).all()
     assert "failed the quality filters" in few_info["fallback"]
@@ -128,7 +127,8 @@ def test_cache_folders_keyed_by_encoder_and_tiling(tmp_path, encoder):
         layout.embeddings_root(tiny_config(tmp_path, "features.input_size=96")),
     }
     assert len(roots) == 4
-    assert store.tiling_key(base) == store.tiling_key(tiny_config(tmp_path, "runtime.workers=2"))  # runtime-only
+    # runtime-only keys leave the tiling key alone
+    assert tile_store.tiling_key(base) == tile_store.tiling_key(tiny_config(tmp_path, "runtime.workers=2"))
 
 
 def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
@@ -141,12 +141,12 @@ def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
     manifest = merge(cfg)
     victim = manifest.iloc[0]
     folder = layout.slide_tiles_dir(cfg, victim.source, victim.image_id)
-    broken = folder / store.read_index(folder)["file"][0]
+    broken = folder / tile_store.read_index(folder)["file"][0]
     broken.write_bytes(b"not a jpeg")
     root = embed(cfg)
     files = sorted(root.glob("*/*.h5"))
     assert len(files) == len(manifest)
-    features, _, _ = cache.read_embeddings(layout.embedding_path(root, victim.source, victim.image_id))
+    features, _, _ = embedding_cache.read_embeddings(layout.embedding_path(root, victim.source, victim.image_id))
     assert len(features) == victim.n_tiles - 1  # the unreadable tile is skipped ...
     failures = pd.read_csv(root / "failures.csv")
     assert broken.name in failures.loc[failures.slide == victim.slide_id, "message"].iloc[0]  # ... and recorded
@@ -163,7 +163,7 @@ def test_stage_03_resumes_and_records_unreadable_tiles(tiny_raw, tmp_path):
     patches = manifest[manifest.source == "synthetic_patches"]
     counts = tile(changed)
     assert (counts["done"], counts["skipped"], counts["failed"]) == (len(patches), len(manifest) - len(patches), 0)
-    info = store.read_slide_info(layout.slide_tiles_dir(changed, "synthetic_patches", patches.image_id.iloc[0]))
+    info = tile_store.read_slide_info(layout.slide_tiles_dir(changed, "synthetic_patches", patches.image_id.iloc[0]))
     assert info["source_magnification"] == 40.0 and info["extent"] == 2 * changed.tiling.tile_size
     embed(changed)
     rewritten = {p for p in files if p.stat().st_mtime_ns != stamps[p]}
@@ -217,7 +217,7 @@ def test_fp16_overflow_is_recomputed_in_fp32(monkeypatch, caplog):
     the fp32 forward, with a warning; batches that fit stay in fp16."""
     import ubc_ocean.device as device_module
     import ubc_ocean.features.embed as embed_module
-    from ubc_ocean.features.encoders import Encoder
+    from ubc_ocean.encoders.registry import Encoder
 
     for module in (device_module, embed_module):  # fp16 autocast on CPU, as on a T4
         monkeypatch.setattr(module, "autocast_dtype", lambda device, precision="auto": torch.float16)

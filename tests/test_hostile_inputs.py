@@ -30,9 +30,8 @@ import pandas as pd
 import pytest
 
 from tests.builders import LEAN, read_rgb, tiny_config, write_png
-from ubc_ocean import layout
+from ubc_ocean import embedding_cache, layout
 from ubc_ocean.config import Config
-from ubc_ocean.features import cache
 
 
 def _config(root: Path, *extra: str) -> Config:
@@ -175,7 +174,7 @@ def test_encoder_error_on_one_slide_in_stage_03(pipeline, tmp_path, monkeypatch)
     failures = pd.read_csv(embeddings / "failures.csv")
     assert failures["slide"].tolist() == [victim.slide_id]
     _one_line_naming(failures["message"][0], victim.slide_id, "unexpected RuntimeError", "illegal memory access")
-    assert cache.is_complete(layout.embedding_path(embeddings, bystander.source, bystander.image_id))
+    assert embedding_cache.is_complete(layout.embedding_path(embeddings, bystander.source, bystander.image_id))
     _no_temporaries(root)
     # The victim's previous embeddings (of its previous tiles) stand untouched, as does everything else.
     assert _names(_changed(before, _hashes(root))) <= {"config.yaml"}
@@ -218,7 +217,7 @@ def _cached_bag(features: np.ndarray) -> Callable[[Path, Path], None]:
     def make(path: Path, good: Path) -> None:
         shutil.copy(good, path)
         embeddings = path.parents[1] / "_cached"
-        cache.write_embeddings(embeddings / f"{path.stem}.h5", features, np.zeros((len(features), 2)), {})
+        embedding_cache.write_embeddings(embeddings / f"{path.stem}.h5", features, np.zeros((len(features), 2)), {})
 
     return make
 
@@ -257,7 +256,7 @@ class Stage05Run:
 @pytest.fixture(scope="module")
 def stage_05_run(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage05Run]:
     """Every hostile test image added to a copy of the tiny data, then stages 05 and 06 run once."""
-    import ubc_ocean.features.pipeline as fused_pipeline
+    import ubc_ocean.inference.pipeline as fused_pipeline
     from ubc_ocean.inference.stage import run as infer
     from ubc_ocean.submit.stage import run as submit
 
@@ -313,8 +312,8 @@ def test_every_test_id_is_submitted_once_and_only_bad_images_lack_predictions(st
 @pytest.mark.parametrize("name", ["rgba", "deep_16_bit"])
 def test_rgba_and_16_bit_pngs_embed_exactly_like_the_original(stage_05_run, name):
     test_embeddings = layout.test_embeddings_root(stage_05_run.cfg) / "test"
-    original, original_coords, _ = cache.read_embeddings(test_embeddings / f"{stage_05_run.original}.h5")
-    features, coords, _ = cache.read_embeddings(test_embeddings / f"{IDS[name]}.h5")
+    original, original_coords, _ = embedding_cache.read_embeddings(test_embeddings / f"{stage_05_run.original}.h5")
+    features, coords, _ = embedding_cache.read_embeddings(test_embeddings / f"{IDS[name]}.h5")
     assert len(features) > 0
     np.testing.assert_array_equal(coords, original_coords)
     np.testing.assert_array_equal(features, original)

@@ -18,15 +18,14 @@ import pyvips
 import torch
 
 from tests.builders import tiny_config, write_plain_tiff, write_png
-from ubc_ocean import layout
-from ubc_ocean.features import create_encoder
-from ubc_ocean.features.fused import embed_slide_streaming
+from ubc_ocean import layout, tile_store
+from ubc_ocean.config.tiling import TilingSettings
+from ubc_ocean.encoders import create_encoder
+from ubc_ocean.inference.fused import embed_slide_streaming
 from ubc_ocean.slides import SlideError, open_slide
 from ubc_ocean.slides.reader import aspect_mismatch
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs
 from ubc_ocean.synthetic import render_slide
-from ubc_ocean.tiling import store
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import tile_slide
 from ubc_ocean.tiling.tiler import MASK_FROM_VIEW, MASK_IN_MEMORY, MASK_STREAMED, SlideTiler
 from ubc_ocean.tiling.tissue import INTENSITY, background_mask, is_colourless
@@ -71,7 +70,7 @@ def _tiled(cfg, spec: SlideSpec) -> tuple[pd.DataFrame, dict]:
     result = tile_slide(spec, cfg)
     assert result.status == "done", result.message
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
-    return store.read_index(folder), store.read_slide_info(folder)
+    return tile_store.read_index(folder), tile_store.read_slide_info(folder)
 
 
 def _warnings(caplog, slide_id: str) -> list[str]:
@@ -174,7 +173,7 @@ def test_a_plain_tiff_openslide_refuses_is_tiled_through_libvips(tmp_path, kidne
     folder = layout.slide_tiles_dir(cfg, "ext", "kidney")
     x, y, extent = int(index.x[0]), int(index.y[0]), int(index.extent[0])
     expected = cv2.resize(kidney.rgb[y : y + extent, x : x + extent], (64, 64), interpolation=cv2.INTER_AREA)
-    assert np.abs(store.read_tile(folder / index.file[0]).astype(int) - expected).mean() < 3  # JPEG tile
+    assert np.abs(tile_store.read_tile(folder / index.file[0]).astype(int) - expected).mean() < 3  # JPEG tile
 
 
 def test_a_plain_tiff_without_magnification_fails_saying_how_to_set_it(tmp_path, kidney):

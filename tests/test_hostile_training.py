@@ -25,10 +25,9 @@ import pytest
 import torch
 
 from tests.builders import REPO, tiny_config, tiny_overrides
-from ubc_ocean import layout
+from ubc_ocean import embedding_cache, layout
 from ubc_ocean.cli import main
 from ubc_ocean.config import Config, ConfigError
-from ubc_ocean.features import cache
 from ubc_ocean.io_utils import clean_stale_temporaries
 
 ENCODER_WIDTH = 1280  # efficientnet_lite0, the tiny config's encoder
@@ -219,8 +218,8 @@ def test_incomplete_or_foreign_folders_are_skipped_with_a_warning_or_refused_whe
 
 
 def test_encoder_width_is_found_without_weights():
-    from ubc_ocean.features.encoders import create_encoder, encoder_out_dim, resolve_weights, resolved_out_dim
-    from ubc_ocean.features.presets import PRESETS
+    from ubc_ocean.encoders.presets import PRESETS
+    from ubc_ocean.encoders.registry import create_encoder, encoder_out_dim, resolve_weights, resolved_out_dim
 
     assert encoder_out_dim("efficientnet_lite0", None, 64) == create_encoder("efficientnet_lite0", None, 64).out_dim
     readme = {"phikon": 768, "phikon_v2": 1024, "lunit_dino_vit_s16": 384, "lunit_dino_vit_s8": 384, "uni": 1024,
@@ -234,7 +233,7 @@ def test_a_bag_of_another_width_is_refused_by_name_whichever_order(tmp_path):
     paths = {name: tmp_path / f"{name}.h5" for name in ("a_narrow", "b", "c", "d")}
     for name, path in paths.items():
         width = 768 if name == "a_narrow" else ENCODER_WIDTH
-        cache.write_embeddings(path, np.ones((3, width), np.float32), np.zeros((3, 2)), {})
+        embedding_cache.write_embeddings(path, np.ones((3, width), np.float32), np.zeros((3, 2)), {})
     bags, problems = load_bags(paths, ENCODER_WIDTH)
     assert sorted(bags) == ["b", "c", "d"] and list(problems) == ["a_narrow"]
     assert problems["a_narrow"] == "a_narrow: feature width 768, expected 1280 (the encoder's)"
@@ -242,8 +241,8 @@ def test_a_bag_of_another_width_is_refused_by_name_whichever_order(tmp_path):
 
 def _narrow(path: Path) -> None:
     """Rewrite an embeddings h5 with 768-wide features (as if made by another encoder)."""
-    features, coords, attrs = cache.read_embeddings(path)
-    cache.write_embeddings(path, np.ones((len(features), 768), np.float32), coords, attrs)
+    features, coords, attrs = embedding_cache.read_embeddings(path)
+    embedding_cache.write_embeddings(path, np.ones((len(features), 768), np.float32), coords, attrs)
 
 
 def test_stages_04_and_05_leave_out_a_narrow_bag_by_name_and_use_the_others(pipeline, tmp_path):

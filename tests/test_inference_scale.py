@@ -15,13 +15,12 @@ import pytest
 import torch
 
 from tests.builders import LEAN, run_script, tiny_config
-from ubc_ocean import layout
+from ubc_ocean import embedding_cache, layout
 from ubc_ocean.config import ConfigError
-from ubc_ocean.features import cache
-from ubc_ocean.features.fused import SlideJob, embed_slide_streaming
-from ubc_ocean.features.pipeline import FusedPipeline
 from ubc_ocean.features.stage import embed_tile_folder
 from ubc_ocean.inference.budget import BudgetImage, BudgetPlanner
+from ubc_ocean.inference.fused import SlideJob, embed_slide_streaming
+from ubc_ocean.inference.pipeline import FusedPipeline
 from ubc_ocean.sources import TEST, TRAIN, competition_specs
 from ubc_ocean.submit.submission import complete_submission
 from ubc_ocean.tiling.stage import tile_slide
@@ -71,7 +70,7 @@ def test_pipelined_features_equal_in_process_ones_and_a_bad_slide_fails_alone(ti
 def test_every_device_gets_a_consumer_and_shares_the_batches(tiny_raw, tmp_path, monkeypatch):
     """Two devices (two CPU consumers standing in for two GPUs): both encode batches, and the features
     equal those of one consumer."""
-    from ubc_ocean.features import pipeline as pipeline_module
+    from ubc_ocean.inference import pipeline as pipeline_module
 
     cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "features.batch_size=4")
     specs = competition_specs(cfg, TEST)[:3]
@@ -104,7 +103,7 @@ def test_every_device_gets_a_consumer_and_shares_the_batches(tiny_raw, tmp_path,
 def test_decoders_default_to_one_per_core_when_a_gpu_encodes(tmp_path, monkeypatch):
     """``inference.decoders: auto``: one decoder process per usable core when a GPU encodes (PNG decoding bounds
     the run), ``runtime.workers`` on the CPU; a number is taken as it is, with or without a GPU."""
-    from ubc_ocean.features import pipeline as pipeline_module
+    from ubc_ocean.inference import pipeline as pipeline_module
 
     gpu = [torch.device("cuda", 0)]
     assert pipeline_module.decoder_count("auto", 1, gpu, cores=4) == 4
@@ -133,7 +132,7 @@ def test_a_decoder_process_that_cannot_run_stops_the_run_with_the_way_to_see_why
     """A decoder process that Python exits (it could not start: a broken install) fails no slide as if a
     native crash had killed it; it stops the run, and the advice it gives (one process on the CPU) works."""
     from tests import decoder_hooks
-    from ubc_ocean.features import pipeline as pipeline_module
+    from ubc_ocean.inference import pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "decoder_entry", decoder_hooks.exit_at_start)
     cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}")
@@ -153,7 +152,7 @@ def test_a_stopped_pipelined_run_returns_without_waiting_for_the_batch_being_enc
                                                                                      monkeypatch):
     """A time budget's deadline stops the run at once: the run returns while a consumer is still encoding
     (the thread ends after that batch by itself), and its decoder processes are ended."""
-    from ubc_ocean.features import pipeline as pipeline_module
+    from ubc_ocean.inference import pipeline as pipeline_module
 
     cfg = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}")
     jobs = iter([SlideJob(s) for s in competition_specs(cfg, TEST)])
@@ -199,7 +198,7 @@ def test_row_fraction_decodes_only_the_top_rows(tiny_raw, tmp_path, encoder):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from ubc_ocean.features import create_encoder
+    from ubc_ocean.encoders import create_encoder
 
     return create_encoder("efficientnet_lite0", input_size=64)
 
@@ -335,7 +334,8 @@ def test_tight_budget_ends_in_time_with_every_id_submitted(pipeline, tmp_path, m
     images = {s.slide_id: stage05.budget_image(s, full_cfg) for s in specs}
     full_root = layout.test_embeddings_root(full_cfg) / TEST
     full = sum(sum(_simulated_s(images[s.slide_id], images[s.slide_id].pixels,
-                                len(cache.read_embeddings(full_root / f"{s.image_id}.h5")[0]))) for s in specs)
+                                len(embedding_cache.read_embeddings(full_root / f"{s.image_id}.h5")[0])))
+               for s in specs)
     budget_minutes = full / 2 / 60
     cfg = _copy_without_test_embeddings(pipeline, tmp_path, f"inference.time_budget_minutes={budget_minutes}",
                                         "inference.budget_min_tiles=4")
@@ -358,7 +358,7 @@ def test_tight_budget_ends_in_time_with_every_id_submitted(pipeline, tmp_path, m
     for table in (provisional, pd.read_csv(path, dtype={"image_id": str})):
         assert sorted(table.image_id) == test_ids
     test_h5s = (layout.test_embeddings_root(cfg) / TEST).glob("*.h5")
-    modes = {p.stem: cache.read_attrs(p)["inference_mode"] for p in test_h5s}
+    modes = {p.stem: embedding_cache.read_attrs(p)["inference_mode"] for p in test_h5s}
     assert modes and any(mode != "full" for mode in modes.values())
     failures = pd.read_csv(layout.run_dir(cfg) / "failures_05.csv", dtype={"slide": str})
     unpredicted = set(test_ids) - set(modes)
@@ -385,8 +385,8 @@ def test_stain_augmentation_never_jitters_test_embeddings(pipeline, tmp_path):
     assert originals
     for original in originals:
         made = layout.test_embeddings_root(cfg) / TEST / original.name
-        features, coords, attrs = cache.read_embeddings(made)
-        want, want_coords, _ = cache.read_embeddings(original)
+        features, coords, attrs = embedding_cache.read_embeddings(made)
+        want, want_coords, _ = embedding_cache.read_embeddings(original)
         np.testing.assert_array_equal(features, want)
         np.testing.assert_array_equal(coords, want_coords)
         assert attrs["stain_augmentation"] == 0.0
@@ -438,7 +438,7 @@ def test_stage_05_stops_when_every_image_fails_with_the_same_unexpected_error(pi
     nothing and leaving an all-fallback submission; each image still has its failure row. One bad file
     among good ones does not stop it (the hostile-input tests)."""
     from ubc_ocean.cli import main
-    from ubc_ocean.features import pipeline as pipeline_module
+    from ubc_ocean.inference import pipeline as pipeline_module
     from ubc_ocean.inference.stage import run as infer
     from ubc_ocean.parallel import AllTasksFailed
 
@@ -517,7 +517,7 @@ def test_decoder_processes_that_die_fail_their_slides_only_and_the_submission_is
     hang or stop stage 05: each such slide is a failures_05 row saying so, every other slide is predicted,
     and the submission lists every id."""
     from tests import decoder_hooks
-    from ubc_ocean.features import pipeline as pipeline_module
+    from ubc_ocean.inference import pipeline as pipeline_module
     from ubc_ocean.inference.stage import run as infer
     from ubc_ocean.submit.stage import run as submit
 

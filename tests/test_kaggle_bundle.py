@@ -69,7 +69,7 @@ def _weights_file(root: Path) -> Path:
     efficientnet_lite0 with the packaged ImageNet weights, saved as a plain state dict."""
     import torch
 
-    from ubc_ocean.features.encoders import efficientnet_lite0_imagenet
+    from ubc_ocean.encoders.registry import efficientnet_lite0_imagenet
 
     path = root / "weights" / "effnet_lite0.pth"
     if not path.is_file():

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 
 from tests.builders import LEAN, tiny_config, write_png
-from ubc_ocean import layout
+from ubc_ocean import layout, tile_store
 from ubc_ocean.config import load_config
+from ubc_ocean.config.tiling import TilingSettings
+from ubc_ocean.encoders.identity import feature_width
 from ubc_ocean.folds import TRAIN_ONLY, fold_split, is_synthetic, parent_folds
 from ubc_ocean.slides.reader import resize_area
 from ubc_ocean.sources import SlideSpec
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.cores import TISSUE_MASK, TUMOUR_MASK, plan_cores
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import tile_slide
 from ubc_ocean.tiling.tiler import SlideTiler
 
@@ -69,7 +69,7 @@ def _spec(tmp_path: Path, rgb: np.ndarray, mode: str) -> SlideSpec:
 def _cores(cfg, spec: SlideSpec) -> list[dict]:  # type: ignore[no-untyped-def]
     result = tile_slide(spec, cfg)
     assert result.status == "done", result.message
-    return store.read_slide_info(layout.slide_tiles_dir(cfg, spec.source, spec.image_id))[store.CORES_KEY]
+    return tile_store.read_slide_info(layout.slide_tiles_dir(cfg, spec.source, spec.image_id))[tile_store.CORES_KEY]
 
 
 def _inside(core: dict, box: tuple[int, int, int, int]) -> bool:
@@ -82,7 +82,7 @@ def test_cores_come_from_the_planted_dense_tissue_in_every_reading_mode(tmp_path
     cfg = _config(tmp_path, *(["slides.in_memory_max_megapixels=0"] if mode == "streaming" else []))
     spec = _spec(tmp_path, _planted_wsi(), mode)
     cores = _cores(cfg, spec)
-    info = store.read_slide_info(layout.slide_tiles_dir(cfg, "train", "wsi"))
+    info = tile_store.read_slide_info(layout.slide_tiles_dir(cfg, "train", "wsi"))
     expected_mask = {"thumbnail": "low-resolution view", "in_memory": "the whole image, held in memory",
                      "streaming": "built in the decoding pass"}[mode]
     assert info["mask_source"] == expected_mask
@@ -91,10 +91,10 @@ def test_cores_come_from_the_planted_dense_tissue_in_every_reading_mode(tmp_path
         assert _inside(core, DENSE), core
         assert core["density_source"] == TISSUE_MASK and core["density"] > 0.9 and core["side"] == SIDE
         folder = layout.slide_tiles_dir(cfg, "train", core["image_id"])
-        facts = store.read_slide_info(folder)
+        facts = tile_store.read_slide_info(folder)
         assert facts["is_tma"] is True and facts["label"] == "EC" and facts["parent_image_id"] == "wsi"
         assert (facts["width"], facts["height"]) == (SIDE, SIDE) and facts["n_tiles"] == core["n_tiles"] > 0
-        index = store.read_index(folder)
+        index = tile_store.read_index(folder)
         # Tiled as a TMA: the centred grid of the core's own image; only tiles on the disc (radius ~0.425 side)
         centres = np.hypot(index.x + TILE / 2 - SIDE / 2, index.y + TILE / 2 - SIDE / 2)
         assert (centres < 0.5 * SIDE).all()
@@ -159,13 +159,13 @@ def test_a_mask_without_tumour_or_that_does_not_decode_falls_back_to_tissue(tmp_
 
 def test_default_zero_cuts_nothing_and_keeps_the_tiling_key(tmp_path):
     off, on = load_config(None), load_config(None, ["tiling.synthetic_tmas_per_wsi=1"])
-    assert store.tiling_key(off) != store.tiling_key(on)
+    assert tile_store.tiling_key(off) != tile_store.tiling_key(on)
     side = load_config(None, ["tiling.synthetic_tma_side=999"])  # inert while the cores are off
-    assert store.tiling_key(side) == store.tiling_key(off)
+    assert tile_store.tiling_key(side) == tile_store.tiling_key(off)
     cfg = tiny_config(tmp_path / "data")
     spec = _spec(tmp_path, _planted_wsi(), "thumbnail")
     assert tile_slide(spec, cfg).status == "done"
-    assert store.CORES_KEY not in store.read_slide_info(layout.slide_tiles_dir(cfg, "train", "wsi"))
+    assert tile_store.CORES_KEY not in tile_store.read_slide_info(layout.slide_tiles_dir(cfg, "train", "wsi"))
     assert sorted(p.name for p in layout.slide_tiles_dir(cfg, "train", "wsi").parent.iterdir()) == ["wsi"]
 
 
@@ -178,7 +178,7 @@ def test_a_slide_whose_core_folder_is_gone_is_tiled_again(tmp_path):
     for path in sorted(store_dir.iterdir()):
         path.unlink()
     store_dir.rmdir()
-    assert tile_slide(spec, cfg).status == "done" and store.is_complete(store_dir)
+    assert tile_slide(spec, cfg).status == "done" and tile_store.is_complete(store_dir)
 
 
 def test_fold_split_keeps_cores_with_their_parent_and_out_of_validation():
@@ -204,8 +204,8 @@ def cores_run(tiny_raw, tmp_path_factory):  # type: ignore[no-untyped-def]
     """Stages 01-02 on the shared tiny raw data with two cores per WSI; stage 03 for one core (the encoder
     on CPU is the slow part) and known bags for the others (a class direction plus noise); stage 04 with
     one lean model, recording how many bags each fit trained and validated on."""
+    from ubc_ocean import embedding_cache
     from ubc_ocean.external.stage import run as merge
-    from ubc_ocean.features import cache
     from ubc_ocean.features.stage import embed_slide
     from ubc_ocean.mil import stage as mil_stage
     from ubc_ocean.tiling.stage import run as tile
@@ -222,13 +222,13 @@ def cores_run(tiny_raw, tmp_path_factory):  # type: ignore[no-untyped-def]
     assert embedded.status == "done", embedded.message
     rng = np.random.default_rng(0)
     classes = list(cfg.data.classes)
-    width = layout.feature_width(cfg)
+    width = feature_width(cfg)
     for row in table.itertuples():
         path = layout.embedding_path(embeddings, row.source, row.image_id)
         if not path.exists():
             features = rng.normal(size=(row.n_tiles, width)).astype(np.float32)
             features[:, classes.index(row.label)] += 3.0
-            cache.write_embeddings(path, features, np.zeros((row.n_tiles, 2)), {})
+            embedding_cache.write_embeddings(path, features, np.zeros((row.n_tiles, 2)), {})
     calls: list[tuple[int, int]] = []
     real_fit = mil_stage.fit
 
@@ -243,13 +243,13 @@ def cores_run(tiny_raw, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def test_stage_03_embeds_a_core_like_any_slide(cores_run):
-    from ubc_ocean.features import cache
+    from ubc_ocean import embedding_cache
 
     cfg, _, core = cores_run
-    features, coords, attrs = cache.read_embeddings(layout.embedding_path(layout.embeddings_root(cfg), core.source,
-                                                                          core.image_id))
-    index = store.read_index(layout.slide_tiles_dir(cfg, core.source, core.image_id))
-    assert features.shape == (len(index), layout.feature_width(cfg)) and np.isfinite(features).all()
+    features, coords, attrs = embedding_cache.read_embeddings(
+        layout.embedding_path(layout.embeddings_root(cfg), core.source, core.image_id))
+    index = tile_store.read_index(layout.slide_tiles_dir(cfg, core.source, core.image_id))
+    assert features.shape == (len(index), feature_width(cfg)) and np.isfinite(features).all()
     assert np.array_equal(coords, index[["x", "y"]].to_numpy()) and attrs["slide_id"] == core.slide_id
 
 

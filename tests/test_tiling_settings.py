@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ubc_ocean import tile_store
 from ubc_ocean.config import DEFAULTS_FILE, ConfigError, as_plain, load_config
-from ubc_ocean.tiling import store
-from ubc_ocean.tiling.settings import SlideSettings, TilingSettings
+from ubc_ocean.config.tiling import SlideSettings, TilingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = yaml.safe_load(DEFAULTS_FILE.read_text())
@@ -17,7 +17,7 @@ _NESTED = ("slides", "seed")  # the settings that come from outside the tiling s
 
 
 def _legacy_key(cfg) -> str:
-    """The key as store.tiling_key computed it from a hand-kept list of the tiling keys."""
+    """The key as tile_store.tiling_key computed it from a hand-kept list of the tiling keys."""
     names = ("target_magnification", "tile_size", "format", "jpeg_quality", "max_tiles_per_slide", "sampling",
              "mask_max_side", "min_tissue_fraction", "saturation_threshold", "min_saturation", "black_value",
              "white_value", "morphology_radius", "max_hole_fraction", "blur_metric", "min_blur_score",
@@ -34,7 +34,7 @@ def test_demo_key_is_unchanged():
     # Was t128_m20x_f59a9daa until slides.thumbnail_aspect_tolerance: slides tiled before it, a stretched
     # thumbnail's misplaced tiles among them, are cut again.
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert TilingSettings.from_config(cfg).key == store.tiling_key(cfg) == "t128_m20x_fbb7a3f5"
+    assert TilingSettings.from_config(cfg).key == tile_store.tiling_key(cfg) == "t128_m20x_fbb7a3f5"
 
 
 @pytest.mark.parametrize("overrides", [[], ["tiling.target_magnification=20.0"], ["tiling.min_tissue_fraction=1"],
@@ -44,7 +44,7 @@ def test_demo_key_is_unchanged():
 def test_key_is_byte_identical_to_the_listed_one(config, overrides):
     """Ints stay ints and floats floats, so existing tile stores keep their folder."""
     cfg = load_config(REPO / "configs" / config if config else None, overrides)
-    assert store.tiling_key(cfg) == _legacy_key(cfg)
+    assert tile_store.tiling_key(cfg) == _legacy_key(cfg)
 
 
 def test_settings_hold_every_tiling_and_slides_key_of_the_defaults():

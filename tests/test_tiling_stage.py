@@ -16,20 +16,19 @@ import pyvips
 import tifffile
 
 from tests.builders import REPO, read_rgb, tiny_config, write_png
-from ubc_ocean import layout
+from ubc_ocean import layout, tile_store
+from ubc_ocean.config.tiling import TilingSettings
 from ubc_ocean.io_utils import clean_stale_temporaries
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs
 from ubc_ocean.synthetic import render_slide
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.grid import cell_fractions, grid_origin
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import run, tile_slide, tiling_tasks
 from ubc_ocean.tiling.tiler import SlideTiler
 
 
 def _tiles(cfg, spec) -> tuple[pd.DataFrame, dict, Path]:
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
-    return store.read_index(folder), store.read_slide_info(folder), folder
+    return tile_store.read_index(folder), tile_store.read_slide_info(folder), folder
 
 
 @pytest.mark.parametrize("is_tma", [False, True], ids=["wsi", "tma"])
@@ -55,7 +54,7 @@ def test_tiles_lie_on_the_generators_tissue(tmp_path, is_tma):
     assert kept.min() >= 0.25 and kept.mean() >= 0.7
     tissue_cells = int((truth_fraction >= 0.9).sum())
     assert len(index) >= min(0.8 * tissue_cells, cfg.tiling.max_tiles_per_slide)
-    first = store.read_tile(folder / index.file[0])
+    first = tile_store.read_tile(folder / index.file[0])
     assert first.shape == (tile, tile, 3)
     assert (folder / "qc.png").is_file()
 
@@ -173,7 +172,7 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path):
     for slide, words in expected.items():
         assert words in failures.loc[slide, "message"], failures.loc[slide, "message"]
     assert (failures.stage == "01_tile_slides").all()
-    assert store.is_complete(layout.slide_tiles_dir(cfg, "train", "1"))
+    assert tile_store.is_complete(layout.slide_tiles_dir(cfg, "train", "1"))
     assert not layout.slide_tiles_dir(cfg, "train", "2").exists()  # nothing half-written
     # A rerun skips the good slide and retries (and again records) the bad ones.
     again = run(cfg)
@@ -186,13 +185,13 @@ import sys, time
 from pathlib import Path
 from tests.builders import tiny_config
 from ubc_ocean.sources import SlideSpec
-from ubc_ocean.tiling import store
+from ubc_ocean import tile_store
 from ubc_ocean.tiling.stage import tile_slide
-original = store.write_tile
+original = tile_store.write_tile
 def slow_write(*args):
     original(*args)
     time.sleep(0.2)
-store.write_tile = slow_write
+tile_store.write_tile = slow_write
 cfg = tiny_config(Path(sys.argv[1]))
 tile_slide(SlideSpec("t", "slide", Path(sys.argv[2]), is_tma=False, competition_scale=True), cfg)
 """
@@ -211,11 +210,11 @@ def test_slide_killed_half_way_is_redone_never_left_complete(tmp_path):
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert list(folder.parent.glob(".tmp-slide@*")), "the child should have died mid-slide"
-    assert not folder.exists() and not store.is_complete(folder)
+    assert not folder.exists() and not tile_store.is_complete(folder)
     assert clean_stale_temporaries(folder.parent) == 1  # what stage 01 does first in every source folder
     spec = SlideSpec("t", "slide", png, is_tma=False, competition_scale=True)
     assert tile_slide(spec, cfg).status == "done"
-    assert store.is_complete(folder) and not list(folder.parent.glob(".tmp-*"))
+    assert tile_store.is_complete(folder) and not list(folder.parent.glob(".tmp-*"))
     # The resumed slide is byte for byte what an uninterrupted run writes.
     clean = tiny_config(tmp_path / "clean")
     assert tile_slide(spec, clean).status == "done"
@@ -230,7 +229,8 @@ def test_shards_partition_the_slides(tiny_raw, tmp_path):
     for shard in ("0/3", "1/3", "2/3"):
         cfg = tiny_config(tmp_path, *shared, f"runtime.shard={shard}")
         assert run(cfg)["failed"] == 0
-        complete = {f"{p.parent.name}/{p.name}" for p in layout.tiles_root(cfg).glob("*/*") if store.is_complete(p)}
+        complete = {f"{p.parent.name}/{p.name}" for p in layout.tiles_root(cfg).glob("*/*")
+                    if tile_store.is_complete(p)}
         done.append(complete - set().union(*done))  # what this shard added
     everything = tiny_config(tmp_path, *shared)
     expected = {task.slide_id for task in tiling_tasks(everything)}
@@ -238,7 +238,7 @@ def test_shards_partition_the_slides(tiny_raw, tmp_path):
     assert sum(len(d) for d in done) == len(expected) and all(done)
     assert run(everything)["skipped"] == len(expected)
     # The default tissue settings find tissue on every synthetic slide without falling back.
-    infos = [store.read_slide_info(p) for p in layout.tiles_root(everything).glob("*/*")]
+    infos = [tile_store.read_slide_info(p) for p in layout.tiles_root(everything).glob("*/*")]
     assert infos and not [i["image_id"] for i in infos if i.get("fallback")]
 
 

@@ -12,12 +12,11 @@ import pytest
 import pyvips
 
 from tests.builders import tiny_config
-from ubc_ocean import layout
+from ubc_ocean import layout, tile_store
+from ubc_ocean.config.tiling import TilingSettings
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import SlideSpec
 from ubc_ocean.synthetic import render_slide
-from ubc_ocean.tiling import store
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import tile_slide
 from ubc_ocean.tiling.tiler import (
     MASK_FROM_VIEW,
@@ -142,8 +141,8 @@ def test_info_record_in_each_reader_mode(tmp_path, slide, mode, reader, mask_sou
     assert list(info.to_dict()) == [*_FACTS, *plan_then_rejections, "streamed_not_kept", *_SPEC_FACTS]
     assert tile_slide(spec, cfg).status == "done"
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
-    assert store.read_slide_info(folder) == {**info.to_dict(), "source_magnification": None}
-    index = store.read_index(folder)
+    assert tile_store.read_slide_info(folder) == {**info.to_dict(), "source_magnification": None}
+    index = tile_store.read_index(folder)
     assert list(zip(index.x, index.y, strict=True)) == [record.box for record in kept]
 
 

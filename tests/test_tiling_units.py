@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from tests.builders import default_config, write_png
-from ubc_ocean import layout
+from ubc_ocean import layout, tile_store
 from ubc_ocean.config import load_config
+from ubc_ocean.config.tiling import TilingSettings
 from ubc_ocean.slides import SlideError, is_tma_by_size, open_slide
 from ubc_ocean.sources import SlideSpec
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.grid import cell_fractions, grid_origin, plan_tiles
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.stage import tile_slide
 from ubc_ocean.tiling.tiler import SlideTiler
 from ubc_ocean.tiling.tissue import detect_tissue
@@ -156,7 +155,7 @@ def test_real_aperio_slide_through_openslide(tmp_path):
     assert len(tiles) > 20
     result = tile_slide(SlideSpec("ext", "cmu", svs), cfg)  # the stage path writes tiles and the QC overlay
     folder = layout.slide_tiles_dir(cfg, "ext", "cmu")
-    assert result.count == len(tiles) and store.read_tile(folder / store.QC_FILE).shape[2] == 3
+    assert result.count == len(tiles) and tile_store.read_tile(folder / tile_store.QC_FILE).shape[2] == 3
     for record, rgb in tiles:
         assert rgb.shape == (128, 128, 3)
         assert 0 <= record.x <= 2220 - 128 and 0 <= record.y <= 2967 - 128

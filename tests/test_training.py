@@ -181,18 +181,18 @@ def test_leave_one_class_out_auroc_well_above_chance():
 
 
 def test_bad_bags_are_named_and_left_out(tmp_path):
-    from ubc_ocean.features import cache
+    from ubc_ocean import embedding_cache
     from ubc_ocean.mil.bags import load_bags
 
     good = np.ones((4, 8), np.float32)
     nan = good.copy()
     nan[1, 2] = np.nan
     paths = {name: tmp_path / f"{name}.h5" for name in ("good", "nan", "inf", "empty", "missing", "narrow")}
-    cache.write_embeddings(paths["good"], good, np.zeros((4, 2)), {})
-    cache.write_embeddings(paths["nan"], nan, np.zeros((4, 2)), {})
-    cache.write_embeddings(paths["inf"], np.full((2, 8), np.inf, np.float32), np.zeros((2, 2)), {})
-    cache.write_embeddings(paths["empty"], np.zeros((0, 8), np.float32), np.zeros((0, 2)), {})
-    cache.write_embeddings(paths["narrow"], np.ones((3, 5), np.float32), np.zeros((3, 2)), {})
+    embedding_cache.write_embeddings(paths["good"], good, np.zeros((4, 2)), {})
+    embedding_cache.write_embeddings(paths["nan"], nan, np.zeros((4, 2)), {})
+    embedding_cache.write_embeddings(paths["inf"], np.full((2, 8), np.inf, np.float32), np.zeros((2, 2)), {})
+    embedding_cache.write_embeddings(paths["empty"], np.zeros((0, 8), np.float32), np.zeros((0, 2)), {})
+    embedding_cache.write_embeddings(paths["narrow"], np.ones((3, 5), np.float32), np.zeros((3, 2)), {})
     bags, problems = load_bags(paths, in_dim=8)
     assert list(bags) == ["good"] and bags["good"].dtype == torch.float16
     assert "NaN or inf" in problems["nan"] and "NaN or inf" in problems["inf"]

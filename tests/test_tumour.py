@@ -15,14 +15,12 @@ import pytest
 import torch
 
 from tests.builders import LEAN, tiny_config, write_png
-from ubc_ocean import layout
+from ubc_ocean import embedding_cache, layout, tile_store
 from ubc_ocean.config import ConfigError
-from ubc_ocean.features import cache
 from ubc_ocean.mil.predict import CheckpointEnsemble
 from ubc_ocean.mil.tumour import TileChooser, TumourDataError, TumourScorer, kept_count, tile_targets
 from ubc_ocean.sources import TEST, TRAIN, SlideSpec
 from ubc_ocean.synthetic import render_slide
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.masks import MaskError, read_tumour_map
 from ubc_ocean.tiling.stage import tile_slide
 
@@ -59,8 +57,8 @@ def test_tile_tumour_fractions_match_the_masks_geometry_and_follow_the_mask(tmp_
     assert mask == tmp_path / "raw" / "train_supplemental_masks" / "s1.png"
 
     assert tile_slide(spec, cfg).status == "done"  # no mask yet: NaN everywhere, recorded as none
-    index = store.read_index(folder)
-    assert index[store.TUMOUR_FRACTION].isna().all() and store.recorded_mask(folder) is None
+    index = tile_store.read_index(folder)
+    assert index[tile_store.TUMOUR_FRACTION].isna().all() and tile_store.recorded_mask(folder) is None
     assert tile_slide(spec, cfg).status == "skipped"
 
     _write_mask(mask, size)  # a mask appears: the fractions are refreshed without tiling again
@@ -68,16 +66,16 @@ def test_tile_tumour_fractions_match_the_masks_geometry_and_follow_the_mask(tmp_
     result = tile_slide(spec, cfg)
     assert result.status == "done" and "refreshed" in result.message
     assert sorted(p.name for p in folder.glob("*.jpg")) == tiles_before
-    refreshed = store.read_index(folder)
+    refreshed = tile_store.read_index(folder)
 
     shutil.rmtree(folder)  # tiled afresh with the mask there from the start: the same fractions
     assert tile_slide(spec, cfg).status == "done"
-    index = store.read_index(folder)
+    index = tile_store.read_index(folder)
     pd.testing.assert_frame_equal(index, refreshed)
-    assert store.recorded_mask(folder) == {"file": "s1.png", "size": mask.stat().st_size}
+    assert tile_store.recorded_mask(folder) == {"file": "s1.png", "size": mask.stat().st_size}
 
     expected = np.array([_overlap(x, y, e) for x, y, e in zip(index.x, index.y, index.extent, strict=True)])
-    fractions = index[store.TUMOUR_FRACTION].to_numpy()
+    fractions = index[tile_store.TUMOUR_FRACTION].to_numpy()
     assert np.allclose(fractions, expected, atol=1e-3)
     assert (expected == 1).sum() >= 3 and (expected == 0).sum() >= 5
     assert ((expected > 0.05) & (expected < 0.95)).sum() >= 4  # tiles straddling the edge: their overlap share
@@ -85,13 +83,13 @@ def test_tile_tumour_fractions_match_the_masks_geometry_and_follow_the_mask(tmp_
 
     mask.unlink()  # the mask goes: no fractions any more
     assert "refreshed" in tile_slide(spec, cfg).message
-    assert store.read_index(folder)[store.TUMOUR_FRACTION].isna().all()
+    assert tile_store.read_index(folder)[tile_store.TUMOUR_FRACTION].isna().all()
 
 
 def test_an_older_index_loads_without_masks_and_a_bad_mask_is_named(tmp_path):
     pd.DataFrame({"file": ["0_0.jpg"], "x": [0], "y": [0], "extent": [64], "magnification": [20.0],
-                  "tissue_fraction": [1.0], "blur_score": [3.0]}).to_csv(tmp_path / store.INDEX_FILE, index=False)
-    assert np.isnan(store.read_index(tmp_path)[store.TUMOUR_FRACTION]).all()
+                  "tissue_fraction": [1.0], "blur_score": [3.0]}).to_csv(tmp_path / tile_store.INDEX_FILE, index=False)
+    assert np.isnan(tile_store.read_index(tmp_path)[tile_store.TUMOUR_FRACTION]).all()
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(MaskError, match=r"bad\.png"):
         read_tumour_map(tmp_path / "bad.png")
@@ -226,15 +224,15 @@ def test_stages_train_and_apply_the_tumour_scorer_end_to_end(pipeline, tmp_path,
     embed(cfg)
     embeddings = layout.embeddings_root(cfg)
     for image_id in masked[:2]:  # stage 03 carries stage 01's fractions, row for row
-        features, coords, _ = cache.read_embeddings(layout.embedding_path(embeddings, TRAIN, image_id))
-        index = store.read_index(layout.slide_tiles_dir(cfg, TRAIN, image_id)).set_index(["x", "y"])
-        expected = index.loc[list(map(tuple, coords)), store.TUMOUR_FRACTION].to_numpy(np.float32)
-        got = cache.read_tumour_fraction(layout.embedding_path(embeddings, TRAIN, image_id))
+        features, coords, _ = embedding_cache.read_embeddings(layout.embedding_path(embeddings, TRAIN, image_id))
+        index = tile_store.read_index(layout.slide_tiles_dir(cfg, TRAIN, image_id)).set_index(["x", "y"])
+        expected = index.loc[list(map(tuple, coords)), tile_store.TUMOUR_FRACTION].to_numpy(np.float32)
+        got = embedding_cache.read_tumour_fraction(layout.embedding_path(embeddings, TRAIN, image_id))
         assert got is not None and np.array_equal(got, expected) and len(got) == len(features)
         assert (got == 0).any() and (got >= 0.5).any()
     train_csv = pd.read_csv(layout.raw_path(cfg, "train_csv"), dtype={"image_id": str})
     unmasked = sorted(set(train_csv["image_id"]) - set(masked))
-    assert cache.read_tumour_fraction(layout.embedding_path(embeddings, TRAIN, unmasked[0])) is None
+    assert embedding_cache.read_tumour_fraction(layout.embedding_path(embeddings, TRAIN, unmasked[0])) is None
 
     metrics = train(cfg)["abmil"]
     report = metrics["tumour_scorer"]
@@ -251,7 +249,7 @@ def test_stages_train_and_apply_the_tumour_scorer_end_to_end(pipeline, tmp_path,
     predictions = model.read_test_predictions().set_index("image_id")
     ensemble = CheckpointEnsemble(model.checkpoints(), CPU, "fp32", int(cfg.mil.max_instances_predict))
     image_id = predictions.index[0]
-    features, _, _ = cache.read_embeddings(layout.embedding_path(embeddings, TEST, image_id))
+    features, _, _ = embedding_cache.read_embeddings(layout.embedding_path(embeddings, TEST, image_id))
     bag = torch.from_numpy(features)
     classes = list(cfg.data.classes)
     selected = ensemble.predict([chooser.select(bag)])[classes].to_numpy()[0]

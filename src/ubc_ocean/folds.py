@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 log = logging.getLogger(__name__)
 TRAIN_ONLY = -1
@@ -41,6 +40,8 @@ def assign_folds(
     other folds cannot validate it; :func:`small_classes` names such classes). Raises ``ValueError`` only
     when no class has enough slides for ``n_splits`` folds.
     """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # only where folds are drawn
+
     folds = pd.Series(TRAIN_ONLY, index=frame.index, dtype=int)
     mask = validate_mask if validate_mask is not None else pd.Series(True, index=frame.index)
     pool = frame[mask]

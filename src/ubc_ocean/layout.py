@@ -5,7 +5,7 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
 
     {raw}/{data.supplemental_masks}/{image_id}.png    optional tumour masks of training WSIs (read by stage 01)
     {interim}/tiles/{tiling key}/                      stage 01
-        {source}/{image_id}/  tiles, index.csv (with tumour_fraction), slide.json, qc.png   (tiling/store.py)
+        {source}/{image_id}/  tiles, index.csv (with tumour_fraction), slide.json, qc.png   (tile_store.py)
         failures*.csv
     {processed}/manifest.csv, folds.csv, failures_02.csv          stage 02
     {processed}/embeddings/{encoder}{variant}__{tiling key}/      stage 03 (training), 05 (test)
@@ -42,12 +42,12 @@ import h5py
 import pandas as pd
 
 from ubc_ocean.config import ConfigError
-from ubc_ocean.features.weights import encoder_cache_name, file_checksum, resolve_weights
+from ubc_ocean.encoders.weights import encoder_cache_name, file_checksum
 from ubc_ocean.io_utils import FailureLog, atomic_write_text
 from ubc_ocean.parallel import shard_output
 from ubc_ocean.slides.magnification import native_magnification
 from ubc_ocean.sources import TEST, TRAIN, SlideFiles, competition_specs, raw_path
-from ubc_ocean.tiling.store import read_slide_info, tiling_key
+from ubc_ocean.tile_store import read_slide_info, tiling_key
 
 log = logging.getLogger(__name__)
 
@@ -143,33 +143,6 @@ def _embeddings_folder(cfg: Mapping, stain_augmentation: float) -> Path:
     encoder = encoder_cache_name(features["encoder"], features["weights"], features["input_size"])
     variant = variant_name(features["tta"], stain_augmentation)
     return Path(cfg["paths"]["processed"]) / "embeddings" / f"{encoder}{variant}__{tiling_key(cfg)}"
-
-
-def feature_width(cfg: Mapping) -> int:
-    """The width D of the features the configured encoder makes (every bag's, every MIL model's
-    ``in_dim``): from the encoder's architecture, without loading its weights; never from the data."""
-    from ubc_ocean.features.encoders import encoder_out_dim  # torch and timm: asked only where models are built
-
-    features = cfg["features"]
-    return encoder_out_dim(features["encoder"], features["weights"], features["input_size"])
-
-
-def feature_identity(cfg: Mapping) -> dict:
-    """What makes the features the config computes comparable with others: the encoder and its weights
-    (sha256 of the file, or of the hub name), input size, tile size and magnification, how the tiles are
-    stored (stage 03 embeds them after this encoding; fused inference applies the same round trip) and
-    the feature width. Stage 04 records it with each model; stage 05 refuses to predict with a model
-    trained on features of another identity."""
-    features, tiling = cfg["features"], cfg["tiling"]
-    resolved = resolve_weights(features["encoder"], features["weights"], features["input_size"])
-    fmt = "jpg" if tiling["format"] in ("jpg", "jpeg") else str(tiling["format"])
-    return {
-        "encoder": str(features["encoder"]), "weights_sha256": resolved.identity,
-        "input_size": int(resolved.input_size), "tile_size": int(tiling["tile_size"]),
-        "magnification": float(tiling["target_magnification"]),
-        "tile_encoding": f"jpg q{int(tiling['jpeg_quality'])}" if fmt == "jpg" else fmt,
-        "feature_dim": feature_width(cfg),
-    }
 
 
 def test_features_fingerprint(cfg: Mapping) -> dict:

@@ -31,6 +31,7 @@ from ubc_ocean import layout
 from ubc_ocean.benchmark.report import DELTAS, Outcome, markdown_table, result_line, results_frame
 from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best
 from ubc_ocean.config import Config, ConfigError, as_plain, save_config, with_overrides
+from ubc_ocean.encoders.identity import feature_width
 from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.metrics import bootstrap_counts
 from ubc_ocean.submit.score import scored_frame
@@ -95,7 +96,7 @@ def configurations(cfg: Config) -> list[Configuration]:
     for configuration in out:
         with _named(configuration.name):
             resolved = configuration.cfg
-            check_models(resolved["mil"], layout.feature_width(resolved), len(resolved["data"]["classes"]))
+            check_models(resolved["mil"], feature_width(resolved), len(resolved["data"]["classes"]))
     return out
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ubc_ocean import layout
+from ubc_ocean import layout, tile_store
 from ubc_ocean.config import save_config
 from ubc_ocean.folds import PARENT, TRAIN_ONLY, assign_folds, is_synthetic, parent_folds, small_classes
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv
 from ubc_ocean.sources import TRAIN, external_sources, read_train_csv
-from ubc_ocean.tiling import store
 
 log = logging.getLogger(__name__)
 STAGE = "02_merge_external"
@@ -58,11 +57,11 @@ def _core_rows(cfg: Mapping, parent: Mapping, info: Mapping, failures: FailureLo
     """The synthetic TMA cores stage 01 cut from a slide (its ``slide.json`` lists them): bags with the
     parent's label and group, ``is_tma`` true, ``parent_image_id``, provenance ``{parent's}:synthetic_core``."""
     rows = []
-    for core in info.get(store.CORES_KEY, []):
+    for core in info.get(tile_store.CORES_KEY, []):
         image_id = str(core["image_id"])
         slide_id = f"{parent['source']}/{image_id}"
         folder = layout.slide_tiles_dir(cfg, parent["source"], image_id)
-        if not store.is_complete(folder):
+        if not tile_store.is_complete(folder):
             problem = f"synthetic core listed by {parent['source']}/{parent['image_id']} has no tiles in {folder}"
             log.warning("%s: left out: %s", slide_id, problem)
             if failures is not None:
@@ -70,7 +69,8 @@ def _core_rows(cfg: Mapping, parent: Mapping, info: Mapping, failures: FailureLo
             continue
         rows.append({**parent, "slide_id": slide_id, "image_id": image_id, "is_tma": True,
                      "provenance": f"{parent['provenance']}:synthetic_core",
-                     "n_tiles": int(store.read_slide_info(folder)["n_tiles"]), "tiling_key": layout.tiling_key(cfg),
+                     "n_tiles": int(tile_store.read_slide_info(folder)["n_tiles"]),
+                     "tiling_key": layout.tiling_key(cfg),
                      PARENT: str(parent["image_id"])})
     return rows
 
@@ -86,14 +86,14 @@ def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataF
         problem = None
         if row["label"] not in classes:
             problem = f"label {row['label']!r} is not one of {sorted(classes)}"
-        elif not store.is_complete(folder):
+        elif not tile_store.is_complete(folder):
             problem = f"no tiles in {folder} (stage 01 failed or was not run for it)"
         if problem:
             log.warning("%s: left out: %s", slide_id, problem)
             if failures is not None:
                 failures.record(slide_id, problem)
             continue
-        info = store.read_slide_info(folder)
+        info = tile_store.read_slide_info(folder)
         kept.append({**row, "slide_id": slide_id, "n_tiles": int(info["n_tiles"]),
                      "is_tma": bool(info.get("is_tma", row["is_tma"])), "tiling_key": key})
         kept += _core_rows(cfg, row, info, failures)

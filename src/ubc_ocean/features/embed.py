@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from ubc_ocean.device import autocast, autocast_dtype
+from ubc_ocean.encoders.registry import Encoder, create_encoder
 from ubc_ocean.features.augment import stain_augmenter, tta_views
-from ubc_ocean.features.encoders import Encoder, create_encoder
 from ubc_ocean.parallel import usable_cores
 
 log = logging.getLogger(__name__)

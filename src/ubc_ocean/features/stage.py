@@ -12,15 +12,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ubc_ocean import layout
+from ubc_ocean import embedding_cache, layout, tile_store
 from ubc_ocean.config import save_config
 from ubc_ocean.device import resolve_device
-from ubc_ocean.features import cache
+from ubc_ocean.encoders.registry import Encoder
 from ubc_ocean.features.embed import embed_batches, embedding_options, encoder_from_config, prepare_encoder
-from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.io_utils import FailureLog, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
-from ubc_ocean.tiling import store
 
 log = logging.getLogger(__name__)
 STAGE = "03_cache_embeddings"
@@ -38,7 +36,7 @@ class TileFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, bool]:
         try:
-            rgb = store.read_tile(self.paths[index])
+            rgb = tile_store.read_tile(self.paths[index])
         except OSError:
             return np.zeros((self.tile_size, self.tile_size, 3), np.uint8), False
         if rgb.shape[:2] != (self.tile_size, self.tile_size):
@@ -51,7 +49,7 @@ def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torc
     """Features and coords of every readable tile in a slide folder, plus the names of unreadable ones
     (``index``: the folder's tile index, when the caller has read it already)."""
     features_cfg = cfg["features"]
-    index = store.read_index(folder) if index is None else index
+    index = tile_store.read_index(folder) if index is None else index
     dataset = TileFiles([folder / name for name in index["file"]], int(cfg["tiling"]["tile_size"]))
     loader = DataLoader(dataset, batch_size=int(features_cfg["batch_size"]),
                         num_workers=int(features_cfg["num_workers"]), pin_memory=device.type == "cuda")
@@ -73,7 +71,7 @@ def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torc
 def _tumour_fractions(index: pd.DataFrame, bad: list[str]) -> np.ndarray | None:
     """The embedded tiles' tumour fractions (index order, unreadable tiles left out, as the features), or
     None when the slide has no mask (no finite fraction): its h5 is then as it was before masks."""
-    values = index.loc[~index["file"].isin(bad), store.TUMOUR_FRACTION].to_numpy(np.float32)
+    values = index.loc[~index["file"].isin(bad), tile_store.TUMOUR_FRACTION].to_numpy(np.float32)
     return values if np.isfinite(values).any() else None
 
 
@@ -82,17 +80,17 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
     slide_id = row["slide_id"]
     out = layout.embedding_path(root, row["source"], row["image_id"])
     folder = layout.slide_tiles_dir(cfg, row["source"], row["image_id"])
-    if not store.is_complete(folder):
-        if cache.is_complete(out):  # tiles deleted after embedding (to save disk): the embeddings stand
+    if not tile_store.is_complete(folder):
+        if embedding_cache.is_complete(out):  # tiles deleted after embedding (to save disk): the embeddings stand
             return TaskResult(slide_id, "skipped")
         return TaskResult(slide_id, "failed", f"no tile folder {folder}")
-    tiles_fingerprint = store.fingerprint(folder)
-    if cache.is_current(out, tiles_fingerprint):
+    tiles_fingerprint = tile_store.fingerprint(folder)
+    if embedding_cache.is_current(out, tiles_fingerprint):
         return TaskResult(slide_id, "skipped")
     encoder = encoder_from_config(cfg)
     device = resolve_device(cfg["runtime"]["device"])
     prepare_encoder(encoder, device)
-    index = store.read_index(folder)
+    index = tile_store.read_index(folder)
     features, coords, bad = embed_tile_folder(folder, encoder, cfg, device, index)
     if len(features) == 0:
         return TaskResult(slide_id, "failed", "zero readable tiles")
@@ -100,7 +98,7 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
         return TaskResult(slide_id, "failed", "encoder produced NaN/inf features")
     attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
                                    tiles_fingerprint=tiles_fingerprint)
-    cache.write_embeddings(out, features, coords, attrs, tumour_fraction=_tumour_fractions(index, bad))
+    embedding_cache.write_embeddings(out, features, coords, attrs, tumour_fraction=_tumour_fractions(index, bad))
     message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""
     return TaskResult(slide_id, "done", message, count=len(features))
 

@@ -12,9 +12,9 @@ features they were made from, which stage 06 checks. The trained run is only rea
 Only complete models are used (``layout.chosen_models``), and before any image is embedded every
 checkpoint's ``in_dim`` must agree with the others' and with the configured encoder's feature width, and
 every model must have been trained on features of the identity this config computes
-(``layout.feature_identity``).
+(``encoders.identity.feature_identity``).
 
-Images are embedded by the pipelined fused inference (:mod:`ubc_ocean.features.pipeline`) under the time
+Images are embedded by the pipelined fused inference (:mod:`ubc_ocean.inference.pipeline`) under the time
 budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive (a model trained
 with the tumour scorer sees each bag cut down by its ``tumour_scorer.json``, as in training); an unsharded
 run rewrites a complete provisional submission (:mod:`ubc_ocean.submit.submission`) as they do, unless
@@ -36,14 +36,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ubc_ocean import layout
+from ubc_ocean import embedding_cache, layout
 from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.device import resolve_device
-from ubc_ocean.features import cache
-from ubc_ocean.features.fused import SlideJob
-from ubc_ocean.features.identity import check_identity
-from ubc_ocean.features.pipeline import FusedPipeline
+from ubc_ocean.encoders.identity import check_identity, feature_identity, feature_width
 from ubc_ocean.inference.budget import BudgetImage, BudgetPlanner
+from ubc_ocean.inference.fused import SlideJob
+from ubc_ocean.inference.pipeline import FusedPipeline
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import BagError, check_bag, load_bags
 from ubc_ocean.mil.checkpoint import checkpoint_in_dim
@@ -91,7 +90,7 @@ def check_feature_identities(cfg: Mapping, names: list[str]) -> None:
     weights, input size, tile size, magnification, tile encoding, width): a ``ConfigError`` naming both
     sides otherwise. Models recorded before identities were (no ``features`` in their completion record)
     are checked by their embeddings folder name, which encodes the same facts."""
-    computed, folder = layout.feature_identity(cfg), layout.embeddings_root(cfg).name
+    computed, folder = feature_identity(cfg), layout.embeddings_root(cfg).name
     for name in names:
         record = layout.model_dir(cfg, name).read_completion()
         trained = record.get("features")
@@ -159,9 +158,9 @@ def budget_image(spec: SlideSpec, cfg: Mapping) -> BudgetImage:
 def reusable(path: Path, budgeted: bool) -> bool:
     """A cached test embedding is reused when complete, and, if a time budget made it with fewer tiles,
     only by another budgeted run (an unbudgeted run embeds the image in full)."""
-    if not cache.is_complete(path):
+    if not embedding_cache.is_complete(path):
         return False
-    return budgeted or cache.read_attrs(path).get("inference_mode", "full") == "full"
+    return budgeted or embedding_cache.read_attrs(path).get("inference_mode", "full") == "full"
 
 
 class Predictions:
@@ -239,8 +238,8 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
             attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
                                            is_tma=bool(result.info["is_tma"]), stain_augmentation=0.0,
                                            inference_mode=result.job.describe())
-            cache.write_embeddings(layout.embedding_path(root, TEST, result.job.spec.image_id), result.features,
-                                   result.coords, attrs)
+            embedding_cache.write_embeddings(layout.embedding_path(root, TEST, result.job.spec.image_id),
+                                             result.features, result.coords, attrs)
             planner.observe(images[slide_id], result.decode_s, result.decoded_pixels, result.tiles, result.encode_s)
             predictions.add({slide_id: torch.from_numpy(result.features.astype(np.float16))})
     finally:
@@ -264,7 +263,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
     # trained models may be read-only (Kaggle)
     layout.require_writable(cfg, "processed", "predictions", *(["submissions"] if writes_provisional(cfg) else []))
     names = model_names(cfg)
-    width = layout.feature_width(cfg)
+    width = feature_width(cfg)
     check_feature_widths(cfg, names, width)
     check_feature_identities(cfg, names)
     root = layout.test_embeddings_root(cfg)

@@ -31,7 +31,7 @@ import yaml
 
 from ubc_ocean import __version__, layout
 from ubc_ocean.config import REPO_ROOT, ConfigError, as_plain, load_config
-from ubc_ocean.features.weights import DEFAULT_ENCODER, file_checksum
+from ubc_ocean.encoders.weights import DEFAULT_ENCODER, file_checksum
 from ubc_ocean.io_utils import atomic_path
 from ubc_ocean.kaggle import notebook, wheels
 

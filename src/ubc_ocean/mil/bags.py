@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ubc_ocean.features import cache
+from ubc_ocean import embedding_cache
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def load_bags(paths: dict[str, Path], in_dim: int) -> tuple[dict[str, torch.Tens
     problems: dict[str, str] = {}
     for slide_id, path in paths.items():
         try:
-            if not cache.is_complete(path):
+            if not embedding_cache.is_complete(path):
                 raise BagError(f"{slide_id}: no embeddings file {path}")
-            features, _, _ = cache.read_embeddings(path)
+            features, _, _ = embedding_cache.read_embeddings(path)
             check_bag(features.astype(np.float32), slide_id, in_dim)
         except (BagError, OSError) as err:
             problems[slide_id] = str(err)
@@ -78,7 +78,7 @@ def load_tumour_fractions(paths: dict[str, Path], bags: dict[str, torch.Tensor])
     match its bag's length is left out with a warning."""
     fractions = {}
     for slide_id in bags:
-        values = cache.read_tumour_fraction(paths[slide_id])
+        values = embedding_cache.read_tumour_fraction(paths[slide_id])
         if values is None or not np.isfinite(values).any():
             continue
         if len(values) != bags[slide_id].shape[0]:

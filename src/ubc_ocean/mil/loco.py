@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from ubc_ocean import layout
 from ubc_ocean.device import resolve_device
+from ubc_ocean.encoders.identity import feature_width
 from ubc_ocean.folds import fold_split, is_synthetic
 from ubc_ocean.io_utils import atomic_write_csv
 from ubc_ocean.mil.bags import load_bags
@@ -104,7 +105,7 @@ def leave_one_class_out(
 def run(cfg: Mapping) -> pd.DataFrame:
     """Leave-one-class-out AUROC for every model in ``mil.models``; writes ``{run}/loco_auroc.csv`` and the
     per-slide scores behind it, ``{run}/loco_scores.csv``."""
-    in_dim = layout.feature_width(cfg)
+    in_dim = feature_width(cfg)
     check_models(cfg["mil"], in_dim, len(cfg["data"]["classes"]))
     table = layout.read_training_table(cfg)
     bags, _ = load_bags(layout.embedding_paths(layout.embeddings_root(cfg), table), in_dim)

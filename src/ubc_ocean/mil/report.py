@@ -34,7 +34,7 @@ def plot_confusion(confusion: pd.DataFrame, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ubc_ocean.viz.cv import draw_confusion
+    from ubc_ocean.charts import draw_confusion
 
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     draw_confusion(ax, confusion, title)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError, as_plain, save_config
 from ubc_ocean.device import resolve_device
+from ubc_ocean.encoders.identity import feature_identity, feature_width
 from ubc_ocean.folds import TRAIN_ONLY, fold_split, is_synthetic
 from ubc_ocean.io_utils import FailureLog, atomic_path, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import load_bags, load_tumour_fractions
@@ -106,7 +107,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         metrics = write_report(per_slide, classes, work.path, name, notes=notes)
         threshold.save(work.outlier)
         work.write_completion(name, folds, seeds, classes=classes, in_dim=in_dim,
-                              embeddings=layout.embeddings_root(cfg).name, features=layout.feature_identity(cfg),
+                              embeddings=layout.embeddings_root(cfg).name, features=feature_identity(cfg),
                               **facts)
     if replacing:  # its test predictions went with it: stage 05 predicts with the new checkpoints
         log.info("%s: the previous training in %s was replaced", name, out.path)
@@ -177,7 +178,7 @@ def _fmt(value: float | None) -> str:
 def run(cfg: Mapping) -> dict:
     """Train every model in ``mil.models``; returns ``{model: metrics}``."""
     layout.require_writable(cfg, "runs")
-    in_dim = layout.feature_width(cfg)
+    in_dim = feature_width(cfg)
     check_models(cfg["mil"], in_dim, len(cfg["data"]["classes"]))
     table = layout.read_training_table(cfg)
     require_masks(cfg, table)

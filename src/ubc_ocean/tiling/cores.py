@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ubc_ocean.config.tiling import TilingSettings
 from ubc_ocean.synthetic.morphology import tma_core_mask
 from ubc_ocean.tiling.grid import slide_seed
 from ubc_ocean.tiling.masks import TumourMap
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import CellGrid, SlideTiler
 from ubc_ocean.tiling.tissue import background_mask
 

@@ -18,10 +18,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ubc_ocean import layout
+from ubc_ocean.config.tiling import TilingSettings
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs
 from ubc_ocean.tiling.quality import focus_score
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import SlideTiler
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Stage 01: tile the training slides and the external sources into the keyed tile store."""
+"""Stage 01: tile the training slides and the external sources into the keyed tile tile_store."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ubc_ocean import layout
+from ubc_ocean import layout, tile_store
 from ubc_ocean.config import save_config
+from ubc_ocean.config.tiling import TilingSettings
 from ubc_ocean.io_utils import FailureLog, atomic_path, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.slides import SlideError
 from ubc_ocean.slides.reader import InMemorySlide, resize_to
 from ubc_ocean.sources import TRAIN, SlideSpec, competition_specs, external_slide_specs, external_sources
-from ubc_ocean.tiling import store
 from ubc_ocean.tiling.cores import CoreSite, core_id, plan_cores
 from ubc_ocean.tiling.masks import MaskError, TumourMap, read_tumour_map
 from ubc_ocean.tiling.qc import save_overlay
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tiler import SlideTiler
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def _tile_record_row(record, name: str, tumour_fraction: float) -> dict:  # type
         "magnification": record.magnification,
         "tissue_fraction": record.tissue_fraction,
         "blur_score": record.blur_score,
-        store.TUMOUR_FRACTION: tumour_fraction,
+        tile_store.TUMOUR_FRACTION: tumour_fraction,
     }
 
 
@@ -94,11 +93,11 @@ def _mask_key(facts: dict | None) -> tuple | None:
 def refresh_tumour_fractions(spec: SlideSpec, cfg: Mapping, folder: Path, facts: dict | None) -> int:
     """Rewrite a complete slide folder's tumour fractions (its mask appeared, changed or went) without
     tiling it again: only ``index.csv`` and ``slide.json`` change, each atomically; returns the tile count."""
-    index, info = store.read_index(folder), store.read_slide_info(folder)
+    index, info = tile_store.read_index(folder), tile_store.read_slide_info(folder)
     boxes = list(zip(index["x"].astype(int), index["y"].astype(int), strict=True))
     extent = int(index["extent"].iloc[0]) if len(index) else 1
     tumour_map, facts = read_mask(spec, cfg, facts)
-    store.replace_tumour_fractions(folder, tumour_fractions(tumour_map, (int(info["width"]), int(info["height"])),
+    tile_store.replace_tumour_fractions(folder, tumour_fractions(tumour_map, (int(info["width"]), int(info["height"])),
                                                             boxes, extent), facts)
     return len(index)
 
@@ -107,24 +106,24 @@ def _drain(tiler: SlideTiler, tmp: Path, settings: TilingSettings) -> list:
     """Drain ``tiler``'s pass into ``tmp``: the tiles the plan keeps and ``qc.png`` (the caller writes
     ``index.csv`` and ``slide.json``); returns the kept records."""
     records = []
-    with store.TileWriter(settings.format, settings.jpeg_quality) as writer:
+    with tile_store.TileWriter(settings.format, settings.jpeg_quality) as writer:
         for record, rgb in tiler:
-            writer.submit(tmp / store.tile_file_name(record.x, record.y, settings.format), rgb)
+            writer.submit(tmp / tile_store.tile_file_name(record.x, record.y, settings.format), rgb)
             records.append(record)
     kept = tiler.finish(records)
     kept_boxes = {record.box for record in kept}
     for record in records:  # a streamed candidate that the tissue mask, known only now, leaves out goes
         if record.box not in kept_boxes:
-            (tmp / store.tile_file_name(record.x, record.y, settings.format)).unlink()
+            (tmp / tile_store.tile_file_name(record.x, record.y, settings.format)).unlink()
     if not kept:
         raise SlideError(tiler.info.no_tiles_message())
-    save_overlay(tmp / store.QC_FILE, tiler.qc_overlay(kept))
+    save_overlay(tmp / tile_store.QC_FILE, tiler.qc_overlay(kept))
     return kept
 
 
 def _write_index(tmp: Path, kept: list, fractions: list[float], settings: TilingSettings) -> None:
-    store.write_index(tmp, [
-        _tile_record_row(record, store.tile_file_name(record.x, record.y, settings.format), fraction)
+    tile_store.write_index(tmp, [
+        _tile_record_row(record, tile_store.tile_file_name(record.x, record.y, settings.format), fraction)
         for record, fraction in zip(kept, fractions, strict=True)
     ])
 
@@ -141,7 +140,7 @@ def _tile_core(spec: SlideSpec, site: CoreSite, rgb, settings: TilingSettings, c
             tmp.mkdir(parents=True)
             kept = _drain(tiler, tmp, settings)
             _write_index(tmp, kept, [float("nan")] * len(kept), settings)
-            store.write_slide_info(tmp, {**tiler.info.to_dict(), "parent_image_id": spec.image_id,
+            tile_store.write_slide_info(tmp, {**tiler.info.to_dict(), "parent_image_id": spec.image_id,
                                          "parent_box": [site.x, site.y, site.side]}, core.magnification)
     except SlideError as err:
         log.warning("%s: synthetic core %d left out: %s", spec.slide_id, site.index, err)
@@ -159,8 +158,8 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
     settings = TilingSettings.from_config(cfg)
     folder = layout.slide_tiles_dir(cfg, spec.source, spec.image_id)
     facts = mask_facts(spec, cfg)
-    if store.is_current(folder, spec.magnification):
-        if _mask_key(store.recorded_mask(folder)) == _mask_key(facts):
+    if tile_store.is_current(folder, spec.magnification):
+        if _mask_key(tile_store.recorded_mask(folder)) == _mask_key(facts):
             return TaskResult(spec.slide_id, "skipped")
         count = refresh_tumour_fractions(spec, cfg, folder, facts)
         return TaskResult(spec.slide_id, "done", "tumour fractions refreshed (its supplemental mask changed)",
@@ -178,15 +177,15 @@ def tile_slide(spec: SlideSpec, cfg: Mapping) -> TaskResult:
             fractions = tumour_fractions(tumour_map, (info.width, info.height), [record.box for record in kept],
                                          info.extent)
             _write_index(tmp, kept, fractions, settings)
-            slide_facts = {**info.to_dict(), **store.mask_fact(facts)}
+            slide_facts = {**info.to_dict(), **tile_store.mask_fact(facts)}
             if wants_cores:
                 if cutter is None:  # the mask came from the pass: the cores' cells are read again
                     cutter = plan_cores(tiler, settings, tumour_map)
                     for box, rgb in tiler.read_cells(cutter.boxes):
                         cutter.take(box, rgb)
                 cores = [_tile_core(spec, site, rgb, settings, cfg) for site, rgb in cutter.images()]
-                slide_facts[store.CORES_KEY] = [core for core in cores if core is not None]
-            store.write_slide_info(tmp, slide_facts, spec.magnification)
+                slide_facts[tile_store.CORES_KEY] = [core for core in cores if core is not None]
+            tile_store.write_slide_info(tmp, slide_facts, spec.magnification)
     except (SlideError, OSError, ValueError) as err:
         return TaskResult(spec.slide_id, "failed", f"{spec.path.name}: {err}")
     fallback = tiler.info.fallback
@@ -199,7 +198,7 @@ def ingest_patch_bag(bag: PatchBag, cfg: Mapping) -> TaskResult:
     """Copy a bag of pre-cut patches into the tile store at the target tile size, with an index."""
     tiling = cfg["tiling"]
     folder = layout.slide_tiles_dir(cfg, bag.source, bag.image_id)
-    if store.is_current(folder, bag.magnification):
+    if tile_store.is_current(folder, bag.magnification):
         return TaskResult(bag.slide_id, "skipped")
     tile_size = int(tiling["tile_size"])
     target = float(tiling["target_magnification"])
@@ -211,20 +210,20 @@ def ingest_patch_bag(bag: PatchBag, cfg: Mapping) -> TaskResult:
             tmp.mkdir(parents=True)
             for position, path in enumerate(bag.files):
                 try:
-                    rgb = store.read_tile(path)
+                    rgb = tile_store.read_tile(path)
                 except OSError:
                     unreadable.append(path.name)
                     continue
                 rgb = resize_to(rgb[: min(rgb.shape[:2]), : min(rgb.shape[:2])], tile_size)
                 x, y = position * extent, 0  # pre-cut patches carry no slide position: a pseudo row
-                name = store.tile_file_name(x, y, tiling["format"])
-                store.write_tile(tmp / name, rgb, tiling["format"], tiling["jpeg_quality"])
+                name = tile_store.tile_file_name(x, y, tiling["format"])
+                tile_store.write_tile(tmp / name, rgb, tiling["format"], tiling["jpeg_quality"])
                 rows.append({"file": name, "x": x, "y": y, "extent": extent, "magnification": target,
                              "tissue_fraction": 1.0, "blur_score": 0.0})
             if not rows:
                 raise SlideError("no readable patch")
-            store.write_index(tmp, rows)
-            store.write_slide_info(tmp, {
+            tile_store.write_index(tmp, rows)
+            tile_store.write_slide_info(tmp, {
                 "source": bag.source, "image_id": bag.image_id, "label": bag.label, "is_tma": False,
                 "native_magnification": native, "target_magnification": target, "extent": extent,
                 "n_tiles": len(rows), "coords": "pseudo (pre-cut patches)", "unreadable": unreadable,

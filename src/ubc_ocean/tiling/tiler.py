@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ubc_ocean.config.tiling import TilingSettings
 from ubc_ocean.parallel import threaded_map
 from ubc_ocean.slides import SlideError, SlideReader, is_tma_by_size, native_magnification, open_slide
 from ubc_ocean.slides.reader import InMemorySlide, resize_area, sorted_boxes
@@ -35,7 +36,6 @@ from ubc_ocean.sources import SlideSpec
 from ubc_ocean.tiling.grid import TilePlan, cell_fractions, grid_origin, plan_tiles, slide_seed
 from ubc_ocean.tiling.qc import draw_overlay
 from ubc_ocean.tiling.quality import artefact_fraction, focus_score
-from ubc_ocean.tiling.settings import TilingSettings
 from ubc_ocean.tiling.tissue import INTENSITY, SATURATION, TissueMasks, background_mask, detect_tissue
 
 log = logging.getLogger(__name__)

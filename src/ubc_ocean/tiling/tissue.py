@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from ubc_ocean.tiling.settings import TilingSettings
+from ubc_ocean.config.tiling import TilingSettings
 
 
 def background_mask(rgb: np.ndarray, black_value: int, white_value: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ubc_ocean.charts import draw_confusion, draw_histogram
 from ubc_ocean.metrics import (
     balanced_accuracy,
     balanced_accuracy_draws,
@@ -17,7 +18,6 @@ from ubc_ocean.metrics import (
     per_class_recall,
     percentile_interval,
 )
-from ubc_ocean.viz.figures import draw_histogram
 
 
 def predicted_labels(per_slide: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
@@ -57,20 +57,6 @@ def reliability(per_slide: pd.DataFrame, classes: Sequence[str], bins: int = 10)
     table = frame.groupby("bin").agg(slides=("correct", "size"), confidence=("confidence", "mean"),
                                      accuracy=("correct", "mean"))
     return table.reindex(range(bins)).assign(low=edges[:-1], high=edges[1:])
-
-
-def draw_confusion(ax, confusion: pd.DataFrame, title: str) -> None:  # type: ignore[no-untyped-def]
-    """A confusion matrix (rows true, columns predicted) with its counts written in."""
-    ax.imshow(confusion.to_numpy(), cmap="Blues")
-    ax.set_xticks(range(len(confusion.columns)), confusion.columns)
-    ax.set_yticks(range(len(confusion.index)), confusion.index)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    counts = confusion.to_numpy()
-    for (row, col), value in np.ndenumerate(counts):  # white on the dark cells
-        ax.text(col, row, str(value), ha="center", va="center", fontsize=9,
-                color="white" if value > counts.max() / 2 else "black")
-    ax.set_title(title, fontsize=10)
 
 
 def draw_loco_roc(ax, scores: pd.DataFrame, score: str) -> None:  # type: ignore[no-untyped-def]

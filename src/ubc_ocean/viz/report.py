@@ -12,8 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ubc_ocean import layout
-from ubc_ocean.features import cache
+from ubc_ocean import embedding_cache, layout
 from ubc_ocean.folds import is_synthetic
 from ubc_ocean.metrics import seed_mean
 from ubc_ocean.outliers import OutlierThreshold
@@ -88,7 +87,7 @@ def training_bag_means(cfg: Mapping) -> pd.DataFrame:
     table = layout.read_training_table(cfg)
     table = table[~is_synthetic(table)]
     paths = layout.embedding_paths(layout.embeddings_root(cfg), table)
-    means = {slide: mean_embedding(cache.read_embeddings(path)[0])
+    means = {slide: mean_embedding(embedding_cache.read_embeddings(path)[0])
              for slide, path in tqdm(paths.items(), desc="bag means", unit="slide") if path.is_file()}
     return pd.DataFrame.from_dict(means, orient="index")
 

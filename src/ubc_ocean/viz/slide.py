@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ubc_ocean.features import cache
+from ubc_ocean import embedding_cache, tile_store
 from ubc_ocean.slides.reader import open_slide, sorted_boxes
 from ubc_ocean.sources import SlideFiles
-from ubc_ocean.tiling import store
 from ubc_ocean.viz.overlay import attention_heatmap, ranked_tiles
 from ubc_ocean.viz.relevance import Relevance, ensemble_relevance
 
@@ -40,8 +39,8 @@ class SlideData:
             return []
         boxes = [(int(x), int(y)) for x, y in self.coords[list(index)]]
         if self.files.tiles is not None:
-            rows = store.read_index(self.files.tiles).set_index(["x", "y"])["file"]
-            return [store.read_tile(self.files.tiles / rows.loc[box]) for box in boxes]
+            rows = tile_store.read_index(self.files.tiles).set_index(["x", "y"])["file"]
+            return [tile_store.read_tile(self.files.tiles / rows.loc[box]) for box in boxes]
         with open_slide(self.files.image, in_memory_max_pixels=IN_MEMORY_MAX_PIXELS) as reader:
             read = dict(reader.read_boxes(sorted_boxes(set(boxes)), self.files.extent, size))
         return [read[box] for box in boxes]
@@ -56,7 +55,7 @@ def low_resolution_view(image: Path, thumbnail: Path | None, max_side: int) -> t
 
 def load_slide(files: SlideFiles, max_side: int = VIEW_MAX_SIDE) -> SlideData:
     """Read the slide's coordinates and features and make its low-resolution view."""
-    features, coords, _ = cache.read_embeddings(files.embeddings)
+    features, coords, _ = embedding_cache.read_embeddings(files.embeddings)
     view, size = low_resolution_view(files.image, files.thumbnail, max_side)
     bag = torch.from_numpy(features.astype(np.float32))
     return SlideData(files, view, size, np.asarray(coords).reshape(-1, 2), bag)

@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 from ubc_ocean.config import ConfigError
-from ubc_ocean.features.presets import PRESETS, EncoderPreset
+from ubc_ocean.encoders.presets import PRESETS, EncoderPreset
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "efficientnet_lite0"
+# its timm pretrained config's input size, known without importing timm (tests/test_encoder_weights.py checks it)
+DEFAULT_ENCODER_INPUT_SIZE = 224
 
 WeightsKind = Literal["packaged", "local_file", "hub"]
 PACKAGED: WeightsKind = "packaged"
@@ -114,7 +116,7 @@ def encoder_cache_name(name: str, weights: str | Path | None, input_size: int | 
 
 
 def resolve_input_size(name: str, input_size: int | None) -> int:
-    """The configured input size, else the preset's, else timm's pretrained config's.
+    """The configured input size, else the preset's (or the default encoder's), else timm's pretrained config's.
 
     An ``hf-hub:timm/<model>`` name is looked up in timm's registry; another hub model's size lives in its
     hub config, which is not read offline, so it needs ``features.input_size``.
@@ -123,7 +125,9 @@ def resolve_input_size(name: str, input_size: int | None) -> int:
         return int(input_size)
     if name in PRESETS:
         return PRESETS[name].input_size
-    import timm
+    if name == DEFAULT_ENCODER:
+        return DEFAULT_ENCODER_INPUT_SIZE
+    import timm  # another timm model's own size: the only path that names a folder with timm loaded
 
     if name.startswith("hf-hub:"):
         org, _, model = name.removeprefix("hf-hub:").partition("/")

@@ -3,7 +3,7 @@
 ``create_encoder(name, weights=None, **options)`` returns an :class:`Encoder`: a feature extractor
 ([B, 3, S, S] -> [B, D]) with its own preprocessing (input size, mean, std) and a weights fingerprint.
 Which weights, which fingerprint and which input size is decided once, by
-:func:`~ubc_ocean.features.weights.resolve_weights`; :func:`build_encoder` builds from that decision.
+:func:`~ubc_ocean.encoders.weights.resolve_weights`; :func:`build_encoder` builds from that decision.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ubc_ocean.config import ConfigError
-from ubc_ocean.features.hf_convert import hf_vit_to_timm
-from ubc_ocean.features.presets import resolved_options
-from ubc_ocean.features.weights import (
+from ubc_ocean.encoders.hf_convert import hf_vit_to_timm
+from ubc_ocean.encoders.presets import resolved_options
+from ubc_ocean.encoders.weights import (
     DEFAULT_ENCODER,
     HUB,
     LOCAL_FILE,

@@ -109,7 +109,7 @@ def _typed(cls: type, values: Mapping, section: str) -> Any:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{section}.{unknown[0]} is not a setting of {cls.__name__}: add it to "
-                          f"ubc_ocean/tiling/settings.py (metadata=RUNTIME_ONLY if it never changes a tile)")
+                          f"ubc_ocean/config/tiling.py (metadata=RUNTIME_ONLY if it never changes a tile)")
     missing = [name for name in names if name not in values]
     if missing:
         raise ConfigError(f"config lacks {section}.{missing[0]}")

@@ -49,9 +49,9 @@ import torch
 
 from ubc_ocean.config import ConfigError
 from ubc_ocean.device import visible_devices
+from ubc_ocean.encoders.registry import Encoder
 from ubc_ocean.features.embed import embed_batches, encoder_from_config, inference_options, prepare_encoder
-from ubc_ocean.features.encoders import Encoder
-from ubc_ocean.features.fused import SlideBatches, SlideJob, TiledSlide, assemble
+from ubc_ocean.inference.fused import SlideBatches, SlideJob, TiledSlide, assemble
 from ubc_ocean.parallel import in_environment, one_line, process_context, usable_cores
 from ubc_ocean.slides import SlideError
 

@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ubc_ocean.config.tiling import TilingSettings
 from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.memory import limit_malloc_arenas
-from ubc_ocean.tiling.settings import TilingSettings
 
 INDEX_COLUMNS = ["file", "x", "y", "extent", "magnification", "tissue_fraction", "blur_score", "tumour_fraction"]
 TUMOUR_FRACTION = "tumour_fraction"
@@ -37,7 +37,7 @@ QC_FILE = "qc.png"
 
 def tiling_key(cfg: Mapping) -> str:
     """A short, readable folder name that changes whenever a setting that shapes the tiles changes
-    (:attr:`TilingSettings.key <ubc_ocean.tiling.settings.TilingSettings.key>`)."""
+    (:attr:`TilingSettings.key <ubc_ocean.config.tiling.TilingSettings.key>`)."""
     return TilingSettings.from_config(cfg).key
 
 

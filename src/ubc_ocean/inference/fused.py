@@ -2,7 +2,7 @@
 
 :class:`SlideBatches` is the CPU half (decode, tile, make each tile look like a stored training tile,
 batch); :func:`embed_slide_streaming` runs both halves in one process. The pipelined version, with decoder
-processes feeding the GPUs, is :mod:`ubc_ocean.features.pipeline`; both use :class:`SlideBatches`.
+processes feeding the GPUs, is :mod:`ubc_ocean.inference.pipeline`; both use :class:`SlideBatches`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ubc_ocean.config.tiling import TilingSettings
+from ubc_ocean.encoders.registry import Encoder
 from ubc_ocean.features.embed import chunked, embed_batches, inference_options
-from ubc_ocean.features.encoders import Encoder
 from ubc_ocean.slides import SlideError
 from ubc_ocean.sources import SlideSpec
-from ubc_ocean.tiling.settings import TilingSettings
-from ubc_ocean.tiling.store import round_trip
+from ubc_ocean.tile_store import round_trip
 from ubc_ocean.tiling.tiler import SlideTiler, TileRecord
 
 
@@ -64,7 +64,7 @@ class TiledSlide:
 
 class SlideBatches:
     """uint8 tile batches [B, T, T, 3] of one slide, each tile as stage 03 sees a stored training tile
-    (``tiling.format`` jpg: the same JPEG encode and decode, :func:`~ubc_ocean.tiling.store.round_trip`).
+    (``tiling.format`` jpg: the same JPEG encode and decode, :func:`~ubc_ocean.tile_store.round_trip`).
     Fused mode embeds test images only, so no tile is ever stain-jittered (``features.stain_augmentation``
     augments training tiles, in stage 03). Iterate once; then :attr:`result`."""
 

@@ -1,10 +1,40 @@
-"""Are two sets of features comparable? The identity check between training and inference features."""
+"""What identifies the features a config computes (:func:`feature_identity`, :func:`feature_width`), and are
+two sets of them comparable (:func:`check_identity`, between training and inference)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from ubc_ocean.config import ConfigError
+from ubc_ocean.encoders.weights import resolve_weights
+
+
+def feature_width(cfg: Mapping) -> int:
+    """The width D of the features the configured encoder makes (every bag's, every MIL model's
+    ``in_dim``): from the encoder's architecture, without loading its weights; never from the data."""
+    from ubc_ocean.encoders.registry import encoder_out_dim  # torch and timm: asked only where models are built
+
+    features = cfg["features"]
+    return encoder_out_dim(features["encoder"], features["weights"], features["input_size"])
+
+
+def feature_identity(cfg: Mapping) -> dict:
+    """What makes the features the config computes comparable with others: the encoder and its weights
+    (sha256 of the file, or of the hub name), input size, tile size and magnification, how the tiles are
+    stored (stage 03 embeds them after this encoding; fused inference applies the same round trip) and
+    the feature width. Stage 04 records it with each model; stage 05 refuses to predict with a model
+    trained on features of another identity."""
+    features, tiling = cfg["features"], cfg["tiling"]
+    resolved = resolve_weights(features["encoder"], features["weights"], features["input_size"])
+    fmt = "jpg" if tiling["format"] in ("jpg", "jpeg") else str(tiling["format"])
+    return {
+        "encoder": str(features["encoder"]), "weights_sha256": resolved.identity,
+        "input_size": int(resolved.input_size), "tile_size": int(tiling["tile_size"]),
+        "magnification": float(tiling["target_magnification"]),
+        "tile_encoding": f"jpg q{int(tiling['jpeg_quality'])}" if fmt == "jpg" else fmt,
+        "feature_dim": feature_width(cfg),
+    }
+
 
 # What identifies features, in the order a difference is reported, with the words for each.
 IDENTITY_KEYS = {

@@ -9,12 +9,9 @@ hub`` lets timm fetch the ``hf_hub`` repository (the gated ones need a Hugging F
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the presets are plain data: naming an encoder's features imports neither torch nor timm
-    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,25 +36,19 @@ class EncoderPreset:
     key_format: str = "timm"  # timm | hf_vit (transformers ViTModel / Dinov2Model: converted on load)
 
 
-def _conv_stem() -> type[nn.Module]:
-    from ubc_ocean.features.convstem import ConvStem
+@dataclass(frozen=True)
+class ClassRef:
+    """A class named by its module and attribute, imported only when the model is built: a preset stays
+    plain data that neither imports torch nor timm (``tests/test_architecture.py``)."""
 
-    return ConvStem
+    module: str
+    name: str
 
-
-def _silu() -> type[nn.Module]:
-    from torch import nn
-
-    return nn.SiLU
-
-
-def _swiglu_packed() -> type[nn.Module]:
-    from timm.layers import SwiGLUPacked
-
-    return SwiGLUPacked
+    def load(self) -> type:
+        return getattr(importlib.import_module(self.module), self.name)
 
 
-# Options that need classes are given as zero-argument callables and resolved when the model is built.
+# Options that need classes name them (ClassRef) and are resolved when the model is built.
 PRESETS: dict[str, EncoderPreset] = {
     "phikon": EncoderPreset(
         "vit_base_patch16_224", 224, IMAGENET_MEAN, IMAGENET_STD, "owkin/phikon", "pytorch_model.bin",
@@ -82,7 +73,7 @@ PRESETS: dict[str, EncoderPreset] = {
     "ctranspath": EncoderPreset(
         "swin_tiny_patch4_window7_224", 224, IMAGENET_MEAN, IMAGENET_STD,
         "1aurent/swin_tiny_patch4_window7_224.CTransPath", "model.safetensors",
-        options={"embed_layer": _conv_stem},
+        options={"embed_layer": ClassRef("ubc_ocean.encoders.convstem", "ConvStem")},
     ),
     "h_optimus_0": EncoderPreset(
         "vit_giant_patch14_reg4_dinov2", 224, HOPTIMUS_MEAN, HOPTIMUS_STD, "bioptimus/H-optimus-0",
@@ -91,7 +82,8 @@ PRESETS: dict[str, EncoderPreset] = {
     "virchow2": EncoderPreset(
         "vit_huge_patch14_224", 224, IMAGENET_MEAN, IMAGENET_STD, "paige-ai/Virchow2", "pytorch_model.bin",
         options={"init_values": 1e-5, "mlp_ratio": 5.3375, "dynamic_img_size": True,
-                 "mlp_layer": _swiglu_packed, "act_layer": _silu, "reg_tokens": 4,
+                 "mlp_layer": ClassRef("timm.layers", "SwiGLUPacked"),
+                 "act_layer": ClassRef("torch.nn", "SiLU"), "reg_tokens": 4,
                  "no_embed_class": True},
         pooling="cls_mean",
     ),
@@ -100,4 +92,4 @@ PRESETS: dict[str, EncoderPreset] = {
 
 def resolved_options(preset: EncoderPreset) -> dict:
     """The preset's timm options with class-valued entries resolved."""
-    return {key: value() if callable(value) else value for key, value in preset.options.items()}
+    return {key: value.load() if isinstance(value, ClassRef) else value for key, value in preset.options.items()}

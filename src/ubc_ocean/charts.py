@@ -1,10 +1,12 @@
-"""Figures of the data and of the tiling: image grids per class and histograms with their thresholds."""
+"""Charts drawn from arrays and tables, with no artefact of any stage: image grids per class, histograms with
+their thresholds and confusion matrices (stage 04's report and :mod:`ubc_ocean.viz` both draw with them)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 
 def image_grid(images: Mapping[str, Sequence[tuple[str, np.ndarray]]], size: float = 1.8):
@@ -41,3 +43,17 @@ def draw_histogram(ax, series: Mapping[str, np.ndarray], xlabel: str,  # type: i
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     ax.legend(fontsize=7)
+
+
+def draw_confusion(ax, confusion: pd.DataFrame, title: str) -> None:  # type: ignore[no-untyped-def]
+    """A confusion matrix (rows true, columns predicted) with its counts written in."""
+    ax.imshow(confusion.to_numpy(), cmap="Blues")
+    ax.set_xticks(range(len(confusion.columns)), confusion.columns)
+    ax.set_yticks(range(len(confusion.index)), confusion.index)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    counts = confusion.to_numpy()
+    for (row, col), value in np.ndenumerate(counts):  # white on the dark cells
+        ax.text(col, row, str(value), ha="center", va="center", fontsize=9,
+                color="white" if value > counts.max() / 2 else "black")
+    ax.set_title(title, fontsize=10)
