@@ -28,7 +28,7 @@ from tests.builders import REPO, tiny_config, tiny_overrides
 from ubc_ocean import embedding_cache, layout
 from ubc_ocean.cli import main
 from ubc_ocean.config import Config, ConfigError
-from ubc_ocean.io_utils import clean_stale_temporaries
+from ubc_ocean.io_utils import MissingInput, clean_stale_temporaries
 
 ENCODER_WIDTH = 1280  # efficientnet_lite0, the tiny config's encoder
 
@@ -315,7 +315,7 @@ def test_stage_06_refuses_predictions_older_than_the_checkpoints(pipeline):
     submit(cfg)
 
     train(_cfg(pipeline, "experiment=stale", "mil.models=[abmil]", "mil.seeds=[4]"))  # retrained after stage 05
-    with pytest.raises(ConfigError, match=r"model 'abmil': no test predictions .*rerun stage 05"):
+    with pytest.raises(MissingInput, match=r"abmil holds no test predictions: run stage 05 first"):
         submit(cfg)
     for name, data in old.items():  # the old predictions put back beside the new checkpoints
         (abmil.path / name).write_bytes(data)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ubc_ocean.config import Config, ConfigError, load_config
+from ubc_ocean.io_utils import MissingInput
 from ubc_ocean.parallel import RunFailed
 
 log = logging.getLogger("ubc_ocean")
@@ -67,6 +68,12 @@ def config_error(err: ConfigError) -> int:
     return 2
 
 
+def missing_input(err: MissingInput) -> int:
+    """Print ``missing input: <path> <problem>: <what makes it>`` on stderr; its exit status (2)."""
+    print(f"missing input: {' '.join(str(err).splitlines())}", file=sys.stderr)
+    return 2
+
+
 def main(
     run: Callable[[Config], Any] | str,
     description: str,
@@ -77,10 +84,12 @@ def main(
 ) -> int:
     """Parse ``--config``, flags and overrides (in any order), check the config whole, set up logging and
     call the stage's ``run(cfg)``. A bad config is one ``config error:`` line on stderr and exit status 2,
-    before ``run`` starts; ``paths.data_root`` must exist unless the stage ``creates_data_root``. A stage
-    where every slide tried failed with the same unexpected exception (:class:`AllTasksFailed`) ends with
-    one error line and exit status 1, as does any other :class:`RunFailed` (a benchmark configuration that
-    failed while the others' results were written).
+    before ``run`` starts; ``paths.data_root`` must exist unless the stage ``creates_data_root``. A missing
+    input (:class:`~ubc_ocean.io_utils.MissingInput`: stages run out of order, no data downloaded) is one
+    ``missing input:`` line naming the file and what makes it, exit status 2. A stage where every slide
+    tried failed with the same unexpected exception (:class:`AllTasksFailed`) ends with one error line and
+    exit status 1, as does any other :class:`RunFailed` (a benchmark configuration that failed while the
+    others' results were written).
 
     ``run`` may be named as ``"package.module:function"``: it is imported only once the config is good,
     so a bad config is refused without the seconds that torch and friends take to import.
@@ -105,6 +114,8 @@ def main(
         run(cfg, **extra)  # stages may still raise ConfigError for what the config cannot know (an encoder's sizes)
     except ConfigError as err:
         return config_error(err)
+    except MissingInput as err:  # an input not made yet: the stage before was not run, or no data downloaded
+        return missing_input(err)
     except RunFailed as err:  # each slide's row (each configuration's result) is written; the run failed
         log.error("%s", err)
         return 1

@@ -15,6 +15,16 @@ from pathlib import Path
 import pandas as pd
 
 
+class MissingInput(FileNotFoundError):
+    """An input a stage reads is not there: ``path``, what is wrong with it (``problem``: not found, or holds
+    nothing usable) and ``remedy``, what makes it (the stage to run, or how to get the competition data). The
+    command-line doors print it as one ``missing input:`` line and exit 2."""
+
+    def __init__(self, path: str | Path, remedy: str, problem: str = "not found") -> None:
+        self.path, self.remedy = Path(path), remedy
+        super().__init__(f"{path} {problem}: {remedy}")
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it over ``final`` only if the block succeeds.

@@ -43,7 +43,7 @@ import pandas as pd
 
 from ubc_ocean.config import ConfigError
 from ubc_ocean.encoders.weights import encoder_cache_name, file_checksum
-from ubc_ocean.io_utils import FailureLog, atomic_write_text
+from ubc_ocean.io_utils import FailureLog, MissingInput, atomic_write_text
 from ubc_ocean.parallel import shard_output
 from ubc_ocean.slides.magnification import native_magnification
 from ubc_ocean.sources import TEST, TRAIN, SlideFiles, competition_specs, raw_path
@@ -52,6 +52,18 @@ from ubc_ocean.tile_store import read_slide_info, tiling_key
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------- tiles (01)
+
+
+STAGE_SCRIPTS = {
+    "00": "00_make_synthetic_data.py", "01": "01_tile_slides.py", "02": "02_merge_external.py",
+    "03": "03_cache_embeddings.py", "04": "04_train_cv.py", "05": "05_infer_test.py", "06": "06_ensemble_submit.py",
+}
+
+
+def run_stage_first(stage: str) -> str:
+    """What makes a stage's artefacts, as a :class:`~ubc_ocean.io_utils.MissingInput` remedy: ``run stage 02
+    first (scripts/02_merge_external.py)``."""
+    return f"run stage {stage} first (scripts/{STAGE_SCRIPTS[stage]})"
 
 
 def tiles_root(cfg: Mapping) -> Path:
@@ -95,7 +107,7 @@ def read_manifest(cfg: Mapping) -> pd.DataFrame:
     """Stage 02's manifest, refused when it was built for another tiling than the config's."""
     path = manifest_path(cfg)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run stage 02 first")
+        raise MissingInput(path, run_stage_first("02"))
     manifest = pd.read_csv(path, dtype={"image_id": str, "parent_image_id": str})
     stale = set(manifest["tiling_key"]) - {tiling_key(cfg)}
     if stale:
@@ -109,7 +121,7 @@ def read_training_table(cfg: Mapping) -> pd.DataFrame:
     manifest = read_manifest(cfg)
     path = folds_path(cfg)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run stage 02 first")
+        raise MissingInput(path, run_stage_first("02"))
     folds = pd.read_csv(path, dtype={"image_id": str})[["slide_id", "fold"]]
     return manifest.merge(folds, on="slide_id", how="inner", validate="one_to_one")
 
@@ -364,13 +376,22 @@ class ModelDir:
         record = {"model": self.name, "checkpoints": dict(sorted(checkpoints.items())), "features": dict(features)}
         return atomic_write_text(path, json.dumps(record, indent=2))
 
+    def test_prediction_files(self) -> list[Path]:
+        """Stage 05's test predictions of this model, one file per shard, sorted."""
+        return sorted(self.predictions_folder.glob("test_predictions*.csv"))
+
+    def require_test_predictions(self) -> None:
+        """A :class:`~ubc_ocean.io_utils.MissingInput` naming the folder and stage 05 when it holds none."""
+        if not self.test_prediction_files():
+            raise MissingInput(self.predictions_folder, run_stage_first("05"), problem="holds no test predictions")
+
     def stale_predictions(self, features: Mapping | None) -> str | None:
         """Why this model's test predictions may not be used (None when they may): none at all, a file
         without its record, one made from other checkpoints than the completion record lists (retrained
         after stage 05), or from test features other than ``features`` (the current config's). With
         ``features`` None (another experiment's model, whose config stage 06 does not have), the test
         features must come from the encoder and tiling the model was trained on (its completion record)."""
-        paths = sorted(self.predictions_folder.glob("test_predictions*.csv"))
+        paths = self.test_prediction_files()
         if not paths:
             return f"no test predictions in {self.predictions_folder} (trained after stage 05?)"
         completion = self.read_completion()
@@ -402,14 +423,14 @@ class ModelDir:
 
     def read_oof(self) -> pd.DataFrame:
         if not self.oof.is_file():
-            raise FileNotFoundError(f"no OOF predictions {self.oof}: run stage 04")
+            raise MissingInput(self.oof, run_stage_first("04"))
         return pd.read_csv(self.oof, dtype={"image_id": str})
 
     def read_test_predictions(self) -> pd.DataFrame:
         """All shards of this model's test predictions, as one table (an id predicted twice is an error)."""
-        paths = sorted(self.predictions_folder.glob("test_predictions*.csv"))
+        paths = self.test_prediction_files()
         if not paths:
-            raise FileNotFoundError(f"no test predictions in {self.predictions_folder}: run stage 05")
+            raise MissingInput(self.predictions_folder, run_stage_first("05"), problem="holds no test predictions")
         frame = pd.concat([pd.read_csv(p, dtype={"image_id": str}) for p in paths], ignore_index=True)
         repeated = frame["image_id"][frame["image_id"].duplicated()].unique().tolist()
         if repeated:
@@ -461,6 +482,15 @@ def chosen_models(cfg: Mapping, experiment: str | None = None) -> list[str]:
         else:
             found.append(folder.name)
     return found
+
+
+def required_models(cfg: Mapping) -> list[str]:
+    """:func:`chosen_models`, which must not be empty: else a :class:`~ubc_ocean.io_utils.MissingInput`
+    naming the run folder and stage 04."""
+    models = chosen_models(cfg)
+    if not models:
+        raise MissingInput(run_dir(cfg), run_stage_first("04"), problem="holds no complete trained model")
+    return models
 
 
 def ensemble_report_path(cfg: Mapping) -> Path:
@@ -530,7 +560,7 @@ def find_slide(cfg: Mapping, slide: str) -> SlideFiles:
         if spec is not None:
             h5 = embedding_path(test_embeddings_root(cfg), TEST, image_id)
             if not h5.is_file():
-                raise FileNotFoundError(f"{spec.slide_id}: no test embeddings {h5}: run stage 05 first")
+                raise MissingInput(h5, run_stage_first("05"), problem=f"(test embeddings of {spec.slide_id}) not found")
             with h5py.File(h5, "r") as handle:
                 attrs = dict(handle.attrs)
             native = native_magnification(is_tma=bool(attrs["is_tma"]), slides_cfg=cfg["slides"])

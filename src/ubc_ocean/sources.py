@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ubc_ocean.io_utils import MissingInput
 from ubc_ocean.slides.magnification import is_tma_by_size
 
 TRAIN, TEST = "train", "test"
@@ -64,7 +65,9 @@ class ExternalSource:
 
     def labels(self) -> pd.DataFrame:
         if not self.labels_csv.is_file():
-            raise FileNotFoundError(f"external source '{self.name}': labels file not found: {self.labels_csv}")
+            raise MissingInput(self.labels_csv, f"external source '{self.name}' needs its labels file: put it "
+                               "there or leave the source out of external.sources (stage 00 writes the "
+                               "synthetic ones)")
         frame = pd.read_csv(self.labels_csv, dtype={"image_id": str})
         missing = [c for c in LABEL_COLUMNS if c not in frame.columns]
         if missing:
@@ -88,15 +91,28 @@ def raw_path(cfg: Mapping, key: str) -> Path:
     return Path(cfg["paths"]["raw"]) / cfg["data"][key]
 
 
+def raw_remedy(cfg: Mapping) -> str:
+    """How to get the competition's raw folder, as a :class:`~ubc_ocean.io_utils.MissingInput` remedy."""
+    return (f"download the competition data into {cfg['paths']['raw']} (kaggle competitions download -c "
+            "UBC-OCEAN, then unzip), or run `make demo` for the synthetic set (configs/demo.yaml)")
+
+
+def _read_raw_csv(cfg: Mapping, key: str) -> pd.DataFrame:
+    path = raw_path(cfg, key)
+    if not path.is_file():
+        raise MissingInput(path, raw_remedy(cfg))
+    return pd.read_csv(path, dtype={"image_id": str})
+
+
 def read_train_csv(cfg: Mapping) -> pd.DataFrame:
-    frame = pd.read_csv(raw_path(cfg, "train_csv"), dtype={"image_id": str})
+    frame = _read_raw_csv(cfg, "train_csv")
     if frame["is_tma"].dtype != bool:
         frame["is_tma"] = frame["is_tma"].astype(str).str.lower().isin(["true", "1"])
     return frame
 
 
 def read_test_csv(cfg: Mapping) -> pd.DataFrame:
-    return pd.read_csv(raw_path(cfg, "test_csv"), dtype={"image_id": str})
+    return _read_raw_csv(cfg, "test_csv")
 
 
 def competition_specs(cfg: Mapping, split: str) -> list[SlideSpec]:

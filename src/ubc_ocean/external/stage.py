@@ -15,7 +15,7 @@ import pandas as pd
 from ubc_ocean import layout, tile_store
 from ubc_ocean.config import save_config
 from ubc_ocean.folds import PARENT, TRAIN_ONLY, assign_folds, is_synthetic, parent_folds, small_classes
-from ubc_ocean.io_utils import FailureLog, atomic_write_csv
+from ubc_ocean.io_utils import FailureLog, MissingInput, atomic_write_csv
 from ubc_ocean.sources import TRAIN, external_sources, read_train_csv
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataF
 def run(cfg: Mapping) -> pd.DataFrame:
     """Write manifest.csv and folds.csv (external slides get fold -1: train-only)."""
     layout.require_writable(cfg, "processed")
+    if not layout.tiles_root(cfg).is_dir():
+        raise MissingInput(layout.tiles_root(cfg), layout.run_stage_first("01"))
     out = Path(cfg["paths"]["processed"])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, "config_02.yaml")

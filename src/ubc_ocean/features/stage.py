@@ -106,10 +106,10 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
 def run(cfg: Mapping) -> Path:
     """Embed every manifest slide (this shard's share); returns the embeddings folder."""
     layout.require_writable(cfg, "processed")
+    manifest = layout.read_manifest(cfg)  # before anything is written: stage 02 may not have run
     root = layout.embeddings_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
-    manifest = layout.read_manifest(cfg)
     rows = select_shard(manifest.to_dict("records"), cfg["runtime"]["shard"], key=lambda r: r["slide_id"])
     for source in manifest["source"].unique():
         clean_stale_temporaries(root / source)

@@ -62,10 +62,7 @@ clock = time.monotonic  # the time budget's clock (tests simulate it)
 def model_names(cfg: Mapping) -> list[str]:
     """Models to predict with: ``inference.models`` (each a complete model, else a ``ConfigError``) or every
     complete model of the run (other folders skipped with a warning)."""
-    names = layout.chosen_models(cfg)
-    if not names:
-        raise FileNotFoundError(f"no complete trained model in {layout.run_dir(cfg)}: run stage 04 first")
-    return names
+    return layout.required_models(cfg)
 
 
 def check_feature_widths(cfg: Mapping, names: list[str], width: int) -> None:

@@ -32,7 +32,7 @@ from ubc_ocean.config import ConfigError, as_plain, save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.encoders.identity import feature_identity, feature_width
 from ubc_ocean.folds import TRAIN_ONLY, fold_split, is_synthetic
-from ubc_ocean.io_utils import FailureLog, atomic_path, atomic_write_csv, clean_stale_temporaries
+from ubc_ocean.io_utils import FailureLog, MissingInput, atomic_path, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import load_bags, load_tumour_fractions
 from ubc_ocean.mil.checkpoint import save_checkpoint
 from ubc_ocean.mil.predict import prediction_frame
@@ -183,6 +183,8 @@ def run(cfg: Mapping) -> dict:
     table = layout.read_training_table(cfg)
     require_masks(cfg, table)
     root = layout.embeddings_root(cfg)
+    if not root.is_dir():
+        raise MissingInput(root, layout.run_stage_first("03"))
     paths = layout.embedding_paths(root, table)
     bags, problems = load_bags(paths, in_dim)
     for message in problems.values():

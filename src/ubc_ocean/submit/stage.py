@@ -35,9 +35,7 @@ def ensemble_members(cfg: Mapping) -> dict[str, layout.ModelDir]:
     encoder and tiling (the config's, for the config's experiment): else a ``ConfigError`` naming it."""
     experiments = cfg["submit"]["experiments"]
     if not experiments:
-        models = layout.chosen_models(cfg)
-        if not models:
-            raise FileNotFoundError(f"no complete trained model in {layout.run_dir(cfg)}: run stages 04-05")
+        models = layout.required_models(cfg)
         members = {m: layout.model_dir(cfg, m) for m in models}
     else:
         members = {}
@@ -51,6 +49,7 @@ def ensemble_members(cfg: Mapping) -> dict[str, layout.ModelDir]:
     features = layout.test_features_fingerprint(cfg)
     for name, folder in members.items():
         mine = not experiments or name.split("/", 1)[0] == own
+        folder.require_test_predictions()
         problem = folder.stale_predictions(features if mine else None)
         if problem and mine:
             raise ConfigError(f"model {name!r}: {problem}: rerun stage 05 with this config "

@@ -50,8 +50,7 @@ def heatmaps(cfg: Mapping, slides: str | Sequence[str] | None = None) -> list[Pa
     wanted = _slide_list(slides)
     if not wanted:
         raise ValueError("no slide given: pass --slides id1,id2 (image ids, or source/image_id)")
-    if not layout.chosen_models(cfg):
-        raise FileNotFoundError(f"no complete trained model in {layout.run_dir(cfg)}: run stage 04 first")
+    layout.required_models(cfg)
     written = []
     for slide in tqdm(wanted, desc="heatmaps", unit="slide", dynamic_ncols=True):
         files = layout.find_slide(cfg, slide)
@@ -103,9 +102,7 @@ def report_sections(cfg: Mapping, worst: int = WORST_SLIDES) -> list[Section]:
     """Every section of the report: the models' summary, each model's cross-validation figure, and the
     heatmaps of the worst OOF slides."""
     classes = list(cfg["data"]["classes"])
-    models = layout.chosen_models(cfg)
-    if not models:
-        raise FileNotFoundError(f"no complete trained model in {layout.run_dir(cfg)}: run stage 04 first")
+    models = layout.required_models(cfg)
     loco_path = layout.loco_scores_path(cfg)
     loco = pd.read_csv(loco_path) if loco_path.is_file() else None
     rows, figures = {}, []
