@@ -48,7 +48,8 @@ from ubc_ocean.config import load_config
 from ubc_ocean.device import resolve_device, visible_devices
 from ubc_ocean.features.embed import encoder_from_config, prepare_encoder
 from ubc_ocean.features.stage import embed_tile_folder
-from ubc_ocean.inference.fused import SlideJob, embed_slide_streaming
+from ubc_ocean.inference.decoding import SlideJob
+from ubc_ocean.inference.fused import embed_slide_streaming
 from ubc_ocean.inference.pipeline import FusedPipeline
 from ubc_ocean.sources import SlideSpec
 from ubc_ocean.synthetic import render_slide

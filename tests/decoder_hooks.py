@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ubc_ocean.inference import pipeline
+from ubc_ocean.inference import decoding
 
 DOOMED = "UBC_OCEAN_TEST_DOOMED_SLIDES"
 LATE = "UBC_OCEAN_TEST_DIE_LATE"
 
 
-class _DoomedBatches(pipeline.SlideBatches):
+class _DoomedBatches(decoding.SlideBatches):
     def __iter__(self) -> Iterator[np.ndarray]:
         doomed = str(self.job.spec.image_id) in os.environ.get(DOOMED, "").split(",")
         for batch in super().__iter__():
@@ -35,8 +35,8 @@ class _DoomedBatches(pipeline.SlideBatches):
 
 def decode_or_die(cfg: Mapping, jobs: Any, batches: Any) -> None:
     """The decoder process's loop, with the doomed slides' batches."""
-    pipeline.SlideBatches = _DoomedBatches  # this process only: it was spawned for the test
-    pipeline._decode_slides(cfg, jobs, batches)
+    decoding.SlideBatches = _DoomedBatches  # this process only: it was started for the test
+    decoding.decode_slides(cfg, jobs, batches)
 
 
 def exit_at_start(cfg: Mapping, jobs: Any, batches: Any) -> None:

@@ -148,10 +148,11 @@ def test_the_import_contracts_hold_and_a_planted_upward_import_breaks_them(tmp_p
     assert "ubc_ocean.submit.ensemble -> ubc_ocean.features.stage" in report
 
 
-def test_stages_00_to_02_and_06_load_neither_torch_nor_timm_nor_sklearn():
-    """What every --workers process of those stages pays: checked in a fresh interpreter."""
+def test_stages_00_to_02_and_06_and_the_decoders_load_neither_torch_nor_timm_nor_sklearn():
+    """What every --workers process of those stages, and every stage-05 decoder process, pays: checked in a
+    fresh interpreter."""
     modules = ["ubc_ocean.synthetic.generate", "ubc_ocean.tiling.stage", "ubc_ocean.external.stage",
-               "ubc_ocean.submit.stage"]
+               "ubc_ocean.submit.stage", "ubc_ocean.inference.decoding"]
     code = (f"import sys; import {', '.join(modules)}; "
             "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'sklearn') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from ubc_ocean import embedding_cache, layout
 from ubc_ocean.config import ConfigError
 from ubc_ocean.features.stage import embed_tile_folder
 from ubc_ocean.inference.budget import BudgetImage, BudgetPlanner
-from ubc_ocean.inference.fused import SlideJob, embed_slide_streaming
+from ubc_ocean.inference.decoding import SlideJob
+from ubc_ocean.inference.fused import embed_slide_streaming
 from ubc_ocean.inference.pipeline import FusedPipeline
 from ubc_ocean.sources import TEST, TRAIN, competition_specs
 from ubc_ocean.submit.submission import complete_submission
@@ -469,6 +471,18 @@ def test_models_trained_on_other_features_are_refused_naming_both_sides(pipeline
         check_feature_identities(cfg, ["abmil"])
     assert all(word in str(caught.value) for word in (*words, "trained on:", "this config:"))
     check_feature_identities(tiny_config(pipeline, *LEAN), ["abmil"])  # the training config passes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="samples the decoders from /proc")
+def test_decoder_processes_hold_no_torch(monkeypatch, capsys):
+    """bench_decoder_memory's smoke test, and what it measures: stage 05's decoder processes, sampled from
+    /proc while they decode, never map torch's library (they import only what decoding needs)."""
+    code, out, err = run_script("bench_decoder_memory.py", "--images", "2", "--side", "600",
+                                monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("RESULT decoder_peak_rss_mb=") and "decoders=2 images=2" in last, last
+    assert "decoder_torch=no" in last, out
 
 
 def test_bench_inference_quick_runs_and_reports(monkeypatch, capsys):

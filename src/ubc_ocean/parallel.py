@@ -33,13 +33,15 @@ T = TypeVar("T")
 
 # What a fork server loads once for every worker process it starts: the heavy libraries the workers import
 # that are safe to fork (libvips and OpenCV start threads when they load: each worker loads them itself).
-FORK_SERVER_PRELOAD = ("numpy", "pandas", "scipy.ndimage", "h5py", "torch")
+# Not torch: stage 05's decoders and the workers of stages 00-02 need none and would each hold its pages;
+# a worker that needs it (stage 03's) imports it once, at its start.
+FORK_SERVER_PRELOAD = ("numpy", "pandas", "scipy.ndimage", "h5py")
 
 
 def process_context() -> Any:
     """How worker processes start (stage pools, stage 05's decoders). On Linux, from a fork server: one
     clean process, started at the first pool, that has loaded :data:`FORK_SERVER_PRELOAD` and forks each
-    worker in milliseconds, where a spawned worker spends seconds importing torch and the rest again (the
+    worker in milliseconds, where a spawned worker spends a second importing numpy, pandas and the rest (the
     default on Linux from Python 3.14). Elsewhere, spawned. Either way a worker starts without the caller's
     threads or state, and :func:`in_environment` gives it the caller's environment variables of the moment."""
     if not sys.platform.startswith("linux"):

@@ -13,7 +13,8 @@
   else spawned: :func:`ubc_ocean.parallel.process_context`), one slide each; the
   caller's ``next_job`` is asked for a slide whenever a decoder is idle, so a time budget decides each
   slide's mode with the rates measured so far.
-* Batches travel as uint8 tensors in shared memory, each decoder's through a queue of its own (one batch)
+* Batches travel as uint8 arrays in shared memory (:func:`~ubc_ocean.inference.decoding.share_batch`:
+  decoders import no torch), each decoder's through a queue of its own (one batch)
   that a thread of this process forwards to the consumers' queue of ``queue_depth`` batches: memory is
   bounded by ``queue_depth + 3 x workers + consumers`` batches, never by the slide. A decoder's own queue
   dies with it: a process killed while writing to a shared queue would leave that queue's lock or slot
@@ -25,10 +26,10 @@
 
 A slide that fails (bad file, encoder error) is a ``failed`` :class:`SlideResult`; a decoder process that
 dies (a native crash, the OOM killer) costs the slide it held, and is replaced; one that Python exits (it
-could not start or run its loop, which no slide causes) stops the run. Each batch's tensor is
-pickled by its decoder apart from the message that carries it (its shared memory is handed over by the
-decoder process): a batch whose decoder died before a consumer took it cannot be received, and fails
-its slide only.
+could not start or run its loop, which no slide causes) stops the run. Each batch's block of shared
+memory is named after its decoder process: the consumer that takes it unlinks it, and the blocks a run
+leaves (batches still queued when it stops, a decoder killed before sending the block it made) are
+removed when the run ends.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -51,9 +51,18 @@ from ubc_ocean.config import ConfigError
 from ubc_ocean.device import visible_devices
 from ubc_ocean.encoders.registry import Encoder
 from ubc_ocean.features.embed import embed_batches, encoder_from_config, inference_options, prepare_encoder
-from ubc_ocean.inference.fused import SlideBatches, SlideJob, TiledSlide, assemble
+from ubc_ocean.inference.decoding import (
+    SlideBatches,
+    SlideJob,
+    TiledSlide,
+    decode_slides,
+    failure_message,
+    receive_batch,
+    remove_batches_of,
+    unexpected_error,
+)
+from ubc_ocean.inference.fused import assemble
 from ubc_ocean.parallel import in_environment, one_line, process_context, usable_cores
-from ubc_ocean.slides import SlideError
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often a waiting loop looks at its stop signal and at its decoder processes
@@ -97,18 +106,6 @@ class PipelineStats:
         if self.wall_s <= 0 or not self.devices:
             return 0.0
         return sum(self.busy_s.values()) / (self.wall_s * len(self.devices))
-
-
-def unexpected_error(err: BaseException) -> str:
-    """The type name of an error no bad slide explains (a bug, a broken install), else ""."""
-    return "" if isinstance(err, (SlideError, OSError, ValueError)) else type(err).__name__
-
-
-def failure_message(job: SlideJob, err: BaseException) -> str:
-    """One line naming the file: the error's own text for a bad slide, type and text for anything else."""
-    text = one_line(str(err)) or "(no message)"
-    kind = unexpected_error(err)
-    return f"{job.spec.path.name}: {f'unexpected {kind}: ' if kind else ''}{text}"
 
 
 def failed_result(job: SlideJob, err: BaseException) -> SlideResult:
@@ -257,6 +254,9 @@ class FusedPipeline:
                 decoder.close()
             for thread in consumers:  # idle at the end; when stopped (a deadline), a batch being encoded is not
                 thread.join(timeout=10 if finished else 0)  # waited for: the thread ends after it, by itself
+            left = remove_batches_of(pid for decoder in decoders for pid in decoder.pids)
+            if left:
+                log.debug("removed %d tile batches no encoder took", left)
 
     def _handle(self, message: tuple, slides: dict[int, _Slide], decoders: list[_Decoder]) -> Iterator[SlideResult]:
         kind, key = message[0], message[1]
@@ -336,7 +336,7 @@ class FusedPipeline:
                     continue
                 _, key, index, payload = message
                 try:  # its shared memory comes from the decoder process, which may have died since
-                    tiles = ForkingPickler.loads(payload)
+                    tiles = torch.from_numpy(receive_batch(payload))
                 except Exception as err:
                     failed.add(key)
                     results.put(("lost", key, f"tile batch {index} could not be received from its decoder "
@@ -380,6 +380,7 @@ class _Decoder:
     def __init__(self, context: Any, index: int, cfg: Mapping, batches: queue.Queue, stop: threading.Event):
         self.context, self.index, self.cfg, self.batches, self.stop = context, index, cfg, batches, stop
         self.key: int | None = None
+        self.pids: list[int] = []  # every process this decoder has been (restarts included)
         self._start()
 
     def _start(self) -> None:
@@ -389,6 +390,7 @@ class _Decoder:
         self.process = self.context.Process(target=in_environment, name=f"decoder-{self.index}", daemon=True,
                                             args=(dict(os.environ), decoder_entry, self.cfg, self.jobs, self.output))
         self.process.start()
+        self.pids.append(self.process.pid)
         threading.Thread(target=_forward, args=(self.output, self.batches, self.stop, self.retired),
                          name=f"forward-decoder-{self.index}", daemon=True).start()
 
@@ -436,27 +438,5 @@ def _forward(source: Any, target: queue.Queue, stop: threading.Event, retired: t
                 continue
 
 
-def _decode_slides(cfg: Mapping, jobs: Any, batches: Any) -> None:
-    """A decoder process: each job's batches as shared-memory uint8 tensors, then its tiling facts."""
-    torch.set_num_threads(1)  # the encoder runs elsewhere; decoding threads are libvips' and OpenCV's
-    while True:
-        item = jobs.get()
-        if item is None:
-            return
-        key, job = item
-        slide = SlideBatches(job, cfg)
-        try:
-            for index, batch in enumerate(slide):
-                tensor = torch.from_numpy(np.ascontiguousarray(batch))
-                batches.put(("batch", key, index, bytes(ForkingPickler.dumps(tensor))))
-        except ConfigError as err:
-            batches.put(("fatal", key, str(err)))
-            continue
-        except Exception as err:  # one bad slide: its failure row, and the next slide
-            batches.put(("failed", key, failure_message(job, err), unexpected_error(err)))
-            continue
-        batches.put(("end", key, slide.result))
-
-
 # What a decoder process runs (a seam: tests point it at a module of theirs that decoder processes import).
-decoder_entry: Callable[[Mapping, Any, Any], None] = _decode_slides
+decoder_entry: Callable[[Mapping, Any, Any], None] = decode_slides

@@ -41,7 +41,7 @@ from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.encoders.identity import check_identity, feature_identity, feature_width
 from ubc_ocean.inference.budget import BudgetImage, BudgetPlanner
-from ubc_ocean.inference.fused import SlideJob
+from ubc_ocean.inference.decoding import SlideJob
 from ubc_ocean.inference.pipeline import FusedPipeline
 from ubc_ocean.io_utils import FailureLog, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.mil.bags import BagError, check_bag, load_bags
