@@ -6,6 +6,8 @@
 # decoders are many?).
 # Paste the RESULT lines (each names its card) into the issue. About 6 minutes on one H100 with 16 cores
 # (the tests 1.5, the encoder 0.7, the benchmark 3.3 with 8 TMAs and 2 WSIs before batch padding).
+# Since commit 1cb3862 the decoders import no torch and tile batches travel as numpy arrays in shared memory
+# (inference/decoding.py), no longer as torch tensors: these RESULT lines are that transport's first GPU figures.
 #   usage: bash scripts/gpu_check_inference.sh [extra bench_inference.py arguments]
 #   PY=python3 bash scripts/gpu_check_inference.sh   # another interpreter than the project's .venv
 set -euo pipefail
