@@ -30,7 +30,7 @@ def check_bag(features: np.ndarray, slide_id: str, in_dim: int | None = None) ->
 def load_bags(paths: dict[str, Path], in_dim: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read each slide's h5 features into fp16 tensors; returns ``(bags, problems)`` (slide -> message).
 
-    ``in_dim`` is the width the encoder makes (``features.encoders.encoder_out_dim``), never taken from the
+    ``in_dim`` is the width the encoder makes (``encoders.registry.encoder_out_dim``), never taken from the
     data: a bag of another width is that slide's problem, whichever order the files come in."""
     bags: dict[str, torch.Tensor] = {}
     problems: dict[str, str] = {}
