@@ -26,6 +26,7 @@ from ubc_ocean import layout
 from ubc_ocean.config import Config, save_config
 from ubc_ocean.io_utils import atomic_path, atomic_write_csv, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks
+from ubc_ocean.synthetic.hospital import HospitalLook, apply_scanner, hospital_look
 from ubc_ocean.synthetic.morphology import (
     CLASSES,
     OTHER_NEAR_HGSC,
@@ -73,6 +74,7 @@ class SlideLook:
     overlap: float = 0.0  # synthetic.morphology_overlap
     stain_shift: float = 0.0  # extra hospital stain shift (test hospitals)
     artefacts: Artefacts = field(default_factory=Artefacts)
+    hospital: HospitalLook = field(default_factory=HospitalLook)  # a test hospital's scanner, sections, patients
 
 
 def _render(
@@ -99,14 +101,21 @@ def _render(
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     inner = mask[box]
     maps = render_morphology(label, inner.shape, 2.0 if is_tma else 1.0, tissue_rng, tissue=inner,
-                             tumour_share=look.tumour_share, overlap=look.overlap)  # fmt: skip
+                             tumour_share=look.tumour_share, overlap=look.overlap,
+                             nuclei_drift=look.hospital.nuclei)  # fmt: skip
+    if look.hospital.thickness != 1.0:  # Beer-Lambert: optical density grows with the section's thickness
+        for stain in (maps.hema, maps.eosin, maps.mucin):
+            stain *= np.float32(look.hospital.thickness)
     tissue = hospital_stain(hospital, look.stain_shift).jittered(stain_rng).to_rgb(maps)
     if is_tma:
         np.minimum(tissue, 254, out=tissue)  # tissue is never pure white, background always is
     np.copyto(rgb[box], tissue, where=inner[..., None])
     tumour[box] = maps.tumour & inner
-    if look.artefacts.any:
-        apply_artefacts(rgb, mask, look.artefacts, artefact_rng)
+    if look.hospital.optics:
+        apply_scanner(rgb, mask, look.hospital)
+    if look.artefacts.any or look.hospital.optics:
+        if look.artefacts.any:
+            apply_artefacts(rgb, mask, look.artefacts, artefact_rng)
         if is_tma:
             np.minimum(rgb, 254, out=rgb, where=mask[..., None])
     return rgb, mask, tumour
@@ -305,6 +314,7 @@ def _add_looks(syn: Any, tables: dict[str, pd.DataFrame]) -> None:
         pen = rng.random(n) < float(syn.pen_probability)
         frame["pen_strokes"] = np.where(pen, rng.integers(1, 4, n), 0)
         frame["stain_shift"] = float(syn.test_stain_shift) if name == "test" else 0.0
+        frame["unseen_hospital"] = name == "test"
     train = tables["train"]
     wsis = np.flatnonzero(~train.is_tma.to_numpy(bool))
     chosen = rng.choice(wsis, size=round(float(syn.mask_fraction) * wsis.size), replace=False)
@@ -319,6 +329,7 @@ def slide_look(row: Any, syn: Any) -> SlideLook:
         overlap=float(syn.morphology_overlap),
         stain_shift=float(row.stain_shift),
         artefacts=Artefacts(float(row.blur_sigma), int(row.jpeg_quality), int(row.pen_strokes)),
+        hospital=hospital_look(syn, int(row.hospital)) if bool(row.unseen_hospital) else HospitalLook(),
     )
 
 

@@ -146,6 +146,27 @@ def lookup(field: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return field[iy, ix]
 
 
+def drift_nuclei(spec: tuple[np.ndarray, ...], size: float, density: float, rng: np.random.Generator,
+                 shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """Nuclei (``ys, xs, semi_major, semi_minor, angle, darkness``) ``size`` times larger and ``density`` times
+    as many: a random share kept (< 1), or copies of random nuclei added about one nucleus away (> 1)."""
+    ys, xs, major, minor, angle, dark = (np.asarray(x, dtype=np.float32) for x in spec)
+    n = ys.size
+    if density < 1.0:
+        keep = rng.random(n) < density
+        ys, xs, major, minor, angle, dark = (x[keep] for x in (ys, xs, major, minor, angle, dark))
+    elif density > 1.0 and n:
+        pick = rng.integers(n, size=round((density - 1.0) * n))
+        step = 2.0 * major[pick]
+        new_y = np.clip(ys[pick] + rng.normal(0, 1, pick.size).astype(np.float32) * step, 0, shape[0] - 1)
+        new_x = np.clip(xs[pick] + rng.normal(0, 1, pick.size).astype(np.float32) * step, 0, shape[1] - 1)
+        ys, xs = np.concatenate([ys, new_y]), np.concatenate([xs, new_x])
+        major, minor = np.concatenate([major, major[pick]]), np.concatenate([minor, minor[pick]])
+        angle = np.concatenate([angle, rng.uniform(0, np.pi, pick.size).astype(np.float32)])
+        dark = np.concatenate([dark, dark[pick]])
+    return ys, xs, major * np.float32(size), minor * np.float32(size), angle, dark
+
+
 def stamp_nuclei(
     canvas: np.ndarray,
     ys: np.ndarray,
@@ -542,12 +563,15 @@ def render_morphology(
     tissue: np.ndarray | None = None,
     tumour_share: float | None = None,
     overlap: float = 0.0,
+    nuclei_drift: tuple[float, float] = (1.0, 1.0),
 ) -> StainMaps:
     """Concentration maps of a region of ``shape`` showing ``label``'s pattern at ``scale``.
 
     ``tissue`` (optional mask) is where the slide has tissue: the tumour share is measured there.
     ``tumour_share`` (0-1) replaces the pattern's own (about 0.7-0.85; the rest is stroma); ``overlap``
-    (0-1) makes the classes look alike (module docstring). The tumour map is returned in ``maps.tumour``.
+    (0-1) makes the classes look alike (module docstring). ``nuclei_drift`` (size, density) scales every
+    nucleus and their number: a test hospital's patients (:mod:`ubc_ocean.synthetic.hospital`); (1, 1) draws
+    nothing more. The tumour map is returned in ``maps.tumour``.
     """
     if label not in PATTERNS:
         raise ValueError(f"unknown synthetic class {label!r}; expected one of {sorted(PATTERNS)}")
@@ -589,6 +613,8 @@ def render_morphology(
     uptake = 1 + 0.07 * ctx.noise(250)
     maps.eosin *= uptake * (1 + 0.08 * grain)
     maps.mucin *= uptake
+    if tuple(nuclei_drift) != (1.0, 1.0):
+        nuclei = [drift_nuclei(spec, *nuclei_drift, rng, shape) for spec in nuclei]
     for spec in nuclei:
         stamp_nuclei(maps.hema, *(np.asarray(x, dtype=np.float32) for x in spec))
     maps.hema *= uptake * (1 + 0.12 * grain)
