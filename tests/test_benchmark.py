@@ -71,7 +71,8 @@ def test_benchmark_end_to_end(tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert "benchmark configurations failed: broken (their logs:" in result.stderr
     lines = result.stdout.strip().splitlines()
-    found = re.fullmatch(r"RESULT best_test_ba=(\S+) baseline_test_ba=(\S+) oof_test_gap=(\S+) best=(\S+)", lines[-1])
+    found = re.fullmatch(r"RESULT best_test_ba=(\S+) baseline_test_ba=(\S+) oof_test_gap=(\S+) best=(\S+) "
+                         r"baseline_gap=(\S+) baseline_site_auc=(\S+)", lines[-1])
     assert found, lines[-5:]
     folder = root / "runs" / "bench"
     results = pd.read_csv(folder / "results.csv")
@@ -89,6 +90,8 @@ def test_benchmark_end_to_end(tmp_path):
     assert float(found.group(1)) == pytest.approx(best.test_ba, abs=5e-4)
     assert float(found.group(2)) == pytest.approx(base.test_ba, abs=5e-4)
     assert float(found.group(3)) == pytest.approx(best.oof_ba - best.test_ba, abs=5e-4)
+    assert float(found.group(5)) == pytest.approx(base.oof_ba - base.test_ba, abs=5e-4)
+    assert float(found.group(6)) == pytest.approx(base.site_auc, abs=5e-4) and 0 <= base.site_auc <= 1
     assert (base.delta_test_ba, base.delta_test_ba_low, base.delta_test_ba_high) == (0.0, 0.0, 0.0)
     for _, row in results.iterrows():
         assert 0 <= row.test_ba_low <= row.test_ba <= row.test_ba_high <= 1
@@ -97,7 +100,8 @@ def test_benchmark_end_to_end(tmp_path):
         submission = pd.read_csv(root / "submissions" / f"{row.experiment}.csv")
         assert len(scored) == len(submission) == len(pd.read_csv(root / "raw" / "test.csv"))
     markdown = (folder / "results.md").read_text()
-    assert "| configuration | OOF BA | test BA [95% CI] |" in markdown
+    assert "| configuration | OOF BA | test BA [95% CI] |" in markdown and "| site AUC (WSI, TMA) |" in markdown
+    assert f"| {base.site_auc:.3f} (" in markdown
     assert f"| {base.test_ba:.3f} [{base.test_ba_low:.3f}, {base.test_ba_high:.3f}] |" in markdown
     assert "| base (baseline) |" in markdown or "| **base** (baseline) |" in markdown
     assert "wall times: base " in result.stdout

@@ -118,3 +118,24 @@ def test_scored_frame_refuses_an_unpredicted_image_and_best_is_chosen_on_oof():
         scored_frame(pd.DataFrame({"image_id": ["1"], "label": ["CC"]}), truth)
     assert choose_best({"a": 0.7, "b": 0.8, "c": 0.8, "d": float("nan")}, ["a", "b", "c", "d"]) == "b"
     assert choose_best({"a": float("nan")}, ["a"]) is None
+
+
+def test_site_predictability_is_chance_for_one_distribution_and_certain_for_two_apart():
+    from ubc_ocean.benchmark.stats import site_predictability
+
+    rng = np.random.default_rng(0)
+    n_train, n_test, dim = 80, 120, 16
+    is_test = np.r_[np.zeros(n_train, bool), np.ones(n_test, bool)]
+    is_tma = rng.random(n_train + n_test) < 0.5
+    same = rng.normal(0, 1, (n_train + n_test, dim))
+    chance = site_predictability(same, is_test, is_tma)
+    assert all(abs(value - 0.5) < 0.15 for value in chance.values()), chance
+    from scipy.stats import norm
+
+    # the test site shifted by d standard deviations along one axis: the best possible AUC is Phi(d / sqrt 2)
+    d = 3.0
+    apart = same + np.outer(is_test, np.r_[d, np.zeros(dim - 1)])
+    plain = site_predictability(apart, is_test, is_tma)
+    assert all(abs(value - norm.cdf(d / np.sqrt(2))) < 0.04 for value in plain.values()), plain
+    only_wsis = site_predictability(apart, is_test, np.zeros_like(is_tma))
+    assert np.isnan(only_wsis["tma"]) and only_wsis["all"] == only_wsis["wsi"]

@@ -25,6 +25,7 @@ class Outcome:
     scores: dict[str, Estimate] = field(default_factory=dict)
     deltas: dict[str, Estimate] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    site: dict[str, float] = field(default_factory=dict)  # site predictability: all, wsi, tma (stats.py)
     error: str | None = None
 
     @property
@@ -51,6 +52,8 @@ def results_frame(outcomes: Sequence[Outcome], baseline: str, best: str | None) 
             estimate = outcome.deltas.get(name, Estimate(np.nan, np.nan, np.nan))
             row |= {f"delta_{name}": estimate.value, f"delta_{name}_low": estimate.low,
                     f"delta_{name}_high": estimate.high}
+        row |= {f"site_auc{'' if part == 'all' else '_' + part}": float(outcome.site.get(part, np.nan))
+                for part in ("all", "wsi", "tma")}
         row |= {"oof_test_gap": outcome.oof_ba - outcome.test_ba, "wall_s": round(outcome.wall_s, 1),
                 "status": "ok" if outcome.error is None else f"failed: {outcome.error}"}
         rows.append(row)
@@ -77,17 +80,18 @@ def markdown_table(results: pd.DataFrame, level: float = 0.95) -> str:
     image type; intervals are ``level`` bootstrap percentile intervals."""
     percent = f"{level * 100:g}%"
     lines = [f"| configuration | OOF BA | test BA [{percent} CI] | WSI BA [CI] | TMA BA [CI] | Other recall [CI] "
-             "| Δ test BA vs baseline [CI] | wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| Δ test BA vs baseline [CI] | site AUC (WSI, TMA) | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for _, row in results.iterrows():
         name = f"**{row.configuration}**" if row.best_oof else row.configuration
         name += " (baseline)" if row.baseline else ""
         if row.status != "ok":
-            lines.append(f"| {name} | {row.status} | | | | | | {row.wall_s:.0f} |")
+            lines.append(f"| {name} | {row.status} | | | | | | | {row.wall_s:.0f} |")
             continue
         lines.append(f"| {name} | {_number(row.oof_ba)} | {_estimate(row, 'test_ba')} | {_estimate(row, 'wsi_ba')} "
                      f"| {_estimate(row, 'tma_ba')} | {_estimate(row, 'other_recall')} "
-                     f"| {_signed(row, 'delta_test_ba')} | {row.wall_s:.0f} |")
+                     f"| {_signed(row, 'delta_test_ba')} | {_number(row.site_auc)} ({_number(row.site_auc_wsi)}, "
+                     f"{_number(row.site_auc_tma)}) | {row.wall_s:.0f} |")
     lines += ["", "| configuration | Other recall WSI | Other recall TMA | in-distribution flagged as Other "
                   "| flagged WSI | flagged TMA |", "|---|---|---|---|---|---|"]
     for _, row in results[results.status == "ok"].iterrows():
@@ -98,12 +102,15 @@ def markdown_table(results: pd.DataFrame, level: float = 0.95) -> str:
 
 
 def result_line(results: pd.DataFrame) -> str:
-    """``RESULT best_test_ba=... baseline_test_ba=... oof_test_gap=... best=...``: the configuration chosen on
-    OOF balanced accuracy, its test BA and gap, and the baseline's test BA."""
+    """``RESULT best_test_ba=... baseline_test_ba=... oof_test_gap=... best=... baseline_gap=...
+    baseline_site_auc=...``: the configuration chosen on OOF balanced accuracy, its test BA and gap, and the
+    baseline's test BA, OOF-test gap and site predictability."""
     best = results[results.best_oof]
     base = results[results.baseline]
     best_row = best.iloc[0] if len(best) else None
     return (f"RESULT best_test_ba={_number(best_row.test_ba if best_row is not None else np.nan)} "
             f"baseline_test_ba={_number(base.iloc[0].test_ba if len(base) else np.nan)} "
             f"oof_test_gap={_number(best_row.oof_test_gap if best_row is not None else np.nan)} "
-            f"best={best_row.configuration if best_row is not None else 'none'}")
+            f"best={best_row.configuration if best_row is not None else 'none'} "
+            f"baseline_gap={_number(base.iloc[0].oof_test_gap if len(base) else np.nan)} "
+            f"baseline_site_auc={_number(base.iloc[0].site_auc if len(base) else np.nan)}")

@@ -25,15 +25,18 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from ubc_ocean import layout
+from ubc_ocean import embedding_cache, layout
 from ubc_ocean.benchmark.report import DELTAS, Outcome, markdown_table, result_line, results_frame
-from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best
+from ubc_ocean.benchmark.stats import METRICS, Bootstrapped, choose_best, site_predictability
 from ubc_ocean.config import Config, ConfigError, as_plain, save_config, with_overrides
 from ubc_ocean.encoders.identity import feature_width
+from ubc_ocean.folds import is_synthetic
 from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.metrics import bootstrap_counts
+from ubc_ocean.sources import TEST, TRAIN
 from ubc_ocean.submit.score import scored_frame
 
 log = logging.getLogger(__name__)
@@ -155,9 +158,29 @@ def run_configuration(configuration: Configuration, truth: pd.DataFrame, folder:
     outcome.oof_ba = float(report["oof_balanced_accuracy"])
     scored = scored_frame(pd.read_csv(layout.submission_path(cfg), dtype={"image_id": str}), truth)
     atomic_write_csv(scored, folder / "scored.csv")
-    done = {"settings": settings(cfg), "oof_ba": outcome.oof_ba, "seconds": outcome.seconds}
+    outcome.site = site_predictability(*site_features(cfg, truth), seed=int(cfg["benchmark"]["seed"]))
+    done = {"settings": settings(cfg), "oof_ba": outcome.oof_ba, "seconds": outcome.seconds, "site": outcome.site}
     atomic_write_text(folder / DONE, json.dumps(done, indent=1))
     return scored
+
+
+def site_features(cfg: Mapping, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every competition training slide's mean tile embedding (stage 03's; no external or synthetic-core
+    bags) and every test image's (stage 05's), with ``is_test`` and ``is_tma``: what
+    :func:`~ubc_ocean.benchmark.stats.site_predictability` reads. Slides without embeddings are left out."""
+    manifest = layout.read_manifest(cfg)
+    train = manifest[(manifest["source"] == TRAIN) & ~is_synthetic(manifest)]
+    roots = {TRAIN: layout.embeddings_root(cfg), TEST: layout.test_embeddings_root(cfg)}
+    slides = [(TRAIN, str(row.image_id), bool(row.is_tma)) for row in train.itertuples()]
+    slides += [(TEST, str(row.image_id), bool(row.is_tma)) for row in truth.itertuples()]
+    means, is_test, is_tma = [], [], []
+    for source, image_id, tma in slides:
+        path = layout.embedding_path(roots[source], source, image_id)
+        if path.is_file():
+            means.append(embedding_cache.read_embeddings(path)[0].mean(axis=0))
+            is_test.append(source == TEST)
+            is_tma.append(tma)
+    return np.asarray(means), np.asarray(is_test, bool), np.asarray(is_tma, bool)
 
 
 DONE = "done.json"  # in a configuration's folder, written last: it ran to the end with these settings
@@ -181,6 +204,7 @@ def read_back(configuration: Configuration, folder: Path, outcome: Outcome) -> p
         log.info("benchmark %s: its settings changed since %s: running it again", configuration.name, done)
         return None
     outcome.oof_ba, outcome.seconds = float(record["oof_ba"]), dict(record["seconds"])
+    outcome.site = dict(record.get("site", {}))
     log.info("benchmark %s: read back from %s (benchmark.resume)", configuration.name, folder)
     return pd.read_csv(scored, dtype={"image_id": str}).assign(is_tma=lambda f: f["is_tma"].astype(bool))
 

@@ -115,3 +115,31 @@ def choose_best(oof: Mapping[str, float], order: Sequence[str]) -> str | None:
     the choice is made on OOF only, as on Kaggle, never on the benchmark's test split."""
     finite = [name for name in order if name in oof and np.isfinite(oof[name])]
     return max(finite, key=lambda name: oof[name]) if finite else None
+
+
+def site_predictability(features: np.ndarray, is_test: np.ndarray, is_tma: np.ndarray, folds: int = 5,
+                        seed: int = 0) -> dict[str, float]:
+    """How well the slides' features tell the training hospitals from the unseen test ones: the ROC AUC of a
+    ``folds``-fold cross-validated logistic regression (standardised features) predicting ``is_test`` from
+    each slide's mean embedding, over all slides and over the WSIs and the TMAs apart (from the same
+    out-of-fold scores). 0.5: no trace of the site; 1: every slide's site is plain. NaN where a group lacks
+    one of the two sites."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y, tma = np.asarray(features, float), np.asarray(is_test, bool), np.asarray(is_tma, bool)
+    nan = {"all": float("nan"), "wsi": float("nan"), "tma": float("nan")}
+    splits = min(int(folds), int(y.sum()), int((~y).sum()))
+    if splits < 2:
+        return nan
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    scores = cross_val_predict(model, x, y, cv=StratifiedKFold(splits, shuffle=True, random_state=seed),
+                               method="predict_proba")[:, 1]
+
+    def auc(where: np.ndarray) -> float:
+        return float(roc_auc_score(y[where], scores[where])) if len(set(y[where])) == 2 else float("nan")
+
+    return {"all": auc(np.ones_like(y)), "wsi": auc(~tma), "tma": auc(tma)}
