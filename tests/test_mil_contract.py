@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.builders import MIL_IN_DIM, MIL_N_CLASSES, SMALL_MIL_OPTIONS, separable_bags, small_mil_model
 from ubc_ocean.mil import MILModel, available_models, create_mil_model, mil_model_from_config
-from ubc_ocean.mil.registry import model_options
+from ubc_ocean.mil.registry import COMMON_OPTIONS, model_options
 from ubc_ocean.mil.transmil import TransMIL
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -245,8 +245,8 @@ def test_defaults_on_a_realistic_bag(name: str) -> None:
     model = create_mil_model(name, 1024, 5)
     exp = expected(name)
     assert set(model.config["options"]) == set(model_options(name))
-    if exp.default_options is not None:
-        assert model.config["options"] == exp.default_options
+    if exp.default_options is not None:  # the model's own, and the options every model takes
+        assert model.config["options"] == {**exp.default_options, **COMMON_OPTIONS}
     out = model(torch.randn(1000, 1024))
     assert out["logits"].shape == (1, 5)
     assert out["embedding"].shape == (1, model.embedding_dim)
@@ -333,7 +333,7 @@ def test_unknown_model_name() -> None:
 def test_unknown_option_names_the_accepted_ones(name: str) -> None:
     accepted = sorted(model_options(name))
     if expected(name).default_options is not None:
-        assert accepted == sorted(expected(name).default_options)
+        assert accepted == sorted({**expected(name).default_options, **COMMON_OPTIONS})
     with pytest.raises(TypeError, match=rf"'hiden_dim'.*accepted options: {', '.join(accepted)}$"):
         create_mil_model(name, MIL_IN_DIM, MIL_N_CLASSES, hiden_dim=64)
     others = sorted({option for other in MODELS for option in model_options(other)} - set(accepted))
@@ -386,6 +386,27 @@ def test_config_round_trip(name: str) -> None:
         got, want = rebuilt.eval()(bag), model(bag)
     assert got.keys() == want.keys()
     assert all(torch.equal(got[key], want[key]) for key in want)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bag_standardise_makes_a_model_blind_to_a_per_feature_shift_and_scale_of_the_slide(name: str) -> None:
+    """Known answer: with ``bag_standardise`` a bag and the same bag under x -> a * x + b (a > 0, per feature, as
+    a hospital's scanner might move its features) give the same outputs; without it they do not. The option
+    survives the config round trip (a checkpoint predicts as it was trained)."""
+    generator = torch.Generator().manual_seed(3)
+    bag = torch.randn(40, MIL_IN_DIM, generator=generator)
+    scale = torch.rand(MIL_IN_DIM, generator=generator) * 2 + 0.5
+    shift = torch.randn(MIL_IN_DIM, generator=generator) * 3
+    moved = bag * scale + shift
+    standardised = small_mil_model(name, seed=5, bag_standardise=True).eval()
+    plain = small_mil_model(name, seed=5).eval()
+    with torch.no_grad():
+        same, other = standardised(bag), standardised(moved)
+        assert torch.allclose(same["logits"], other["logits"], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain(bag)["logits"], plain(moved)["logits"], atol=1e-3)
+    assert standardised.config["options"]["bag_standardise"] is True
+    rebuilt = mil_model_from_config(yaml.safe_load(yaml.safe_dump(standardised.config)))
+    assert rebuilt.bag_standardise and not plain.bag_standardise
 
 
 class LargestTensor(TorchDispatchMode):

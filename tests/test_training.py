@@ -49,6 +49,21 @@ def test_fit_is_bit_reproducible_on_cpu():
     np.testing.assert_array_equal(runs[0].valid_probs, runs[1].valid_probs)
 
 
+def test_mil_bag_standardise_trains_a_model_that_ignores_a_slides_feature_shift_and_keeps_it(tmp_path):
+    """mil.bag_standardise reaches the trained model and its checkpoint: validation bags moved as a new
+    hospital's scanner might move them (x -> 2x + 5 per feature) are predicted as the originals."""
+    train_bags, train_labels = class_centre_bags(8)
+    valid_bags, valid_labels = class_centre_bags(4, seed=1)
+    moved = [bag * 2.0 + 5.0 for bag in valid_bags]
+    result = fit("abmil", {"hidden_dim": 32, "attention_dim": 16}, train_bags, train_labels, moved, valid_labels, 3,
+                 _mil_cfg(bag_standardise=True), 0, CPU)
+    assert result.model.bag_standardise
+    save_checkpoint(tmp_path / "m.pt", result.model, ["A", "B", "C"], {"fold": 0})
+    model, _ = load_checkpoint(tmp_path / "m.pt")
+    assert model.bag_standardise
+    np.testing.assert_allclose(predict_bags(model, valid_bags, CPU).probs, result.valid_probs, atol=1e-4)
+
+
 def test_checkpoint_rebuilds_the_same_model(tmp_path):
     bags, labels = class_centre_bags(3)
     result = fit("abmil", {"hidden_dim": 16, "attention_dim": 8}, bags, labels, bags, labels, 3,

@@ -352,6 +352,7 @@ RULES: dict[str, Rule] = {
     "mil.max_instances_predict": at_least(0),
     "mil.schedule": one_of("cosine", "onecycle"),
     "mil.class_weighting": TYPE,
+    "mil.bag_standardise": TYPE,
     "mil.balanced_sampling": TYPE,
     "mil.epoch_selection": one_of("best_valid", "last"),
     "mil.patience": at_least(1),

@@ -28,6 +28,11 @@ class MILModel(nn.Module):
     ``mil.train.model_training_config``). Each subclass says where its values come from.
 
     ``init_from_training_bags`` is called once per fit, before training, with the fold's training bags.
+
+    Every model takes the common option ``bag_standardise`` (``registry.COMMON_OPTIONS``): each bag's
+    instances standardised per feature over the bag (mean 0, standard deviation 1) before anything else, so
+    that a per-slide shift or scale of the features (a hospital's, a scanner's) does not reach the model. It
+    is stored with the model's options, so a checkpoint predicts as it was trained.
     """
 
     model_name: ClassVar[str] = ""
@@ -48,6 +53,21 @@ class MILModel(nn.Module):
             "n_classes": n_classes,
             "options": dict(options),
         }
+        self.bag_standardise = False
+
+    def standardise_bags(self, on: bool) -> None:
+        """Turn the per-bag standardisation of the instances on or off (recorded in ``config``)."""
+        self.bag_standardise = bool(on)
+        self.config["options"]["bag_standardise"] = self.bag_standardise
+
+    def input_transform(self, bag: torch.Tensor) -> torch.Tensor:
+        """The bag as the model's layers see it: standardised per feature over its instances when
+        ``bag_standardise`` is on (a one-instance bag is only centred), else as it is."""
+        if not self.bag_standardise:
+            return bag
+        mean = bag.mean(dim=-2, keepdim=True)
+        std = bag.std(dim=-2, keepdim=True, unbiased=False) if bag.shape[-2] > 1 else torch.ones_like(mean)
+        return (bag - mean) / (std + 1e-6)
 
     def init_from_training_bags(self, bags: Sequence[torch.Tensor], seed: int) -> None:
         """Prepare the model from one fold's training bags before its first training step (``mil.train.fit``
@@ -76,7 +96,7 @@ class MILModel(nn.Module):
 
     def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
         """Classify one bag (``[N, D]`` or ``[1, N, D]``); see the class docstring for the output keys."""
-        return self.forward_bag(self.check_bag(bag))
+        return self.forward_bag(self.input_transform(self.check_bag(bag)))
 
     def forward_bag(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model-specific forward on a validated ``[1, N, in_dim]`` bag."""

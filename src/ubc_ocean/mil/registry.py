@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 from ubc_ocean.mil.base import MILModel
 
 _REGISTRY: dict[str, type[MILModel]] = {}
+# Options every model takes, with their defaults (MILModel's docstring); the config's mil.bag_standardise sets one.
+COMMON_OPTIONS: dict[str, Any] = {"bag_standardise": False}
 
 M = TypeVar("M", bound=type[MILModel])
 
@@ -41,7 +43,7 @@ def model_options(name: str) -> dict[str, Any]:
         p.name: p.default
         for p in params
         if p.name not in ("in_dim", "n_classes") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    } | COMMON_OPTIONS
 
 
 def default_training(name: str) -> dict[str, Any]:
@@ -63,7 +65,10 @@ def create_mil_model(name: str, in_dim: int, n_classes: int, **options: Any) -> 
             f"unknown option(s) {', '.join(repr(u) for u in unknown)} for MIL model {name!r}; "
             f"accepted options: {', '.join(sorted(known)) or '(none)'}"
         )
-    return cls(in_dim, n_classes, **options)
+    common = {key: options.pop(key) for key in list(options) if key in COMMON_OPTIONS}
+    model = cls(in_dim, n_classes, **options)
+    model.standardise_bags(bool(common.get("bag_standardise", False)))
+    return model
 
 
 def mil_model_from_config(config: Mapping[str, Any]) -> MILModel:
