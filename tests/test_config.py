@@ -244,7 +244,8 @@ def test_good_external_sources_load_as_written():
       "mil.model_training.chowder.schedule must be one of cosine, onecycle; got 'bogus'"),
      ("mil.model_training.abmil.epochs=abc", "mil.model_training.abmil.epochs must be an integer >= 1; got 'abc'"),
      ("mil.model_training={chowder: {learning_rate: 0.1}}",
-      "mil.model_training.chowder.learning_rate is not a per-model training key; choose among bag_standardise, balanced_sampling,"),
+      "mil.model_training.chowder.learning_rate is not a per-model training key; choose among bag_standardise, "
+      "balanced_sampling,"),
      ("mil.model_training={chowder: {epoch: 3}}",
       "mil.model_training.chowder.epoch is not a per-model training key (did you mean 'epochs'?)"),
      ("mil.model_training={abmil: {models: [x]}}", "mil.model_training.abmil.models is not a per-model training key"),
