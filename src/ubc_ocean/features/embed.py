@@ -123,13 +123,3 @@ def embedding_options(features_cfg: Mapping, slide_id: str) -> dict:
             "augment": stain_augmenter(slide_id, strength) if strength > 0 else None}
 
 
-def chunked(items: Iterable, size: int) -> Iterator[list]:
-    """Group an iterable into lists of ``size`` (the last may be shorter)."""
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
