@@ -121,5 +121,3 @@ def embedding_options(features_cfg: Mapping, slide_id: str) -> dict:
     strength = float(features_cfg["stain_augmentation"])
     return {**inference_options(features_cfg),
             "augment": stain_augmenter(slide_id, strength) if strength > 0 else None}
-
-
