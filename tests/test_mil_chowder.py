@@ -11,7 +11,7 @@ from torch import nn
 from tests.builders import MIL_IN_DIM, small_mil_model
 from ubc_ocean.mil import create_mil_model
 from ubc_ocean.mil.chowder import Chowder, extreme_scores
-from ubc_ocean.mil.registry import model_options
+from ubc_ocean.mil.registry import COMMON_OPTIONS, model_options
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -50,7 +50,7 @@ def test_extreme_scores_pad_small_bags() -> None:
 
 def test_default_options_and_head() -> None:
     assert model_options("chowder") == {"n_top": 5, "n_bottom": 5, "hidden_dims": (200, 100), "dropout": 0.5,
-                                        "channels_per_class": 3}
+                                        "channels_per_class": 3, **COMMON_OPTIONS}
     chowder = create_mil_model("chowder", 1024, 5)
     widths = [layer.out_features for layer in chowder.mlp if isinstance(layer, nn.Linear)]
     assert widths == [200, 100, 5]

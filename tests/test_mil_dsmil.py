@@ -10,7 +10,7 @@ import torch
 
 from tests.builders import MIL_IN_DIM, MIL_N_CLASSES, SMALL_MIL_OPTIONS, small_mil_model
 from ubc_ocean.mil.dsmil import DSMIL
-from ubc_ocean.mil.registry import model_options
+from ubc_ocean.mil.registry import COMMON_OPTIONS, model_options
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -61,7 +61,7 @@ def test_bag_stream_follows_the_paper() -> None:
 
 
 def test_default_options() -> None:
-    assert model_options("dsmil") == {"hidden_dim": 256, "query_dim": 128, "dropout": 0.25}
+    assert model_options("dsmil") == {"hidden_dim": 256, "query_dim": 128, "dropout": 0.25, **COMMON_OPTIONS}
 
 
 @pytest.mark.parametrize(
