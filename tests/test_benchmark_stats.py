@@ -139,3 +139,14 @@ def test_site_predictability_is_chance_for_one_distribution_and_certain_for_two_
     assert all(abs(value - norm.cdf(d / np.sqrt(2))) < 0.04 for value in plain.values()), plain
     only_wsis = site_predictability(apart, is_test, np.zeros_like(is_tma))
     assert np.isnan(only_wsis["tma"]) and only_wsis["all"] == only_wsis["wsi"]
+
+
+def test_oof_test_rank_correlation_is_spearmans_over_the_configurations_that_ran():
+    from ubc_ocean.benchmark.report import oof_test_rank_correlation
+
+    results = pd.DataFrame({"oof_ba": [0.7, 0.8, 0.9, 0.6, 0.95], "test_ba": [0.5, 0.6, 0.7, 0.4, 0.1],
+                            "status": ["ok", "ok", "ok", "ok", "failed: x"]})
+    assert oof_test_rank_correlation(results) == pytest.approx(1.0)  # the failed one is left out
+    results.loc[4, "status"] = "ok"  # highest OOF, lowest test: ranks 2,3,4,1,5 against 3,4,5,2,1, d^2 = 20
+    assert oof_test_rank_correlation(results) == pytest.approx(1 - 6 * 20 / (5 * (25 - 1)))
+    assert np.isnan(oof_test_rank_correlation(results.iloc[:2]))

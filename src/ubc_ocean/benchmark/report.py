@@ -101,10 +101,21 @@ def markdown_table(results: pd.DataFrame, level: float = 0.95) -> str:
     return "\n".join(lines) + "\n"
 
 
+def oof_test_rank_correlation(results: pd.DataFrame) -> float:
+    """Spearman's rank correlation between OOF and test balanced accuracy over the configurations that ran:
+    1 when OOF ranks the methods as the unseen test hospitals do, so choosing on OOF is safe; NaN with fewer
+    than three configurations or constant figures."""
+    ok = results[(results.status == "ok") & np.isfinite(results.oof_ba) & np.isfinite(results.test_ba)]
+    if len(ok) < 3 or ok.oof_ba.nunique() < 2 or ok.test_ba.nunique() < 2:
+        return float("nan")
+    return float(ok.oof_ba.rank().corr(ok.test_ba.rank()))
+
+
 def result_line(results: pd.DataFrame) -> str:
     """``RESULT best_test_ba=... baseline_test_ba=... oof_test_gap=... best=... baseline_gap=...
-    baseline_site_auc=...``: the configuration chosen on OOF balanced accuracy, its test BA and gap, and the
-    baseline's test BA, OOF-test gap and site predictability."""
+    baseline_site_auc=... oof_test_rank=...``: the configuration chosen on OOF balanced accuracy, its test BA
+    and gap, the baseline's test BA, OOF-test gap and site predictability, and how OOF ranks the configurations
+    against test (:func:`oof_test_rank_correlation`)."""
     best = results[results.best_oof]
     base = results[results.baseline]
     best_row = best.iloc[0] if len(best) else None
@@ -113,4 +124,5 @@ def result_line(results: pd.DataFrame) -> str:
             f"oof_test_gap={_number(best_row.oof_test_gap if best_row is not None else np.nan)} "
             f"best={best_row.configuration if best_row is not None else 'none'} "
             f"baseline_gap={_number(base.iloc[0].oof_test_gap if len(base) else np.nan)} "
-            f"baseline_site_auc={_number(base.iloc[0].site_auc if len(base) else np.nan)}")
+            f"baseline_site_auc={_number(base.iloc[0].site_auc if len(base) else np.nan)} "
+            f"oof_test_rank={_number(oof_test_rank_correlation(results))}")

@@ -296,6 +296,7 @@ RULES: dict[str, Rule] = {
     "synthetic.test_colour": at_least(0, kind=float),
     "synthetic.test_thickness": at_least(0, kind=float),
     "synthetic.test_morphology_drift": at_least(0, kind=float),
+    "synthetic.train_hospital_column": TYPE,
     "slides.wsi_magnification": above(0, kind=float),
     "slides.tma_magnification": above(0, kind=float),
     "slides.tma_max_side": at_least(1),

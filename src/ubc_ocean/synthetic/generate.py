@@ -457,7 +457,10 @@ def generate(cfg: Config) -> dict:
         raise RuntimeError(f"{len(failures)} synthetic slides failed, first: {failures[0]}")
 
     train, test = plan["train"], plan["test"]
-    atomic_write_csv(train[["image_id", "label", "image_width", "image_height", "is_tma"]], raw / data.train_csv)
+    train_columns = ["image_id", "label", "image_width", "image_height", "is_tma"]
+    if cfg.synthetic.train_hospital_column:  # the real train.csv names no hospital; the benchmark may
+        train_columns.append("hospital")
+    atomic_write_csv(train[train_columns], raw / data.train_csv)
     atomic_write_csv(test[["image_id", "image_width", "image_height"]], raw / data.test_csv)
     atomic_write_csv(test[["image_id"]].assign(label="HGSC"), raw / data.sample_submission_csv)
     hidden = ["image_id", "label", "is_tma", "hospital"]
