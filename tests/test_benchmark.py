@@ -72,7 +72,7 @@ def test_benchmark_end_to_end(tmp_path):
     assert "benchmark configurations failed: broken (their logs:" in result.stderr
     lines = result.stdout.strip().splitlines()
     found = re.fullmatch(r"RESULT best_test_ba=(\S+) baseline_test_ba=(\S+) oof_test_gap=(\S+) best=(\S+) "
-                         r"baseline_gap=(\S+) baseline_site_auc=(\S+) oof_test_rank=nan", lines[-1])
+                         r"baseline_gap=(\S+) baseline_site_auc=(\S+) oof_test_rank=n/a", lines[-1])
     assert found, lines[-5:]
     folder = root / "runs" / "bench"
     results = pd.read_csv(folder / "results.csv")
