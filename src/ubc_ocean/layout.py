@@ -380,20 +380,22 @@ class ModelDir:
         """Stage 05's test predictions of this model, one file per shard, sorted."""
         return sorted(self.predictions_folder.glob("test_predictions*.csv"))
 
-    def require_test_predictions(self) -> None:
-        """A :class:`~ubc_ocean.io_utils.MissingInput` naming the folder and stage 05 when it holds none."""
-        if not self.test_prediction_files():
-            raise MissingInput(self.predictions_folder, run_stage_first("05"), problem="holds no test predictions")
-
-    def stale_predictions(self, features: Mapping | None) -> str | None:
-        """Why this model's test predictions may not be used (None when they may): none at all, a file
-        without its record, one made from other checkpoints than the completion record lists (retrained
-        after stage 05), or from test features other than ``features`` (the current config's). With
-        ``features`` None (another experiment's model, whose config stage 06 does not have), the test
-        features must come from the encoder and tiling the model was trained on (its completion record)."""
+    def require_test_predictions(self) -> list[Path]:
+        """:meth:`test_prediction_files`, or a :class:`~ubc_ocean.io_utils.MissingInput` naming the folder and
+        stage 05 when it holds none."""
         paths = self.test_prediction_files()
         if not paths:
-            return f"no test predictions in {self.predictions_folder} (trained after stage 05?)"
+            raise MissingInput(self.predictions_folder, run_stage_first("05"), problem="holds no test predictions")
+        return paths
+
+    def stale_predictions(self, features: Mapping | None) -> str | None:
+        """Why this model's test predictions may not be used (None when they may): a file without its record,
+        one made from other checkpoints than the completion record lists (retrained after stage 05), or from
+        test features other than ``features`` (the current config's). With ``features`` None (another
+        experiment's model, whose config stage 06 does not have), the test features must come from the encoder
+        and tiling the model was trained on (its completion record). No predictions at all are a
+        :class:`~ubc_ocean.io_utils.MissingInput` (:meth:`require_test_predictions`)."""
+        paths = self.require_test_predictions()
         completion = self.read_completion()
         current = {name: entry.get("sha256") for name, entry in completion["checkpoints"].items()}
         for path in paths:
@@ -428,9 +430,7 @@ class ModelDir:
 
     def read_test_predictions(self) -> pd.DataFrame:
         """All shards of this model's test predictions, as one table (an id predicted twice is an error)."""
-        paths = self.test_prediction_files()
-        if not paths:
-            raise MissingInput(self.predictions_folder, run_stage_first("05"), problem="holds no test predictions")
+        paths = self.require_test_predictions()
         frame = pd.concat([pd.read_csv(p, dtype={"image_id": str}) for p in paths], ignore_index=True)
         repeated = frame["image_id"][frame["image_id"].duplicated()].unique().tolist()
         if repeated:

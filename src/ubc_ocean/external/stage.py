@@ -107,8 +107,9 @@ def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataF
 def run(cfg: Mapping) -> pd.DataFrame:
     """Write manifest.csv and folds.csv (external slides get fold -1: train-only)."""
     layout.require_writable(cfg, "processed")
-    if not layout.tiles_root(cfg).is_dir():
-        raise MissingInput(layout.tiles_root(cfg), layout.run_stage_first("01"))
+    tiles = layout.tiles_root(cfg)
+    if not tiles.is_dir():
+        raise MissingInput(tiles, layout.run_stage_first("01"))
     out = Path(cfg["paths"]["processed"])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, "config_02.yaml")

@@ -184,17 +184,17 @@ def remove_batches_of(pids: Iterable[int]) -> int:
     folder = "/dev/shm"
     if not sys.platform.startswith("linux") or not os.path.isdir(folder):
         return 0
+    prefixes = tuple(f"{SEGMENT_PREFIX}{pid}_" for pid in set(pids))
     removed = 0
-    for pid in set(pids):
-        for entry in os.listdir(folder):
-            if entry.startswith(f"{SEGMENT_PREFIX}{pid}_"):
-                try:
-                    block = shared_memory.SharedMemory(name=entry)
-                except FileNotFoundError:  # received meanwhile
-                    continue
-                block.close()
-                block.unlink()
-                removed += 1
+    for entry in os.listdir(folder) if prefixes else ():
+        if entry.startswith(prefixes):
+            try:
+                block = shared_memory.SharedMemory(name=entry)
+            except FileNotFoundError:  # received meanwhile
+                continue
+            block.close()
+            block.unlink()
+            removed += 1
     return removed
 
 

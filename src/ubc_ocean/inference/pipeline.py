@@ -407,8 +407,8 @@ class _Decoder:
         self._start()
 
     def close(self) -> None:
-        """End the process at once: idle, or abandoned mid-slide, it holds nothing of value, and a graceful
-        exit (tearing torch down) can take seconds that a time budget does not have."""
+        """End the process at once: idle, or abandoned mid-slide, it holds nothing of value (its unsent
+        batches' blocks are removed when the run ends), and a time budget has no seconds for a graceful exit."""
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=5)

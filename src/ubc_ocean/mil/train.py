@@ -158,8 +158,7 @@ def fit(
     options = {**dict(model_options), **({"bag_standardise": True} if mil_cfg.get("bag_standardise") else {})}
     model = create_mil_model(model_name, in_dim=in_dim, n_classes=n_classes, **options).to(device)
     # this fold's training bags only (PANTHER: prototypes), as the model's layers see them
-    model.init_from_training_bags([model.input_transform(bag) for bag in train_bags] if model.bag_standardise
-                                  else train_bags, seed)
+    model.init_from_training_bags([model.input_transform(bag) for bag in train_bags], seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(mil_cfg["lr"]),
                                   weight_decay=float(mil_cfg["weight_decay"]),
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for every parameter

@@ -111,13 +111,10 @@ def _render(
         np.minimum(tissue, 254, out=tissue)  # tissue is never pure white, background always is
     np.copyto(rgb[box], tissue, where=inner[..., None])
     tumour[box] = maps.tumour & inner
-    if look.hospital.optics:
-        apply_scanner(rgb, mask, look.hospital)
-    if look.artefacts.any or look.hospital.optics:
-        if look.artefacts.any:
-            apply_artefacts(rgb, mask, look.artefacts, artefact_rng)
-        if is_tma:
-            np.minimum(rgb, 254, out=rgb, where=mask[..., None])
+    apply_scanner(rgb, mask, look.hospital)  # each a no-op when its look is off
+    apply_artefacts(rgb, mask, look.artefacts, artefact_rng)
+    if is_tma and (look.hospital.optics or look.artefacts.any):
+        np.minimum(rgb, 254, out=rgb, where=mask[..., None])
     return rgb, mask, tumour
 
 

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from ubc_ocean.synthetic.scanner import jpeg_round_trip
+from ubc_ocean.synthetic.scanner import defocus, jpeg_round_trip
 
 # The stream of the hospitals' draws (apart from every other draw of stage 00).
 HOSPITAL_STREAM = 20261207
@@ -56,7 +56,8 @@ def hospital_look(syn: Mapping, hospital: int) -> HospitalLook:
     """The look of test ``hospital`` from the ``synthetic`` section's strengths (each 0 or 1.0: off), drawn
     from the seed and the hospital id only, so every slide of a hospital shares it."""
     rng = np.random.default_rng([int(syn["seed"]), HOSPITAL_STREAM, int(hospital)])
-    draws = rng.standard_normal(9)  # always drawn, so one effect's value does not depend on another's switch
+    # always drawn (eight used, one spare), so one effect's value does not depend on another's switch
+    draws = rng.standard_normal(9)
     spread = rng.uniform(0.5, 1.0, 3)
     resolution, psf, sharpen = (float(syn[key]) for key in ("test_resolution", "test_psf_sigma", "test_sharpen"))
     colour, thickness, drift = (float(syn[key]) for key in ("test_colour", "test_thickness", "test_morphology_drift"))
@@ -108,9 +109,8 @@ def apply_scanner(rgb: np.ndarray, tissue: np.ndarray, look: HospitalLook) -> No
         return
     background = rgb[~tissue].copy()
     out = rgb
-    if look.psf_sigma > 0:
-        out = ndi.gaussian_filter(out.astype(np.float32), (look.psf_sigma, look.psf_sigma, 0))
-        out = np.rint(out.clip(0, 255)).astype(np.uint8)
+    if look.psf_sigma > 0:  # the point-spread function blurs as a defocus does
+        out = defocus(out, look.psf_sigma)
     out = resample_at(out, look.resolution)
     if look.gamma != 1.0 or look.white_balance != (1.0, 1.0, 1.0) or look.saturation != 1.0:
         out = colour_response(out, look.gamma, look.white_balance, look.saturation)
