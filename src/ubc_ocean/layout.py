@@ -142,18 +142,21 @@ def test_embeddings_root(cfg: Mapping) -> Path:
     return _embeddings_folder(cfg, 0.0)
 
 
-def variant_name(tta: str, stain_augmentation: float) -> str:
-    """Suffix of the cache folder: features made with TTA or stain jitter never mix with plain ones."""
+def variant_name(tta: str, stain_augmentation: float, bn_adaptation: bool = False) -> str:
+    """Suffix of the cache folder: features made with TTA, stain jitter or adapted batch-norm statistics
+    never mix with plain ones."""
     parts = [] if tta == "none" else [f"tta-{tta}"]
     if stain_augmentation:
         parts.append(f"stain{stain_augmentation:g}")
+    if bn_adaptation:
+        parts.append("adabn")
     return "".join(f"-{p}" for p in parts)
 
 
 def _embeddings_folder(cfg: Mapping, stain_augmentation: float) -> Path:
     features = cfg["features"]
     encoder = encoder_cache_name(features["encoder"], features["weights"], features["input_size"])
-    variant = variant_name(features["tta"], stain_augmentation)
+    variant = variant_name(features["tta"], stain_augmentation, bool(features["bn_adaptation"]))
     return Path(cfg["paths"]["processed"]) / "embeddings" / f"{encoder}{variant}__{tiling_key(cfg)}"
 
 

@@ -339,6 +339,8 @@ RULES: dict[str, Rule] = {
     "features.precision": PRECISION,
     "features.tta": one_of("none", "flips", "dihedral"),
     "features.stain_augmentation": FRACTION,
+    "features.bn_adaptation": TYPE,
+    "features.bn_adaptation_tiles": at_least(2),
     "features.cpu_threads": at_least(0),
     "mil.models": Rule(nonempty=True, unique=True, test=lambda v: all(x.strip() for x in v),
                        accepts="a non-empty list of distinct model names"),

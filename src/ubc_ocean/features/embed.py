@@ -28,7 +28,8 @@ def encoder_from_config(cfg: Mapping) -> Encoder:
     """The configured encoder, built once per process (which also sets its CPU thread count)."""
     set_cpu_threads(cfg)
     features = cfg["features"]
-    key = (features["encoder"], features["weights"], features["input_size"])
+    # adapted batch-norm statistics are loaded into the cached encoder: never shared with unadapted configs
+    key = (features["encoder"], features["weights"], features["input_size"], bool(features["bn_adaptation"]))
     if key not in _ENCODERS:
         _ENCODERS[key] = create_encoder(
             features["encoder"], weights=features["weights"], input_size=features["input_size"]

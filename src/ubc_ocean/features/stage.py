@@ -16,6 +16,16 @@ from ubc_ocean import embedding_cache, layout, tile_store
 from ubc_ocean.config import save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.encoders.registry import Encoder
+from ubc_ocean.features.bn_adaptation import (
+    STATISTICS_FILE,
+    batchnorm_state,
+    load_batchnorm_state,
+    load_statistics,
+    reestimate_batchnorm,
+    sample_evenly,
+    save_statistics,
+    state_digest,
+)
 from ubc_ocean.features.embed import embed_batches, embedding_options, encoder_from_config, prepare_encoder
 from ubc_ocean.io_utils import FailureLog, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
@@ -75,6 +85,57 @@ def _tumour_fractions(index: pd.DataFrame, bad: list[str]) -> np.ndarray | None:
     return values if np.isfinite(values).any() else None
 
 
+def sampled_training_tiles(cfg: Mapping, rows: list[Mapping], total: int) -> Iterator[np.ndarray]:
+    """uint8 batches of about ``total`` stored tiles spread evenly over the slides of ``rows`` (seeded by
+    the config's ``seed``; slides without a complete tile folder are left out), for the batch-norm statistics."""
+    folders = [layout.slide_tiles_dir(cfg, row["source"], row["image_id"]) for row in rows]
+    indexes = [tile_store.read_index(folder) for folder in folders if tile_store.is_complete(folder)]
+    folders = [folder for folder in folders if tile_store.is_complete(folder)]
+    picks = sample_evenly([len(index) for index in indexes], total, int(cfg["seed"]))
+    paths = [folder / name for folder, index, chosen in zip(folders, indexes, picks, strict=True)
+             for name in index["file"].to_numpy()[chosen]]
+    batch_size = int(cfg["features"]["batch_size"])
+    for start in range(0, len(paths), batch_size):
+        tiles = []
+        for path in paths[start:start + batch_size]:
+            try:
+                tiles.append(tile_store.read_tile(path))
+            except OSError:
+                log.debug("%s: unreadable tile left out of the batch-norm statistics", path)
+        if tiles:
+            yield np.stack(tiles)
+
+
+def adapt_to_training_tiles(cfg: Mapping, rows: list[Mapping], root: Path) -> Path:
+    """``features.bn_adaptation``: the encoder's batch-norm statistics re-estimated over training tiles, written
+    once to ``{root}/bn_statistics.safetensors`` (kept when there: every worker, shard and rerun uses the
+    same); returns its path."""
+    path = root / STATISTICS_FILE
+    if path.exists():
+        return path
+    encoder = encoder_from_config(cfg)
+    device = resolve_device(cfg["runtime"]["device"])
+    prepare_encoder(encoder, device)
+    total = int(cfg["features"]["bn_adaptation_tiles"])
+    seen = reestimate_batchnorm(encoder, sampled_training_tiles(cfg, rows, total), device)
+    if seen == 0:
+        raise RuntimeError("features.bn_adaptation: no training tile could be read to estimate the statistics")
+    digest = save_statistics(path, batchnorm_state(encoder.model), seen)
+    log.info("batch-norm statistics re-estimated over %d training tiles (sha256 %s) -> %s", seen, digest[:12], path)
+    return path
+
+
+def adapted_encoder(cfg: Mapping, root: Path) -> tuple[Encoder, dict]:
+    """The configured encoder, with the training tiles' batch-norm statistics loaded when
+    ``features.bn_adaptation``; and the h5 attributes that say so."""
+    encoder = encoder_from_config(cfg)
+    if not cfg["features"]["bn_adaptation"]:
+        return encoder, {}
+    state = load_statistics(root / STATISTICS_FILE)
+    load_batchnorm_state(encoder.model, state)
+    return encoder, {"bn_statistics_sha256": state_digest(state)}
+
+
 def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
     """Embed one slide's tiles (skipped when its h5 was made from the tile folder as it is now)."""
     slide_id = row["slide_id"]
@@ -87,7 +148,7 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
     tiles_fingerprint = tile_store.fingerprint(folder)
     if embedding_cache.is_current(out, tiles_fingerprint):
         return TaskResult(slide_id, "skipped")
-    encoder = encoder_from_config(cfg)
+    encoder, adaptation = adapted_encoder(cfg, root)
     device = resolve_device(cfg["runtime"]["device"])
     prepare_encoder(encoder, device)
     index = tile_store.read_index(folder)
@@ -97,7 +158,7 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
     if not np.isfinite(features).all():
         return TaskResult(slide_id, "failed", "encoder produced NaN/inf features")
     attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
-                                   tiles_fingerprint=tiles_fingerprint)
+                                   tiles_fingerprint=tiles_fingerprint, **adaptation)
     embedding_cache.write_embeddings(out, features, coords, attrs, tumour_fraction=_tumour_fractions(index, bad))
     message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""
     return TaskResult(slide_id, "done", message, count=len(features))
@@ -113,6 +174,8 @@ def run(cfg: Mapping) -> Path:
     rows = select_shard(manifest.to_dict("records"), cfg["runtime"]["shard"], key=lambda r: r["slide_id"])
     for source in manifest["source"].unique():
         clean_stale_temporaries(root / source)
+    if cfg["features"]["bn_adaptation"]:  # over every training slide, whatever this shard embeds
+        adapt_to_training_tiles(cfg, manifest.to_dict("records"), root)
     failures = FailureLog(shard_output(root, "failures.csv", cfg["runtime"]["shard"]), STAGE)
     failures.path.unlink(missing_ok=True)
     counts = {"done": 0, "skipped": 0, "failed": 0}

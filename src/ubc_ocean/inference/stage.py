@@ -40,6 +40,7 @@ from ubc_ocean import embedding_cache, layout
 from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.encoders.identity import check_identity, feature_identity, feature_width
+from ubc_ocean.inference.adaptation import adapt_to_test_images
 from ubc_ocean.inference.budget import BudgetImage, BudgetPlanner
 from ubc_ocean.inference.decoding import SlideJob
 from ubc_ocean.inference.pipeline import FusedPipeline
@@ -152,12 +153,17 @@ def budget_image(spec: SlideSpec, cfg: Mapping) -> BudgetImage:
     return BudgetImage(spec.slide_id, int(width) * int(height), spec_is_tma(spec, cfg["slides"]))
 
 
-def reusable(path: Path, budgeted: bool) -> bool:
-    """A cached test embedding is reused when complete, and, if a time budget made it with fewer tiles,
-    only by another budgeted run (an unbudgeted run embeds the image in full)."""
+def reusable(path: Path, budgeted: bool, adaptation: Mapping | None = None) -> bool:
+    """A cached test embedding is reused when complete, made with the batch-norm statistics of
+    ``adaptation`` (:func:`~ubc_ocean.inference.adaptation.adapt_to_test_images`'s attributes; none without
+    adaptation), and, if a time budget made it with fewer tiles, only by another budgeted run (an unbudgeted
+    run embeds the image in full)."""
     if not embedding_cache.is_complete(path):
         return False
-    return budgeted or embedding_cache.read_attrs(path).get("inference_mode", "full") == "full"
+    attrs = embedding_cache.read_attrs(path)
+    if any(attrs.get(key) != value for key, value in (adaptation or {}).items()):
+        return False
+    return budgeted or attrs.get("inference_mode", "full") == "full"
 
 
 class Predictions:
@@ -192,9 +198,9 @@ class Predictions:
 
 
 def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predictions: Predictions,
-                      failures: FailureLog, start: float) -> None:
+                      failures: FailureLog, start: float, adaptation: Mapping | None = None) -> None:
     """Embed the ``specs`` through the pipelined fused inference under the time budget (if any), writing
-    each image's h5 and predicting it as soon as its features arrive."""
+    each image's h5 (with the ``adaptation`` attributes) and predicting it as soon as its features arrive."""
     inference = cfg["inference"]
     minutes = inference["time_budget_minutes"]
     budget_s = None if minutes is None else float(minutes) * 60 * (1 - float(inference["budget_reserve"]))
@@ -234,7 +240,7 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
                 continue
             attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
                                            is_tma=bool(result.info["is_tma"]), stain_augmentation=0.0,
-                                           inference_mode=result.job.describe())
+                                           inference_mode=result.job.describe(), **(adaptation or {}))
             embedding_cache.write_embeddings(layout.embedding_path(root, TEST, result.job.spec.image_id),
                                              result.features, result.coords, attrs)
             planner.observe(images[slide_id], result.decode_s, result.decoded_pixels, result.tiles, result.encode_s)
@@ -276,15 +282,16 @@ def run(cfg: Mapping) -> dict[str, Path]:
     predictions = Predictions(load_predictors(cfg, names), provisional_submission(cfg, names),
                               load_choosers(cfg, names))
     budgeted = cfg["inference"]["time_budget_minutes"] is not None
+    adaptation = adapt_to_test_images(cfg, specs, test_root)  # before any image is embedded
     cached = {s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs
-              if reusable(layout.embedding_path(root, TEST, s.image_id), budgeted)}
+              if reusable(layout.embedding_path(root, TEST, s.image_id), budgeted, adaptation)}
     bags, problems = load_bags(cached, width)
     for slide_id, message in problems.items():
         failures.record(slide_id, message)
     predictions.add(dict(sorted(bags.items())))
     todo = [s for s in specs if s.slide_id not in cached]
     if todo:
-        embed_and_predict(cfg, todo, root, predictions, failures, start)
+        embed_and_predict(cfg, todo, root, predictions, failures, start, adaptation)
     written = {}
     features = layout.test_features_fingerprint(cfg)
     for name in names:

@@ -1,0 +1,128 @@
+"""features.bn_adaptation: batch-norm statistics re-estimated on each side's tiles (AdaBN), and nothing else."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.builders import LEAN, tiny_config
+from ubc_ocean import embedding_cache, layout
+from ubc_ocean.config import ConfigError
+from ubc_ocean.encoders.registry import Encoder, create_encoder
+from ubc_ocean.features.bn_adaptation import (
+    STATISTICS_FILE,
+    batchnorm_layers,
+    batchnorm_state,
+    load_batchnorm_state,
+    reestimate_batchnorm,
+    sample_evenly,
+    state_digest,
+)
+from ubc_ocean.sources import TEST
+
+
+def tiny_encoder(norm: nn.Module | None = None) -> Encoder:
+    """conv -> norm -> pooled features: the batch-norm layer sees the convolution's outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), norm if norm is not None else nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Encoder("tiny", model.eval(), 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4, "none")
+
+
+def tile_batches(n_batches: int, size: int = 8, side: int = 16, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, side, side, 3), dtype=np.uint8) for _ in range(n_batches)]
+
+
+def test_the_statistics_are_the_average_of_the_batch_moments_and_nothing_else_changes() -> None:
+    encoder = tiny_encoder()
+    batches = tile_batches(3)
+    conv, bn = encoder.model[0], encoder.model[1]
+    with torch.no_grad():  # the known answer: per channel, the mean over batches of each batch's moments
+        outputs = [conv(encoder.preprocess(torch.as_tensor(b))) for b in batches]
+    expected_mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outputs]).mean(0)
+    expected_var = torch.stack([o.var(dim=(0, 2, 3), unbiased=True) for o in outputs]).mean(0)
+    parameters = {name: p.detach().clone() for name, p in encoder.model.named_parameters()}
+    momentum = bn.momentum
+
+    assert reestimate_batchnorm(encoder, batches, torch.device("cpu")) == 24
+    torch.testing.assert_close(bn.running_mean, expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, expected_var, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p, parameters[name]) for name, p in encoder.model.named_parameters())
+    assert not encoder.model.training and not bn.training and bn.momentum == momentum
+
+
+def test_the_default_encoder_changes_only_its_running_statistics() -> None:
+    encoder = create_encoder("efficientnet_lite0", input_size=64)
+    before = {key: value.clone() for key, value in encoder.model.state_dict().items()}
+    batches = tile_batches(2, size=6, side=64, seed=1)
+    with torch.no_grad():
+        plain = encoder.model(encoder.preprocess(torch.as_tensor(batches[0])))
+
+    reestimate_batchnorm(encoder, batches, torch.device("cpu"))
+    after = encoder.model.state_dict()
+    statistics = {key for key in after if key.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    changed = {key for key in after if not torch.equal(after[key], before[key])}
+    assert changed and changed <= statistics  # parameters, and every other buffer, exactly as they were
+    assert {key for key in statistics if key.endswith("running_mean")} <= changed
+    with torch.no_grad():
+        adapted = encoder.model(encoder.preprocess(torch.as_tensor(batches[0])))
+    assert not torch.allclose(plain, adapted)
+
+    fresh = create_encoder("efficientnet_lite0", input_size=64)  # the statistics travel to another copy
+    load_batchnorm_state(fresh.model, batchnorm_state(encoder.model))
+    assert state_digest(batchnorm_state(fresh.model)) == state_digest(batchnorm_state(encoder.model))
+
+
+def test_an_encoder_without_batch_norm_is_a_config_error_and_too_few_tiles_change_nothing() -> None:
+    with pytest.raises(ConfigError, match="no batch-norm layers"):
+        reestimate_batchnorm(tiny_encoder(nn.GroupNorm(1, 4)), tile_batches(1), torch.device("cpu"))
+    encoder = tiny_encoder()
+    state = batchnorm_state(encoder.model)
+    assert reestimate_batchnorm(encoder, [tile_batches(1, size=1)[0]], torch.device("cpu")) == 0
+    assert state_digest(batchnorm_state(encoder.model)) == state_digest(state)
+    assert len(batchnorm_layers(encoder.model)) == 1
+
+
+def test_the_sample_is_spread_evenly_over_the_slides() -> None:
+    counts = [3, 100, 50, 0]
+    picks = sample_evenly(counts, 60, seed=0)
+    assert [len(p) for p in picks] == [3, 29, 28, 0]  # the small slide gives its unused share to the others
+    assert all(len(set(p)) == len(p) and (len(p) == 0 or p.max() < n) for p, n in zip(picks, counts, strict=True))
+    assert [p.tolist() for p in picks] == [p.tolist() for p in sample_evenly(counts, 60, seed=0)]
+    assert sum(len(p) for p in sample_evenly([5, 5], 100, seed=0)) == 10
+
+
+def test_stages_03_and_05_adapt_to_their_own_tiles(pipeline: Path, tmp_path: Path) -> None:
+    from ubc_ocean.features.stage import run as embed
+    from ubc_ocean.inference.stage import run as infer
+    from ubc_ocean.mil.stage import run as train
+
+    data = tmp_path / "data"
+    shutil.copytree(pipeline, data, ignore=shutil.ignore_patterns("embeddings"))
+    adapted = ("features.bn_adaptation=true", "features.bn_adaptation_tiles=64")
+    with pytest.raises(ConfigError, match="batch-norm adaptation"):  # the run's model saw unadapted features
+        infer(tiny_config(data, *LEAN, *adapted))
+
+    cfg = tiny_config(data, *LEAN, *adapted, "experiment=adabn")
+    root = embed(cfg)
+    assert root.name.split("__")[0].endswith("-adabn") and (root / STATISTICS_FILE).exists()
+    training = embedding_cache.read_attrs(next(root.glob("train/*.h5")))["bn_statistics_sha256"]
+    train(cfg)
+    written = infer(cfg)
+    test_root = layout.test_embeddings_root(cfg) / TEST
+    statistics = test_root / STATISTICS_FILE
+    h5 = sorted(test_root.glob("*.h5"))
+    assert statistics.exists() and h5
+    test_digest = embedding_cache.read_attrs(h5[0])["bn_statistics_sha256"]
+    assert test_digest != training  # the test set's own statistics
+    assert all(embedding_cache.read_attrs(p)["bn_statistics_sha256"] == test_digest for p in h5)
+    stamp = {p: p.stat().st_mtime_ns for p in [statistics, *h5]}
+    infer(cfg)  # the same images: statistics and embeddings reused
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    assert all(path.exists() for path in written.values())
