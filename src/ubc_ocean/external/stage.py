@@ -133,7 +133,7 @@ def stain_groups(cfg: Mapping, manifest: pd.DataFrame, validating: pd.Series) ->
     groups = manifest["group"].copy()
     groups[validating] = slides["slide_id"].map(cluster)
     parents = manifest["source"].astype(str) + "/" + manifest[PARENT].astype(str)
-    cores = is_synthetic(manifest) & parents.isin(cluster)
+    cores = is_synthetic(manifest) & parents.isin(set(cluster))
     groups[cores] = parents[cores].map(cluster)
     return groups
 
