@@ -11,6 +11,7 @@ import pytest
 
 from tests.builders import LEAN, REPO, run_script, tiny_config, tiny_overrides
 from ubc_ocean.config import ConfigError
+from ubc_ocean.submit.stage import oof_calibration
 
 # No external sources: fewer slides to tile and embed in the end-to-end run (stage 00 still writes one of each:
 # with none it fails on main, an empty labels table).
@@ -18,7 +19,9 @@ NO_EXTERNAL = ("synthetic.external_tiff_slides=1", "synthetic.external_patch_sli
 # Two configurations that run, and one that fails in stage 02 (after loading well).
 THREE = ("benchmark.configurations=[{name: base, overrides: []}, "
          "{name: maxprob, overrides: [mil.epochs=2, outliers.score=max_prob]}, "
-         "{name: broken, overrides: [folds.group_column=no_such_column]}]")
+         "{name: broken, overrides: [folds.group_by=no_such_column]}]")
+# Each configuration that runs is trained again on folds grouped by the training hospitals (stages 02 and 04).
+GROUPED = ("synthetic.train_hospital_column=true", "benchmark.grouped_folds=hospital")
 
 
 def _benchmark(*args: str) -> subprocess.CompletedProcess:
@@ -63,23 +66,25 @@ def test_benchmark_end_to_end(tmp_path):
     """Stage 00 and three configurations on tiny data (the second reuses the first's tiles and embeddings,
     the third fails in stage 02): the table, the CSV and the RESULT line agree, the baseline's difference
     with itself is exactly 0, the best configuration is the one of highest OOF balanced accuracy, and the
-    failed one is a row of its own and exit status 1."""
+    failed one is a row of its own and exit status 1. The two that run are trained again on hospital folds:
+    their OOF BA (grouped) is their grouped experiment's, and the data root's folds are the plain ones again."""
     root = tmp_path / "data"
     args = ("--config", "configs/demo.yaml", *tiny_overrides(root), *LEAN, *NO_EXTERNAL, "experiment=bench", THREE,
-            "benchmark.bootstrap=200", "runtime.log_level=WARNING")
+            *GROUPED, "benchmark.bootstrap=200", "runtime.log_level=WARNING")
     result = _benchmark(*args)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "benchmark configurations failed: broken (their logs:" in result.stderr
     lines = result.stdout.strip().splitlines()
     found = re.fullmatch(r"RESULT best_test_ba=(\S+) baseline_test_ba=(\S+) oof_test_gap=(\S+) best=(\S+) "
-                         r"baseline_gap=(\S+) baseline_site_auc=(\S+) oof_test_rank=n/a", lines[-1])
+                         r"baseline_gap=(\S+) baseline_site_auc=(\S+) oof_test_rank=n/a oof_test_rank_grouped=n/a",
+                         lines[-1])
     assert found, lines[-5:]
     folder = root / "runs" / "bench"
     results = pd.read_csv(folder / "results.csv")
     assert list(results.experiment) == ["bench-base", "bench-maxprob", "bench-broken"]
     broken = results.iloc[2]
-    assert broken.status.startswith("failed: ValueError: folds.group_column 'no_such_column' is not a column")
-    assert not broken.best_oof and pd.isna(broken.test_ba)
+    assert broken.status.startswith("failed: ValueError: folds.group_by 'no_such_column' is not a column")
+    assert not broken.best_oof and pd.isna(broken.test_ba) and pd.isna(broken.oof_ba_grouped)
     assert "Traceback" in (folder / "configurations" / "broken" / "stages.log").read_text()
     assert "| broken | failed: ValueError" in (folder / "results.md").read_text()
     results = results.iloc[:2]
@@ -100,13 +105,25 @@ def test_benchmark_end_to_end(tmp_path):
         submission = pd.read_csv(root / "submissions" / f"{row.experiment}.csv")
         assert len(scored) == len(submission) == len(pd.read_csv(root / "raw" / "test.csv"))
     markdown = (folder / "results.md").read_text()
-    assert "| configuration | OOF BA | test BA [95% CI] |" in markdown and "| site AUC (WSI, TMA) |" in markdown
+    assert "| configuration | OOF BA | OOF BA (grouped) | test BA [95% CI] |" in markdown
+    assert "| site AUC (WSI, TMA) |" in markdown
     assert f"| {base.site_auc:.3f} (" in markdown
     assert f"| {base.test_ba:.3f} [{base.test_ba_low:.3f}, {base.test_ba_high:.3f}] |" in markdown
     assert "| base (baseline) |" in markdown or "| **base** (baseline) |" in markdown
     assert "wall times: base " in result.stdout
+    train = pd.read_csv(root / "raw" / "train.csv", dtype={"image_id": str})
+    for _, row in results.iterrows():  # the grouped figure is the grouped experiment's ensemble OOF BA
+        overrides = "" if pd.isna(row.overrides) else row.overrides
+        grouped_cfg = tiny_config(root, *LEAN, f"experiment={row.experiment}-grouped", *overrides.split())
+        assert row.oof_ba_grouped == pytest.approx(oof_calibration(grouped_cfg).metrics["balanced_accuracy"])
+        oof = pd.read_csv(root / "runs" / f"{row.experiment}-grouped" / "abmil" / "oof.csv", dtype={"image_id": str})
+        hospital = oof["image_id"].map(train.set_index("image_id")["hospital"])
+        assert (oof.assign(hospital=hospital).groupby("hospital")["fold"].nunique() == 1).all()
+    manifest = pd.read_csv(root / "processed" / "manifest.csv", dtype={"image_id": str, "group": str})
+    assert (manifest["group"] == manifest["image_id"]).all()  # the plain folds written back
     timings = pd.read_csv(folder / "timings.csv")
-    assert set(timings.stage) == {"00_data", "01_tile", "02_merge", "03_embed", "04_train", "05_infer", "06_submit"}
+    assert set(timings.stage) == {"00_data", "01_tile", "02_merge", "03_embed", "04_train", "05_infer", "06_submit",
+                                  "02_merge_grouped", "04_train_grouped"}
     # One tiling and one set of embeddings served both configurations.
     assert len(list((root / "interim" / "tiles").iterdir())) == 1
     assert len([p for p in (root / "processed" / "embeddings").iterdir() if p.is_dir()]) == 1
@@ -115,4 +132,5 @@ def test_benchmark_end_to_end(tmp_path):
     assert again.returncode == 1 and again.stdout.strip().splitlines()[-1] == lines[-1]
     log = (folder / "benchmark.log").read_text()
     assert "benchmark base: read back from" in log and "benchmark maxprob: read back from" in log
+    assert "benchmark base (grouped folds): read back from" in log
     pd.testing.assert_frame_equal(pd.read_csv(folder / "results.csv").iloc[:2], results)

@@ -150,3 +150,31 @@ def test_oof_test_rank_correlation_is_spearmans_over_the_configurations_that_ran
     results.loc[4, "status"] = "ok"  # highest OOF, lowest test: ranks 2,3,4,1,5 against 3,4,5,2,1, d^2 = 20
     assert oof_test_rank_correlation(results) == pytest.approx(1 - 6 * 20 / (5 * (25 - 1)))
     assert np.isnan(oof_test_rank_correlation(results.iloc[:2]))
+
+
+def test_grouped_folds_add_a_column_and_their_own_rank_correlation():
+    """Configurations trained again on grouped folds: the tables gain "OOF BA (grouped)" and the RESULT line
+    oof_test_rank_grouped (here plain OOF ranks the three against test backwards, grouped OOF as test does);
+    without grouped runs the column is absent and the figure n/a."""
+    from ubc_ocean.benchmark.report import Outcome, markdown_table, result_line, results_frame
+    from ubc_ocean.benchmark.stats import Estimate
+
+    def outcomes(grouped: bool) -> list[Outcome]:
+        made = []
+        for name, oof, oof_grouped, test in (("a", 0.9, 0.6, 0.5), ("b", 0.8, 0.7, 0.6), ("c", 0.7, 0.8, 0.7)):
+            outcome = Outcome(name, f"x-{name}", [], oof_ba=oof, seconds={"04_train": 2.0},
+                              oof_ba_grouped=oof_grouped if grouped else None)
+            outcome.scores = {"test_ba": Estimate(test, test - 0.1, test + 0.1)}
+            made.append(outcome)
+        return [*made, Outcome("d", "x-d", [], error="ValueError: x")]
+
+    results = results_frame(outcomes(True), "a", "a")
+    assert results["oof_ba_grouped"].tolist()[:3] == [0.6, 0.7, 0.8] and np.isnan(results["oof_ba_grouped"].iloc[3])
+    assert result_line(results).endswith(" oof_test_rank=-1.000 oof_test_rank_grouped=1.000")
+    lines = markdown_table(results).splitlines()
+    assert lines[0].startswith("| configuration | OOF BA | OOF BA (grouped) | test BA [95% CI] |")
+    assert lines[2].startswith("| **a** (baseline) | 0.900 | 0.600 | 0.500 [0.400, 0.600] |")
+    assert len({line.count("|") for line in lines[:6]}) == 1  # the failed row has every cell too
+    plain = results_frame(outcomes(False), "a", "a")
+    assert "oof_ba_grouped" not in plain.columns and "(grouped)" not in markdown_table(plain)
+    assert result_line(plain).endswith(" oof_test_rank=-1.000 oof_test_rank_grouped=n/a")

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,7 @@ import yaml
 
 from tests.builders import REPO
 from ubc_ocean.cli import build_parser, config_from_args, main
-from ubc_ocean.config import ConfigError, load_config, parse_override, save_config
+from ubc_ocean.config import ConfigError, load_config, parse_override, save_config, with_overrides
 
 
 def test_defaults_load_and_paths_resolve(tmp_path):
@@ -39,6 +40,27 @@ def test_unknown_key_in_file_is_named_with_a_suggestion(tmp_path):
     path.write_text("tiling:\n  tile_sise: 128\n")
     with pytest.raises(ConfigError, match=r"'tiling.tile_sise'.*did you mean 'tile_size'"):
         load_config(path)
+
+
+def test_a_renamed_key_names_its_new_name(tmp_path):
+    """folds.group_column became folds.group_by: the old key, in a file or an override, says so (a silent
+    default would draw other folds); so does a benchmark configuration that sets it."""
+    path = tmp_path / "old.yaml"
+    path.write_text("folds:\n  group_column: patient_id\n")
+    renamed = re.escape("config key 'folds.group_column' was renamed 'folds.group_by'")
+    for overrides, where in (([], path), (["folds.group_column=hospital"], None)):
+        with pytest.raises(ConfigError, match=renamed):
+            load_config(where, overrides)
+    cfg = load_config(None, ["benchmark.configurations=[{name: a, overrides: [folds.group_column=hospital]}]"])
+    with pytest.raises(ConfigError, match=renamed):
+        with_overrides(cfg, cfg.benchmark.configurations[0].overrides)
+
+
+def test_stain_clusters_cannot_be_fewer_than_the_folds():
+    message = "folds.stain_clusters must be 0 or >= folds.n_splits (5) with folds.group_by=stain_cluster"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["folds.group_by=stain_cluster", "folds.stain_clusters=3"])
+    assert load_config(None, ["folds.group_by=hospital", "folds.stain_clusters=3"]).folds.stain_clusters == 3
 
 
 def test_mapping_key_cannot_be_set_to_a_scalar():
@@ -128,7 +150,9 @@ BAD_VALUES = [
     ("tiling.black_value=-1", "tiling.black_value must be an integer in [0, 255]; got -1"),
     ("slides.wsi_magnification=0", "slides.wsi_magnification must be a number > 0; got 0"),
     ("folds.n_splits=1", "folds.n_splits must be an integer >= 2; got 1"),
-    ("folds.group_column=' '", "folds.group_column must be null or a non-empty string; got ' '"),
+    ("folds.group_by=' '", "folds.group_by must be null or a non-empty string; got ' '"),
+    ("folds.stain_clusters=-1", "folds.stain_clusters must be an integer >= 0; got -1"),
+    ("benchmark.grouped_folds=''", "benchmark.grouped_folds must be null or a non-empty string; got ''"),
     ("features.input_size=0", "features.input_size must be null or an integer >= 1; got 0"),
     ("features.weights=''", "features.weights must be null or a non-empty string; got ''"),
     ("features.stain_augmentation=2", "features.stain_augmentation must be a number in [0, 1]; got 2"),
@@ -181,8 +205,7 @@ def test_invalid_yaml_is_a_one_line_config_error(tmp_path):
      ("submit.name='quoted'", "submit.name", "quoted"), ("experiment=1e3", "experiment", "1e3"),
      ("paths.submissions=null", "paths.submissions", str(REPO / "null")),
      ("features.weights=null", "features.weights", None), ("features.weights=~", "features.weights", None),
-     ("features.weights=hub", "features.weights", "hub"), ("folds.group_column=patient_id", "folds.group_column",
-                                                            "patient_id"),
+     ("features.weights=hub", "features.weights", "hub"), ("folds.group_by=patient_id", "folds.group_by", "patient_id"),
      ("runtime.shard=1/4", "runtime.shard", "1/4"), ("runtime.device=cuda:1", "runtime.device", "cuda:1"),
      ("runtime.log_level=debug", "runtime.log_level", "debug"),
      ("mil.model_training.chowder.schedule=onecycle", "mil.model_training", {"chowder": {"schedule": "onecycle"}})],

@@ -1,4 +1,5 @@
-"""Cross-validation folds: stratified on label x is_tma, grouped when a group column exists.
+"""Cross-validation folds: stratified on label x is_tma, grouped when a group column is named (a hospital, a
+patient, a stain cluster: ``folds.group_by``), so that each validation fold plays groups its models never saw.
 
 External slides are train-only: their fold is -1 and they never validate. A synthetic bag cut from a slide
 (a synthetic TMA core: ``parent_image_id`` names its slide) takes its parent's fold, so it never trains a
@@ -34,11 +35,12 @@ def assign_folds(
     group_column: str | None = None,
     validate_mask: pd.Series | None = None,
 ) -> pd.Series:
-    """Fold number per row (``TRAIN_ONLY`` where ``validate_mask`` is False).
+    """Fold number per row (``TRAIN_ONLY`` where ``validate_mask`` is False); with ``group_column`` (a column of
+    ``frame``), the rows of one group share a fold.
 
     A class with fewer validating slides than folds is spread over as many folds as it has slides (the
-    other folds cannot validate it; :func:`small_classes` names such classes). Raises ``ValueError`` only
-    when no class has enough slides for ``n_splits`` folds.
+    other folds cannot validate it; :func:`small_classes` names such classes). Raises ``ValueError`` when no
+    class has enough slides for ``n_splits`` folds, or there are fewer groups than folds.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # only where folds are drawn
 
@@ -50,9 +52,13 @@ def assign_folds(
     strata = stratum(pool, n_splits)
     if group_column:
         if group_column not in pool.columns:
-            raise ValueError(f"folds.group_column '{group_column}' is not a manifest column")
+            raise ValueError(f"group column '{group_column}' is not a manifest column")
+        groups = pool[group_column].astype(str)
+        if groups.nunique() < n_splits:
+            raise ValueError(f"{groups.nunique()} groups ({', '.join(sorted(groups.unique())[:10])}) cannot fill "
+                             f"{n_splits} folds: lower folds.n_splits or group by something finer (folds.group_by)")
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        splits = splitter.split(pool, strata, groups=pool[group_column].astype(str))
+        splits = splitter.split(pool, strata, groups=groups)
     else:
         splits = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(pool, strata)
     with warnings.catch_warnings():  # small classes are reported by small_classes(), not by sklearn

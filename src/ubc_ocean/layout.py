@@ -103,6 +103,11 @@ def folds_path(cfg: Mapping) -> Path:
     return Path(cfg["paths"]["processed"]) / "folds.csv"
 
 
+def stain_vectors_path(cfg: Mapping) -> Path:
+    """Stage 02's slide stain vectors and clusters (``folds.group_by=stain_cluster`` only)."""
+    return Path(cfg["paths"]["processed"]) / "stain_vectors.csv"
+
+
 def read_manifest(cfg: Mapping) -> pd.DataFrame:
     """Stage 02's manifest, refused when it was built for another tiling than the config's."""
     path = manifest_path(cfg)
@@ -584,6 +589,11 @@ def benchmark_dir(cfg: Mapping) -> Path:
 def benchmark_experiment(cfg: Mapping, name: str) -> str:
     """The experiment a benchmark configuration trains and predicts as: ``{experiment}-{name}``."""
     return f"{cfg['experiment']}-{name}"
+
+
+def benchmark_grouped_experiment(cfg: Mapping, name: str) -> str:
+    """The experiment a benchmark configuration trains as on grouped folds (``benchmark.grouped_folds``)."""
+    return f"{benchmark_experiment(cfg, name)}-grouped"
 
 
 def benchmark_configuration_dir(cfg: Mapping, name: str) -> Path:

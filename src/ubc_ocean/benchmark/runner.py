@@ -11,6 +11,12 @@ run in this process, one after the other (each frees its models when it returns;
 ``runtime.workers`` processes as usual); each configuration's log goes to its own file as well. With
 ``benchmark.resume``, a configuration that ran to the end with the same settings (``done.json``) is read back.
 
+With ``benchmark.grouped_folds`` (a ``folds.group_by`` value: ``hospital``, ``stain_cluster``), each configuration
+is trained once more on folds grouped so, as experiment ``{experiment}-{name}-grouped``: stage 02 writes the
+grouped folds, stage 04 trains on them, the ensemble's OOF balanced accuracy is read from its OOF predictions
+(no test prediction), and stage 02 then writes the configuration's own folds back. Each validation fold then
+plays an unseen hospital; the results gain ``oof_ba_grouped`` and the RESULT line ``oof_test_rank_grouped``.
+
 The best configuration is the one of highest OOF balanced accuracy: nothing is chosen on the test split.
 """
 
@@ -63,6 +69,7 @@ class Configuration:
     name: str
     overrides: list[str]
     cfg: Config
+    grouped: Config | None = None  # the same on benchmark.grouped_folds folds, its own experiment (else None)
 
 
 @dataclass
@@ -88,12 +95,21 @@ def configurations(cfg: Config) -> list[Configuration]:
         raise ConfigError(f"the benchmark scores every test image: runtime.shard must be null; "
                           f"got {cfg['runtime']['shard']!r}")
     out = []
+    group_by = cfg["benchmark"]["grouped_folds"]
     for entry in cfg["benchmark"]["configurations"]:  # every config loaded first: its errors come in a second
         name, overrides = entry["name"], list(entry["overrides"])
         experiment = layout.benchmark_experiment(cfg, name)
         with _named(name):
             resolved = with_overrides(cfg, [*overrides, f"experiment={experiment}", f"submit.name={experiment}"])
-        out.append(Configuration(name, overrides, resolved))
+            grouped_experiment = layout.benchmark_grouped_experiment(cfg, name)
+            grouped = None if group_by is None else with_overrides(
+                resolved, [f"folds.group_by={group_by}", f"experiment={grouped_experiment}"])
+        out.append(Configuration(name, overrides, resolved, grouped))
+    experiments = [c.cfg["experiment"] for c in out] + [c.grouped["experiment"] for c in out if c.grouped]
+    clash = sorted({e for e in experiments if experiments.count(e) > 1})
+    if clash:
+        raise ConfigError(f"benchmark.grouped_folds: the grouped experiments {clash} are also configurations' "
+                          "experiments: rename those configurations")
     from ubc_ocean.mil.train import check_models  # torch and the encoder's architecture, for the widths
 
     for configuration in out:
@@ -184,6 +200,49 @@ def site_features(cfg: Mapping, truth: pd.DataFrame) -> tuple[np.ndarray, np.nda
 
 
 DONE = "done.json"  # in a configuration's folder, written last: it ran to the end with these settings
+GROUPED_DONE = "grouped.json"  # the same for its run on grouped folds: settings, OOF BA and stage times
+
+
+def run_grouped(configuration: Configuration, folder: Path, outcome: Outcome, resume: bool) -> None:
+    """Stages 02 and 04 of ``configuration.grouped`` (its folds grouped by ``benchmark.grouped_folds``), its
+    ensemble's OOF balanced accuracy into ``outcome.oof_ba_grouped`` and ``grouped.json``; then stage 02 of the
+    configuration again, so that the data root's folds are its own. With ``resume``, a grouped run of the same
+    settings is read back."""
+    cfg = configuration.grouped
+    if cfg is None:
+        raise ValueError(f"benchmark configuration {configuration.name!r} has no grouped-folds config")
+    done = folder / GROUPED_DONE
+    if resume and done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("settings") == settings(cfg):
+            outcome.oof_ba_grouped = float(record["oof_ba"])
+            outcome.seconds |= dict(record["seconds"])
+            log.info("benchmark %s (grouped folds): read back from %s (benchmark.resume)", configuration.name, done)
+            return
+    done.unlink(missing_ok=True)
+    from ubc_ocean.submit.stage import oof_calibration
+
+    run = dict(stages())
+    seconds: dict[str, float] = {}
+    log.info("benchmark %s: trained again on folds grouped by %s (experiment %s)", configuration.name,
+             cfg["folds"]["group_by"], cfg["experiment"])
+    try:
+        for name, stage in (("02_merge_grouped", run["02_merge"]), ("04_train_grouped", run["04_train"])):
+            start = time.perf_counter()
+            try:
+                stage(cfg)
+            finally:
+                seconds[name] = time.perf_counter() - start
+        oof_ba = float(oof_calibration(cfg).metrics["balanced_accuracy"])
+    finally:  # the configuration's own folds back (the next configuration's stage 02 would rewrite them anyway)
+        start = time.perf_counter()
+        run["02_merge"](configuration.cfg)
+        seconds["02_merge_grouped"] = seconds.get("02_merge_grouped", 0.0) + time.perf_counter() - start
+        outcome.seconds |= seconds
+    outcome.oof_ba_grouped = oof_ba
+    log.info("benchmark %s: OOF balanced accuracy %.3f on grouped folds (%.3f on plain ones)", configuration.name,
+             oof_ba, outcome.oof_ba)
+    atomic_write_text(done, json.dumps({"settings": settings(cfg), "oof_ba": oof_ba, "seconds": seconds}, indent=1))
 
 
 def settings(cfg: Mapping) -> dict:
@@ -241,13 +300,24 @@ def run(cfg: Config) -> Summary:
                     scored[plan.name] = found
                 except Exception as err:  # reported, the other configurations go on
                     log.error("benchmark configuration %s failed: %s\n%s", plan.name, err, traceback.format_exc())
-                    outcome.error = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+                    outcome.error = _message(err)
+                if plan.grouped is not None and outcome.error is None:
+                    try:
+                        run_grouped(plan, folder, outcome, bool(bench["resume"]))
+                    except Exception as err:  # its plain results stand; the grouped figure is missing
+                        log.error("benchmark configuration %s failed on grouped folds: %s\n%s", plan.name, err,
+                                  traceback.format_exc())
+                        outcome.oof_ba_grouped, outcome.grouped_error = float("nan"), _message(err)
             outcomes.append(outcome)
             timings += [{"configuration": plan.name, "stage": s, "seconds": v} for s, v in outcome.seconds.items()]
         summary = _score(cfg, outcomes, scored, baseline)
         atomic_write_csv(pd.DataFrame(timings).round({"seconds": 2}), out / "timings.csv")
         log.info("benchmark done in %.0f s:\n%s", time.perf_counter() - start, summary.text)
     return summary
+
+
+def _message(err: Exception) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
 
 
 def _score(cfg: Config, outcomes: list[Outcome], scored: Mapping[str, pd.DataFrame], baseline: str) -> Summary:
@@ -271,6 +341,11 @@ def _score(cfg: Config, outcomes: list[Outcome], scored: Mapping[str, pd.DataFra
     atomic_write_csv(results, out / "results.csv")
     note = (f"Test images: {n_images}; {level * 100:g}% bootstrap percentile intervals over {bench['bootstrap']} "
             f"resamples of the test images (seed {bench['seed']}), the same resamples for every configuration; "
-            f"Δ: paired difference against {baseline}. Bold: the best configuration by OOF balanced accuracy.\n\n")
+            f"Δ: paired difference against {baseline}. Bold: the best configuration by OOF balanced accuracy.")
+    if bench["grouped_folds"]:
+        note += (f" OOF BA (grouped): the same configuration trained on folds grouped by {bench['grouped_folds']} "
+                 "(each validation fold a group its models never saw).")
+    note += "\n\n"
     atomic_write_text(out / "results.md", note + markdown)
-    return Summary(results, markdown, result_line(results), [o.name for o in outcomes if o.error], out)
+    failed = [o.name for o in outcomes if o.error] + [f"{o.name} (grouped folds)" for o in outcomes if o.grouped_error]
+    return Summary(results, markdown, result_line(results), failed, out)

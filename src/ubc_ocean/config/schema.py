@@ -330,7 +330,8 @@ RULES: dict[str, Rule] = {
     "focus_calibration.thresholds": at_least(0, item=float),
     "external.sources": Rule(list, section=_sources, accepts="a list of {name, kind, root, labels_csv, magnification}"),
     "folds.n_splits": at_least(2),
-    "folds.group_column": Rule(str, null=True, nonempty=True),
+    "folds.group_by": Rule(str, null=True, nonempty=True),
+    "folds.stain_clusters": at_least(0),
     "features.encoder": TEXT,
     "features.weights": Rule(str, null=True, nonempty=True),
     "features.input_size": at_least(1, kind=int, null=True),
@@ -390,7 +391,12 @@ RULES: dict[str, Rule] = {
     "benchmark.confidence": Rule(low=0, high=1, open_low=True, test=lambda v: v < 1, accepts="a number in (0, 1)"),
     "benchmark.seed": at_least(0, 2**32 - 1),
     "benchmark.resume": TYPE,
+    "benchmark.grouped_folds": Rule(str, null=True, nonempty=True),
 }
+
+# Keys that were renamed: the old name is an error that gives the new one (a silent default would change folds).
+RENAMED = {"folds.group_column": "folds.group_by"}
+STAIN_CLUSTER = "stain_cluster"  # folds.group_by: group by clusters of the slides' stain vectors (stage 02)
 
 
 def _cross_checks(cfg: Mapping) -> None:
@@ -406,6 +412,11 @@ def _cross_checks(cfg: Mapping) -> None:
                           f"got {bench['baseline']!r}")
     if data["outlier_label"] in data["classes"]:
         raise ConfigError(f"data.outlier_label must not be one of data.classes; got {data['outlier_label']!r}")
+    folds = cfg["folds"]
+    if folds["group_by"] == STAIN_CLUSTER and 0 < folds["stain_clusters"] < folds["n_splits"]:
+        raise ConfigError(f"folds.stain_clusters must be 0 or >= folds.n_splits ({folds['n_splits']}) with "
+                          f"folds.group_by={STAIN_CLUSTER} (each fold validates whole clusters); "
+                          f"got {folds['stain_clusters']!r}")
     tiling = cfg["tiling"]
     if tiling["synthetic_tmas_per_wsi"] and tiling["synthetic_tma_side"] < tiling["tile_size"]:
         raise ConfigError(f"tiling.synthetic_tma_side must be >= tiling.tile_size ({tiling['tile_size']}) when "
@@ -416,6 +427,8 @@ def _cross_checks(cfg: Mapping) -> None:
 
 
 def unknown_key(dotted: str, known: Iterator[str] | Mapping) -> ConfigError:
+    if dotted in RENAMED:
+        return ConfigError(f"config key '{dotted}' was renamed '{RENAMED[dotted]}': use that")
     leaf = dotted.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, [str(k) for k in known], n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""

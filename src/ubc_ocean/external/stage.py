@@ -1,7 +1,10 @@
 """Stage 02: one manifest of every training slide (competition + external) with provenance, and folds.
 
 Reads the tile store written by stage 01 and the external sources' label files; writes
-``{paths.processed}/manifest.csv`` and ``{paths.processed}/folds.csv``.
+``{paths.processed}/manifest.csv`` and ``{paths.processed}/folds.csv``. The folds are grouped by
+``folds.group_by``: a column of ``train.csv`` (hospital, patient), or ``stain_cluster``: clusters of the
+competition slides' stain vectors (:mod:`ubc_ocean.stain_vectors`, from a sample of each slide's tiles; also
+written to ``{paths.processed}/stain_vectors.csv``), so that each validation fold plays an unseen hospital.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import pandas as pd
 
 from ubc_ocean import layout, tile_store
 from ubc_ocean.config import save_config
+from ubc_ocean.config.schema import STAIN_CLUSTER
 from ubc_ocean.folds import PARENT, TRAIN_ONLY, assign_folds, is_synthetic, parent_folds, small_classes
 from ubc_ocean.io_utils import FailureLog, MissingInput, atomic_write_csv
 from ubc_ocean.sources import TRAIN, external_sources, read_train_csv
+from ubc_ocean.stain_vectors import cluster_stain_vectors, slide_stain_vectors
 
 log = logging.getLogger(__name__)
 STAGE = "02_merge_external"
@@ -27,16 +32,23 @@ FOLD_COLUMNS = ["slide_id", "image_id", "source", "label", "is_tma", "fold", PAR
 
 
 def _groups(frame: pd.DataFrame, column: str | None, prefix: str) -> list[str]:
-    """The grouping value per row (``folds.group_column`` when the table has it, else the image)."""
+    """The grouping value per row (the ``folds.group_by`` column when the table has it, else the image)."""
     values = frame[column] if column and column in frame.columns else frame["image_id"]
     return [f"{prefix}{value}" for value in values.astype(str)]
 
 
+def _group_column(cfg: Mapping) -> str | None:
+    """The label table column that groups the slides: ``folds.group_by`` unless null or ``stain_cluster``."""
+    group_by = cfg["folds"]["group_by"]
+    return None if group_by in (None, STAIN_CLUSTER) else str(group_by)
+
+
 def _candidate_rows(cfg: Mapping) -> list[dict]:
-    group_column = cfg["folds"]["group_column"]
+    group_column = _group_column(cfg)
     train = read_train_csv(cfg)
     if group_column and group_column not in train.columns:
-        raise ValueError(f"folds.group_column '{group_column}' is not a column of train.csv")
+        raise ValueError(f"folds.group_by '{group_column}' is not a column of train.csv (columns: "
+                         f"{', '.join(map(str, train.columns))}; or {STAIN_CLUSTER})")
     rows = [
         {"source": TRAIN, "image_id": str(r.image_id), "label": r.label, "is_tma": bool(r.is_tma),
          "group": group, "provenance": "competition"}
@@ -104,8 +116,31 @@ def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataF
     return manifest
 
 
+def stain_groups(cfg: Mapping, manifest: pd.DataFrame, validating: pd.Series) -> pd.Series:
+    """``manifest["group"]`` with each ``validating`` slide's stain cluster (``stain_cluster:{k}``; a synthetic
+    core of such a slide takes its parent's); writes every validating slide's stain vector and cluster to
+    ``stain_vectors.csv``. ``folds.stain_clusters`` clusters (0: ``folds.n_splits``), seeded by ``seed``."""
+    slides = manifest[validating]
+    folders = {row.slide_id: layout.slide_tiles_dir(cfg, row.source, row.image_id) for row in slides.itertuples()}
+    vectors = slide_stain_vectors(folders)
+    folds_cfg = cfg["folds"]
+    n_clusters = int(folds_cfg["stain_clusters"]) or int(folds_cfg["n_splits"])
+    vectors["cluster"] = cluster_stain_vectors(vectors, n_clusters, int(cfg["seed"]))
+    atomic_write_csv(vectors, layout.stain_vectors_path(cfg))
+    log.info("stage 02: %d slides in %d stain clusters (sizes %s) -> %s", len(vectors), vectors["cluster"].nunique(),
+             vectors["cluster"].value_counts().sort_index().tolist(), layout.stain_vectors_path(cfg))
+    cluster = dict(zip(vectors["slide_id"], f"{STAIN_CLUSTER}:" + vectors["cluster"].astype(str), strict=True))
+    groups = manifest["group"].copy()
+    groups[validating] = slides["slide_id"].map(cluster)
+    parents = manifest["source"].astype(str) + "/" + manifest[PARENT].astype(str)
+    cores = is_synthetic(manifest) & parents.isin(set(cluster))
+    groups[cores] = parents[cores].map(cluster)
+    return groups
+
+
 def run(cfg: Mapping) -> pd.DataFrame:
-    """Write manifest.csv and folds.csv (external slides get fold -1: train-only)."""
+    """Write manifest.csv and folds.csv (external slides get fold -1: train-only), and stain_vectors.csv with
+    ``folds.group_by=stain_cluster``."""
     layout.require_writable(cfg, "processed")
     tiles = layout.tiles_root(cfg)
     if not tiles.is_dir():
@@ -125,9 +160,11 @@ def run(cfg: Mapping) -> pd.DataFrame:
                    f"some folds cannot validate it (lower folds.n_splits or add slides)")
         log.warning(message)
         failures.record(f"class:{label}", message)
+    if folds_cfg["group_by"] == STAIN_CLUSTER:
+        manifest["group"] = stain_groups(cfg, manifest, is_competition)
     manifest["fold"] = parent_folds(manifest, assign_folds(
         manifest, int(folds_cfg["n_splits"]), int(cfg["seed"]),
-        group_column="group" if folds_cfg["group_column"] else None, validate_mask=is_competition,
+        group_column="group" if folds_cfg["group_by"] else None, validate_mask=is_competition,
     ))
     atomic_write_csv(manifest.drop(columns="fold"), layout.manifest_path(cfg))
     atomic_write_csv(manifest[FOLD_COLUMNS], layout.folds_path(cfg))

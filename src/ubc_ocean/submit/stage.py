@@ -59,6 +59,14 @@ def ensemble_members(cfg: Mapping) -> dict[str, layout.ModelDir]:
     return members
 
 
+def oof_calibration(cfg: Mapping) -> EnsembleCalibration:
+    """The ensemble of the config's experiment (its complete models, ``inference.models`` where set) calibrated
+    on their OOF predictions alone: what stage 06 reports as OOF, without test predictions (the benchmark's
+    grouped-folds runs train no model for test)."""
+    return EnsembleCalibration.from_oof({m: layout.model_dir(cfg, m).read_oof() for m in layout.required_models(cfg)},
+                                        cfg)
+
+
 def run(cfg: Mapping) -> Path:
     """Write ``submissions/{submit.name}.csv`` and ``{predictions}/{experiment}/ensemble.json``; returns the
     submission path."""
