@@ -42,18 +42,18 @@ def test_unknown_key_in_file_is_named_with_a_suggestion(tmp_path):
         load_config(path)
 
 
-def test_a_renamed_key_names_its_new_name(tmp_path):
-    """folds.group_column became folds.group_by: the old key, in a file or an override, says so (a silent
-    default would draw other folds); so does a benchmark configuration that sets it."""
+def test_a_renamed_key_is_read_as_its_new_name_with_a_warning(tmp_path, caplog):
+    """folds.group_column became folds.group_by: the old key, in a file (a trained run's saved config), an
+    override or a benchmark configuration, is read as the new one and says so."""
     path = tmp_path / "old.yaml"
     path.write_text("folds:\n  group_column: patient_id\n")
-    renamed = re.escape("config key 'folds.group_column' was renamed 'folds.group_by'")
-    for overrides, where in (([], path), (["folds.group_column=hospital"], None)):
-        with pytest.raises(ConfigError, match=renamed):
-            load_config(where, overrides)
-    cfg = load_config(None, ["benchmark.configurations=[{name: a, overrides: [folds.group_column=hospital]}]"])
-    with pytest.raises(ConfigError, match=renamed):
-        with_overrides(cfg, cfg.benchmark.configurations[0].overrides)
+    renamed = "config key 'folds.group_column' was renamed 'folds.group_by'"
+    with caplog.at_level("WARNING", logger="ubc_ocean.config"):
+        assert load_config(path)["folds"]["group_by"] == "patient_id"
+        assert load_config(None, ["folds.group_column=hospital"])["folds"]["group_by"] == "hospital"
+        cfg = load_config(None, ["benchmark.configurations=[{name: a, overrides: [folds.group_column=hospital]}]"])
+        assert with_overrides(cfg, cfg.benchmark.configurations[0].overrides)["folds"]["group_by"] == "hospital"
+    assert caplog.text.count(renamed) == 3
 
 
 def test_stain_clusters_cannot_be_fewer_than_the_folds():

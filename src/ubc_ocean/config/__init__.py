@@ -8,6 +8,7 @@ name a ``base`` file (relative to itself) that is applied first. The merged conf
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,7 +16,17 @@ from typing import Any
 
 import yaml
 
-from ubc_ocean.config.schema import DEFAULTS_FILE, ConfigError, check_config, defaults, text_rule, unknown_key
+from ubc_ocean.config.schema import (
+    DEFAULTS_FILE,
+    RENAMED,
+    ConfigError,
+    check_config,
+    defaults,
+    text_rule,
+    unknown_key,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULTS_FILE", "REPO_ROOT", "Config", "ConfigError", "as_plain", "free_form_keys", "load_config",
            "parse_override", "save_config", "with_overrides"]
@@ -85,6 +96,10 @@ def _merge(base: dict, layer: Mapping, free: set[str], prefix: str = "") -> None
     """Merge ``layer`` into ``base`` in place, refusing keys that ``base`` lacks (outside free-form keys)."""
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
+        if key not in base and dotted in RENAMED:  # configs saved before the rename (a trained run's) still load
+            log.warning("config key '%s' was renamed '%s': read as that", dotted, RENAMED[dotted])
+            dotted = RENAMED[dotted]
+            key = dotted.rsplit(".", 1)[-1]
         if key not in base:
             raise unknown_key(dotted, base.keys())
         current = base[key]

@@ -394,7 +394,8 @@ RULES: dict[str, Rule] = {
     "benchmark.grouped_folds": Rule(str, null=True, nonempty=True),
 }
 
-# Keys that were renamed: the old name is an error that gives the new one (a silent default would change folds).
+# Keys that were renamed within their section: the old name is read as the new one, with a warning (a trained
+# run's saved config.yaml still loads; dropping it silently would draw other folds).
 RENAMED = {"folds.group_column": "folds.group_by"}
 STAIN_CLUSTER = "stain_cluster"  # folds.group_by: group by clusters of the slides' stain vectors (stage 02)
 
@@ -427,8 +428,6 @@ def _cross_checks(cfg: Mapping) -> None:
 
 
 def unknown_key(dotted: str, known: Iterator[str] | Mapping) -> ConfigError:
-    if dotted in RENAMED:
-        return ConfigError(f"config key '{dotted}' was renamed '{RENAMED[dotted]}': use that")
     leaf = dotted.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, [str(k) for k in known], n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
