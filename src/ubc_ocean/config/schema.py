@@ -339,6 +339,9 @@ RULES: dict[str, Rule] = {
     "features.precision": PRECISION,
     "features.tta": one_of("none", "flips", "dihedral"),
     "features.stain_augmentation": FRACTION,
+    "features.stain_normalisation": one_of("none", "macenko", "reinhard"),
+    "features.stain_tta": TYPE,
+    "features.stain_reference_tiles": at_least(1),
     "features.cpu_threads": at_least(0),
     "mil.models": Rule(nonempty=True, unique=True, test=lambda v: all(x.strip() for x in v),
                        accepts="a non-empty list of distinct model names"),
@@ -404,6 +407,10 @@ def _cross_checks(cfg: Mapping) -> None:
                           f"got {bench['baseline']!r}")
     if data["outlier_label"] in data["classes"]:
         raise ConfigError(f"data.outlier_label must not be one of data.classes; got {data['outlier_label']!r}")
+    features = cfg["features"]
+    if features["stain_tta"] and features["stain_normalisation"] == "none":
+        raise ConfigError("features.stain_tta averages the raw and the stain-normalised tile: it needs "
+                          "features.stain_normalisation (macenko or reinhard); got none")
     tiling = cfg["tiling"]
     if tiling["synthetic_tmas_per_wsi"] and tiling["synthetic_tma_side"] < tiling["tile_size"]:
         raise ConfigError(f"tiling.synthetic_tma_side must be >= tiling.tile_size ({tiling['tile_size']}) when "
