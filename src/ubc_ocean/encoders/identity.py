@@ -21,9 +21,9 @@ def feature_width(cfg: Mapping) -> int:
 def feature_identity(cfg: Mapping) -> dict:
     """What makes the features the config computes comparable with others: the encoder and its weights
     (sha256 of the file, or of the hub name), input size, tile size and magnification, how the tiles are
-    stored (stage 03 embeds them after this encoding; fused inference applies the same round trip) and
-    the feature width. Stage 04 records it with each model; stage 05 refuses to predict with a model
-    trained on features of another identity."""
+    stored (stage 03 embeds them after this encoding; fused inference applies the same round trip), the
+    stain normalisation method and the feature width. Stage 04 records it with each model; stage 05
+    refuses to predict with a model trained on features of another identity."""
     features, tiling = cfg["features"], cfg["tiling"]
     resolved = resolve_weights(features["encoder"], features["weights"], features["input_size"])
     fmt = "jpg" if tiling["format"] in ("jpg", "jpeg") else str(tiling["format"])
@@ -32,7 +32,7 @@ def feature_identity(cfg: Mapping) -> dict:
         "input_size": int(resolved.input_size), "tile_size": int(tiling["tile_size"]),
         "magnification": float(tiling["target_magnification"]),
         "tile_encoding": f"jpg q{int(tiling['jpeg_quality'])}" if fmt == "jpg" else fmt,
-        "feature_dim": feature_width(cfg),
+        "stain_normalisation": str(features["stain_normalisation"]), "feature_dim": feature_width(cfg),
     }
 
 
@@ -40,7 +40,7 @@ def feature_identity(cfg: Mapping) -> dict:
 IDENTITY_KEYS = {
     "encoder": "encoder", "weights_sha256": "weights (sha256)", "input_size": "input size",
     "tile_size": "tile size", "magnification": "magnification", "tile_encoding": "tile encoding",
-    "feature_dim": "feature dimension",
+    "stain_normalisation": "stain normalisation", "feature_dim": "feature dimension",
 }
 
 
