@@ -126,3 +126,17 @@ def test_stages_03_and_05_adapt_to_their_own_tiles(pipeline: Path, tmp_path: Pat
     infer(cfg)  # the same images: statistics and embeddings reused
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert all(path.exists() for path in written.values())
+
+
+def test_the_statistics_see_the_colour_views_the_embedding_gives_the_encoder() -> None:
+    """With stain normalisation (and stain TTA), the tiles are averaged in the views the encoder embeds."""
+    batches = tile_batches(2)
+    invert = lambda batch: 255 - batch  # noqa: E731  (a stand-in normalisation)
+    direct, viewed, both = tiny_encoder(), tiny_encoder(), tiny_encoder()
+    reestimate_batchnorm(direct, [invert(b) for b in batches], torch.device("cpu"))
+    reestimate_batchnorm(viewed, batches, torch.device("cpu"), {"normalise": invert})
+    reestimate_batchnorm(both, [v for b in batches for v in (b, invert(b))], torch.device("cpu"))
+    stain_tta = tiny_encoder()
+    reestimate_batchnorm(stain_tta, batches, torch.device("cpu"), {"normalise": invert, "stain_tta": True})
+    assert state_digest(batchnorm_state(viewed.model)) == state_digest(batchnorm_state(direct.model))
+    torch.testing.assert_close(stain_tta.model[1].running_mean, both.model[1].running_mean)

@@ -16,6 +16,7 @@ from ubc_ocean.features.embed import bucket_size, embed_batches
 from ubc_ocean.features.stage import embed_tile_folder
 from ubc_ocean.inference.fused import embed_slide_streaming
 from ubc_ocean.sources import TRAIN, competition_specs
+from ubc_ocean.stain_normalisation import StainReference
 from ubc_ocean.synthetic import render_slide
 from ubc_ocean.tiling.stage import tile_slide
 
@@ -106,6 +107,14 @@ def test_cached_features_equal_direct_forward_and_fused_mode(tiny_raw, tmp_path,
     fused, fused_coords, info = embed_slide_streaming(spec, cfg, encoder, CPU)
     assert (fused_coords == coords).all() and info["n_tiles"] == len(fused)
     np.testing.assert_allclose(fused, features, rtol=1e-3, atol=1e-3)
+    # With stain normalisation on, both normalise every tile to the same reference (fitted on these tiles)
+    stain = StainReference.fit("macenko", list(tiles), list(tile_store.read_index(folder)["file"]))
+    normalising = tiny_config(tmp_path, f"paths.raw={tiny_raw.paths.raw}", "tiling.format=png",
+                              "features.stain_normalisation=macenko")
+    stored, _, _ = embed_tile_folder(folder, encoder, normalising, CPU, stain=stain)
+    fused_normalised, _, _ = embed_slide_streaming(spec, normalising, encoder, CPU, stain)
+    np.testing.assert_allclose(fused_normalised, stored, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(stored, features, atol=1e-2)  # the normalisation changed the features
     # When every tile fails the blur filter, fused mode falls back exactly as stage 01 does.
     strict = tiny_config(tmp_path / "strict", f"paths.raw={tiny_raw.paths.raw}", "tiling.format=png",
                          "tiling.min_blur_score=1e9", "tiling.quality_fallback_tiles=3")

@@ -131,8 +131,8 @@ def _exploding_for(victim: str, real: Callable) -> Callable:
     """``embedding_options`` whose ``augment`` step, run on each batch just before the encoder, raises for
     one slide, as a CUDA or encoder error would half-way through it."""
 
-    def options(features_cfg, slide_id):  # type: ignore[no-untyped-def]
-        chosen = real(features_cfg, slide_id)
+    def options(features_cfg, slide_id, *more):  # type: ignore[no-untyped-def]
+        chosen = real(features_cfg, slide_id, *more)
         if slide_id == victim:
             def explode(batch):  # type: ignore[no-untyped-def]
                 raise RuntimeError("CUDA error: an illegal memory access was encountered\nkernel: conv2d")

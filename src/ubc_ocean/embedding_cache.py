@@ -62,14 +62,23 @@ def read_attrs(path: str | Path) -> dict:
         return dict(handle.attrs)
 
 
-def is_current(path: Path, tiles_fingerprint: str) -> bool:
+def is_current(path: Path, tiles_fingerprint: str, made_with: Mapping[str, str] | None = None) -> bool:
     """Complete and made from the tile folder as it is now (files written before fingerprints were
-    recorded are taken as current)."""
+    recorded are taken as current), and with the attributes ``made_with`` (e.g. the stain reference's
+    sha256: a file without them is not current)."""
     if not is_complete(path):
         return False
     with h5py.File(path, "r") as handle:
         recorded = handle.attrs.get("tiles_fingerprint")
-    return recorded is None or str(recorded) == tiles_fingerprint
+    return (recorded is None or str(recorded) == tiles_fingerprint) and made_with_attrs(path, made_with)
+
+
+def made_with_attrs(path: Path, made_with: Mapping[str, str] | None) -> bool:
+    """Whether a (complete) file's attributes hold every ``made_with`` value (nothing asked: true)."""
+    if not made_with:
+        return True
+    attrs = read_attrs(path)
+    return all(key in attrs and str(attrs[key]) == str(value) for key, value in made_with.items())
 
 
 def is_complete(path: Path) -> bool:

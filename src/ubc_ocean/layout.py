@@ -10,8 +10,9 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
     {processed}/manifest.csv, folds.csv, failures_02.csv          stage 02
     {processed}/embeddings/{encoder}{variant}__{tiling key}/      stage 03 (training), 05 (test)
         {source}/{image_id}.h5   features [N, D], coords [N, 2], attrs (embedding_attrs)
+        stain_reference.json     features.stain_normalisation on: the reference stage 03 fitted (stain_normalisation.py)
     {runs}/{experiment}/                                stage 04 (read by 05-06)
-        config.yaml, failures_04.csv
+        config.yaml, failures_04.csv, stain_reference.json (copied by stage 04 when normalising; stage 05 reads it)
         {model}/fold{k}_seed{s}.pt, oof.csv, curves.csv, metrics.json, confusion.*, outlier.json,
         {model}/complete.json         written last by stage 04: the model is whole (ModelDir.problem)
     {predictions}/{experiment}/                         stages 05-06 (default {predictions} = {runs}: the same folder)
@@ -47,6 +48,7 @@ from ubc_ocean.io_utils import FailureLog, MissingInput, atomic_write_text
 from ubc_ocean.parallel import shard_output
 from ubc_ocean.slides.magnification import native_magnification
 from ubc_ocean.sources import TEST, TRAIN, SlideFiles, competition_specs, raw_path
+from ubc_ocean.stain_normalisation import REFERENCE_FILE
 from ubc_ocean.tile_store import read_slide_info, tiling_key
 
 log = logging.getLogger(__name__)
@@ -142,15 +144,21 @@ def embeddings_root(cfg: Mapping) -> Path:
 
 def test_embeddings_root(cfg: Mapping) -> Path:
     """Where stage 05 caches test features (under ``test/``): :func:`embeddings_root` named without the
-    stain variant, since test tiles are never stain-jittered (``features.stain_augmentation`` augments
-    training tiles only). With it off, the same folder as the training features."""
+    stain jitter variant, since test tiles are never stain-jittered (``features.stain_augmentation`` augments
+    training tiles only; stain normalisation applies to test tiles too, and keeps its part of the name).
+    With the jitter off, the same folder as the training features."""
     return _embeddings_folder(cfg, 0.0)
 
 
-def variant_name(tta: str, stain_augmentation: float, bn_adaptation: bool = False) -> str:
-    """Suffix of the cache folder: features made with TTA, stain jitter or adapted batch-norm statistics
-    never mix with plain ones."""
+def variant_name(tta: str, stain_augmentation: float, stain_normalisation: str = "none",
+                 stain_tta: bool = False, bn_adaptation: bool = False) -> str:
+    """Suffix of the cache folder: features made with TTA, stain normalisation (``-macenko``, ``-reinhard``;
+    ``-stta`` averaging the raw and normalised tile), stain jitter or batch-norm statistics adapted to each
+    side's tiles (``-adabn``) never mix with plain ones."""
     parts = [] if tta == "none" else [f"tta-{tta}"]
+    if stain_normalisation != "none":
+        parts.append(stain_normalisation)
+        parts += ["stta"] if stain_tta else []
     if stain_augmentation:
         parts.append(f"stain{stain_augmentation:g}")
     if bn_adaptation:
@@ -161,20 +169,33 @@ def variant_name(tta: str, stain_augmentation: float, bn_adaptation: bool = Fals
 def _embeddings_folder(cfg: Mapping, stain_augmentation: float) -> Path:
     features = cfg["features"]
     encoder = encoder_cache_name(features["encoder"], features["weights"], features["input_size"])
-    variant = variant_name(features["tta"], stain_augmentation, bool(features["bn_adaptation"]))
+    variant = variant_name(features["tta"], stain_augmentation, str(features["stain_normalisation"]),
+                           bool(features["stain_tta"]), bool(features["bn_adaptation"]))
     return Path(cfg["paths"]["processed"]) / "embeddings" / f"{encoder}{variant}__{tiling_key(cfg)}"
 
 
 def test_features_fingerprint(cfg: Mapping) -> dict:
     """What shapes the test features stage 05 predicts from: their folder (:func:`test_embeddings_root`),
     and by name the encoder (weights, input size), the tiling key and the TTA variant it is named after
-    (no stain variant: test tiles are never jittered). Recorded beside each model's test predictions;
+    (no stain jitter variant: test tiles are never jittered). Recorded beside each model's test predictions;
     stage 06 refuses predictions whose record differs."""
     features = cfg["features"]
     return {  # the named parts first: a mismatch is reported by the first key that differs
         "encoder": encoder_cache_name(features["encoder"], features["weights"], features["input_size"]),
         "tiling_key": tiling_key(cfg), "tta": str(features["tta"]), "embeddings": test_embeddings_root(cfg).name,
     }
+
+
+def stain_reference_path(root: Path) -> Path:
+    """The stain reference stage 03 fits beside the training embeddings under ``root`` (an
+    :func:`embeddings_root`) when ``features.stain_normalisation`` is on; stage 04 copies it into the run."""
+    return root / REFERENCE_FILE
+
+
+def run_stain_reference(cfg: Mapping, experiment: str | None = None) -> Path:
+    """``{runs}/{experiment}/stain_reference.json``: the stain reference the run's models were trained with
+    (stage 04 copies it there; stage 05 normalises the test tiles with it)."""
+    return run_dir(cfg, experiment) / REFERENCE_FILE
 
 
 def embedding_path(root: Path, source: str, image_id: str) -> Path:
@@ -190,14 +211,17 @@ def embedding_paths(root: Path, table: pd.DataFrame) -> dict[str, Path]:
 def embedding_attrs(cfg: Mapping, encoder_name: str, weights_id: str, input_size: int, slide_id: str,
                     **extra: object) -> dict:
     """The attributes every embeddings h5 records (stage 03 adds the tile folder's fingerprint, stage 05
-    whether the image is a TMA, and ``stain_augmentation=0.0``: test tiles are never jittered): what made the
-    features, so they are never mixed with others."""
+    whether the image is a TMA, and ``stain_augmentation=0.0``: test tiles are never jittered; both add
+    ``stain_reference``, the sha256 of the stain reference, when normalising): what made the features, so
+    they are never mixed with others."""
     features = cfg["features"]
+    stain = {} if features["stain_normalisation"] == "none" else {
+        "stain_normalisation": str(features["stain_normalisation"]), "stain_tta": bool(features["stain_tta"])}
     return {
         "encoder": encoder_name, "weights_sha256": weights_id, "input_size": int(input_size),
         "tile_size": int(cfg["tiling"]["tile_size"]), "magnification": float(cfg["tiling"]["target_magnification"]),
         "slide_id": slide_id, "tiling_key": tiling_key(cfg), "tta": str(features["tta"]),
-        "stain_augmentation": float(features["stain_augmentation"]), **extra,
+        "stain_augmentation": float(features["stain_augmentation"]), **stain, **extra,
     }
 
 

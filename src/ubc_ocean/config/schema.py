@@ -340,6 +340,9 @@ RULES: dict[str, Rule] = {
     "features.precision": PRECISION,
     "features.tta": one_of("none", "flips", "dihedral"),
     "features.stain_augmentation": FRACTION,
+    "features.stain_normalisation": one_of("none", "macenko", "reinhard"),
+    "features.stain_tta": TYPE,
+    "features.stain_reference_tiles": at_least(1),
     "features.bn_adaptation": TYPE,
     "features.bn_adaptation_tiles": at_least(2),
     "features.cpu_threads": at_least(0),
@@ -418,6 +421,10 @@ def _cross_checks(cfg: Mapping) -> None:
         raise ConfigError(f"folds.stain_clusters must be 0 or >= folds.n_splits ({folds['n_splits']}) with "
                           f"folds.group_by={STAIN_CLUSTER} (each fold validates whole clusters); "
                           f"got {folds['stain_clusters']!r}")
+    features = cfg["features"]
+    if features["stain_tta"] and features["stain_normalisation"] == "none":
+        raise ConfigError("features.stain_tta averages the raw and the stain-normalised tile: it needs "
+                          "features.stain_normalisation (macenko or reinhard); got none")
     tiling = cfg["tiling"]
     if tiling["synthetic_tmas_per_wsi"] and tiling["synthetic_tma_side"] < tiling["tile_size"]:
         raise ConfigError(f"tiling.synthetic_tma_side must be >= tiling.tile_size ({tiling['tile_size']}) when "

@@ -22,8 +22,9 @@ def feature_identity(cfg: Mapping) -> dict:
     """What makes the features the config computes comparable with others: the encoder and its weights
     (sha256 of the file, or of the hub name), input size, tile size and magnification, how the tiles are
     stored (stage 03 embeds them after this encoding; fused inference applies the same round trip), the
-    feature width and whether batch-norm statistics are adapted to each side's tiles. Stage 04 records it
-    with each model; stage 05 refuses to predict with a model trained on features of another identity."""
+    stain normalisation method, the feature width and whether batch-norm statistics are adapted to each
+    side's tiles. Stage 04 records it with each model; stage 05 refuses to predict with a model trained on
+    features of another identity."""
     features, tiling = cfg["features"], cfg["tiling"]
     resolved = resolve_weights(features["encoder"], features["weights"], features["input_size"])
     fmt = "jpg" if tiling["format"] in ("jpg", "jpeg") else str(tiling["format"])
@@ -32,7 +33,8 @@ def feature_identity(cfg: Mapping) -> dict:
         "input_size": int(resolved.input_size), "tile_size": int(tiling["tile_size"]),
         "magnification": float(tiling["target_magnification"]),
         "tile_encoding": f"jpg q{int(tiling['jpeg_quality'])}" if fmt == "jpg" else fmt,
-        "feature_dim": feature_width(cfg), "bn_adaptation": bool(features["bn_adaptation"]),
+        "stain_normalisation": str(features["stain_normalisation"]), "feature_dim": feature_width(cfg),
+        "bn_adaptation": bool(features["bn_adaptation"]),
     }
 
 
@@ -40,7 +42,8 @@ def feature_identity(cfg: Mapping) -> dict:
 IDENTITY_KEYS = {
     "encoder": "encoder", "weights_sha256": "weights (sha256)", "input_size": "input size",
     "tile_size": "tile size", "magnification": "magnification", "tile_encoding": "tile encoding",
-    "feature_dim": "feature dimension", "bn_adaptation": "batch-norm adaptation",
+    "stain_normalisation": "stain normalisation", "feature_dim": "feature dimension",
+    "bn_adaptation": "batch-norm adaptation",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch import nn
 
 from ubc_ocean.config import ConfigError
 from ubc_ocean.encoders.registry import Encoder
+from ubc_ocean.features.embed import colour_views
 
 log = logging.getLogger(__name__)
 STATISTICS_FILE = "bn_statistics.safetensors"
@@ -39,12 +40,14 @@ def require_batchnorm(encoder: Encoder) -> None:
 
 
 def reestimate_batchnorm(encoder: Encoder, batches: Iterable[np.ndarray], device: torch.device,
-                         transform: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
+                         options: Mapping | None = None) -> int:
     """Replace every batch-norm layer's running mean and variance by their averages over ``batches`` (uint8
-    tiles [B, H, W, 3], first passed through ``transform`` as the embedding will pass them); returns the tiles
-    seen. Only those buffers change: weights, biases and every other layer stay as they were, and the model is
-    left in eval mode. Without tiles the statistics stay as they were."""
+    tiles [B, H, W, 3]), each in the colour views the embedding gives the encoder (``options``:
+    :func:`~ubc_ocean.features.embed.embed_batches`' keywords, whose stain normalisation and stain TTA apply);
+    returns the tiles seen. Only those buffers change: weights, biases and every other layer stay as they were,
+    and the model is left in eval mode. Without tiles the statistics stay as they were."""
     require_batchnorm(encoder)
+    options = options or {}
     layers = batchnorm_layers(encoder.model)
     saved = {name: {key: getattr(layer, key).clone() for key in _BUFFERS} for name, layer in layers.items()}
     momenta = {name: layer.momentum for name, layer in layers.items()}
@@ -57,10 +60,10 @@ def reestimate_batchnorm(encoder: Encoder, batches: Iterable[np.ndarray], device
     try:
         with torch.no_grad():
             for batch in batches:
-                batch = np.asarray(batch if transform is None else transform(np.asarray(batch)))
                 if len(batch) < 2:  # one tile has no batch variance to speak of
                     continue
-                model(encoder.preprocess(torch.as_tensor(batch).to(device)))
+                for view in colour_views(np.asarray(batch), options.get("normalise"), options.get("stain_tta", False)):
+                    model(encoder.preprocess(torch.as_tensor(np.asarray(view)).to(device)))
                 seen += len(batch)
     finally:
         for name, layer in layers.items():
@@ -150,3 +153,11 @@ def sample_evenly(counts: list[int], total: int, seed: int) -> list[np.ndarray]:
             if left == 0:
                 break
     return [np.sort(rng.choice(count, size=int(q), replace=False)) for count, q in zip(counts, quota, strict=True)]
+
+
+def statistics_attrs(cfg: Mapping, path: Path) -> dict[str, str]:
+    """The h5 attributes that name the batch-norm statistics in ``path`` (their sha256, from the file's
+    metadata: the encoder is not built), with ``features.bn_adaptation`` on; empty when off."""
+    if not cfg["features"]["bn_adaptation"]:
+        return {}
+    return {"bn_statistics_sha256": statistics_metadata(path)["sha256"]}

@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
+from ubc_ocean.config import ConfigError
 from ubc_ocean.device import autocast, autocast_dtype
 from ubc_ocean.encoders.registry import Encoder, create_encoder
 from ubc_ocean.features.augment import stain_augmenter, tta_views
 from ubc_ocean.parallel import usable_cores
+from ubc_ocean.stain_normalisation import StainNormaliser, StainReference
 
 log = logging.getLogger(__name__)
 _ENCODERS: dict[tuple, Encoder] = {}
@@ -68,12 +70,15 @@ def embed_batches(
     augment: Callable[[np.ndarray], np.ndarray] | None = None,
     bucket: bool | None = None,
     full_batch: int | None = None,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
+    stain_tta: bool = False,
 ) -> Iterator[np.ndarray]:
     """Yield float32 features [B, D] for each uint8 batch [B, H, W, 3].
 
-    ``augment`` transforms the uint8 batch first (stain jitter); ``tta`` averages the features of
-    flipped / rotated views. Under fp16 autocast, a view whose features overflow (inf/NaN: large ViTs'
-    activations exceed fp16's range) is computed again in fp32.
+    ``normalise`` maps the uint8 batch onto a stain reference first (with ``stain_tta``, the features of
+    the raw and the normalised batch are averaged); ``augment`` then transforms it (stain jitter); ``tta``
+    averages the features of flipped / rotated views of each. Under fp16 autocast, a view whose features
+    overflow (inf/NaN: large ViTs' activations exceed fp16's range) is computed again in fp32.
 
     ``bucket`` (default: on CUDA) pads each batch to :func:`bucket_size` (capped at ``full_batch``, the
     configured batch size) and drops the padding's features:
@@ -85,40 +90,60 @@ def embed_batches(
     bucket = device.type == "cuda" if bucket is None else bucket
     with torch.inference_mode():
         for batch in batches:
-            if augment is not None:
-                batch = augment(np.asarray(batch))
-            tiles = torch.as_tensor(batch)
-            if device.type == "cuda":
-                tiles = tiles.pin_memory().to(device, non_blocking=True)
-            x = encoder.preprocess(tiles)
-            n = len(x)
-            if bucket:
-                x = padded_to(x, bucket_size(n, full_batch))
-            views = tta_views(x, tta)
-            total = None
-            for view in views:
+            total, count = None, 0
+            for colours in colour_views(batch, normalise, stain_tta):
+                if augment is not None:
+                    colours = augment(np.asarray(colours))
+                tiles = torch.as_tensor(colours)
                 if device.type == "cuda":
-                    view = view.contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision):
-                    features = encoder.model(view).float()
-                if half and not bool(torch.isfinite(features).all()):
-                    log.warning("%s: fp16 features overflowed; this batch again in fp32", encoder.name)
-                    features = encoder.model(view).float()
-                total = features if total is None else total + features
-            yield (total[:n] / len(views)).cpu().numpy()
+                    tiles = tiles.pin_memory().to(device, non_blocking=True)
+                x = encoder.preprocess(tiles)
+                n = len(x)
+                if bucket:
+                    x = padded_to(x, bucket_size(n, full_batch))
+                for view in tta_views(x, tta):
+                    if device.type == "cuda":
+                        view = view.contiguous(memory_format=torch.channels_last)
+                    with autocast(device, precision):
+                        features = encoder.model(view).float()
+                    if half and not bool(torch.isfinite(features).all()):
+                        log.warning("%s: fp16 features overflowed; this batch again in fp32", encoder.name)
+                        features = encoder.model(view).float()
+                    total = features if total is None else total + features
+                    count += 1
+            yield (total[:n] / count).cpu().numpy()
 
 
-def inference_options(features_cfg: Mapping) -> dict:
-    """``embed_batches`` keyword arguments for test images (stage 05, fused mode): precision, TTA and the
-    full batch size, and never a stain jitter, whatever ``features.stain_augmentation`` says (it augments
-    training tiles only)."""
-    return {"precision": features_cfg["precision"], "tta": features_cfg["tta"],
-            "full_batch": int(features_cfg["batch_size"])}
+def colour_views(batch: np.ndarray | torch.Tensor, normalise: Callable[[np.ndarray], np.ndarray] | None,
+                 stain_tta: bool) -> list[np.ndarray | torch.Tensor]:
+    """The colour views of a uint8 batch whose features are averaged: itself; its stain-normalised copy
+    (``normalise``); or both (``stain_tta``)."""
+    if normalise is None:
+        return [batch]
+    normalised = normalise(np.asarray(batch))
+    return [batch, normalised] if stain_tta else [normalised]
 
 
-def embedding_options(features_cfg: Mapping, slide_id: str) -> dict:
-    """``embed_batches`` keyword arguments for training tiles (stage 03): :func:`inference_options` plus the
-    ``features.stain_augmentation`` jitter, seeded per slide."""
+def inference_options(features_cfg: Mapping, stain: StainReference | None = None) -> dict:
+    """``embed_batches`` keyword arguments for test images (stage 05, fused mode): precision, TTA, the
+    full batch size and, with ``features.stain_normalisation`` on, the normalisation to ``stain`` (the
+    run's reference: a ``ConfigError`` without one, or with one of another method; ``features.stain_tta``);
+    never a stain jitter, whatever ``features.stain_augmentation`` says (it augments training tiles only)."""
+    method = str(features_cfg["stain_normalisation"])
+    options = {"precision": features_cfg["precision"], "tta": features_cfg["tta"],
+               "full_batch": int(features_cfg["batch_size"])}
+    if method == "none":
+        return options
+    if stain is None or stain.method != method:
+        found = "none was given" if stain is None else f"the reference is {stain.method}'s"
+        raise ConfigError(f"features.stain_normalisation={method} needs a {method} stain reference; {found}")
+    return {**options, "normalise": StainNormaliser(stain), "stain_tta": bool(features_cfg["stain_tta"])}
+
+
+def embedding_options(features_cfg: Mapping, slide_id: str, stain: StainReference | None = None) -> dict:
+    """``embed_batches`` keyword arguments for training tiles (stage 03): :func:`inference_options` (the
+    normalisation to ``stain`` included) plus the ``features.stain_augmentation`` jitter, seeded per slide,
+    which applies after the normalisation."""
     strength = float(features_cfg["stain_augmentation"])
-    return {**inference_options(features_cfg),
+    return {**inference_options(features_cfg, stain),
             "augment": stain_augmenter(slide_id, strength) if strength > 0 else None}

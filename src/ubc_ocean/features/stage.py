@@ -1,4 +1,9 @@
-"""Stage 03: embed each manifest slide's tiles into a per-slide h5 file, resumably."""
+"""Stage 03: embed each manifest slide's tiles into a per-slide h5 file, resumably.
+
+With ``features.stain_normalisation`` on, a stain reference is fitted first on a seeded sample of training
+tiles (:mod:`ubc_ocean.features.stain`) and written beside the embeddings (``stain_reference.json``, reused
+when present); every tile is normalised to it before the encoder (and before any stain jitter), and each h5
+records its sha256 (a slide embedded with another reference is embedded again)."""
 
 from __future__ import annotations
 
@@ -24,11 +29,20 @@ from ubc_ocean.features.bn_adaptation import (
     reestimate_batchnorm,
     sample_evenly,
     save_statistics,
-    state_digest,
+    statistics_attrs,
 )
-from ubc_ocean.features.embed import embed_batches, embedding_options, encoder_from_config, prepare_encoder
-from ubc_ocean.io_utils import FailureLog, clean_stale_temporaries
+from ubc_ocean.features.embed import (
+    embed_batches,
+    embedding_options,
+    encoder_from_config,
+    inference_options,
+    prepare_encoder,
+)
+from ubc_ocean.features.stain import load_reference, prepare_reference
+from ubc_ocean.io_utils import FailureLog, MissingInput, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
+from ubc_ocean.sources import TRAIN
+from ubc_ocean.stain_normalisation import StainReference
 
 log = logging.getLogger(__name__)
 STAGE = "03_cache_embeddings"
@@ -55,9 +69,11 @@ class TileFiles(Dataset):
 
 
 def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torch.device,
-                      index: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                      index: pd.DataFrame | None = None,
+                      stain: StainReference | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features and coords of every readable tile in a slide folder, plus the names of unreadable ones
-    (``index``: the folder's tile index, when the caller has read it already)."""
+    (``index``: the folder's tile index, when the caller has read it already; ``stain``: the reference
+    tiles are normalised to, with ``features.stain_normalisation`` on)."""
     features_cfg = cfg["features"]
     index = tile_store.read_index(folder) if index is None else index
     dataset = TileFiles([folder / name for name in index["file"]], int(cfg["tiling"]["tile_size"]))
@@ -69,7 +85,7 @@ def embed_tile_folder(folder: Path, encoder: Encoder, cfg: Mapping, device: torc
         for tiles, ok in loader:
             oks.append(ok.numpy())
             yield tiles
-    options = embedding_options(features_cfg, f"{folder.parent.name}/{folder.name}")  # the slide id
+    options = embedding_options(features_cfg, f"{folder.parent.name}/{folder.name}", stain)  # the slide id
     chunks = list(embed_batches(encoder, tiles_only(), device, **options))
     ok = np.concatenate(oks) if oks else np.zeros(0, bool)
     features = np.concatenate(chunks)[ok] if chunks else np.zeros((0, encoder.out_dim), np.float32)
@@ -117,7 +133,9 @@ def adapt_to_training_tiles(cfg: Mapping, rows: list[Mapping], root: Path) -> Pa
     device = resolve_device(cfg["runtime"]["device"])
     prepare_encoder(encoder, device)
     total = int(cfg["features"]["bn_adaptation_tiles"])
-    seen = reestimate_batchnorm(encoder, sampled_training_tiles(cfg, rows, total), device)
+    stain = load_reference(cfg, layout.stain_reference_path(root))  # the tiles as the encoder will see them
+    options = inference_options(cfg["features"], stain)  # the colour views, without stage 03's jitter
+    seen = reestimate_batchnorm(encoder, sampled_training_tiles(cfg, rows, total), device, options)
     if seen == 0:
         raise RuntimeError("features.bn_adaptation: no training tile could be read to estimate the statistics")
     digest = save_statistics(path, batchnorm_state(encoder.model), seen)
@@ -125,15 +143,13 @@ def adapt_to_training_tiles(cfg: Mapping, rows: list[Mapping], root: Path) -> Pa
     return path
 
 
-def adapted_encoder(cfg: Mapping, root: Path) -> tuple[Encoder, dict]:
+def adapted_encoder(cfg: Mapping, root: Path) -> Encoder:
     """The configured encoder, with the training tiles' batch-norm statistics loaded when
-    ``features.bn_adaptation``; and the h5 attributes that say so."""
+    ``features.bn_adaptation``."""
     encoder = encoder_from_config(cfg)
-    if not cfg["features"]["bn_adaptation"]:
-        return encoder, {}
-    state = load_statistics(root / STATISTICS_FILE)
-    load_batchnorm_state(encoder.model, state)
-    return encoder, {"bn_statistics_sha256": state_digest(state)}
+    if cfg["features"]["bn_adaptation"]:
+        load_batchnorm_state(encoder.model, load_statistics(root / STATISTICS_FILE))
+    return encoder
 
 
 def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
@@ -146,22 +162,39 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
             return TaskResult(slide_id, "skipped")
         return TaskResult(slide_id, "failed", f"no tile folder {folder}")
     tiles_fingerprint = tile_store.fingerprint(folder)
-    if embedding_cache.is_current(out, tiles_fingerprint):
+    stain = load_reference(cfg, layout.stain_reference_path(root))
+    made_with = {**({} if stain is None else {"stain_reference": stain.sha256}),
+                 **statistics_attrs(cfg, root / STATISTICS_FILE)}
+    if embedding_cache.is_current(out, tiles_fingerprint, made_with):
         return TaskResult(slide_id, "skipped")
-    encoder, adaptation = adapted_encoder(cfg, root)
+    encoder = adapted_encoder(cfg, root)
     device = resolve_device(cfg["runtime"]["device"])
     prepare_encoder(encoder, device)
     index = tile_store.read_index(folder)
-    features, coords, bad = embed_tile_folder(folder, encoder, cfg, device, index)
+    features, coords, bad = embed_tile_folder(folder, encoder, cfg, device, index, stain)
     if len(features) == 0:
         return TaskResult(slide_id, "failed", "zero readable tiles")
     if not np.isfinite(features).all():
         return TaskResult(slide_id, "failed", "encoder produced NaN/inf features")
     attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
-                                   tiles_fingerprint=tiles_fingerprint, **adaptation)
+                                   tiles_fingerprint=tiles_fingerprint, **made_with)
     embedding_cache.write_embeddings(out, features, coords, attrs, tumour_fraction=_tumour_fractions(index, bad))
     message = f"{len(bad)} unreadable tiles skipped: {', '.join(bad[:5])}" if bad else ""
     return TaskResult(slide_id, "done", message, count=len(features))
+
+
+def prepare_stain_reference(cfg: Mapping, manifest: pd.DataFrame, root: Path) -> StainReference | None:
+    """With ``features.stain_normalisation`` on, the stain reference beside the embeddings under ``root``,
+    fitted on the manifest's competition training slides' tiles unless already there
+    (:func:`~ubc_ocean.features.stain.prepare_reference`); a ``MissingInput`` when they have no tiles."""
+    if cfg["features"]["stain_normalisation"] == "none":
+        return None
+    train = manifest[manifest["source"] == TRAIN]
+    folders = {row.slide_id: layout.slide_tiles_dir(cfg, row.source, row.image_id) for row in train.itertuples()}
+    if not any(tile_store.is_complete(folder) for folder in folders.values()):
+        raise MissingInput(layout.tiles_root(cfg) / TRAIN, layout.run_stage_first("01"),
+                           problem="holds no training slide's tiles to fit the stain reference on")
+    return prepare_reference(cfg, folders, layout.stain_reference_path(root))
 
 
 def run(cfg: Mapping) -> Path:
@@ -171,6 +204,7 @@ def run(cfg: Mapping) -> Path:
     root = layout.embeddings_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
+    prepare_stain_reference(cfg, manifest, root)  # before any worker starts: they all read this one
     rows = select_shard(manifest.to_dict("records"), cfg["runtime"]["shard"], key=lambda r: r["slide_id"])
     for source in manifest["source"].unique():
         clean_stale_temporaries(root / source)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ubc_ocean.device import resolve_device
 from ubc_ocean.features.bn_adaptation import (
+    STATISTICS_FILE,
     batchnorm_state,
     load_batchnorm_state,
     load_statistics,
@@ -21,10 +22,11 @@ from ubc_ocean.features.bn_adaptation import (
     save_statistics,
     statistics_metadata,
 )
-from ubc_ocean.features.embed import encoder_from_config, prepare_encoder
+from ubc_ocean.features.embed import encoder_from_config, inference_options, prepare_encoder
 from ubc_ocean.inference.decoding import SlideBatches, SlideJob
 from ubc_ocean.parallel import shard_output
 from ubc_ocean.sources import SlideSpec
+from ubc_ocean.stain_normalisation import StainReference
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +71,16 @@ def sampled_test_tiles(specs: list[SlideSpec], cfg: Mapping, total: int) -> Iter
         yield rest
 
 
-def adapt_to_test_images(cfg: Mapping, specs: list[SlideSpec], test_root: Path) -> dict:
+def adapt_to_test_images(cfg: Mapping, specs: list[SlideSpec], test_root: Path,
+                         stain: StainReference | None = None) -> dict:
     """With ``features.bn_adaptation``, load into the configured encoder the batch-norm statistics of these
-    test images' tiles (estimated once and saved in ``test_root``, one file per shard; reused while the
-    images are the same); returns the attributes each test h5 then records (empty without adaptation)."""
+    test images' tiles (normalised to ``stain``, the run's reference, when the config normalises; estimated
+    once and saved in ``test_root``, one file per shard; reused while the images are the same); returns the
+    attributes each test h5 then records (empty without adaptation)."""
     if not cfg["features"]["bn_adaptation"]:
         return {}
     encoder = encoder_from_config(cfg)
-    path = shard_output(test_root, "bn_statistics.safetensors", cfg["runtime"]["shard"])
+    path = shard_output(test_root, STATISTICS_FILE, cfg["runtime"]["shard"])
     digest = images_digest(specs)
     if statistics_metadata(path).get("images_sha256") == digest:
         state = load_statistics(path)
@@ -86,7 +90,8 @@ def adapt_to_test_images(cfg: Mapping, specs: list[SlideSpec], test_root: Path) 
         device = resolve_device(cfg["runtime"]["device"])
         prepare_encoder(encoder, device)
         total = int(cfg["features"]["bn_adaptation_tiles"])
-        seen = reestimate_batchnorm(encoder, sampled_test_tiles(specs, cfg, total), device)
+        options = inference_options(cfg["features"], stain)
+        seen = reestimate_batchnorm(encoder, sampled_test_tiles(specs, cfg, total), device, options)
         if seen == 0:
             raise RuntimeError("features.bn_adaptation: no test tile could be read to estimate the statistics")
         state = batchnorm_state(encoder.model)

@@ -17,20 +17,23 @@ from ubc_ocean.encoders.registry import Encoder
 from ubc_ocean.features.embed import embed_batches, inference_options
 from ubc_ocean.inference.decoding import SlideBatches, SlideJob, TiledSlide
 from ubc_ocean.sources import SlideSpec
+from ubc_ocean.stain_normalisation import StainReference
 
 
 def embed_slide_streaming(
-    spec: SlideSpec | SlideJob, cfg: Mapping, encoder: Encoder, device: torch.device
+    spec: SlideSpec | SlideJob, cfg: Mapping, encoder: Encoder, device: torch.device,
+    stain: StainReference | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(features [N, D] float32, coords [N, 2], slide info)`` for one raw slide, in one pass, in this
     process.
 
-    Uses the very tiler of stage 01 (same tissue mask, plan, resizing and blur filter) and the same tile
-    encoding, so its features equal those of stage 01 + stage 03.
+    Uses the very tiler of stage 01 (same tissue mask, plan, resizing and blur filter), the same tile
+    encoding and the same stain normalisation (to ``stain``, with ``features.stain_normalisation`` on), so
+    its features equal those of stage 01 + stage 03.
     """
     job = spec if isinstance(spec, SlideJob) else SlideJob(spec)
     batches = SlideBatches(job, cfg)
-    chunks = list(embed_batches(encoder, batches, device, **inference_options(cfg["features"])))
+    chunks = list(embed_batches(encoder, batches, device, **inference_options(cfg["features"], stain)))
     return assemble(chunks, batches.result, encoder.out_dim)
 
 

@@ -21,7 +21,8 @@
   taken, and every other decoder blocked on it.
 * One consumer thread per device (every visible GPU by default, :func:`ubc_ocean.device.visible_devices`)
   copies each batch to pinned memory, then to its device without blocking, and runs the encoder under
-  autocast (:func:`ubc_ocean.features.embed.embed_batches`). The GIL is released while CUDA works.
+  autocast (:func:`ubc_ocean.features.embed.embed_batches`; which also normalises the tiles' stain with
+  ``features.stain_normalisation``, on the CPU). The GIL is released while CUDA works.
 * On the CPU with one worker it stays simple: each slide is decoded and embedded in this process, in turn.
 
 A slide that fails (bad file, encoder error) is a ``failed`` :class:`SlideResult`; a decoder process that
@@ -63,6 +64,7 @@ from ubc_ocean.inference.decoding import (
 )
 from ubc_ocean.inference.fused import assemble
 from ubc_ocean.parallel import in_environment, one_line, process_context, usable_cores
+from ubc_ocean.stain_normalisation import StainReference
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often a waiting loop looks at its stop signal and at its decoder processes
@@ -128,7 +130,7 @@ class FusedPipeline:
     """Embeds the slides a caller hands out, decoding and encoding at once (see the module's notes)."""
 
     def __init__(self, cfg: Mapping, devices: list[torch.device] | None = None, workers: int | None = None,
-                 queue_depth: int | None = None):
+                 queue_depth: int | None = None, stain: StainReference | None = None):
         self.cfg = cfg
         self.devices = devices or visible_devices(cfg["runtime"]["device"])
         self.workers = max(1, int(workers)) if workers is not None else decoder_count(
@@ -138,7 +140,7 @@ class FusedPipeline:
         base = encoder_from_config(cfg)
         self.encoders = [prepare_encoder(base if i == 0 else copy.deepcopy(base), device)
                          for i, device in enumerate(self.devices)]
-        self._options = inference_options(cfg["features"])
+        self._options = inference_options(cfg["features"], stain)  # the stain normalisation included
         auto = workers is None and cfg["inference"]["decoders"] == "auto"
         log.info("fused inference: %s%s", self.describe(), " (inference.decoders: auto)" if auto else "")
 

