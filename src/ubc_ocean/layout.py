@@ -14,6 +14,7 @@ modules, never another stage. The tree, under ``paths.*`` of the config::
     {runs}/{experiment}/                                stage 04 (read by 05-06)
         config.yaml, failures_04.csv, stain_reference.json (copied by stage 04 when normalising; stage 05 reads it)
         {model}/fold{k}_seed{s}.pt, oof.csv, curves.csv, metrics.json, confusion.*, outlier.json,
+        {model}/tumour_scorer.json, source_statistics.npz   only when trained with them (complete.json names them)
         {model}/complete.json         written last by stage 04: the model is whole (ModelDir.problem)
     {predictions}/{experiment}/                         stages 05-06 (default {predictions} = {runs}: the same folder)
         {model}/test_predictions*.csv, .json (what made them), failures_05*.csv, config_05.yaml,
@@ -326,6 +327,18 @@ class ModelDir:
         the completion record's ``tumour`` names it): stage 05 cuts test bags down with it."""
         return self.path / "tumour_scorer.json"
 
+    @property
+    def source_statistics(self) -> Path:
+        """The training tiles' moments for CORAL alignment (only with ``mil.feature_alignment: coral``; the
+        completion record's ``feature_alignment`` names it): stage 05 maps the test tiles onto them."""
+        return self.path / "source_statistics.npz"
+
+    def trained_extras(self, record: Mapping) -> list[Path]:
+        """The files a model holds only when its completion ``record`` says it was trained with them: the
+        tumour scorer (``tumour``) and the CORAL source statistics (``feature_alignment``)."""
+        return [*([self.tumour_scorer] if record.get("tumour") else []),
+                *([self.source_statistics] if record.get("feature_alignment") else [])]
+
     # --------------------------------------------------------------------------------- completeness (04)
 
     @property
@@ -386,8 +399,8 @@ class ModelDir:
         return f"{missing} missing" if missing else None
 
     def _reports(self, record: Mapping) -> list[Path]:
-        """The files a complete model holds besides its checkpoints (the tumour scorer when it has one)."""
-        return [self.oof, self.metrics, self.outlier, *([self.tumour_scorer] if record.get("tumour") else [])]
+        """The files a complete model holds besides its checkpoints (and :meth:`trained_extras`)."""
+        return [self.oof, self.metrics, self.outlier, *self.trained_extras(record)]
 
     def is_complete(self) -> bool:
         return self.problem() is None

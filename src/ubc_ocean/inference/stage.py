@@ -25,6 +25,11 @@ run rewrites a complete provisional submission (:mod:`ubc_ocean.submit.submissio
 every image tried (two or more) fails with the same unexpected error, a bug or a broken install rather than
 bad files, the stage ends with :class:`~ubc_ocean.parallel.AllTasksFailed` (exit status 1), as stages 01
 and 03 do, instead of writing predictions of nothing.
+
+A model trained with CORAL feature alignment (its completion record's ``feature_alignment``) does not
+predict as features arrive: the test tiles' moments are counted as they do, and once every image is
+embedded each is read back from its h5, aligned and predicted (:mod:`ubc_ocean.inference.alignment`; a
+sharded run's statistics are its own shard's).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.device import resolve_device
 from ubc_ocean.encoders.identity import check_identity, feature_identity, feature_width
 from ubc_ocean.inference.adaptation import adapt_to_test_images
+from ubc_ocean.inference.alignment import DeferredAlignment, deferred_alignment, read_alignment
 from ubc_ocean.inference.budget import BudgetImage, BudgetPlanner
 from ubc_ocean.inference.decoding import SlideJob
 from ubc_ocean.inference.pipeline import FusedPipeline
@@ -164,6 +170,18 @@ def load_choosers(cfg: Mapping, names: list[str]) -> dict[str, TileChooser | Non
     return choosers
 
 
+def load_alignments(cfg: Mapping, names: list[str], root: Path, width: int) -> DeferredAlignment | None:
+    """The models trained with CORAL feature alignment (their completion record's ``feature_alignment``), whose
+    predictions wait for every test image; None when there are none. Checked before any image is embedded."""
+    models = {}
+    for name in names:
+        model = layout.model_dir(cfg, name)
+        alignment = read_alignment(name, model.read_completion(), model.source_statistics, width)
+        if alignment is not None:
+            models[name] = alignment
+    return deferred_alignment(models, root, width, cfg["runtime"]["shard"])
+
+
 def writes_provisional(cfg: Mapping) -> bool:
     """Whether this run rewrites the provisional submission: unsharded runs with
     ``inference.provisional_submission`` only (a shard knows only its own images, and would overwrite what
@@ -198,26 +216,45 @@ def reusable(path: Path, budgeted: bool, made_with: Mapping[str, str] | None = N
 
 class Predictions:
     """Every model's test predictions as they arrive, written out at the end; the provisional submission
-    follows them."""
+    follows them. Models trained with CORAL (``alignment``) wait for :meth:`add_aligned`."""
 
     def __init__(self, predictors: dict[str, CheckpointEnsemble], provisional: ProvisionalSubmission | None,
-                 choosers: Mapping[str, TileChooser | None] | None = None):
+                 choosers: Mapping[str, TileChooser | None] | None = None,
+                 alignment: DeferredAlignment | None = None):
         self.predictors, self.provisional = predictors, provisional
         self.choosers = dict(choosers or {})  # model -> its tumour tile choice (None: whole bags)
         self.frames: dict[str, list[pd.DataFrame]] = {name: [] for name in predictors}
+        self.alignment = alignment
+        self.streaming = [name for name in predictors if alignment is None or name not in alignment.models]
 
     def add(self, bags: dict[str, torch.Tensor]) -> None:
+        """Newly arrived images: predicted by the streaming models, counted for the aligned ones."""
         if not bags:
             return
-        ids = [slide_id.split("/", 1)[1] for slide_id in bags]
+        if self.alignment is not None:
+            self.alignment.observe(bags)
+        self._predict({name: bags for name in self.streaming})
+
+    def add_aligned(self) -> None:
+        """The CORAL models' predictions, once every image is in: each image read back, aligned, predicted."""
+        if self.alignment is None:
+            return
+        for slide_id, bags in self.alignment.aligned_bags():
+            self._predict({name: {slide_id: bag} for name, bag in bags.items()})
+
+    def _predict(self, bags: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Predict each model's ``{slide id: bag}`` (cut down by its tumour chooser, if any)."""
         new = {}
-        for name, predictor in self.predictors.items():
+        for name, slides in bags.items():
+            if not slides:
+                continue
             chooser = self.choosers.get(name)
-            frame = predictor.predict([bag if chooser is None else chooser.select(bag) for bag in bags.values()])
-            frame.insert(0, "image_id", ids)
+            frame = self.predictors[name].predict(
+                [bag if chooser is None else chooser.select(bag) for bag in slides.values()])
+            frame.insert(0, "image_id", [slide_id.split("/", 1)[1] for slide_id in slides])
             self.frames[name].append(frame)
             new[name] = frame
-        if self.provisional is not None:
+        if self.provisional is not None and new:
             self.provisional.add(new)
 
     def table(self, name: str, cfg: Mapping) -> pd.DataFrame:
@@ -314,7 +351,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
     failures = FailureLog(shard_output(out, "failures_05.csv", shard), STAGE)
     failures.path.unlink(missing_ok=True)
     predictions = Predictions(load_predictors(cfg, names), provisional_submission(cfg, names),
-                              load_choosers(cfg, names))
+                              load_choosers(cfg, names), load_alignments(cfg, names, root, width))
     budgeted = cfg["inference"]["time_budget_minutes"] is not None
     adaptation = adapt_to_test_images(cfg, specs, test_root, stain)  # before any image is embedded
     made_with = {**({} if stain is None else {"stain_reference": stain.sha256}), **adaptation}
@@ -327,6 +364,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
     todo = [s for s in specs if s.slide_id not in cached]
     if todo:
         embed_and_predict(cfg, todo, root, predictions, failures, start, stain, made_with)
+    predictions.add_aligned()
     written = {}
     features = layout.test_features_fingerprint(cfg)
     for name in names:

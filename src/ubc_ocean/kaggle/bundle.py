@@ -12,7 +12,8 @@ Layout of the bundle (every file listed with its size and sha256 in ``MANIFEST.j
     runs/{experiment}/stain_reference.json trained with features.stain_normalisation: the reference stage 05
                                            normalises the test tiles to (torchstain comes as a wheel)
     runs/{experiment}/{model}/             complete.json, fold*_seed*.pt, oof.csv, outlier.json, metrics.json
-                                           (+ tumour_scorer.json when trained with tumour.scorer)
+                                           (+ tumour_scorer.json, source_statistics.npz when trained
+                                           with tumour.scorer, mil.feature_alignment: coral)
 
 On Kaggle the bundle is read-only under ``/kaggle/input``: the configs send every output (test embeddings,
 predictions, reports, the submission) under ``paths.data_root`` (``/kaggle/working``), and the notebook sets
@@ -230,8 +231,8 @@ def _copy_experiment(plan: _Plan, bundle: Path) -> dict:
         folder.mkdir(parents=True)
         for name in MODEL_FILES:
             shutil.copy2(model.path / name, folder / name)
-        if record.get("tumour"):  # trained with the tile tumour scorer: stage 05 needs it
-            shutil.copy2(model.tumour_scorer, folder / model.tumour_scorer.name)
+        for extra in model.trained_extras(record):  # the tumour scorer, CORAL statistics: stage 05 needs them
+            shutil.copy2(extra, folder / extra.name)
         for name, entry in record["checkpoints"].items():
             shutil.copy2(model.path / name, folder / name)
             if file_checksum(folder / name) != entry.get("sha256"):

@@ -12,12 +12,19 @@ Run folder ``{paths.runs}/{experiment}/``::
                                  held-out tile AUC per fold, when tumour.scorer is on)
     {model}/tumour_scorer.json   tumour.scorer on: the scorer trained on every masked slide and the tile choice
                                  (stage 05 cuts the test bags down with it)
+    {model}/source_statistics.npz  mil.feature_alignment coral: the moments of every training tile (all the
+                                 bags loaded, by kind of image); stage 05 maps the test tiles onto them (CORAL)
     {model}/confusion.csv|png, curves.csv, outlier.json (threshold calibrated on OOF, pooled or per type)
     {model}/complete.json        written last: the checkpoints' names, sizes and sha256
 
 Every model name and option is checked (each model built once, at the encoder's feature width) before any
 bag is read or any file of the run is touched. Each model trains in a temporary folder that replaces its
 previous folder only once whole; a failed, interrupted or killed training leaves the previous one as it was.
+
+CORAL (``mil.feature_alignment: coral``) changes no training and no OOF prediction: the model learns the
+training features as they are, and only stage 05 moves the test tiles onto the training tiles' moments. OOF
+stays unaligned because the validation folds come from the training hospitals (their tiles already have the
+training moments), so there is no shift to undo there.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from ubc_ocean.device import resolve_device
 from ubc_ocean.encoders.identity import feature_identity, feature_width
 from ubc_ocean.folds import TRAIN_ONLY, fold_split, is_synthetic
 from ubc_ocean.io_utils import FailureLog, MissingInput, atomic_path, atomic_write_csv, clean_stale_temporaries
+from ubc_ocean.mil.alignment import CoralSettings, TileStatistics
 from ubc_ocean.mil.bags import load_bags, load_tumour_fractions
 from ubc_ocean.mil.checkpoint import save_checkpoint
 from ubc_ocean.mil.predict import prediction_frame
@@ -51,13 +59,18 @@ STAGE = "04_train_cv"
 
 
 def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: layout.ModelDir, in_dim: int,
-                tumour: FoldChoosers | None = None, stain: StainReference | None = None) -> dict:
+                tumour: FoldChoosers | None = None, stain: StainReference | None = None,
+                source: TileStatistics | None = None) -> dict:
     """Every fold x seed of one model, in a temporary folder that replaces ``out`` once it holds the
     checkpoints, OOF predictions, curves, metrics, outlier threshold and, last, the completion record.
     With ``tumour``, each fold's bags are cut down by that fold's tile chooser, and the final chooser is
-    saved for stage 05; ``stain``, the stain reference of the features, is recorded by its sha256."""
+    saved for stage 05; ``stain``, the stain reference of the features, is recorded by its sha256. A model
+    with CORAL alignment saves ``source`` (the training tiles' moments) for it."""
     mil_cfg, classes = model_training_config(cfg["mil"], name), list(cfg["data"]["classes"])
     training = training_record(mil_cfg)
+    coral = CoralSettings.from_config(mil_cfg)
+    if coral is not None and source is None:
+        raise ValueError(f"{name} aligns with CORAL (mil.feature_alignment): the training tiles' statistics are needed")
     class_index = {label: i for i, label in enumerate(classes)}
     options = dict((mil_cfg["model_options"] or {}).get(name, {}))
     device = resolve_device(cfg["runtime"]["device"])
@@ -108,6 +121,9 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
             notes["tumour_scorer"] = tumour.report
             tumour.final.save(work.tumour_scorer)
             facts["tumour"] = {"file": work.tumour_scorer.name, **tumour.final.record()}
+        if coral is not None and source is not None:  # (source is given whenever coral is on: checked above)
+            source.save(work.source_statistics)
+            facts["feature_alignment"] = coral.record(work.source_statistics.name, source)
         metrics = write_report(per_slide, classes, work.path, name, notes=notes)
         threshold.save(work.outlier)
         work.write_completion(name, folds, seeds, classes=classes, in_dim=in_dim,
@@ -170,6 +186,20 @@ def tumour_choosers(cfg: Mapping, table: pd.DataFrame, bags: dict, paths: dict) 
         raise ConfigError(f"tumour.scorer: {err} (masks in {folder})") from None
 
 
+def source_statistics(cfg: Mapping, table: pd.DataFrame, bags: dict, in_dim: int) -> TileStatistics | None:
+    """The moments of every training tile (each loaded bag of ``table``, WSIs and TMAs apart) when a model
+    of ``mil.models`` aligns with CORAL (``mil.feature_alignment``, per model as any training key); else None."""
+    if not any(CoralSettings.from_config(model_training_config(cfg["mil"], name)) for name in cfg["mil"]["models"]):
+        return None
+    statistics = TileStatistics(in_dim)
+    for slide_id, is_tma in zip(table["slide_id"], table["is_tma"].astype(bool), strict=True):
+        statistics.add(bags[slide_id].numpy(), bool(is_tma))
+    counts = statistics.counts()
+    log.info("CORAL source statistics: %d training tiles (WSI %d, TMA %d) from %d bags", counts["all"],
+             counts["wsi"], counts["tma"], len(table))
+    return statistics
+
+
 def _show_epoch(bar: tqdm, fold: int, seed: int, row: dict) -> None:
     bar.set_postfix(fold=fold, seed=seed, epoch=row["epoch"], loss=f"{row['train_loss']:.3f}",
                     valid_ba=f"{row['valid_balanced_accuracy']:.3f}")
@@ -212,7 +242,8 @@ def run(cfg: Mapping) -> dict:
     tumour = tumour_choosers(cfg, table, bags, paths)
     if stain is not None:  # stage 05 normalises the test tiles to the very reference of the training features
         stain.save(layout.run_stain_reference(cfg))
-    return {name: train_model(name, table, bags, cfg, layout.model_dir(cfg, name), in_dim, tumour, stain)
+    source = source_statistics(cfg, table, bags, in_dim)
+    return {name: train_model(name, table, bags, cfg, layout.model_dir(cfg, name), in_dim, tumour, stain, source)
             for name in cfg["mil"]["models"]}
 
 

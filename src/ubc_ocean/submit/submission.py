@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +113,12 @@ class ProvisionalSubmission:
         self.write()
 
     def labels(self) -> dict[str, str]:
-        return self.calibration.labels({name: pd.concat(frames, ignore_index=True)
-                                        for name, frames in self.frames.items() if frames}, self.is_tma)
+        """The ensemble's labels of the models predicted so far; a model with no prediction yet (one trained
+        with CORAL waits for every image) is left out, the others' weights renormalised."""
+        frames = {name: pd.concat(parts, ignore_index=True) for name, parts in self.frames.items() if parts}
+        total = sum(self.calibration.weights[name] for name in frames)
+        weights = {name: self.calibration.weights[name] / total for name in frames}
+        return replace(self.calibration, weights=weights).labels(frames, self.is_tma) if frames else {}
 
     def write(self, force: bool = False) -> pd.DataFrame | None:
         """Rewrite the file when ``every_s`` has passed since the last write (or ``force``)."""
