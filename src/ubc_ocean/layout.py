@@ -294,6 +294,12 @@ class ModelDir:
         the completion record's ``tumour`` names it): stage 05 cuts test bags down with it."""
         return self.path / "tumour_scorer.json"
 
+    @property
+    def harmonisation(self) -> Path:
+        """With ``mil.harmonise`` on: per fold and batch, how far ComBat moved the training slides (for
+        inspection; nothing downstream reads it)."""
+        return self.path / "harmonisation.csv"
+
     # --------------------------------------------------------------------------------- completeness (04)
 
     @property
