@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import torch
 from tests.builders import LEAN, tiny_config
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError
-from ubc_ocean.mil.harmonise import HarmoniseError, Harmoniser, batch_names, fit_combat
+from ubc_ocean.mil.harmonise import HarmoniseError, Harmoniser, batch_names, fit_combat, require_column
 
 BATCHES = ("h0", "h1", "h2")
 
@@ -158,6 +159,16 @@ def test_batches_fall_back_to_the_source_where_the_column_is_empty():
     table = pd.DataFrame({"source": ["train", "train", "synthetic_tiff", "train"],
                           "hospital": [1.0, 0.0, np.nan, " "]})
     assert batch_names(table, "hospital").tolist() == ["1", "0", "synthetic_tiff", "train"]
+
+
+def test_harmonise_without_neurocombat_is_a_config_error_naming_the_extra(monkeypatch):
+    table = pd.DataFrame({"slide_id": ["train/1"], "source": ["train"], "hospital": [0]})
+    on = {"harmonise": "combat", "harmonise_by": "hospital", "bag_standardise": False}
+    require_column([on], table)
+    monkeypatch.setitem(sys.modules, "neuroCombat", None)  # as if not installed
+    require_column([{**on, "harmonise": "none"}], table)  # off: not needed
+    with pytest.raises(ConfigError, match=r"neuroCombat.*ubc-ocean\[train\]"):
+        require_column([on], table)
 
 
 # ---------------------------------------------------------------------------------------- planted confound
