@@ -339,6 +339,12 @@ class ModelDir:
         return [*([self.tumour_scorer] if record.get("tumour") else []),
                 *([self.source_statistics] if record.get("feature_alignment") else [])]
 
+    @property
+    def harmonisation(self) -> Path:
+        """With ``mil.harmonise`` on: per fold and batch, how far ComBat moved the training slides (for
+        inspection; nothing downstream reads it)."""
+        return self.path / "harmonisation.csv"
+
     # --------------------------------------------------------------------------------- completeness (04)
 
     @property

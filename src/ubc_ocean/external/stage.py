@@ -29,6 +29,9 @@ MANIFEST_COLUMNS = [
     "slide_id", "source", "image_id", "label", "is_tma", "group", "n_tiles", "provenance", "tiling_key", PARENT,
 ]
 FOLD_COLUMNS = ["slide_id", "image_id", "source", "label", "is_tma", "fold", PARENT]
+# Optional columns of train.csv and the external label files, kept in the manifest when any of them has one
+# (empty for the others): stage 04 may batch slides by them (mil.harmonise_by). The real train.csv has none.
+CARRIED_COLUMNS = ["hospital"]
 
 
 def _groups(frame: pd.DataFrame, column: str | None, prefix: str) -> list[str]:
@@ -51,18 +54,26 @@ def _candidate_rows(cfg: Mapping) -> list[dict]:
                          f"{', '.join(map(str, train.columns))}; or {STAIN_CLUSTER})")
     rows = [
         {"source": TRAIN, "image_id": str(r.image_id), "label": r.label, "is_tma": bool(r.is_tma),
-         "group": group, "provenance": "competition"}
-        for r, group in zip(train.itertuples(index=False), _groups(train, group_column, ""), strict=True)
+         "group": group, "provenance": "competition", **carried}
+        for r, group, carried in zip(train.itertuples(index=False), _groups(train, group_column, ""),
+                                     _carried(train), strict=True)
     ]
     for source in external_sources(cfg):
         labels = source.labels().drop_duplicates("image_id")
         groups = _groups(labels, group_column, f"{source.name}:")
         rows += [
             {"source": source.name, "image_id": str(r.image_id), "label": str(r.label), "is_tma": False,
-             "group": group, "provenance": f"external:{source.name}"}
-            for r, group in zip(labels.itertuples(index=False), groups, strict=True)
+             "group": group, "provenance": f"external:{source.name}", **carried}
+            for r, group, carried in zip(labels.itertuples(index=False), groups, _carried(labels), strict=True)
         ]
     return rows
+
+
+def _carried(frame: pd.DataFrame) -> list[dict]:
+    """Per row, the values of the :data:`CARRIED_COLUMNS` that ``frame`` has (as text; empty stays empty)."""
+    present = [c for c in CARRIED_COLUMNS if c in frame.columns]
+    return [{c: "" if pd.isna(v) else str(v) for c, v in zip(present, values, strict=True)}
+            for values in frame[present].itertuples(index=False)]
 
 
 def _core_rows(cfg: Mapping, parent: Mapping, info: Mapping, failures: FailureLog | None) -> list[dict]:
@@ -109,7 +120,8 @@ def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataF
         kept.append({**row, "slide_id": slide_id, "n_tiles": int(info["n_tiles"]),
                      "is_tma": bool(info.get("is_tma", row["is_tma"])), "tiling_key": key})
         kept += _core_rows(cfg, row, info, failures)
-    manifest = pd.DataFrame(kept, columns=MANIFEST_COLUMNS)
+    carried = [c for c in CARRIED_COLUMNS if any(c in row for row in kept)]
+    manifest = pd.DataFrame(kept, columns=MANIFEST_COLUMNS + carried)
     duplicated = manifest["slide_id"].duplicated()
     if duplicated.any():
         raise ValueError(f"duplicate slides in manifest: {manifest.loc[duplicated, 'slide_id'].tolist()[:5]}")

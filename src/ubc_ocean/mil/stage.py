@@ -15,7 +15,8 @@ Run folder ``{paths.runs}/{experiment}/``::
     {model}/source_statistics.npz  mil.feature_alignment coral: the moments of every training tile (all the
                                  bags loaded, by kind of image); stage 05 maps the test tiles onto them (CORAL)
     {model}/confusion.csv|png, curves.csv, outlier.json (threshold calibrated on OOF, pooled or per type)
-    {model}/complete.json        written last: the checkpoints' names, sizes and sha256
+    {model}/harmonisation.csv    mil.harmonise on: per fold and batch, ComBat's shift of the training slides
+    {model}/complete.json        written last: the checkpoints' names, sizes and sha256 (and ``harmonise``)
 
 Every model name and option is checked (each model built once, at the encoder's feature width) before any
 bag is read or any file of the run is touched. Each model trains in a temporary folder that replaces its
@@ -43,6 +44,7 @@ from ubc_ocean.device import resolve_device
 from ubc_ocean.encoders.identity import feature_identity, feature_width
 from ubc_ocean.folds import TRAIN_ONLY, fold_split, is_synthetic
 from ubc_ocean.io_utils import FailureLog, MissingInput, atomic_path, atomic_write_csv, clean_stale_temporaries
+from ubc_ocean.mil import harmonise
 from ubc_ocean.mil.alignment import CoralSettings, TileStatistics
 from ubc_ocean.mil.bags import load_bags, load_tumour_fractions
 from ubc_ocean.mil.checkpoint import save_checkpoint
@@ -76,6 +78,7 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
     device = resolve_device(cfg["runtime"]["device"])
     folds = sorted(f for f in table["fold"].unique() if f != TRAIN_ONLY)
     seeds = [int(s) for s in mil_cfg["seeds"]]
+    harmoniser = harmonise.Harmoniser.from_config(mil_cfg, table)  # None when mil.harmonise is none
     replacing = out.path.exists()
     with atomic_path(out.path) as tmp:
         tmp.mkdir()
@@ -87,7 +90,10 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         for fold, seed in bar:
             train, valid = fold_split(table, fold)  # synthetic cores train outside their parent's fold, never validate
             if prepared is None or prepared[0] != fold:  # once per fold, its seeds share it
-                prepared = (fold, _fold_bags(train, valid, bags, tumour, fold))
+                train_bags, train_draw, valid_bags = _fold_bags(train, valid, bags, tumour, fold)
+                if harmoniser is not None:  # the fold's training bags only: validation plays unseen hospitals
+                    train_bags, train_draw = harmoniser.fold(fold, train, bags, train_bags, train_draw)
+                prepared = (fold, (train_bags, train_draw, valid_bags))
             train_bags, train_draw, valid_bags = prepared[1]
             result = fit(
                 name, options,
@@ -116,7 +122,10 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         threshold = calibrate_from_config(scores, is_tma, cfg["outliers"])
         notes = {"epoch_selection": epoch_selection(mil_cfg), "training": training,
                  "outlier": threshold.summary(scores, is_tma)}
-        facts = {} if stain is None else {"stain_reference": stain.sha256}
+        facts = {"harmonise": {"method": harmonise.NONE} if harmoniser is None
+                 else harmoniser.finish(work.harmonisation)}
+        if stain is not None:
+            facts["stain_reference"] = stain.sha256
         if tumour is not None:
             notes["tumour_scorer"] = tumour.report
             tumour.final.save(work.tumour_scorer)
@@ -216,6 +225,7 @@ def run(cfg: Mapping) -> dict:
     check_models(cfg["mil"], in_dim, len(cfg["data"]["classes"]))
     table = layout.read_training_table(cfg)
     require_masks(cfg, table)
+    harmonise.require_column([model_training_config(cfg["mil"], name) for name in cfg["mil"]["models"]], table)
     root = layout.embeddings_root(cfg)
     if not root.is_dir():
         raise MissingInput(root, layout.run_stage_first("03"))
