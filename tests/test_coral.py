@@ -283,6 +283,12 @@ def test_stages_save_the_training_moments_and_predict_aligned_test_features(pipe
     got = predictions.loc[image_id, classes].to_numpy(float)
     np.testing.assert_allclose(got, aligned[classes].to_numpy()[0], atol=1e-5)
     assert not np.allclose(got, raw[classes].to_numpy()[0], atol=1e-3)
+    from ubc_ocean.benchmark.runner import read_truth, site_features  # the benchmark's site figure: aligned means
+
+    means, is_test, _ = site_features(cfg, read_truth(cfg))
+    expected_means = [alignment.apply(features[i], kinds[i]).mean(axis=0)
+                      for i in read_truth(cfg)["image_id"].astype(str) if i in features]  # truth order, embedded
+    np.testing.assert_allclose(means[is_test], np.stack(expected_means), rtol=2e-3, atol=2e-3)
     plain_ensemble = CheckpointEnsemble(plain.checkpoints(), CPU, "fp32", int(cfg.mil.max_instances_predict))
     np.testing.assert_allclose(plain.read_test_predictions().set_index("image_id").loc[image_id, classes].to_numpy(
         float), plain_ensemble.predict([torch.from_numpy(features[image_id])])[classes].to_numpy()[0], atol=1e-5)

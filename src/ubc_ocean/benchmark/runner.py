@@ -42,6 +42,7 @@ from ubc_ocean.encoders.identity import feature_width
 from ubc_ocean.folds import is_synthetic
 from ubc_ocean.io_utils import atomic_write_csv, atomic_write_text
 from ubc_ocean.metrics import bootstrap_counts
+from ubc_ocean.mil.alignment import CoralSettings, TileStatistics
 from ubc_ocean.sources import TEST, TRAIN
 from ubc_ocean.submit.score import scored_frame
 
@@ -183,20 +184,43 @@ def run_configuration(configuration: Configuration, truth: pd.DataFrame, folder:
 def site_features(cfg: Mapping, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every competition training slide's mean tile embedding (stage 03's; no external or synthetic-core
     bags) and every test image's (stage 05's), with ``is_test`` and ``is_tma``: what
-    :func:`~ubc_ocean.benchmark.stats.site_predictability` reads. Slides without embeddings are left out."""
+    :func:`~ubc_ocean.benchmark.stats.site_predictability` reads. Slides without embeddings are left out.
+    When a model of the run aligns the test tiles with CORAL (``mil.feature_alignment``), the test means are
+    the aligned ones, as that model sees them (the map is affine: the mean of the aligned tiles)."""
     manifest = layout.read_manifest(cfg)
     train = manifest[(manifest["source"] == TRAIN) & ~is_synthetic(manifest)]
     roots = {TRAIN: layout.embeddings_root(cfg), TEST: layout.test_embeddings_root(cfg)}
     slides = [(TRAIN, str(row.image_id), bool(row.is_tma)) for row in train.itertuples()]
     slides += [(TEST, str(row.image_id), bool(row.is_tma)) for row in truth.itertuples()]
     means, is_test, is_tma = [], [], []
+    coral = run_coral(cfg)
+    target = TileStatistics(coral[0].dim) if coral else None
     for source, image_id, tma in slides:
         path = layout.embedding_path(roots[source], source, image_id)
         if path.is_file():
-            means.append(embedding_cache.read_embeddings(path)[0].mean(axis=0))
+            features = embedding_cache.read_embeddings(path)[0]
+            means.append(features.mean(axis=0, dtype=np.float64))  # fp16 tiles: a CORAL map would amplify rounding
             is_test.append(source == TEST)
             is_tma.append(tma)
-    return np.asarray(means), np.asarray(is_test, bool), np.asarray(is_tma, bool)
+            if target is not None and source == TEST:
+                target.add(features, tma)
+    means, is_test, is_tma = np.asarray(means), np.asarray(is_test, bool), np.asarray(is_tma, bool)
+    if coral and target is not None and target.pooled.count >= 2:
+        alignment = coral[1].alignment(coral[0], target)
+        for row in np.flatnonzero(is_test):
+            means[row] = alignment.apply(means[row][None], bool(is_tma[row]))[0]
+    return means, is_test, is_tma
+
+
+def run_coral(cfg: Mapping) -> tuple[TileStatistics, CoralSettings] | None:
+    """The training tiles' moments and the CORAL settings of the run's first model that aligns its test
+    tiles (its completion record's ``feature_alignment``), or None."""
+    for name in layout.chosen_models(cfg):
+        model = layout.model_dir(cfg, name)
+        entry = model.read_completion().get("feature_alignment")
+        if entry:
+            return TileStatistics.load(model.source_statistics), CoralSettings.from_record(entry)
+    return None
 
 
 DONE = "done.json"  # in a configuration's folder, written last: it ran to the end with these settings

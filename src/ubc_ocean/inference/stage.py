@@ -239,11 +239,18 @@ class Predictions:
         """The CORAL models' predictions, once every image is in: each image read back, aligned, predicted."""
         if self.alignment is None:
             return
+        aligned: dict[str, list[pd.DataFrame]] = {}
         for slide_id, bags in self.alignment.aligned_bags():
-            self._predict({name: {slide_id: bag} for name, bag in bags.items()})
+            for name, frame in self._predict({name: {slide_id: bag} for name, bag in bags.items()},
+                                             provisional=False).items():
+                aligned.setdefault(name, []).append(frame)
+        if self.provisional is not None and aligned:  # at once: no rewrite sees a model half predicted
+            self.provisional.add({name: pd.concat(frames, ignore_index=True) for name, frames in aligned.items()})
 
-    def _predict(self, bags: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Predict each model's ``{slide id: bag}`` (cut down by its tumour chooser, if any)."""
+    def _predict(self, bags: Mapping[str, Mapping[str, torch.Tensor]],
+                 provisional: bool = True) -> dict[str, pd.DataFrame]:
+        """Predict each model's ``{slide id: bag}`` (cut down by its tumour chooser, if any); the provisional
+        submission gets the new frames too (unless ``provisional`` is false); returns them."""
         new = {}
         for name, slides in bags.items():
             if not slides:
@@ -254,8 +261,9 @@ class Predictions:
             frame.insert(0, "image_id", [slide_id.split("/", 1)[1] for slide_id in slides])
             self.frames[name].append(frame)
             new[name] = frame
-        if self.provisional is not None and new:
+        if provisional and self.provisional is not None and new:
             self.provisional.add(new)
+        return new
 
     def table(self, name: str, cfg: Mapping) -> pd.DataFrame:
         if self.frames[name]:
