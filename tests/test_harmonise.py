@@ -279,3 +279,29 @@ def test_stage_04_harmonises_by_the_hospital_column_stage_02_carries(pipeline, t
     assert len(adjusted) and (adjusted["shift_norm"] > 0).all() and (adjusted["spread_norm"] > 0).all()
     metrics = json.loads(model.metrics.read_text())
     assert metrics["training"]["harmonise"] == "combat"
+
+
+def test_combat_batches_by_stain_cluster_where_no_hospital_is_named(pipeline, tmp_path, single_torch_thread):
+    """The real train.csv names no hospital: ``mil.harmonise_by=stain_cluster`` makes stage 02 cluster the
+    competition slides' stain vectors into a manifest column (external slides empty: batched by their source),
+    with plain folds, and stage 04 batches ComBat by it."""
+    from ubc_ocean.config.schema import STAIN_CLUSTER
+    from ubc_ocean.external.stage import run as merge
+    from ubc_ocean.mil.stage import run as train_stage
+
+    base = tiny_config(pipeline, *LEAN)
+    shutil.copytree(base.paths.processed, tmp_path / "processed")
+    cfg = tiny_config(pipeline, *LEAN, "mil.harmonise=combat", f"mil.harmonise_by={STAIN_CLUSTER}",
+                      "folds.stain_clusters=3", f"paths.processed={tmp_path / 'processed'}",
+                      f"paths.runs={tmp_path / 'runs'}")
+    assert cfg.folds.group_by is None
+    merge(cfg)
+    table = layout.read_training_table(cfg)
+    competition = table["provenance"].eq("competition")
+    assert table.loc[competition, STAIN_CLUSTER].str.startswith(f"{STAIN_CLUSTER}:").all()
+    assert table.loc[~competition & ~table["source"].eq("train"), STAIN_CLUSTER].isna().all()
+    assert table.loc[competition, STAIN_CLUSTER].nunique() == 3 and layout.stain_vectors_path(cfg).is_file()
+    train_stage(cfg)
+    report = pd.read_csv(layout.model_dir(cfg, "abmil").harmonisation, dtype={"batch": str})
+    assert report["batch"].str.startswith(f"{STAIN_CLUSTER}:").any()
+    assert layout.model_dir(cfg, "abmil").read_completion()["harmonise"]["by"] == STAIN_CLUSTER

@@ -128,9 +128,9 @@ def build_manifest(cfg: Mapping, failures: FailureLog | None = None) -> pd.DataF
     return manifest
 
 
-def stain_groups(cfg: Mapping, manifest: pd.DataFrame, validating: pd.Series) -> pd.Series:
-    """``manifest["group"]`` with each ``validating`` slide's stain cluster (``stain_cluster:{k}``; a synthetic
-    core of such a slide takes its parent's); writes every validating slide's stain vector and cluster to
+def stain_clusters(cfg: Mapping, manifest: pd.DataFrame, validating: pd.Series) -> pd.Series:
+    """Each ``validating`` slide's stain cluster (``stain_cluster:{k}``; a synthetic core of such a slide takes
+    its parent's; other rows empty); writes every validating slide's stain vector and cluster to
     ``stain_vectors.csv``. ``folds.stain_clusters`` clusters (0: ``folds.n_splits``), seeded by ``seed``."""
     slides = manifest[validating]
     folders = {row.slide_id: layout.slide_tiles_dir(cfg, row.source, row.image_id) for row in slides.itertuples()}
@@ -142,17 +142,25 @@ def stain_groups(cfg: Mapping, manifest: pd.DataFrame, validating: pd.Series) ->
     log.info("stage 02: %d slides in %d stain clusters (sizes %s) -> %s", len(vectors), vectors["cluster"].nunique(),
              vectors["cluster"].value_counts().sort_index().tolist(), layout.stain_vectors_path(cfg))
     cluster = dict(zip(vectors["slide_id"], f"{STAIN_CLUSTER}:" + vectors["cluster"].astype(str), strict=True))
-    groups = manifest["group"].copy()
-    groups[validating] = slides["slide_id"].map(cluster)
+    clusters = pd.Series(pd.NA, index=manifest.index, dtype=object)
+    clusters[validating] = slides["slide_id"].map(cluster)
     parents = manifest["source"].astype(str) + "/" + manifest[PARENT].astype(str)
     cores = is_synthetic(manifest) & parents.isin(set(cluster))
-    groups[cores] = parents[cores].map(cluster)
-    return groups
+    clusters[cores] = parents[cores].map(cluster)
+    return clusters
+
+
+def needs_stain_clusters(cfg: Mapping) -> bool:
+    """Whether stage 02 clusters the slides' stain vectors: folds grouped by them, or ComBat batching by them
+    (``mil.harmonise_by: stain_cluster``, the manifest column it then reads)."""
+    mil = cfg["mil"]
+    return cfg["folds"]["group_by"] == STAIN_CLUSTER or (
+        mil["harmonise"] != "none" and mil["harmonise_by"] == STAIN_CLUSTER)
 
 
 def run(cfg: Mapping) -> pd.DataFrame:
-    """Write manifest.csv and folds.csv (external slides get fold -1: train-only), and stain_vectors.csv with
-    ``folds.group_by=stain_cluster``."""
+    """Write manifest.csv and folds.csv (external slides get fold -1: train-only), and stain_vectors.csv (with
+    a ``stain_cluster`` manifest column) with ``folds.group_by=stain_cluster`` or ComBat batching by it."""
     layout.require_writable(cfg, "processed")
     tiles = layout.tiles_root(cfg)
     if not tiles.is_dir():
@@ -172,8 +180,10 @@ def run(cfg: Mapping) -> pd.DataFrame:
                    f"some folds cannot validate it (lower folds.n_splits or add slides)")
         log.warning(message)
         failures.record(f"class:{label}", message)
-    if folds_cfg["group_by"] == STAIN_CLUSTER:
-        manifest["group"] = stain_groups(cfg, manifest, is_competition)
+    if needs_stain_clusters(cfg):
+        manifest[STAIN_CLUSTER] = stain_clusters(cfg, manifest, is_competition)
+        if folds_cfg["group_by"] == STAIN_CLUSTER:
+            manifest["group"] = manifest[STAIN_CLUSTER].where(manifest[STAIN_CLUSTER].notna(), manifest["group"])
     manifest["fold"] = parent_folds(manifest, assign_folds(
         manifest, int(folds_cfg["n_splits"]), int(cfg["seed"]),
         group_column="group" if folds_cfg["group_by"] else None, validate_mask=is_competition,
