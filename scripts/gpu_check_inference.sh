@@ -18,5 +18,8 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; from ubc_ocean.device import usable_gpus; assert torch.cuda.is_available(), 'no GPU visible'; print('GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], 'usable by this build:', usable_gpus(), 'torch', torch.__version__, torch.cuda.get_arch_list())"
 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_inference_scale.py -k "(pipelined or cosine or jpeg or budget) and not bench" 2>&1 | tail -3
+# issue 26's methods on CUDA (runtime.device auto): AdaBN's re-estimation and stage 05's adapted encoder, stain
+# normalisation in the pipelined consumer threads, CORAL's deferred predictions; unmeasured on a GPU so far
+"$PY" -m pytest -q -x -p no:cacheprovider tests/test_bn_adaptation.py tests/test_stain_normalisation.py tests/test_coral.py 2>&1 | tail -3
 PYTHONPATH="$PWD/scripts:$PYTHONPATH" "$PY" scripts/bench_encoder.py 2>&1 | grep --line-buffered -v "^INFO"
 "$PY" scripts/bench_inference.py --workers "4,auto" --tmas 8 --wsis 2 --wsi-mpx 300 "$@" 2>&1 | grep --line-buffered -v "^INFO"
