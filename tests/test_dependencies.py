@@ -1,6 +1,7 @@
-"""The supported versions agree: each runtime dependency in pyproject.toml, and each of its `train` extra, has a
-lower bound, which requirements-min.txt pins exactly (the oldest stack, `make test-min`), requirements.txt pins at
-or above it (the development stack), and the environment running these tests has nothing older."""
+"""The supported versions agree: each runtime dependency in pyproject.toml, and each of its extras' (`train`,
+`adapt`), has a lower bound, which requirements-min.txt pins exactly (the oldest stack, `make test-min`),
+requirements.txt pins at or above it (the development stack), and the environment running these tests has nothing
+older."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _bounds() -> dict[str, Version]:
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    dependencies = project["dependencies"] + project["optional-dependencies"]["train"]
+    dependencies = project["dependencies"] + [text for extra in project["optional-dependencies"].values()
+                                              for text in extra]
     bounds = {}
     for text in dependencies:
         requirement = Requirement(text)
