@@ -72,6 +72,8 @@ def _candidate_rows(cfg: Mapping) -> list[dict]:
 def _carried(frame: pd.DataFrame) -> list[dict]:
     """Per row, the values of the :data:`CARRIED_COLUMNS` that ``frame`` has (as text; empty stays empty)."""
     present = [c for c in CARRIED_COLUMNS if c in frame.columns]
+    if not present:  # pandas < 3 iterates no rows at all over a frame without columns
+        return [{} for _ in range(len(frame))]
     return [{c: "" if pd.isna(v) else str(v) for c, v in zip(present, values, strict=True)}
             for values in frame[present].itertuples(index=False)]
 
