@@ -2,10 +2,11 @@
 
 Between packages, import-linter enforces the contracts in ``pyproject.toml`` (``[tool.importlinter]``: the
 layers of DESIGN.md, the stages' independence, a base that imports no stage, stages 00-02 and 06 without
-torch); ``make test`` runs ``lint-imports`` and the tests below show that it holds and that a planted upward
-import breaks it. Within packages, the ``ast`` checks here keep modules that are not entry points (a
-top-level ``run(cfg)``) below the layout: the benchmark runner -> entry points -> layout -> library -> base.
-Read from the source (nothing is imported), so a new module is checked the day it is added.
+torch, prediction without the adaptation code); ``make test`` runs ``lint-imports`` and the tests below show
+that it holds and that a planted upward import breaks it. Within packages, the ``ast`` checks here keep modules
+that are not entry points (a top-level ``run(cfg)``) below the layout: the benchmark runner -> entry points ->
+layout -> library -> base. Read from the source (nothing is imported), so a new module is checked the day it is
+added.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _plant(path: Path, after: str, line: str) -> None:
 def test_the_import_contracts_hold_and_a_planted_upward_import_breaks_them(tmp_path):
     kept = _lint_imports(ROOT)
     assert kept.returncode == 0, kept.stdout + kept.stderr
-    assert "4 kept, 0 broken" in kept.stdout
+    assert "5 kept, 0 broken" in kept.stdout
 
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     shutil.copytree(PACKAGE, tmp_path / "src" / "ubc_ocean", ignore=shutil.ignore_patterns("__pycache__"))
@@ -138,14 +139,17 @@ def test_the_import_contracts_hold_and_a_planted_upward_import_breaks_them(tmp_p
     _plant(planted / "tiling" / "tissue.py", "from __future__ import annotations\n", "import torch")
     _plant(planted / "submit" / "ensemble.py", "from __future__ import annotations\n",
            "from ubc_ocean.features import stage")
+    _plant(planted / "kaggle" / "bundle.py", "from __future__ import annotations\n",
+           "from ubc_ocean.adaptation import lora")
     broken = _lint_imports(tmp_path)
     report = " ".join(broken.stdout.split())  # the contract names are wrapped to the terminal's width
     assert broken.returncode == 1, report
-    assert "0 kept, 4 broken" in report
+    assert "0 kept, 5 broken" in report
     # each contract names the offending chain
     assert "ubc_ocean.layout -> ubc_ocean.mil.registry" in report
     assert "ubc_ocean.tiling.tissue -> torch" in report
     assert "ubc_ocean.submit.ensemble -> ubc_ocean.features.stage" in report
+    assert "ubc_ocean.kaggle.bundle -> ubc_ocean.adaptation.lora" in report
 
 
 def test_stages_00_to_02_and_06_and_the_decoders_load_neither_torch_nor_timm_nor_sklearn():
