@@ -154,6 +154,12 @@ class StainReference:
         return cls(method, parameters, list(names), torchstain_version(), dict(sample or {}))
 
 
+def reference_attrs(reference: StainReference | None) -> dict[str, str]:
+    """The embeddings' attributes that name the reference their tiles were normalised to (stage 03 and stage 05
+    write them, and reuse a cached h5 only when they match); none without normalisation."""
+    return {} if reference is None else {"stain_reference": reference.sha256}
+
+
 class StainNormaliser:
     """Maps uint8 tile batches [B, H, W, 3] onto a :class:`StainReference`, tile by tile (a new array; the
     input is not changed). A tile that cannot be fitted is returned as it was, counted in :attr:`unchanged`

@@ -42,7 +42,7 @@ from ubc_ocean.features.stain import load_reference, prepare_reference
 from ubc_ocean.io_utils import FailureLog, MissingInput, clean_stale_temporaries
 from ubc_ocean.parallel import TaskResult, run_tasks, select_shard, shard_output
 from ubc_ocean.sources import TRAIN
-from ubc_ocean.stain_normalisation import StainReference
+from ubc_ocean.stain_normalisation import StainReference, reference_attrs
 
 log = logging.getLogger(__name__)
 STAGE = "03_cache_embeddings"
@@ -163,8 +163,7 @@ def embed_slide(row: Mapping, cfg: Mapping, root: Path) -> TaskResult:
         return TaskResult(slide_id, "failed", f"no tile folder {folder}")
     tiles_fingerprint = tile_store.fingerprint(folder)
     stain = load_reference(cfg, layout.stain_reference_path(root))
-    made_with = {**({} if stain is None else {"stain_reference": stain.sha256}),
-                 **statistics_attrs(cfg, root / STATISTICS_FILE)}
+    made_with = {**reference_attrs(stain), **statistics_attrs(cfg, root / STATISTICS_FILE)}
     if embedding_cache.is_current(out, tiles_fingerprint, made_with):
         return TaskResult(slide_id, "skipped")
     encoder = adapted_encoder(cfg, root)

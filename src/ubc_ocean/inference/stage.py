@@ -62,7 +62,7 @@ from ubc_ocean.mil.tumour import TileChooser
 from ubc_ocean.outliers import SCORE_NAMES
 from ubc_ocean.parallel import UnexpectedErrors, parse_shard, select_shard, shard_output
 from ubc_ocean.sources import TEST, SlideSpec, competition_specs, is_tma_by_image, read_test_csv, spec_is_tma
-from ubc_ocean.stain_normalisation import StainReference
+from ubc_ocean.stain_normalisation import StainReference, reference_attrs
 from ubc_ocean.submit.submission import EnsembleCalibration, ProvisionalSubmission
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ def run(cfg: Mapping) -> dict[str, Path]:
                               load_choosers(cfg, names), load_alignments(cfg, names, root, width))
     budgeted = cfg["inference"]["time_budget_minutes"] is not None
     adaptation = adapt_to_test_images(cfg, specs, test_root, stain)  # before any image is embedded
-    made_with = {**({} if stain is None else {"stain_reference": stain.sha256}), **adaptation}
+    made_with = {**reference_attrs(stain), **adaptation}
     cached = {s.slide_id: layout.embedding_path(root, TEST, s.image_id) for s in specs
               if reusable(layout.embedding_path(root, TEST, s.image_id), budgeted, made_with)}
     bags, problems = load_bags(cached, width)
