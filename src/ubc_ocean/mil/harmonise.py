@@ -92,7 +92,7 @@ def require_column(mil_cfgs: Iterable[Mapping], table: pd.DataFrame) -> None:
         _neurocombat()
         if mil_cfg.get("bag_standardise"):
             log.warning("mil.harmonise=%s with mil.bag_standardise=true: standardising each bag removes any "
-                        "per-slide shift, so the mean-only adjustment changes nothing", mil_cfg["harmonise"])
+                        "per-slide shift and scale, so ComBat's per-batch map changes nothing", mil_cfg["harmonise"])
 
 
 def _neurocombat() -> Callable:
