@@ -44,7 +44,7 @@ import h5py
 import pandas as pd
 
 from ubc_ocean.config import ConfigError
-from ubc_ocean.encoders.weights import encoder_cache_name, file_checksum
+from ubc_ocean.encoders.weights import cached_file_checksum, encoder_cache_name, file_checksum
 from ubc_ocean.io_utils import FailureLog, MissingInput, atomic_write_text
 from ubc_ocean.parallel import shard_output
 from ubc_ocean.slides.magnification import native_magnification
@@ -132,6 +132,37 @@ def read_training_table(cfg: Mapping) -> pd.DataFrame:
         raise MissingInput(path, run_stage_first("02"))
     folds = pd.read_csv(path, dtype={"image_id": str})[["slide_id", "fold"]]
     return manifest.merge(folds, on="slide_id", how="inner", validate="one_to_one")
+
+
+# ------------------------------------------------------------------------------------ adapted encoders (02b)
+
+ADAPTED_WEIGHTS_FILE = "model.safetensors"
+ADAPTATION_RECORD_FILE = "record.json"
+
+
+def adapted_encoder_dir(cfg: Mapping, name: str | None = None) -> Path:
+    """``{processed}/encoders/{name}``: what stage 02b writes (``name``: ``adapt.name``)."""
+    return Path(cfg["paths"]["processed"]) / "encoders" / (name or str(cfg["adapt"]["name"]))
+
+
+def adapted_weights_path(cfg: Mapping, name: str | None = None) -> Path:
+    """The adapted encoder's merged weights, which ``features.weights`` can name."""
+    return adapted_encoder_dir(cfg, name) / ADAPTED_WEIGHTS_FILE
+
+
+def encoder_label_exposure(cfg: Mapping) -> dict | None:
+    """When ``features.weights`` is an adapted encoder whose training read slide labels (stage 02b's
+    ``supcon``/``finetune``): ``{"method", "label_slides", "holdout_slides"}`` from its record; else ``None``."""
+    weights = cfg["features"]["weights"]
+    if not weights:
+        return None
+    record_path = Path(weights).parent / ADAPTATION_RECORD_FILE
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    if not record.get("label_slides") or record.get("weights_sha256") != cached_file_checksum(weights):
+        return None  # no labels read, or a record of other weights
+    return {key: record[key] for key in ("method", "label_slides", "holdout_slides")}
 
 
 # ------------------------------------------------------------------------------------- embeddings (03, 05)

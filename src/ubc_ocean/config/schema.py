@@ -105,6 +105,10 @@ TYPE = Rule()                        # the default's type, nothing more
 LEVEL = Rule(low=0, high=255)        # an 8-bit channel value
 PRECISION = one_of("auto", "fp32", "bf16", "fp16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ADAPT_METHODS = ("dino", "moco", "supcon", "finetune")
+LABELLED_ADAPT_METHODS = ("supcon", "finetune")  # they read slide labels: label_holdout_folds stay unseen
+_SCALE_RANGE = Rule(item=float, size=2, low=0, high=1, open_low=True, test=lambda v: v[0] <= v[1],
+                    accepts="[low, high] with 0 < low <= high <= 1")
 SEED_STRIDE = 1000  # stage 04 seeds each fit with seed * 1000 + mil.seeds[i]; NumPy needs it < 2**32
 
 
@@ -332,6 +336,52 @@ RULES: dict[str, Rule] = {
     "folds.n_splits": at_least(2),
     "folds.group_by": Rule(str, null=True, nonempty=True),
     "folds.stain_clusters": at_least(0),
+    "adapt.name": Rule(test=lambda v: re.fullmatch(r"[A-Za-z0-9_.-]+", v) is not None and v not in (".", ".."),
+                       accepts="a folder name of letters, digits, _ . and -"),
+    "adapt.method": one_of(*ADAPT_METHODS),
+    "adapt.trainable": one_of("lora", "last_blocks", "full"),
+    "adapt.lora_rank": at_least(1),
+    "adapt.lora_alpha": above(0),
+    "adapt.lora_dropout": Rule(low=0, high=1, test=lambda v: v < 1, accepts="a number in [0, 1)"),
+    "adapt.lora_last_stages": at_least(1),
+    "adapt.last_blocks": at_least(1),
+    "adapt.steps": at_least(1),
+    "adapt.batch_size": at_least(2),
+    "adapt.lr": above(0),
+    "adapt.finetune_lr": above(0),
+    "adapt.weight_decay": at_least(0),
+    "adapt.warmup_steps": at_least(0),
+    "adapt.max_tiles": at_least(0),
+    "adapt.sources": Rule(list, item=str, unique=True, test=lambda v: all(x.strip() for x in v),
+                          accepts="a list of distinct external source names"),
+    "adapt.max_minutes": above(0, kind=float, null=True),
+    "adapt.checkpoint_every": at_least(1),
+    "adapt.log_every": at_least(1),
+    "adapt.num_workers": at_least(0),
+    "adapt.precision": PRECISION,
+    "adapt.crop_scale": _SCALE_RANGE,
+    "adapt.local_crops": at_least(0),
+    "adapt.local_crop_size": at_least(8),
+    "adapt.local_crop_scale": _SCALE_RANGE,
+    "adapt.stain_jitter": FRACTION,
+    "adapt.colour_jitter": FRACTION,
+    "adapt.blur_probability": FRACTION,
+    "adapt.jpeg_probability": FRACTION,
+    "adapt.dino_out_dim": at_least(2),
+    "adapt.dino_teacher_temp": above(0),
+    "adapt.dino_student_temp": above(0),
+    "adapt.koleo_weight": at_least(0),
+    "adapt.momentum": Rule(low=0, high=1, test=lambda v: v < 1, accepts="a number in [0, 1)"),
+    "adapt.moco_temperature": above(0),
+    "adapt.queue_size": at_least(0),
+    "adapt.supcon_temperature": above(0),
+    "adapt.supcon_prototypes": TYPE,
+    "adapt.head_steps": at_least(0),
+    "adapt.unfreeze_every": at_least(1),
+    "adapt.lwf_weight": at_least(0),
+    "adapt.validation_every": at_least(1),
+    "adapt.patience": at_least(1),
+    "adapt.label_holdout_folds": at_least(0, nonempty=True, unique=True),
     "features.encoder": TEXT,
     "features.weights": Rule(str, null=True, nonempty=True),
     "features.input_size": at_least(1, kind=int, null=True),
@@ -432,6 +482,15 @@ def _cross_checks(cfg: Mapping) -> None:
     if features["stain_tta"] and features["stain_normalisation"] == "none":
         raise ConfigError("features.stain_tta averages the raw and the stain-normalised tile: it needs "
                           "features.stain_normalisation (macenko or reinhard); got none")
+    adapt = cfg["adapt"]
+    if adapt["method"] in LABELLED_ADAPT_METHODS:
+        beyond = [fold for fold in adapt["label_holdout_folds"] if fold >= folds["n_splits"]]
+        if beyond or len(adapt["label_holdout_folds"]) >= folds["n_splits"]:
+            raise ConfigError(f"adapt.label_holdout_folds must name folds below folds.n_splits ({folds['n_splits']}) "
+                              f"and leave some for training; got {adapt['label_holdout_folds']!r}")
+    if adapt["method"] == "finetune" and adapt["trainable"] == "lora":
+        raise ConfigError("adapt.method=finetune follows its own schedule (head, gradual unfreezing, full): set "
+                          "adapt.trainable to full or last_blocks (the blocks phase 2 may unfreeze)")
     tiling = cfg["tiling"]
     if tiling["synthetic_tmas_per_wsi"] and tiling["synthetic_tma_side"] < tiling["tile_size"]:
         raise ConfigError(f"tiling.synthetic_tma_side must be >= tiling.tile_size ({tiling['tile_size']}) when "

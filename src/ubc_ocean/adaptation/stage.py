@@ -1,0 +1,180 @@
+"""Stage 02b (optional): adapt the configured encoder to the competition's tiles.
+
+Reads stage 01's tiles and stage 02's manifest and folds; trains ``features.encoder`` (from
+``features.weights``) with ``adapt.method`` on what ``adapt.trainable`` opens; writes
+``{processed}/encoders/{adapt.name}/`` (:mod:`ubc_ocean.adaptation.output`). A finished run with the same
+settings is not run again; an unfinished one (killed, or stopped by ``adapt.max_minutes``) continues from its
+checkpoint. Under ``torchrun --nproc_per_node N`` every process runs this with the same config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ubc_ocean import layout
+from ubc_ocean.config import ConfigError, save_config
+from ubc_ocean.device import resolve_device, seed_everything
+from ubc_ocean.encoders.registry import create_encoder
+from ubc_ocean.encoders.weights import file_checksum
+from ubc_ocean.metrics import balanced_accuracy
+
+from .data import AdaptationData, StepBatches, TileViews, adaptation_data, centre_views, collate_views
+from .lora import is_vit, trainable_parameters
+from .objectives import FineTune, build_objective
+from .output import (
+    learning_verdict,
+    library_versions,
+    read_record,
+    save_weights,
+    write_curve,
+    write_record,
+)
+from .trainable import make_trainable, plain_timm_module, timm_module
+from .trainer import Distributed, Trainer, distributed_from_environment
+from .views import ViewMaker
+
+log = logging.getLogger(__name__)
+
+# Settings that do not change what is learned: a run that differs only in these continues the same training.
+RUN_ONLY = ("max_minutes", "checkpoint_every", "log_every", "num_workers", "name")
+
+
+def require_libraries(adapt: Mapping) -> None:
+    """A ``ConfigError`` naming the extra when lightly (the SSL objectives) or peft (LoRA) is missing."""
+    needed = ["lightly"] if adapt["method"] != "finetune" else []
+    needed += ["peft"] if adapt["trainable"] == "lora" else []
+    import importlib.util
+
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"adapt.method={adapt['method']} with adapt.trainable={adapt['trainable']} needs "
+                          f"{', '.join(missing)}: pip install '.[adapt]' (or -r requirements.txt)")
+
+
+def settings_signature(cfg: Mapping, base_identity: str, input_size: int, world: int) -> str:
+    """What decides the training (a checkpoint of other settings is not continued)."""
+    adapt = {key: value for key, value in cfg["adapt"].items() if key not in RUN_ONLY}
+    facts = {"adapt": adapt, "encoder": cfg["features"]["encoder"], "base_weights": base_identity,
+             "input_size": input_size, "seed": int(cfg["seed"]), "tiling_key": layout.tiling_key(cfg),
+             "classes": list(cfg["data"]["classes"]), "world": world}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def step_batches(data: AdaptationData, views: ViewMaker, adapt: Mapping, seed: int,
+                 distributed: Distributed) -> callable:  # type: ignore[valid-type]
+    """A function of the first step giving the batches from there to ``adapt.steps``."""
+    dataset = TileViews(data.train, views, seed, distributed.rank)
+    workers = int(adapt["num_workers"])
+
+    def from_step(start: int) -> Iterator:
+        sampler = StepBatches(len(data.train), int(adapt["batch_size"]), seed, distributed.rank, start,
+                              int(adapt["steps"]))
+        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views, num_workers=workers,
+                               persistent_workers=False, pin_memory=torch.cuda.is_available()))
+
+    return from_step
+
+
+def validation_score(objective: FineTune, data: AdaptationData, views: ViewMaker, size: int,
+                     device: torch.device, classes: list[str]) -> callable:  # type: ignore[valid-type]
+    """Finetune's early-stopping score: the tile head's balanced accuracy on the validation tiles."""
+    images = centre_views(data.validation, views, size)  # type: ignore[arg-type]
+    truth = [classes[i] for i in data.validation.labels]  # type: ignore[union-attr]
+
+    def score() -> float:
+        predicted = objective.predict(images.to(device)).cpu().tolist()
+        return balanced_accuracy(truth, [classes[i] for i in predicted], labels=classes)
+
+    return score
+
+
+def _device(cfg: Mapping, distributed: Distributed) -> torch.device:
+    device = resolve_device(cfg["runtime"]["device"])
+    if distributed.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", distributed.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def run(cfg: Mapping) -> Path:
+    """Adapt the encoder; returns its folder (``{processed}/encoders/{adapt.name}``)."""
+    adapt = dict(cfg["adapt"])
+    require_libraries(adapt)
+    layout.require_writable(cfg, "processed")
+    folder = layout.adapted_encoder_dir(cfg)
+    features = cfg["features"]
+    if features["weights"] and Path(features["weights"]).resolve() == (folder / "model.safetensors").resolve():
+        raise ConfigError(f"features.weights names the output of this adaptation ({folder}): set it to the "
+                          "encoder to start from, or choose another adapt.name")
+    distributed = distributed_from_environment()
+    device = _device(cfg, distributed)
+    encoder = create_encoder(features["encoder"], weights=features["weights"], input_size=features["input_size"])
+    signature = settings_signature(cfg, encoder.weights_id, encoder.input_size, distributed.world)
+    record = read_record(folder)
+    if record and record.get("signature") == signature and record.get("finished"):
+        log.info("stage 02b: %s is already adapted with these settings (%d steps); nothing to do", folder,
+                 record["steps_done"])
+        return folder
+    data = adaptation_data(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.main:
+        save_config(cfg, folder)
+    seed = int(cfg["seed"])
+    seed_everything(seed)  # the same heads on every process
+    views = ViewMaker.for_method(adapt, encoder.input_size, encoder.mean, encoder.std,
+                                 fixed_size=is_vit(timm_module(encoder.model)))
+    peft_model = make_trainable(encoder.model, adapt)
+    classes = list(cfg["data"]["classes"])
+    objective = build_objective(adapt["method"], encoder.model, encoder.out_dim, adapt, len(classes),
+                                views.globals).to(device)
+    validate = None
+    if isinstance(objective, FineTune) and data.validation is not None:
+        validate = validation_score(objective, data, views, encoder.input_size, device, classes)
+    trainer = Trainer(objective, adapt, device, folder, signature, distributed, validate)
+    trainer.resume()
+    started = time.time()
+    state = trainer.run(step_batches(data, views, adapt, seed, distributed))
+    replicas_agree = trainer.replicas_agree()
+    if distributed.active:
+        torch.distributed.destroy_process_group()
+    if not distributed.main:
+        return folder
+    if state.best_encoder is not None:  # finetune: the encoder of the best validation score
+        objective.student.encoder.load_state_dict(state.best_encoder)
+    plain = plain_timm_module(encoder.model, peft_model).cpu()
+    weights = save_weights(plain, folder)
+    verdict = learning_verdict(state.history)
+    label_slides = data.train.slide_ids + (data.validation.slide_ids if data.validation else []) \
+        if objective.uses_labels else []
+    record = {
+        "signature": signature, "finished": state.stopped_by in ("steps", "early_stopping"),
+        "stopped_by": state.stopped_by, "steps": int(adapt["steps"]), "steps_done": state.step,
+        "resumed_from_step": state.resumed_from, "method": adapt["method"], "trainable": adapt["trainable"],
+        "trainable_parameters": trainable_parameters(peft_model if peft_model is not None else encoder.model),
+        "base_encoder": features["encoder"], "base_weights": str(features["weights"] or "packaged default"),
+        "base_weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
+        "weights_sha256": file_checksum(weights), "tiles": len(data.train), "slides": len(data.train.slide_ids),
+        "label_slides": label_slides, "holdout_slides": data.holdout_slides,
+        "validation_best": state.best_score, "validation_best_step": state.best_step,
+        "seed": seed, "processes": distributed.world,
+        "replicas_agree": replicas_agree, "device": str(device),
+        "wall_time_s": round(state.elapsed_s, 2), "this_run_s": round(time.time() - started, 2),
+        **verdict, "libraries": library_versions(), "adapt": adapt,
+    }
+    write_record(folder, record)
+    write_curve(state.history, folder, f"{adapt['method']} ({adapt['trainable']}), {state.step} steps")
+    if not verdict["learned"]:
+        log.warning("stage 02b: the adapted encoder did NOT learn (%s); it is saved, but check it before use",
+                    verdict["why"])
+    log.info("stage 02b: %s after %d of %d steps (%s) -> %s; use it with features.weights=%s", adapt["method"],
+             state.step, adapt["steps"], state.stopped_by, folder, weights)
+    return folder
+
