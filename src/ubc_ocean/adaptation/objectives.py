@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -151,7 +152,9 @@ class Dino(MomentumObjective):
         out_dim = int(adapt["dino_out_dim"])
 
         def head() -> nn.Module:
-            return DINOProjectionHead(width, _hidden(width), 256, out_dim)
+            with warnings.catch_warnings():  # lightly's head uses the old weight_norm: a FutureWarning per build
+                warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
+                return DINOProjectionHead(width, _hidden(width), 256, out_dim)
 
         self.student = Student(encoder, head())
         self.make_teacher(head)

@@ -132,6 +132,7 @@ def run(cfg: Mapping) -> Path:
     views = ViewMaker.for_method(adapt, encoder.input_size, encoder.mean, encoder.std,
                                  fixed_size=is_vit(timm_module(encoder.model)))
     peft_model = make_trainable(encoder.model, adapt)
+    trainable = trainable_parameters(peft_model if peft_model is not None else encoder.model)
     classes = list(cfg["data"]["classes"])
     objective = build_objective(adapt["method"], encoder.model, encoder.out_dim, adapt, len(classes),
                                 views.globals).to(device)
@@ -158,7 +159,7 @@ def run(cfg: Mapping) -> Path:
         "signature": signature, "finished": state.stopped_by in ("steps", "early_stopping"),
         "stopped_by": state.stopped_by, "steps": int(adapt["steps"]), "steps_done": state.step,
         "resumed_from_step": state.resumed_from, "method": adapt["method"], "trainable": adapt["trainable"],
-        "trainable_parameters": trainable_parameters(peft_model if peft_model is not None else encoder.model),
+        "trainable_parameters": trainable,  # the encoder's, at the start (finetune opens more as it goes)
         "base_encoder": features["encoder"], "base_weights": str(features["weights"] or "packaged default"),
         "base_weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
         "weights_sha256": file_checksum(weights), "tiles": len(data.train), "slides": len(data.train.slide_ids),

@@ -117,11 +117,11 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
         oof = pd.concat(oof_rows, ignore_index=True)
         atomic_write_csv(oof, work.oof)
         atomic_write_csv(pd.DataFrame(curves), work.curves)
-        per_slide = seed_mean(oof, classes)
+        per_slide, scope = label_unseen_slides(cfg, seed_mean(oof, classes))
         scores, is_tma = per_slide[f"score_{cfg['outliers']['score']}"].to_numpy(), per_slide["is_tma"].to_numpy()
         threshold = calibrate_from_config(scores, is_tma, cfg["outliers"])
         notes = {"epoch_selection": epoch_selection(mil_cfg), "training": training,
-                 "outlier": threshold.summary(scores, is_tma)}
+                 "outlier": threshold.summary(scores, is_tma), **scope}
         facts = {"harmonise": {"method": harmonise.NONE} if harmoniser is None
                  else harmoniser.finish(work.harmonisation)}
         if stain is not None:
@@ -255,6 +255,27 @@ def run(cfg: Mapping) -> dict:
     source = source_statistics(cfg, table, bags, in_dim)
     return {name: train_model(name, table, bags, cfg, layout.model_dir(cfg, name), in_dim, tumour, stain, source)
             for name in cfg["mil"]["models"]}
+
+
+def label_unseen_slides(cfg: Mapping, per_slide: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The OOF slides whose labels the encoder never saw, and the note that says so in metrics.json.
+
+    An encoder adapted with slide labels (stage 02b's ``supcon``/``finetune``) has learnt the labels of the
+    slides it trained on: their OOF predictions would flatter the model. The metrics (and the outlier
+    threshold, calibrated on OOF scores) then come from the slides of ``adapt.label_holdout_folds`` only."""
+    exposure = layout.encoder_label_exposure(cfg)
+    if exposure is None:
+        return per_slide, {}
+    seen = per_slide["slide_id"].isin(exposure["label_slides"])
+    unseen = per_slide[~seen].reset_index(drop=True)
+    if unseen.empty:
+        raise ConfigError(f"the adapted encoder ({cfg['features']['weights']}) saw the labels of every OOF slide: "
+                          "no honest OOF metric is left (adapt it again with adapt.label_holdout_folds)")
+    log.warning("OOF metrics on the %d slides whose labels the adapted encoder (%s) never saw; %d left out",
+                len(unseen), exposure["method"], int(seen.sum()))
+    return unseen, {"oof_scope": {"slides": len(unseen), "left_out": int(seen.sum()),
+                                  "why": f"features.weights was adapted with labels ({exposure['method']}): "
+                                         "metrics on the slides it never saw"}}
 
 
 def read_stain_reference(cfg: Mapping, root: Path) -> StainReference | None:

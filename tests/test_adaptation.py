@@ -1,0 +1,234 @@
+"""Stage 02b, encoder adaptation: each method trains and saves plain timm weights that stage 03 can load; a
+killed run resumes to the same number of steps; two processes under torchrun stay in step; learning without
+forgetting holds the features near the original; label-reading methods never see the held-out folds, and
+stage 04 then scores OOF on those slides only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.builders import REPO, tiny_config, tiny_overrides
+from tests.texture_tiles import probe_tiles, write_texture_data
+from ubc_ocean import layout
+from ubc_ocean.config import ConfigError, load_config
+
+pytest.importorskip("lightly")
+pytest.importorskip("peft")
+
+TILE = 32
+SMALL = ["adapt.batch_size=8", "adapt.dino_out_dim=64", "adapt.local_crops=1", "adapt.local_crop_size=16",
+         "adapt.warmup_steps=2", "adapt.log_every=2", "adapt.checkpoint_every=4", "adapt.jpeg_probability=0",
+         "adapt.blur_probability=0"]
+
+
+@pytest.fixture(scope="module")
+def texture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiles of five textures (3 slides of 6 tiles per class, 3 folds) and random test_efficientnet weights;
+    read-only: each test writes its encoders under its own ``paths.processed`` copy."""
+    import timm
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("textures") / "data"
+    cfg = texture_config(root)
+    write_texture_data(cfg, slides_per_class=3, tiles_per_slide=6)
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "random.safetensors"))
+    return root
+
+
+def texture_overrides(root: Path, *extra: str, processed: Path | None = None) -> list[str]:
+    """The tiny config's overrides for the texture data under ``root`` (its own ``processed`` if given)."""
+    overrides = [f"tiling.tile_size={TILE}", "features.encoder=test_efficientnet",
+                 f"features.weights={root / 'random.safetensors'}", f"features.input_size={TILE}", "folds.n_splits=3",
+                 *SMALL, *extra]
+    return tiny_overrides(root, *overrides, *([f"paths.processed={processed}"] if processed else []))
+
+
+def texture_config(root: Path, *extra: str, processed: Path | None = None):  # type: ignore[no-untyped-def]
+    return load_config(REPO / "configs" / "demo.yaml", texture_overrides(root, *extra, processed=processed))
+
+
+def stage_02b_command(root: Path, processed: Path, *extra: str) -> list[str]:
+    return [str(REPO / "scripts" / "02b_adapt_encoder.py"), "--config", str(REPO / "configs" / "demo.yaml"),
+            *texture_overrides(root, *extra, processed=processed)]
+
+
+def own_processed(root: Path, tmp_path: Path) -> Path:
+    """A writable processed folder holding the shared manifest and folds."""
+    processed = tmp_path / "processed"
+    processed.mkdir(parents=True)
+    for name in ("manifest.csv", "folds.csv"):
+        (processed / name).write_bytes((root / "processed" / name).read_bytes())
+    return processed
+
+
+def record_of(folder: Path) -> dict:
+    return json.loads((folder / "record.json").read_text())
+
+
+def probe_features(weights: Path, tiles: np.ndarray) -> torch.Tensor:
+    from ubc_ocean.encoders.registry import create_encoder
+
+    encoder = create_encoder("test_efficientnet", weights=str(weights), input_size=TILE)
+    with torch.no_grad():
+        return encoder.model(encoder.preprocess(torch.from_numpy(tiles)))
+
+
+def test_lora_dino_saves_plain_timm_weights_that_stage_03_loads(texture_root: Path, tmp_path: Path,
+                                                               single_torch_thread: None) -> None:
+    import timm
+
+    from ubc_ocean.adaptation.lora import expected_trainable, lora_targets
+    from ubc_ocean.adaptation.stage import run
+
+    cfg = texture_config(texture_root, "adapt.steps=6", "adapt.trainable=lora", "adapt.lora_rank=4",
+                         processed=own_processed(texture_root, tmp_path))
+    folder = run(cfg)
+    record = record_of(folder)
+    base = timm.create_model("test_efficientnet", num_classes=0)
+    assert record["trainable_parameters"] == expected_trainable(base, lora_targets(base, 2), 4)
+    assert record["steps_done"] == 6 and record["finished"] and record["stopped_by"] == "steps"
+    assert record["label_slides"] == [] and record["libraries"]["lightly"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "model.safetensors"))
+    assert set(saved) == set(base.state_dict())  # plain timm keys: no lora_A/lora_B, no wrapper prefix
+    tiles, _ = probe_tiles(2, TILE, 0)
+    before = probe_features(texture_root / "random.safetensors", tiles)
+    after = probe_features(folder / "model.safetensors", tiles)
+    assert after.shape == before.shape and not torch.allclose(after, before)  # the adapters were merged in
+    curve = pd.read_csv(folder / "loss_curve.csv")
+    assert curve["step"].tolist() == [2, 4, 6] and np.isfinite(curve["loss"]).all()
+    assert (folder / "loss_curve.png").stat().st_size > 1000
+    assert run(cfg) == folder and record_of(folder)["this_run_s"] == record["this_run_s"]  # finished: not rerun
+
+
+def test_a_killed_run_resumes_to_the_same_number_of_steps(texture_root: Path, tmp_path: Path) -> None:
+    processed = own_processed(texture_root, tmp_path)
+    command = [sys.executable, *stage_02b_command(texture_root, processed, "adapt.method=moco", "adapt.trainable=full",
+                                                  "adapt.steps=60")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = processed / "encoders" / "adapted" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    _, err = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err[-2000:]}"
+    killed_at = torch.load(checkpoint, weights_only=False)["state"]["step"]
+    assert 4 <= killed_at < 60
+    from ubc_ocean.adaptation.stage import run
+
+    folder = run(texture_config(texture_root, "adapt.method=moco", "adapt.trainable=full", "adapt.steps=60",
+                                processed=processed))
+    record = record_of(folder)
+    assert record["resumed_from_step"] == killed_at and record["steps_done"] == 60 and record["finished"]
+    steps = pd.read_csv(folder / "loss_curve.csv")["step"].tolist()
+    assert steps == list(range(2, 61, 2))  # every record once: none lost, none repeated
+
+
+@pytest.mark.long
+def test_two_processes_under_torchrun_train_one_encoder(texture_root: Path, tmp_path: Path) -> None:
+    processed = own_processed(texture_root, tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *stage_02b_command(texture_root, processed, "adapt.steps=6", "adapt.trainable=last_blocks",
+                                  "runtime.device=cpu")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = record_of(processed / "encoders" / "adapted")
+    assert record["processes"] == 2 and record["replicas_agree"] is True
+    assert record["steps_done"] == 6 and record["finished"]
+
+
+def test_learning_without_forgetting_keeps_features_near_the_original(texture_root: Path, tmp_path: Path,
+                                                                      single_torch_thread: None) -> None:
+    from ubc_ocean.adaptation.stage import run
+
+    tiles, _ = probe_tiles(4, TILE, 1)
+    original = probe_features(texture_root / "random.safetensors", tiles)
+    similarity = {}
+    for weight in (0.0, 5.0):
+        cfg = texture_config(texture_root, "adapt.method=finetune", "adapt.trainable=full", "adapt.steps=24",
+                             "adapt.head_steps=2", "adapt.unfreeze_every=2", "adapt.lr=0.01", "adapt.finetune_lr=0.01",
+                             f"adapt.lwf_weight={weight}", "adapt.validation_every=8", "adapt.patience=10",
+                             processed=own_processed(texture_root, tmp_path / f"lwf{weight}"))
+        folder = run(cfg)
+        adapted = probe_features(folder / "model.safetensors", tiles)
+        similarity[weight] = float(torch.nn.functional.cosine_similarity(adapted, original, dim=1).mean())
+        record = record_of(folder)
+        holdout = set(pd.read_csv(layout.folds_path(cfg)).query("fold == 0")["slide_id"])
+        assert set(record["holdout_slides"]) == holdout and not holdout & set(record["label_slides"])
+        assert record["validation_best"] is not None
+    assert similarity[5.0] > similarity[0.0] + 0.02, similarity
+
+
+def test_supcon_never_reads_held_out_labels_and_stage_04_scores_only_those(texture_root: Path, tmp_path: Path,
+                                                                          single_torch_thread: None) -> None:
+    from ubc_ocean.adaptation.stage import run
+    from ubc_ocean.mil.stage import label_unseen_slides
+
+    cfg = texture_config(texture_root, "adapt.method=supcon", "adapt.steps=4", "adapt.queue_size=16",
+                         "adapt.supcon_prototypes=true", "adapt.trainable=last_blocks",
+                         processed=own_processed(texture_root, tmp_path))
+    folder = run(cfg)
+    record = record_of(folder)
+    folds = pd.read_csv(layout.folds_path(cfg))
+    assert sorted(record["label_slides"]) == sorted(folds.query("fold != 0")["slide_id"])
+    adapted = texture_config(texture_root, f"features.weights={folder / 'model.safetensors'}",
+                             processed=cfg["paths"]["processed"])
+    exposure = layout.encoder_label_exposure(adapted)
+    assert exposure is not None and exposure["method"] == "supcon"
+    per_slide = folds[["slide_id", "label"]].copy()
+    kept, note = label_unseen_slides(adapted, per_slide)
+    assert sorted(kept["slide_id"]) == sorted(folds.query("fold == 0")["slide_id"])
+    assert note["oof_scope"]["left_out"] == len(folds) - len(kept)
+    assert label_unseen_slides(cfg, per_slide)[1] == {}  # the random weights: no record, every slide scored
+
+
+def test_learning_verdict_flags_collapse_and_a_flat_loss() -> None:
+    from ubc_ocean.adaptation.output import learning_verdict
+
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "feature_spread": 0.8} for s in range(8)]
+    assert learning_verdict(rows)["learned"] is True
+    collapsed = [{**row, "feature_spread": 0.8 if i == 0 else 0.01} for i, row in enumerate(rows)]
+    assert learning_verdict(collapsed)["learned"] is False and "collapsed" in learning_verdict(collapsed)["why"]
+    flat = [{**row, "loss": 3.0} for row in rows]
+    assert learning_verdict(flat)["learned"] is False and "never fell" in learning_verdict(flat)["why"]
+    assert learning_verdict(rows[:1])["learned"] is False
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adapt.method=finetune", "adapt.trainable=lora"], "own schedule"),
+    (["adapt.method=supcon", "adapt.label_holdout_folds=[0,1,2]"], "label_holdout_folds"),
+    (["adapt.local_crop_scale=[0.5,0.1]"], "local_crop_scale"),
+    (["adapt.name=../elsewhere"], "adapt.name"),
+])
+def test_bad_adaptation_settings_are_refused_at_load(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, "folds.n_splits=3", *overrides)
+
+
+def test_settings_only_the_data_can_refute_are_refused_before_training(texture_root: Path, tmp_path: Path) -> None:
+    from ubc_ocean.adaptation.stage import run
+
+    processed = own_processed(texture_root, tmp_path)
+    with pytest.raises(ConfigError, match="adapt.sources"):
+        run(texture_config(texture_root, "adapt.sources=[nowhere]", processed=processed))
+    output = processed / "encoders" / "adapted" / "model.safetensors"
+    with pytest.raises(ConfigError, match="output of this adaptation"):
+        run(texture_config(texture_root, f"features.weights={output}", processed=processed))
