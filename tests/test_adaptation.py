@@ -44,8 +44,28 @@ def texture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_texture_data(cfg, slides_per_class=3, tiles_per_slide=6)
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=0)
+    calibrate_batchnorm(model, probe_tiles(8, TILE, 99)[0])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "random.safetensors"))
     return root
+
+
+def calibrate_batchnorm(model: torch.nn.Module, tiles: np.ndarray) -> None:
+    """Give a random network the batch-norm statistics of texture tiles (a random network's are 0 and 1,
+    which no trained encoder has: its eval-mode features would mean nothing)."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(config["mean"]).view(1, 3, 1, 1)) / torch.tensor(config["std"]).view(1, 3, 1, 1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for chunk in x.split(8):
+            model(chunk)
+    model.eval()
 
 
 def texture_overrides(root: Path, *extra: str, processed: Path | None = None) -> list[str]:
@@ -165,7 +185,7 @@ def test_learning_without_forgetting_keeps_features_near_the_original(texture_ro
     for weight in (0.0, 5.0):
         cfg = texture_config(texture_root, "adapt.method=finetune", "adapt.trainable=full", "adapt.steps=24",
                              "adapt.head_steps=2", "adapt.unfreeze_every=2", "adapt.lr=0.01", "adapt.finetune_lr=0.01",
-                             f"adapt.lwf_weight={weight}", "adapt.validation_every=8", "adapt.patience=10",
+                             f"adapt.lwf_weight={weight}", "adapt.validation_every=1000",
                              processed=own_processed(texture_root, tmp_path / f"lwf{weight}"))
         folder = run(cfg)
         adapted = probe_features(folder / "model.safetensors", tiles)
@@ -174,7 +194,8 @@ def test_learning_without_forgetting_keeps_features_near_the_original(texture_ro
         holdout = set(pd.read_csv(layout.folds_path(cfg)).query("fold == 0")["slide_id"])
         assert set(record["holdout_slides"]) == holdout and not holdout & set(record["label_slides"])
         assert record["validation_best"] is not None
-    assert similarity[5.0] > similarity[0.0] + 0.02, similarity
+    # measured (torch 2.14.1, CPU): mean cosine to the original 0.32 without LwF, 0.46 with it
+    assert similarity[5.0] > similarity[0.0] + 0.07, similarity
 
 
 def test_supcon_never_reads_held_out_labels_and_stage_04_scores_only_those(texture_root: Path, tmp_path: Path,
@@ -227,8 +248,8 @@ def test_settings_only_the_data_can_refute_are_refused_before_training(texture_r
     from ubc_ocean.adaptation.stage import run
 
     processed = own_processed(texture_root, tmp_path)
-    with pytest.raises(ConfigError, match="adapt.sources"):
+    with pytest.raises(ConfigError, match=r"adapt\.sources"):
         run(texture_config(texture_root, "adapt.sources=[nowhere]", processed=processed))
-    output = processed / "encoders" / "adapted" / "model.safetensors"
-    with pytest.raises(ConfigError, match="output of this adaptation"):
-        run(texture_config(texture_root, f"features.weights={output}", processed=processed))
+    with pytest.raises(ConfigError, match=r"adapt\.base_weights"):
+        run(texture_config(texture_root, "features.weights=adapted", "adapt.base_weights=/nowhere.safetensors",
+                           processed=processed))

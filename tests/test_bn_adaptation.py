@@ -20,7 +20,6 @@ from ubc_ocean.features.bn_adaptation import (
     batchnorm_state,
     load_batchnorm_state,
     reestimate_batchnorm,
-    sample_evenly,
     state_digest,
 )
 from ubc_ocean.sources import TEST
@@ -89,13 +88,26 @@ def test_an_encoder_without_batch_norm_is_a_config_error_and_too_few_tiles_chang
     assert len(batchnorm_layers(encoder.model)) == 1
 
 
-def test_the_sample_is_spread_evenly_over_the_slides() -> None:
-    counts = [3, 100, 50, 0]
-    picks = sample_evenly(counts, 60, seed=0)
-    assert [len(p) for p in picks] == [3, 29, 28, 0]  # the small slide gives its unused share to the others
-    assert all(len(set(p)) == len(p) and (len(p) == 0 or p.max() < n) for p, n in zip(picks, counts, strict=True))
-    assert [p.tolist() for p in picks] == [p.tolist() for p in sample_evenly(counts, 60, seed=0)]
-    assert sum(len(p) for p in sample_evenly([5, 5], 100, seed=0)) == 10
+def test_the_sample_is_spread_evenly_over_the_slides(tmp_path: Path) -> None:
+    from ubc_ocean import tile_store
+
+    folders = {}
+    for slide, count in (("small", 3), ("large", 100), ("middle", 50), ("empty", 0)):
+        folder = tmp_path / slide
+        folder.mkdir()
+        tile_store.write_index(folder, [{"file": f"{i}_0.png", "x": i, "y": 0, "extent": 1, "magnification": 20,
+                                         "tissue_fraction": 1, "blur_score": 1} for i in range(count)])
+        tile_store.write_slide_info(folder, {}, None)
+        folders[slide] = folder
+    folders["unfinished"] = tmp_path / "unfinished"  # no index: left out
+    picks = tile_store.sample_tiles(folders, 60, seed=0)
+    per_slide = {slide: sum(name.startswith(f"{slide}/") for name, _ in picks) for slide in folders}
+    assert per_slide["small"] == 3 and per_slide["empty"] == per_slide["unfinished"] == 0
+    assert sorted([per_slide["large"], per_slide["middle"]]) == [28, 29]  # the small slide's share goes on
+    assert len({name for name, _ in picks}) == 60
+    assert picks == tile_store.sample_tiles(folders, 60, seed=0)
+    assert picks != tile_store.sample_tiles(folders, 60, seed=1)
+    assert len(tile_store.sample_tiles({"a": folders["small"], "b": folders["small"]}, 100, seed=0)) == 6
 
 
 def test_stages_03_and_05_adapt_to_their_own_tiles(pipeline: Path, tmp_path: Path) -> None:

@@ -16,12 +16,15 @@ CELL_TIMEOUT_S = 300  # a single cell; the walkthrough's training cell is the lo
 # The walkthrough runs stages 00-06 itself: on the tiny run's data (stages 00-03 find their work done) into
 # an experiment and a submission of its own, so the other notebooks' run stays as the fixture built it.
 WALKTHROUGH = ["experiment=walkthrough", "submit.name=walkthrough", "mil.models=[abmil]"]
+# The adaptation notebook runs stage 02b itself when its encoder folder is empty: a few small steps.
+ADAPTATION = ["adapt.name=notebook", "adapt.steps=4", "adapt.batch_size=8", "adapt.dino_out_dim=64",
+              "adapt.local_crops=1", "adapt.local_crop_size=32", "adapt.log_every=2"]
 
 
 def test_every_expected_notebook_is_there():
     names = {path.stem for path in NOTEBOOKS}
     assert {"01_data_overview", "02_tiling_qc", "03_cv_report", "04_attention_heatmaps", "05_error_analysis",
-            "pipeline_walkthrough"} <= names
+            "06_encoder_adaptation", "pipeline_walkthrough"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -38,6 +41,8 @@ def _parameters(path: Path, data_root: Path) -> str:
     overrides = [*tiny_overrides(data_root), *TINY_RUN_OVERRIDES]
     if path.stem == "pipeline_walkthrough":
         overrides += WALKTHROUGH
+    if path.stem == "06_encoder_adaptation":
+        overrides += ADAPTATION
     return f"CONFIG = {str(REPO / 'configs' / 'demo.yaml')!r}\nOVERRIDES = {overrides!r}"
 
 

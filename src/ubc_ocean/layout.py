@@ -150,6 +150,12 @@ def adapted_weights_path(cfg: Mapping, name: str | None = None) -> Path:
     return adapted_encoder_dir(cfg, name) / ADAPTED_WEIGHTS_FILE
 
 
+def uses_adapted_encoder(cfg: Mapping) -> bool:
+    """Whether ``features.weights`` names this config's own stage-02b output (``features.weights: adapted``)."""
+    weights = cfg["features"]["weights"]
+    return bool(weights) and Path(weights).resolve() == adapted_weights_path(cfg).resolve()
+
+
 def encoder_label_exposure(cfg: Mapping) -> dict | None:
     """When ``features.weights`` is an adapted encoder whose training read slide labels (stage 02b's
     ``supcon``/``finetune``): ``{"method", "label_slides", "holdout_slides"}`` from its record; else ``None``."""

@@ -105,6 +105,27 @@ def read_tile(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def sample_tiles(folders: Mapping[str, Path], count: int, seed: int) -> list[tuple[str, Path]]:
+    """``count`` tiles ``(slide_id/file, path)`` of the slides' complete tile ``folders`` (``slide_id ->
+    folder``; incomplete ones left out), drawn with ``seed`` and spread over the slides: each slide's tiles
+    in a seeded order, the slides in a seeded order, one tile of each slide per round (a slide with many
+    tiles does not outweigh the others; a small slide's share goes to the rest)."""
+    rng = np.random.default_rng(seed)
+    orders = []
+    for slide_id, folder in sorted(folders.items()):
+        if not is_complete(folder):
+            continue
+        files = read_index(folder)["file"].tolist()
+        orders.append([(f"{slide_id}/{files[i]}", folder / files[i]) for i in rng.permutation(len(files))])
+    orders = [orders[i] for i in rng.permutation(len(orders))]
+    chosen: list[tuple[str, Path]] = []
+    for depth in range(max((len(order) for order in orders), default=0)):
+        chosen += [order[depth] for order in orders if depth < len(order)][:count - len(chosen)]
+        if len(chosen) >= count:
+            break
+    return chosen
+
+
 def write_index(folder: Path, rows: list[dict]) -> None:
     """``index.csv`` of ``rows`` (a row without ``tumour_fraction`` gets NaN: no mask)."""
     frame = pd.DataFrame(rows, columns=INDEX_COLUMNS)

@@ -109,6 +109,22 @@ class Objective(nn.Module):
     def param_groups(self, adapt: Mapping) -> list[dict]:
         return _decay_groups([self.student], float(adapt["lr"]), float(adapt["weight_decay"]))
 
+    def train_mode(self) -> None:
+        """Training mode, except the batch norms of frozen layers, which keep their statistics (eval mode) as
+        they keep their weights; a teacher's layers follow the student's, a frozen original stays in eval."""
+        self.train()
+        for module in self.student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters()):
+                module.eval()
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            for mine, theirs in zip(self.student.modules(), teacher.modules(), strict=True):
+                theirs.training = mine.training
+        original = getattr(self, "original", None)
+        if original is not None:
+            original.eval()
+
     def apply_phase(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
         """Set what trains at ``step``; True when that changed (a data-parallel wrapper is rebuilt)."""
         return False
@@ -350,7 +366,8 @@ class FineTune(Objective):
         was_training = self.student.training
         self.student.eval()
         out = [self.student([chunk])[1][0][0].argmax(dim=1) for chunk in images.split(batch_size)]
-        self.student.train(was_training)
+        if was_training:
+            self.train_mode()
         return torch.cat(out)
 
 

@@ -59,6 +59,17 @@ def require_libraries(adapt: Mapping) -> None:
                           f"{', '.join(missing)}: pip install '.[adapt]' (or -r requirements.txt)")
 
 
+def starting_weights(cfg: Mapping) -> str | None:
+    """What stage 02b adapts: ``adapt.base_weights`` when set; else ``features.weights``, unless that names this
+    stage's own output (``features.weights: adapted``), when it starts from the encoder's offline default."""
+    adapt = cfg["adapt"]
+    if adapt["base_weights"]:
+        if adapt["base_weights"] != "hub" and not Path(adapt["base_weights"]).is_file():
+            raise ConfigError(f"adapt.base_weights names no file: {adapt['base_weights']}")
+        return str(adapt["base_weights"])
+    return None if layout.uses_adapted_encoder(cfg) else cfg["features"]["weights"]
+
+
 def settings_signature(cfg: Mapping, base_identity: str, input_size: int, world: int) -> str:
     """What decides the training (a checkpoint of other settings is not continued)."""
     adapt = {key: value for key, value in cfg["adapt"].items() if key not in RUN_ONLY}
@@ -111,12 +122,10 @@ def run(cfg: Mapping) -> Path:
     layout.require_writable(cfg, "processed")
     folder = layout.adapted_encoder_dir(cfg)
     features = cfg["features"]
-    if features["weights"] and Path(features["weights"]).resolve() == (folder / "model.safetensors").resolve():
-        raise ConfigError(f"features.weights names the output of this adaptation ({folder}): set it to the "
-                          "encoder to start from, or choose another adapt.name")
+    base_weights = starting_weights(cfg)
     distributed = distributed_from_environment()
     device = _device(cfg, distributed)
-    encoder = create_encoder(features["encoder"], weights=features["weights"], input_size=features["input_size"])
+    encoder = create_encoder(features["encoder"], weights=base_weights, input_size=features["input_size"])
     signature = settings_signature(cfg, encoder.weights_id, encoder.input_size, distributed.world)
     record = read_record(folder)
     if record and record.get("signature") == signature and record.get("finished"):
@@ -160,7 +169,7 @@ def run(cfg: Mapping) -> Path:
         "stopped_by": state.stopped_by, "steps": int(adapt["steps"]), "steps_done": state.step,
         "resumed_from_step": state.resumed_from, "method": adapt["method"], "trainable": adapt["trainable"],
         "trainable_parameters": trainable,  # the encoder's, at the start (finetune opens more as it goes)
-        "base_encoder": features["encoder"], "base_weights": str(features["weights"] or "packaged default"),
+        "base_encoder": features["encoder"], "base_weights": str(base_weights or "the encoder's offline default"),
         "base_weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
         "weights_sha256": file_checksum(weights), "tiles": len(data.train), "slides": len(data.train.slide_ids),
         "label_slides": label_slides, "holdout_slides": data.holdout_slides,
@@ -178,4 +187,5 @@ def run(cfg: Mapping) -> Path:
     log.info("stage 02b: %s after %d of %d steps (%s) -> %s; use it with features.weights=%s", adapt["method"],
              state.step, adapt["steps"], state.stopped_by, folder, weights)
     return folder
+
 

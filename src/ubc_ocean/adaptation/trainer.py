@@ -168,8 +168,9 @@ class Trainer:
         total = int(adapt["steps"])
         cap = float(adapt["max_minutes"]) * 60 if adapt["max_minutes"] else math.inf
         started = time.monotonic()
-        self.objective.train()
-        if self.objective.apply_phase(state.step, self.optimizer) or self.objective.call_student is None:
+        changed = self.objective.apply_phase(state.step, self.optimizer)
+        self.objective.train_mode()
+        if changed or self.objective.call_student is None:
             self._wrap()
         losses: list[float] = []
         spreads: list[float] = []
@@ -179,6 +180,7 @@ class Trainer:
         for views, labels in batches(state.step):
             step = state.step
             if self.objective.apply_phase(step, self.optimizer):
+                self.objective.train_mode()
                 self._wrap()
                 log.info("step %d: finetune phase %s", step, getattr(self.objective, "phase", None))
             factor = learning_rate_factor(step, total, int(adapt["warmup_steps"]))

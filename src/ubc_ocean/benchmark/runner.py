@@ -49,9 +49,10 @@ from ubc_ocean.submit.score import scored_frame
 log = logging.getLogger(__name__)
 
 
-def stages() -> tuple[tuple[str, Callable[[Config], object]], ...]:
-    """Stages 01-06 in order, by the name their timings are reported under. Imported when the work starts,
-    so that a bad configuration is reported before torch and the models load."""
+def stages(cfg: Mapping | None = None) -> tuple[tuple[str, Callable[[Config], object]], ...]:
+    """Stages 01-06 in order, by the name their timings are reported under; for a configuration ``cfg`` whose
+    ``features.weights`` is ``adapted``, stage 02b (adapting the encoder) before 03. Imported when the work
+    starts, so that a bad configuration is reported before torch and the models load."""
     from ubc_ocean.external.stage import run as merge
     from ubc_ocean.features.stage import run as embed
     from ubc_ocean.inference.stage import run as infer
@@ -59,8 +60,13 @@ def stages() -> tuple[tuple[str, Callable[[Config], object]], ...]:
     from ubc_ocean.submit.stage import run as submit
     from ubc_ocean.tiling.stage import run as tile
 
-    return (("01_tile", tile), ("02_merge", merge), ("03_embed", embed), ("04_train", train), ("05_infer", infer),
-            ("06_submit", submit))
+    adapt: tuple[tuple[str, Callable[[Config], object]], ...] = ()
+    if cfg is not None and layout.uses_adapted_encoder(cfg):
+        from ubc_ocean.adaptation.stage import run as adapt_encoder
+
+        adapt = (("02b_adapt", adapt_encoder),)
+    return (("01_tile", tile), ("02_merge", merge), *adapt, ("03_embed", embed), ("04_train", train),
+            ("05_infer", infer), ("06_submit", submit))
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,7 @@ def run_configuration(configuration: Configuration, truth: pd.DataFrame, folder:
     cfg = configuration.cfg
     log.info("benchmark configuration %s %s (experiment %s): %s", position, configuration.name, cfg["experiment"],
              " ".join(configuration.overrides) or "no overrides")
-    for stage_name, stage in stages():
+    for stage_name, stage in stages(cfg):
         start = time.perf_counter()
         try:
             stage(cfg)

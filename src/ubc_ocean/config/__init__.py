@@ -192,6 +192,17 @@ def _resolve_paths(cfg: dict, root: Path) -> None:
         paths[key] = resolve(key, ())
 
 
+ADAPTED = "adapted"  # features.weights: the encoder stage 02b wrote under adapt.name
+
+
+def _resolve_adapted_weights(cfg: dict) -> None:
+    """``features.weights: adapted`` names stage 02b's output for this config's ``adapt.name``:
+    ``{processed}/encoders/{adapt.name}/model.safetensors`` (paths already resolved)."""
+    if cfg["features"]["weights"] == ADAPTED:
+        cfg["features"]["weights"] = str(Path(cfg["paths"]["processed"]) / "encoders" / str(cfg["adapt"]["name"])
+                                         / "model.safetensors")
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
@@ -210,6 +221,7 @@ def load_config(
         _merge(cfg, layer, free)
     check_config(cfg)
     _resolve_paths(cfg, Path(root).resolve() if root else REPO_ROOT)
+    _resolve_adapted_weights(cfg)
     return _wrap(cfg)
 
 
@@ -224,6 +236,7 @@ def with_overrides(cfg: Mapping, overrides: Iterable[str]) -> Config:
             raise ConfigError(f"override '{text}': paths cannot change on a loaded config")
         _merge(plain, layer, free)
     check_config(plain)
+    _resolve_adapted_weights(plain)
     return _wrap(plain)
 
 

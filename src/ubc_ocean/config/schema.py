@@ -338,6 +338,7 @@ RULES: dict[str, Rule] = {
     "folds.stain_clusters": at_least(0),
     "adapt.name": Rule(test=lambda v: re.fullmatch(r"[A-Za-z0-9_.-]+", v) is not None and v not in (".", ".."),
                        accepts="a folder name of letters, digits, _ . and -"),
+    "adapt.base_weights": Rule(str, null=True, nonempty=True),
     "adapt.method": one_of(*ADAPT_METHODS),
     "adapt.trainable": one_of("lora", "last_blocks", "full"),
     "adapt.lora_rank": at_least(1),

@@ -136,25 +136,6 @@ def statistics_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def sample_evenly(counts: list[int], total: int, seed: int) -> list[np.ndarray]:
-    """Indices to take from each of ``len(counts)`` groups (of ``counts[i]`` items) so that about ``total``
-    are taken, spread as evenly over the groups as their sizes allow; seeded, sorted per group."""
-    rng = np.random.default_rng(seed)
-    quota = np.zeros(len(counts), int)
-    left, open_groups = total, [i for i, count in enumerate(counts) if count > 0]
-    while left > 0 and open_groups:  # equal shares, the groups too small for theirs giving the rest back
-        share = max(1, left // len(open_groups))
-        for i in list(open_groups):
-            take = min(share, counts[i] - quota[i], left)
-            quota[i] += take
-            left -= take
-            if quota[i] >= counts[i]:
-                open_groups.remove(i)
-            if left == 0:
-                break
-    return [np.sort(rng.choice(count, size=int(q), replace=False)) for count, q in zip(counts, quota, strict=True)]
-
-
 def statistics_attrs(cfg: Mapping, path: Path) -> dict[str, str]:
     """The h5 attributes that name the batch-norm statistics in ``path`` (their sha256, from the file's
     metadata: the encoder is not built), with ``features.bn_adaptation`` on; empty when off."""

@@ -27,7 +27,6 @@ from ubc_ocean.features.bn_adaptation import (
     load_batchnorm_state,
     load_statistics,
     reestimate_batchnorm,
-    sample_evenly,
     save_statistics,
     statistics_attrs,
 )
@@ -104,12 +103,8 @@ def _tumour_fractions(index: pd.DataFrame, bad: list[str]) -> np.ndarray | None:
 def sampled_training_tiles(cfg: Mapping, rows: list[Mapping], total: int) -> Iterator[np.ndarray]:
     """uint8 batches of about ``total`` stored tiles spread evenly over the slides of ``rows`` (seeded by
     the config's ``seed``; slides without a complete tile folder are left out), for the batch-norm statistics."""
-    folders = [layout.slide_tiles_dir(cfg, row["source"], row["image_id"]) for row in rows]
-    indexes = [tile_store.read_index(folder) for folder in folders if tile_store.is_complete(folder)]
-    folders = [folder for folder in folders if tile_store.is_complete(folder)]
-    picks = sample_evenly([len(index) for index in indexes], total, int(cfg["seed"]))
-    paths = [folder / name for folder, index, chosen in zip(folders, indexes, picks, strict=True)
-             for name in index["file"].to_numpy()[chosen]]
+    folders = {row["slide_id"]: layout.slide_tiles_dir(cfg, row["source"], row["image_id"]) for row in rows}
+    paths = [path for _, path in tile_store.sample_tiles(folders, total, int(cfg["seed"]))]
     batch_size = int(cfg["features"]["batch_size"])
     for start in range(0, len(paths), batch_size):
         tiles = []

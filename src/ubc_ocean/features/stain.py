@@ -8,8 +8,6 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-
 from ubc_ocean import tile_store
 from ubc_ocean.config import ConfigError
 from ubc_ocean.stain_normalisation import StainError, StainReference
@@ -22,34 +20,13 @@ def reference_sample(cfg: Mapping) -> dict:
     return {"seed": int(cfg["seed"]), "requested_tiles": int(cfg["features"]["stain_reference_tiles"])}
 
 
-def sample_reference_tiles(folders: Mapping[str, Path], count: int, seed: int) -> list[tuple[str, Path]]:
-    """``count`` tiles ``(slide_id/file, path)`` of the slides' complete tile ``folders`` (``slide_id ->
-    folder``), drawn with ``seed`` and spread over the slides: each slide's tiles in a seeded order, the
-    slides in a seeded order, one tile of each slide per round (a slide with many tiles does not outweigh
-    the others)."""
-    rng = np.random.default_rng(seed)
-    orders = []
-    for slide_id, folder in sorted(folders.items()):
-        if not tile_store.is_complete(folder):
-            continue
-        files = tile_store.read_index(folder)["file"].tolist()
-        orders.append([(f"{slide_id}/{files[i]}", folder / files[i]) for i in rng.permutation(len(files))])
-    orders = [orders[i] for i in rng.permutation(len(orders))]
-    chosen: list[tuple[str, Path]] = []
-    for depth in range(max((len(order) for order in orders), default=0)):
-        chosen += [order[depth] for order in orders if depth < len(order)][:count - len(chosen)]
-        if len(chosen) >= count:
-            break
-    return chosen
-
-
 def fit_reference(cfg: Mapping, folders: Mapping[str, Path]) -> StainReference:
-    """The reference of ``features.stain_normalisation`` fitted on :func:`sample_reference_tiles` of the
+    """The reference of ``features.stain_normalisation`` fitted on :func:`~ubc_ocean.tile_store.sample_tiles` of the
     training slides' tile ``folders`` (unreadable tiles skipped); a ``ConfigError`` when they hold too
     little stain to fit."""
     tiles, names = [], []
     sample = reference_sample(cfg)
-    for name, path in sample_reference_tiles(folders, sample["requested_tiles"], sample["seed"]):
+    for name, path in tile_store.sample_tiles(folders, sample["requested_tiles"], sample["seed"]):
         try:
             tiles.append(tile_store.read_tile(path))
         except OSError as err:
