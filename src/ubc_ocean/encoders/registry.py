@@ -106,8 +106,10 @@ class Encoder:
 @functools.lru_cache(maxsize=16)
 def encoder_out_dim(name: str, weights: str | Path | None, input_size: int | None) -> int:
     """The width of the features the configured encoder makes, without loading its weights (stage 04 checks
-    its bags and builds its models with it, stage 05 checks the checkpoints against it)."""
-    return resolved_out_dim(resolve_weights(name, weights, input_size))
+    its bags and builds its models with it, stage 05 checks the checkpoints against it). A local weights file
+    need not exist yet (the architecture decides the width): a config may name stage 02b's output before the
+    stage has run."""
+    return resolved_out_dim(resolve_weights(name, weights, input_size, hashed=False))
 
 
 def resolved_out_dim(resolved: ResolvedWeights) -> int:

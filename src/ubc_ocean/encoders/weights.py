@@ -69,8 +69,11 @@ def cache_name(name: str, weights_id: str, input_size: int) -> str:
     return f"{slug}-{weights_id[:8]}-s{input_size}"
 
 
-def resolve_weights(name: str, weights: str | Path | None = None, input_size: int | None = None) -> ResolvedWeights:
+def resolve_weights(name: str, weights: str | Path | None = None, input_size: int | None = None,
+                    hashed: bool = True) -> ResolvedWeights:
     """Decide where ``name``'s weights come from, their identity and the input size (nothing is built).
+    ``hashed=False`` leaves a local file's identity empty and need not find the file: enough to build the
+    architecture (its feature width), e.g. before stage 02b has written the adapted weights.
 
     - a preset (``presets.PRESETS``): ``weights`` is its downloaded file, or ``"hub"``;
     - ``hf-hub:org/model``: timm fetches the weights (``weights`` is not used);
@@ -93,9 +96,8 @@ def resolve_weights(name: str, weights: str | Path | None = None, input_size: in
                 f"https://huggingface.co/{preset.hf_hub} (once, with internet) and give its path, or set "
                 "features.weights=hub to let timm fetch it"
             )
-        path = _existing_file(weights)
-        return ResolvedWeights(name, LOCAL_FILE, path, cached_file_checksum(path), preset.architecture, size,
-                               preset, interpolate)
+        path, identity = _local_file(weights, hashed)
+        return ResolvedWeights(name, LOCAL_FILE, path, identity, preset.architecture, size, preset, interpolate)
     if name.startswith("hf-hub:"):
         return ResolvedWeights(name, HUB, name.removeprefix("hf-hub:"), _text_identity(name), name, size)
     if weights is None and name == DEFAULT_ENCODER:
@@ -106,8 +108,8 @@ def resolve_weights(name: str, weights: str | Path | None = None, input_size: in
             f"encoder {name!r} needs a weights file (features.weights): without one it would embed with "
             "random weights. Use a local .pth/.safetensors/.bin, or an hf-hub: name with internet."
         )
-    path = _existing_file(weights)
-    return ResolvedWeights(name, LOCAL_FILE, path, cached_file_checksum(path), name, size)
+    path, identity = _local_file(weights, hashed)
+    return ResolvedWeights(name, LOCAL_FILE, path, identity, name, size)
 
 
 def encoder_cache_name(name: str, weights: str | Path | None, input_size: int | None) -> str:
@@ -154,6 +156,14 @@ def _existing_file(weights: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     return path
+
+
+def _local_file(weights: str | Path, hashed: bool) -> tuple[Path, str]:
+    """A local weights file and its sha256 (``hashed``; the file must exist), or its path alone."""
+    if not hashed:
+        return Path(weights), ""
+    path = _existing_file(weights)
+    return path, cached_file_checksum(path)
 
 
 def _text_identity(text: str) -> str:
