@@ -13,22 +13,24 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ubc_ocean import layout
 from ubc_ocean.config import ConfigError, save_config
 from ubc_ocean.device import resolve_device, seed_everything
-from ubc_ocean.encoders.registry import create_encoder
+from ubc_ocean.encoders.registry import Encoder, create_encoder
 from ubc_ocean.encoders.weights import file_checksum
 from ubc_ocean.metrics import balanced_accuracy
 
 from .data import AdaptationData, StepBatches, TileViews, adaptation_data, centre_views, collate_views
 from .lora import is_vit, trainable_parameters
-from .objectives import FineTune, build_objective
+from .objectives import FineTune, Objective, build_objective
 from .output import (
     learning_verdict,
     library_versions,
@@ -80,7 +82,7 @@ def settings_signature(cfg: Mapping, base_identity: str, input_size: int, world:
 
 
 def step_batches(data: AdaptationData, views: ViewMaker, adapt: Mapping, seed: int,
-                 distributed: Distributed) -> callable:  # type: ignore[valid-type]
+                 distributed: Distributed) -> Callable[[int], Iterator]:
     """A function of the first step giving the batches from there to ``adapt.steps``."""
     dataset = TileViews(data.train, views, seed, distributed.rank)
     workers = int(adapt["num_workers"])
@@ -95,7 +97,7 @@ def step_batches(data: AdaptationData, views: ViewMaker, adapt: Mapping, seed: i
 
 
 def validation_score(objective: FineTune, data: AdaptationData, views: ViewMaker, size: int,
-                     device: torch.device, classes: list[str]) -> callable:  # type: ignore[valid-type]
+                     device: torch.device, classes: list[str]) -> Callable[[], float]:
     """Finetune's early-stopping score: the tile head's balanced accuracy on the validation tiles."""
     images = centre_views(data.validation, views, size)  # type: ignore[arg-type]
     truth = [classes[i] for i in data.validation.labels]  # type: ignore[union-attr]
@@ -105,6 +107,42 @@ def validation_score(objective: FineTune, data: AdaptationData, views: ViewMaker
         return balanced_accuracy(truth, [classes[i] for i in predicted], labels=classes)
 
     return score
+
+
+@dataclass
+class TrainingSession:
+    """Everything one adaptation run trains with (built by :func:`prepare_training`)."""
+
+    data: AdaptationData
+    views: ViewMaker
+    objective: Objective
+    peft_model: nn.Module | None
+    trainable: int  # the encoder's trainable parameters at the start
+    trainer: Trainer
+    batches: Callable[[int], Iterator]
+
+
+def prepare_training(cfg: Mapping, encoder: Encoder, folder: Path, signature: str, distributed: Distributed,
+                     device: torch.device) -> TrainingSession:
+    """The tiles, views, trainable encoder, objective and trainer of ``cfg``'s adaptation of ``encoder``
+    (checkpoints in ``folder``); nothing trained yet."""
+    adapt = dict(cfg["adapt"])
+    data = adaptation_data(cfg)
+    seed = int(cfg["seed"])
+    seed_everything(seed)  # the same heads on every process
+    views = ViewMaker.for_method(adapt, encoder.input_size, encoder.mean, encoder.std,
+                                 fixed_size=is_vit(timm_module(encoder.model)))
+    peft_model = make_trainable(encoder.model, adapt)
+    trainable = trainable_parameters(peft_model if peft_model is not None else encoder.model)
+    classes = list(cfg["data"]["classes"])
+    objective = build_objective(adapt["method"], encoder.model, encoder.out_dim, adapt, len(classes),
+                                views.globals).to(device)
+    validate = None
+    if isinstance(objective, FineTune) and data.validation is not None:
+        validate = validation_score(objective, data, views, encoder.input_size, device, classes)
+    trainer = Trainer(objective, adapt, device, folder, signature, distributed, validate)
+    return TrainingSession(data, views, objective, peft_model, trainable, trainer,
+                           step_batches(data, views, adapt, seed, distributed))
 
 
 def _device(cfg: Mapping, distributed: Distributed) -> torch.device:
@@ -132,26 +170,14 @@ def run(cfg: Mapping) -> Path:
         log.info("stage 02b: %s is already adapted with these settings (%d steps); nothing to do", folder,
                  record["steps_done"])
         return folder
-    data = adaptation_data(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     if distributed.main:
         save_config(cfg, folder)
-    seed = int(cfg["seed"])
-    seed_everything(seed)  # the same heads on every process
-    views = ViewMaker.for_method(adapt, encoder.input_size, encoder.mean, encoder.std,
-                                 fixed_size=is_vit(timm_module(encoder.model)))
-    peft_model = make_trainable(encoder.model, adapt)
-    trainable = trainable_parameters(peft_model if peft_model is not None else encoder.model)
-    classes = list(cfg["data"]["classes"])
-    objective = build_objective(adapt["method"], encoder.model, encoder.out_dim, adapt, len(classes),
-                                views.globals).to(device)
-    validate = None
-    if isinstance(objective, FineTune) and data.validation is not None:
-        validate = validation_score(objective, data, views, encoder.input_size, device, classes)
-    trainer = Trainer(objective, adapt, device, folder, signature, distributed, validate)
+    session = prepare_training(cfg, encoder, folder, signature, distributed, device)
+    data, objective, peft_model, trainer = session.data, session.objective, session.peft_model, session.trainer
     trainer.resume()
     started = time.time()
-    state = trainer.run(step_batches(data, views, adapt, seed, distributed))
+    state = trainer.run(session.batches)
     replicas_agree = trainer.replicas_agree()
     if distributed.active:
         torch.distributed.destroy_process_group()
@@ -168,13 +194,13 @@ def run(cfg: Mapping) -> Path:
         "signature": signature, "finished": state.stopped_by in ("steps", "early_stopping"),
         "stopped_by": state.stopped_by, "steps": int(adapt["steps"]), "steps_done": state.step,
         "resumed_from_step": state.resumed_from, "method": adapt["method"], "trainable": adapt["trainable"],
-        "trainable_parameters": trainable,  # the encoder's, at the start (finetune opens more as it goes)
+        "trainable_parameters": session.trainable,  # the encoder's, at the start (finetune opens more as it goes)
         "base_encoder": features["encoder"], "base_weights": str(base_weights or "the encoder's offline default"),
         "base_weights_sha256": encoder.weights_id, "input_size": encoder.input_size,
         "weights_sha256": file_checksum(weights), "tiles": len(data.train), "slides": len(data.train.slide_ids),
         "label_slides": label_slides, "holdout_slides": data.holdout_slides,
         "validation_best": state.best_score, "validation_best_step": state.best_step,
-        "seed": seed, "processes": distributed.world,
+        "seed": int(cfg["seed"]), "processes": distributed.world,
         "replicas_agree": replicas_agree, "device": str(device),
         "wall_time_s": round(state.elapsed_s, 2), "this_run_s": round(time.time() - started, 2),
         **verdict, "libraries": library_versions(), "adapt": adapt,
