@@ -82,7 +82,7 @@ MODULES = sorted(_modules())
 
 def test_layers_are_recognised():
     stages = {name for name in MODULES if name.endswith(".stage")}
-    assert len(stages) == 6 and all(_layer(name) == 3 for name in stages)
+    assert len(stages) == 7 and all(_layer(name) == 3 for name in stages)
     assert _layer("ubc_ocean.mil.registry") == 1 and _layer("ubc_ocean.config") == 0
     # viz: pictures from arrays and files are library; what reads a run through layout is an entry point
     assert {_layer(f"ubc_ocean.viz.{m}") for m in ("overlay", "relevance", "slide", "cv", "html")} == {1}

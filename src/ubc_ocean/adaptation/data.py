@@ -1,9 +1,5 @@
-"""Which tiles encoder adaptation trains on, and the batches it draws from them.
-
-The tiles are stage 01's, of the training slides (source ``train``) and of the external sources named in
-``adapt.sources``; never a test image's. A method that reads labels (``supcon``, ``finetune``) leaves out
-every slide of ``adapt.label_holdout_folds`` (stage 04 then reports OOF metrics on those slides only), and
-``finetune`` validates on the lowest other fold.
+"""The tiles encoder adaptation trains on (chosen by the stage: :func:`ubc_ocean.adaptation.stage.adaptation_data`)
+and the batches it draws from them.
 
 Batches are drawn by step, not by epoch: the tiles of step ``k`` on process ``rank`` are a seeded draw of
 ``(seed, rank, k)``, and so are their views. A run resumed at step ``k`` therefore draws what the killed run
@@ -13,24 +9,20 @@ would have drawn, whatever the number of DataLoader workers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ubc_ocean import layout, tile_store
-from ubc_ocean.config import ConfigError
-from ubc_ocean.sources import TRAIN
+from ubc_ocean import tile_store
 
 from .views import ViewMaker
 
 log = logging.getLogger(__name__)
 
-LABELLED_METHODS = ("supcon", "finetune")
 UNLABELLED = -1
 
 
@@ -59,57 +51,6 @@ class AdaptationData:
     train: TileSet
     validation: TileSet | None
     holdout_slides: list[str]
-
-
-def _tile_set(cfg: Mapping, table: pd.DataFrame, classes: Sequence[str], count: int, seed: int) -> TileSet:
-    """``count`` tiles (0: all) spread over the complete tile folders of ``table``'s slides."""
-    folders = {row.slide_id: layout.slide_tiles_dir(cfg, row.source, row.image_id) for row in table.itertuples()}
-    if count > 0:
-        chosen = tile_store.sample_tiles(folders, count, seed)
-    else:
-        chosen = [(f"{slide}/{name}", folder / name) for slide, folder in sorted(folders.items())
-                  if tile_store.is_complete(folder) for name in tile_store.read_index(folder)["file"]]
-    label_of = dict(zip(table["slide_id"], table["label"], strict=True))
-    index = {name: i for i, name in enumerate(classes)}
-    slides = [name.rsplit("/", 1)[0] for name, _ in chosen]
-    labels = np.array([index.get(str(label_of[slide]), UNLABELLED) for slide in slides], dtype=np.int64)
-    return TileSet([str(path) for _, path in chosen], labels, slides)
-
-
-def adaptation_data(cfg: Mapping) -> AdaptationData:
-    """The tiles ``cfg``'s adaptation trains (and, for ``finetune``, validates) on; a ``ConfigError`` when an
-    ``adapt.sources`` entry is not in the manifest or no tile is left."""
-    adapt = cfg["adapt"]
-    table = layout.read_training_table(cfg)
-    wanted = [TRAIN, *adapt["sources"]]
-    unknown = sorted(set(adapt["sources"]) - set(table["source"]))
-    if unknown:
-        raise ConfigError(f"adapt.sources names {unknown}, which the manifest does not hold (stage 02's sources: "
-                          f"{sorted(set(table['source']) - {TRAIN})})")
-    table = table[table["source"].isin(wanted)]
-    classes = list(cfg["data"]["classes"])
-    holdout: list[str] = []
-    validation = None
-    seed = int(cfg["seed"])
-    if adapt["method"] in LABELLED_METHODS:
-        held = table["fold"].isin(adapt["label_holdout_folds"])
-        holdout = sorted(table.loc[held, "slide_id"])
-        table = table[~held & table["label"].isin(classes)]
-        if adapt["method"] == "finetune":
-            validation_fold = min(set(table.loc[table["fold"] >= 0, "fold"]), default=None)
-            if validation_fold is None:
-                raise ConfigError("adapt.method=finetune validates on a fold outside adapt.label_holdout_folds: "
-                                  "none is left")
-            in_validation = table["fold"] == validation_fold
-            validation = _tile_set(cfg, table[in_validation], classes, 512, seed + 1)
-            table = table[~in_validation]
-    train = _tile_set(cfg, table, classes, int(adapt["max_tiles"]), seed)
-    if len(train) < int(adapt["batch_size"]):
-        raise ConfigError(f"encoder adaptation found {len(train)} tiles to train on (sources {wanted}), fewer than "
-                          f"adapt.batch_size ({adapt['batch_size']}): run stage 01, or lower adapt.batch_size")
-    log.info("adaptation: %d tiles of %d slides%s", len(train), len(train.slide_ids),
-             f"; {len(holdout)} slides of folds {list(adapt['label_holdout_folds'])} held out" if holdout else "")
-    return AdaptationData(train, validation, holdout)
 
 
 class StepBatches(Sampler):

@@ -76,12 +76,10 @@ def write_curve(history: Sequence[Mapping], folder: Path, title: str) -> None:
     """The loss records as ``loss_curve.csv`` and a PNG of loss (and validation accuracy, if any) by step."""
     frame = pd.DataFrame(list(history))
     atomic_write_csv(frame, folder / CURVE_CSV)
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     if "loss" in frame:
         losses = frame.dropna(subset=["loss"])
         ax.plot(losses["step"], losses["loss"], color="tab:blue", label="training loss")
@@ -97,7 +95,6 @@ def write_curve(history: Sequence[Mapping], folder: Path, title: str) -> None:
     fig.tight_layout()
     with atomic_path(folder / CURVE_PNG) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def write_record(folder: Path, record: Mapping) -> Path:
