@@ -38,7 +38,6 @@ Ends with one line per method (``wall_s``: the stage's training run, saving incl
 from __future__ import annotations
 
 import argparse
-import itertools
 import shutil
 import tempfile
 import time
@@ -117,7 +116,8 @@ def throughput(cfg: Config, steps: int, folder: Path) -> dict:
     adapt["steps"] = 2
     trainer.run(session.batches)  # warm-up: first allocations, lazy imports, kernel choices
     loop_rate, first_batch_s = steady_rate(trainer, session.batches, steps)
-    held = list(itertools.islice(session.batches(trainer.state.step), HELD_BATCHES))  # drawn before timing
+    adapt["steps"] = trainer.state.step + HELD_BATCHES  # the next steps' batches, drawn before they are timed
+    held = list(session.batches(trainer.state.step))
     if device.type == "cuda":  # as the DataLoader hands them over (pin_memory)
         held = [([v.pin_memory() for v in views], labels.pin_memory()) for views, labels in held]
     memory_rate, _ = steady_rate(trainer, lambda start: (held[i % len(held)] for i in range(steps)), steps)

@@ -276,10 +276,11 @@ def run_grouped(configuration: Configuration, folder: Path, outcome: Outcome, re
 
 
 def settings(cfg: Mapping) -> dict:
-    """What a configuration's results depend on: its config but the ``benchmark`` and ``runtime`` sections, as
-    JSON would write it (so a value read back from ``done.json`` compares equal)."""
-    return json.loads(json.dumps({key: value for key, value in as_plain(cfg).items()
-                                  if key not in ("benchmark", "runtime")}))
+    """What a configuration's results depend on: its config but the ``benchmark`` and ``runtime`` sections (and
+    ``adapt`` unless it embeds with its adapted encoder), as JSON would write it (so a value read back from
+    ``done.json`` compares equal)."""
+    unused = ("benchmark", "runtime") if layout.uses_adapted_encoder(cfg) else ("benchmark", "runtime", "adapt")
+    return json.loads(json.dumps({key: value for key, value in as_plain(cfg).items() if key not in unused}))
 
 
 def read_back(configuration: Configuration, folder: Path, outcome: Outcome) -> pd.DataFrame | None:
