@@ -50,6 +50,7 @@ from bench_inference import card_name
 
 from ubc_ocean import layout, tile_store
 from ubc_ocean.adaptation.output import read_record
+from ubc_ocean.adaptation.probe import knn_accuracy
 from ubc_ocean.adaptation.stage import prepare_training, run, settings_signature, starting_weights
 from ubc_ocean.adaptation.trainer import Distributed, Trainer
 from ubc_ocean.config import Config, load_config
@@ -112,7 +113,7 @@ def throughput(cfg: Config, steps: int, folder: Path) -> dict:
     session = prepare_training(cfg, encoder, folder, signature, Distributed(), device)
     trainer, adapt = session.trainer, session.trainer.adapt
     trainer.validate = None  # finetune's validation passes are not training steps
-    trainer._checkpoint = lambda started: None  # type: ignore[method-assign]  # nothing kept: no checkpoint writes
+    trainer.checkpoints = False  # nothing kept: no checkpoint writes in the timed steps
     adapt["steps"] = 2
     trainer.run(session.batches)  # warm-up: first allocations, lazy imports, kernel choices
     loop_rate, first_batch_s = steady_rate(trainer, session.batches, steps)
@@ -161,17 +162,6 @@ def held_out_tiles(cfg: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.stack(tiles), np.asarray(labels), np.asarray(slides)
 
 
-def knn_accuracy(features: torch.Tensor, labels: np.ndarray, slides: np.ndarray, k: int = NEIGHBOURS) -> float:
-    """Tile-level accuracy of a cosine kNN vote of the slide's class, neighbours of the same slide left out."""
-    z = torch.nn.functional.normalize(features.float().cpu(), dim=1)
-    similarity = z @ z.T
-    similarity[torch.from_numpy(slides[:, None] == slides[None, :])] = -torch.inf
-    neighbours = similarity.topk(k, dim=1).indices.numpy()
-    names, codes = np.unique(labels, return_inverse=True)
-    predicted = np.array([np.bincount(row, minlength=len(names)).argmax() for row in codes[neighbours]])
-    return float((predicted == codes).mean())
-
-
 def embed(cfg: Mapping, weights: str | None, tiles: np.ndarray) -> torch.Tensor:
     """The features of ``tiles`` (uint8 [N, H, W, 3]) from the configured encoder with ``weights``."""
     features = cfg["features"]
@@ -185,12 +175,12 @@ def embed(cfg: Mapping, weights: str | None, tiles: np.ndarray) -> torch.Tensor:
 
 def probe(cfg: Config, tiles: np.ndarray, labels: np.ndarray, slides: np.ndarray) -> dict:
     """Train with the stage itself, then the kNN probe with the starting and the adapted weights."""
-    before = knn_accuracy(embed(cfg, starting_weights(cfg), tiles), labels, slides)
+    before = knn_accuracy(embed(cfg, starting_weights(cfg), tiles), labels, slides, NEIGHBOURS)
     start = time.perf_counter()
     folder = run(cfg)
     wall_s = time.perf_counter() - start
     record = read_record(folder) or {}
-    after = knn_accuracy(embed(cfg, str(layout.adapted_weights_path(cfg)), tiles), labels, slides)
+    after = knn_accuracy(embed(cfg, str(layout.adapted_weights_path(cfg)), tiles), labels, slides, NEIGHBOURS)
     return {"knn_before": before, "knn_after": after, "knn_gain": after - before, "learned": record["learned"],
             "why": record["why"], "wall_s": wall_s, "loop_s": record["wall_time_s"],
             "steps_done": record["steps_done"]}

@@ -161,6 +161,23 @@ def test_a_killed_run_resumes_to_the_same_number_of_steps(texture_root: Path, tm
     assert steps == list(range(2, 61, 2))  # every record once: none lost, none repeated
 
 
+def test_the_time_cap_ends_with_a_usable_encoder_and_a_rerun_finishes(texture_root: Path, tmp_path: Path,
+                                                                    single_torch_thread: None) -> None:
+    from ubc_ocean.adaptation.stage import run
+
+    processed = own_processed(texture_root, tmp_path)
+    capped = texture_config(texture_root, "adapt.steps=40", "adapt.max_minutes=0.0001", processed=processed)
+    folder = run(capped)
+    record = record_of(folder)
+    assert record["stopped_by"] == "max_minutes" and not record["finished"] and 1 <= record["steps_done"] < 40
+    tiles, _ = probe_tiles(1, TILE, 2)
+    assert probe_features(folder / "model.safetensors", tiles).shape[0] == 5  # saved, and it loads
+    folder = run(texture_config(texture_root, "adapt.steps=40", processed=processed))  # no cap: it goes on
+    finished = record_of(folder)
+    assert finished["finished"] and finished["steps_done"] == 40
+    assert finished["resumed_from_step"] == record["steps_done"]
+
+
 @pytest.mark.long
 def test_two_processes_under_torchrun_train_one_encoder(texture_root: Path, tmp_path: Path) -> None:
     processed = own_processed(texture_root, tmp_path)
@@ -221,16 +238,6 @@ def test_supcon_never_reads_held_out_labels_and_stage_04_scores_only_those(textu
     assert label_unseen_slides(cfg, per_slide)[1] == {}  # the random weights: no record, every slide scored
 
 
-def knn_accuracy(features: torch.Tensor, labels: np.ndarray, k: int = 5) -> float:
-    """Leave-one-out accuracy of a k-nearest-neighbour (cosine) vote over ``features``."""
-    z = torch.nn.functional.normalize(features, dim=1)
-    similarity = z @ z.T
-    similarity.fill_diagonal_(-2.0)
-    votes = labels[similarity.topk(k, dim=1).indices.numpy()]
-    predicted = np.array([np.bincount(row, minlength=labels.max() + 1).argmax() for row in votes])
-    return float((predicted == labels).mean())
-
-
 @pytest.mark.long
 def test_dino_from_random_weights_sorts_held_out_tiles_by_texture(tmp_path: Path, single_torch_thread: None) -> None:
     """Known answer: five textures under random colours. The untrained encoder's features follow colour as much
@@ -239,6 +246,7 @@ def test_dino_from_random_weights_sorts_held_out_tiles_by_texture(tmp_path: Path
     import timm
     from safetensors.torch import save_file
 
+    from ubc_ocean.adaptation.probe import knn_accuracy
     from ubc_ocean.adaptation.stage import run
 
     root = tmp_path / "data"

@@ -40,6 +40,7 @@ BUNDLED = {"complete.json", "oof.csv", "outlier.json", "metrics.json"}
 def experiments(tiny_raw: Config, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Overrides of a data root where experiments ``a`` (abmil) and ``b`` (meanpool, 96 px encoder input) are
     trained (stages 01-04); nothing predicted yet. Built once per test run (``built_once``)."""
+    from ubc_ocean.adaptation.stage import run as adapt_encoder
     from ubc_ocean.external.stage import run as merge
     from ubc_ocean.features.stage import run as embed
     from ubc_ocean.mil.stage import run as train
@@ -55,6 +56,7 @@ def experiments(tiny_raw: Config, tmp_path_factory: pytest.TempPathFactory) -> l
         embed(a)
         train(a)
         b = _cfg(overrides(root), "b")
+        adapt_encoder(b)
         embed(b)
         train(b)
 
@@ -65,8 +67,8 @@ EXPERIMENT = {"a": ["mil.models=[abmil]"], "b": ["mil.models=[meanpool]", "featu
 
 
 def _weights_file(root: Path) -> Path:
-    """b names a local weights file (as a pathology encoder does; the bundle carries it in weights/): timm's
-    efficientnet_lite0 with the packaged ImageNet weights, saved as a plain state dict."""
+    """The weights b's encoder is adapted from (stage 02b): timm's efficientnet_lite0 with the packaged
+    ImageNet weights, saved as a plain state dict, as a downloaded pathology encoder would be."""
     import torch
 
     from ubc_ocean.encoders.registry import efficientnet_lite0_imagenet
@@ -78,8 +80,14 @@ def _weights_file(root: Path) -> Path:
     return path
 
 
+# b embeds with an encoder adapted by stage 02b (a few DINO steps with LoRA from a local weights file): a local
+# file the bundle carries in weights/, which the Kaggle side loads with neither lightly nor peft
+ADAPTED_B = ["features.weights=adapted", "adapt.steps=2", "adapt.batch_size=8", "adapt.dino_out_dim=64",
+             "adapt.local_crops=0", "adapt.trainable=lora"]
+
+
 def _cfg(extra: list[str], experiment: str, *more: str) -> Config:
-    weights = [f"features.weights={_weights_file(Path(extra[0]))}"] if experiment == "b" else []
+    weights = [*ADAPTED_B, f"adapt.base_weights={_weights_file(Path(extra[0]))}"] if experiment == "b" else []
     return tiny_config(Path(extra[0]), *extra[1:], f"experiment={experiment}", *EXPERIMENT[experiment], *weights,
                        *more)
 
@@ -230,7 +238,7 @@ def test_bundle_holds_what_stages_05_06_read_and_lists_it(bundle, experiments):
     weights = manifest["experiments"]["b"]["weights"]
     assert manifest["experiments"]["a"]["weights"] is None and [str(p.relative_to(root)) for p in
                                                                  (root / "weights").iterdir()] == [weights]
-    assert (root / weights).read_bytes() == _weights_file(Path(experiments[0])).read_bytes()
+    assert (root / weights).read_bytes() == Path(_cfg(experiments, "b").features.weights).read_bytes()
     config_b = yaml.safe_load((root / "runs" / "b" / "config.yaml").read_text())
     assert config_b["features"]["weights"].startswith("/kaggle/input/") and config_b["features"]["weights"].endswith(
         Path(weights).name)
@@ -383,6 +391,8 @@ def test_notebook_runs_the_bundle_offline_on_a_read_only_input(bundle, tiny_raw,
     input_root, copy = rehearsal.input_tree(root, Path(tiny_raw.paths.raw), tmp_path / "input")
     before = _checksums(input_root)
     python = rehearsal.layered_venv(Path(sys.executable), tmp_path / "venv")
+    site = next((tmp_path / "venv").glob("lib/python*/site-packages"))
+    (site / "no_adaptation_libraries.pth").write_text("import sys; sys.modules.update(lightly=None, peft=None)\n")
     execution = rehearsal.execute_notebook(copy / "submission.ipynb", python, input_root, tmp_path / "working",
                                            timeout=600, echo=False)
     assert execution.returncode == 0, execution.output[-4000:]

@@ -107,6 +107,7 @@ class Trainer:
     distributed: Distributed
     validate: Callable[[], float] | None = None  # finetune: validation balanced accuracy of the tile head
     state: TrainingState = field(default_factory=TrainingState)
+    checkpoints: bool = True  # False: nothing written (a timing run)
 
     def __post_init__(self) -> None:
         self.optimizer = torch.optim.AdamW(self.objective.param_groups(self.adapt))
@@ -242,7 +243,7 @@ class Trainer:
         return all(torch.allclose(value, gathered[0], rtol=1e-9, atol=1e-9) for value in gathered)
 
     def _checkpoint(self, started: float) -> None:
-        if not self.distributed.main:
+        if not (self.distributed.main and self.checkpoints):
             return
         elapsed = self.state.elapsed_s
         self.state.elapsed_s = elapsed + time.monotonic() - started

@@ -114,10 +114,10 @@ def train_model(name: str, table: pd.DataFrame, bags: dict, cfg: Mapping, out: l
             oof_rows.append(pd.concat([meta.assign(seed=seed),
                                        prediction_frame(result.valid, classes, result.detector)], axis=1))
             curves += [{"fold": int(fold), "seed": seed, **row} for row in result.curves]
-        oof = pd.concat(oof_rows, ignore_index=True)
-        atomic_write_csv(oof, work.oof)
+        oof, scope = label_unseen_slides(cfg, pd.concat(oof_rows, ignore_index=True))
+        atomic_write_csv(oof, work.oof)  # what stage 06, the benchmark and the notebooks read: honest slides only
         atomic_write_csv(pd.DataFrame(curves), work.curves)
-        per_slide, scope = label_unseen_slides(cfg, seed_mean(oof, classes))
+        per_slide = seed_mean(oof, classes)
         scores, is_tma = per_slide[f"score_{cfg['outliers']['score']}"].to_numpy(), per_slide["is_tma"].to_numpy()
         threshold = calibrate_from_config(scores, is_tma, cfg["outliers"])
         notes = {"epoch_selection": epoch_selection(mil_cfg), "training": training,
@@ -257,23 +257,25 @@ def run(cfg: Mapping) -> dict:
             for name in cfg["mil"]["models"]}
 
 
-def label_unseen_slides(cfg: Mapping, per_slide: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """The OOF slides whose labels the encoder never saw, and the note that says so in metrics.json.
+def label_unseen_slides(cfg: Mapping, oof: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The OOF rows of the slides whose labels the encoder never saw, and the note that says so in metrics.json.
 
     An encoder adapted with slide labels (stage 02b's ``supcon``/``finetune``) has learnt the labels of the
-    slides it trained on: their OOF predictions would flatter the model. The metrics (and the outlier
-    threshold, calibrated on OOF scores) then come from the slides of ``adapt.label_holdout_folds`` only."""
+    slides it trained on: their OOF predictions would flatter the model. ``oof.csv``, and so the metrics, the
+    outlier threshold (calibrated on OOF scores), stage 06's OOF weights and the benchmark's OOF column, then
+    hold the slides of ``adapt.label_holdout_folds`` only."""
     exposure = layout.encoder_label_exposure(cfg)
     if exposure is None:
-        return per_slide, {}
-    seen = per_slide["slide_id"].isin(exposure["label_slides"])
-    unseen = per_slide[~seen].reset_index(drop=True)
+        return oof, {}
+    seen = oof["slide_id"].isin(exposure["label_slides"])
+    unseen = oof[~seen].reset_index(drop=True)
     if unseen.empty:
         raise ConfigError(f"the adapted encoder ({cfg['features']['weights']}) saw the labels of every OOF slide: "
                           "no honest OOF metric is left (adapt it again with adapt.label_holdout_folds)")
-    log.warning("OOF metrics on the %d slides whose labels the adapted encoder (%s) never saw; %d left out",
-                len(unseen), exposure["method"], int(seen.sum()))
-    return unseen, {"oof_scope": {"slides": len(unseen), "left_out": int(seen.sum()),
+    kept, left_out = unseen["slide_id"].nunique(), oof.loc[seen, "slide_id"].nunique()
+    log.warning("OOF metrics on the %d slides whose labels the adapted encoder (%s) never saw; %d left out", kept,
+                exposure["method"], left_out)
+    return unseen, {"oof_scope": {"slides": kept, "left_out": left_out,
                                   "why": f"features.weights was adapted with labels ({exposure['method']}): "
                                          "metrics on the slides it never saw"}}
 
