@@ -5,13 +5,7 @@
 # the projected wall time of 2000 DINO+LoRA steps at batch 64 for ViT-S/16 and ViT-B/16 (the card is named).
 # Paste the RESULT lines into the issue. Unmeasured on a GPU so far.
 #   usage: bash scripts/gpu_check_adaptation.sh [extra bench_adaptation.py arguments]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-if [ -z "${PY:-}" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print('GPU:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+source "$(dirname "$0")/gpu_check_common.sh"
 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_adaptation.py 2>&1 | tail -3
 PYTHONPATH="$PWD/scripts:$PYTHONPATH" "$PY" scripts/bench_adaptation.py --config configs/demo.yaml --steps 200 \
     adapt.batch_size=64 adapt.num_workers=8 "$@" 2>&1 | grep --line-buffered "RESULT\|steps/s with\|no GPU"

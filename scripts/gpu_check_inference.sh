@@ -10,13 +10,7 @@
 # (inference/decoding.py), no longer as torch tensors: these RESULT lines are that transport's first GPU figures.
 #   usage: bash scripts/gpu_check_inference.sh [extra bench_inference.py arguments]
 #   PY=python3 bash scripts/gpu_check_inference.sh   # another interpreter than the project's .venv
-set -euo pipefail
-cd "$(dirname "$0")/.."
-if [ -z "${PY:-}" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import torch; from ubc_ocean.device import usable_gpus; assert torch.cuda.is_available(), 'no GPU visible'; print('GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], 'usable by this build:', usable_gpus(), 'torch', torch.__version__, torch.cuda.get_arch_list())"
+source "$(dirname "$0")/gpu_check_common.sh"
 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_inference_scale.py -k "(pipelined or cosine or jpeg or budget) and not bench" 2>&1 | tail -3
 # issue 26's methods on CUDA (runtime.device auto): AdaBN's re-estimation and stage 05's adapted encoder, stain
 # normalisation in the pipelined consumer threads, CORAL's deferred predictions; unmeasured on a GPU so far

@@ -76,13 +76,27 @@ def _tile_set(cfg: Mapping, table: pd.DataFrame, classes: Sequence[str], count: 
     return TileSet([str(path) for _, path in chosen], labels, slides)
 
 
+def validation_groups(table: pd.DataFrame, share: float, seed: int) -> list[str]:
+    """A seeded ``share`` of the competition slides' groups of each class (at least one where a class has two
+    or more): finetune's early-stopping set. Groups, not slides: a synthetic TMA core and its WSI stay together."""
+    rng = np.random.default_rng(seed)
+    chosen: list[str] = []
+    competition = table[table["fold"] >= 0]
+    for _, rows in competition.groupby("label", sort=True):
+        groups = sorted(set(rows["group"].astype(str)))
+        if len(groups) >= 2:
+            count = min(len(groups) - 1, max(1, round(share * len(groups))))
+            chosen += [str(g) for g in rng.choice(groups, size=count, replace=False)]
+    return chosen
+
+
 def adaptation_data(cfg: Mapping) -> AdaptationData:
     """The tiles ``cfg``'s adaptation trains (and, for ``finetune``, validates) on: stage 01's tiles of the
     training slides (source ``train``) and of the external sources named in ``adapt.sources``, never a test
     image's. A method that reads labels (``supcon``, ``finetune``) leaves out every slide of
     ``adapt.label_holdout_folds`` (stage 04 then reports OOF metrics on those slides only), and ``finetune``
-    validates on the lowest other fold. A ``ConfigError`` when an ``adapt.sources`` entry is not in the
-    manifest or too few tiles are left."""
+    validates on ``adapt.validation_share`` of the other slides (:func:`validation_groups`). A ``ConfigError``
+    when an ``adapt.sources`` entry is not in the manifest or too few tiles are left."""
     adapt = cfg["adapt"]
     table = layout.read_training_table(cfg)
     wanted = [TRAIN, *adapt["sources"]]
@@ -100,11 +114,11 @@ def adaptation_data(cfg: Mapping) -> AdaptationData:
         holdout = sorted(table.loc[held, "slide_id"])
         table = table[~held & table["label"].isin(classes)]
         if adapt["method"] == "finetune":
-            validation_fold = min(set(table.loc[table["fold"] >= 0, "fold"]), default=None)
-            if validation_fold is None:
-                raise ConfigError("adapt.method=finetune validates on a fold outside adapt.label_holdout_folds: "
-                                  "none is left")
-            in_validation = table["fold"] == validation_fold
+            chosen = validation_groups(table, float(adapt["validation_share"]), seed)
+            in_validation = table["group"].astype(str).isin(chosen)
+            if not in_validation.any():
+                raise ConfigError("adapt.method=finetune keeps some competition slides outside "
+                                  "adapt.label_holdout_folds for early stopping: none is left")
             validation = _tile_set(cfg, table[in_validation], classes, 512, seed + 1)
             table = table[~in_validation]
     train = _tile_set(cfg, table, classes, int(adapt["max_tiles"]), seed)

@@ -382,6 +382,7 @@ RULES: dict[str, Rule] = {
     "adapt.lwf_weight": at_least(0),
     "adapt.validation_every": at_least(1),
     "adapt.patience": at_least(1),
+    "adapt.validation_share": Rule(low=0, high=1, open_low=True, test=lambda v: v < 1, accepts="a number in (0, 1)"),
     "adapt.label_holdout_folds": at_least(0, nonempty=True, unique=True),
     "features.encoder": TEXT,
     "features.weights": Rule(str, null=True, nonempty=True),
