@@ -27,6 +27,7 @@ pytest.importorskip("lightly")
 pytest.importorskip("peft")
 
 TILE = 32
+LWF = 5.0
 SMALL = ["adapt.batch_size=8", "adapt.dino_out_dim=64", "adapt.local_crops=1", "adapt.local_crop_size=16",
          "adapt.warmup_steps=2", "adapt.log_every=2", "adapt.checkpoint_every=4", "adapt.jpeg_probability=0",
          "adapt.blur_probability=0"]
@@ -199,9 +200,10 @@ def test_learning_without_forgetting_keeps_features_near_the_original(texture_ro
     tiles, _ = probe_tiles(4, TILE, 1)
     original = probe_features(texture_root / "random.safetensors", tiles)
     similarity = {}
-    for weight in (0.0, 5.0):
+    for weight in (0.0, LWF):
         cfg = texture_config(texture_root, "adapt.method=finetune", "adapt.trainable=full", "adapt.steps=24",
-                             "adapt.head_steps=2", "adapt.unfreeze_every=2", "adapt.lr=0.01", "adapt.finetune_lr=0.01",
+                             "adapt.colour_jitter=0", "adapt.stain_jitter=0", "adapt.head_steps=2",
+                             "adapt.unfreeze_every=2", "adapt.lr=0.01", "adapt.finetune_lr=0.01",
                              f"adapt.lwf_weight={weight}", "adapt.validation_every=1000",
                              processed=own_processed(texture_root, tmp_path / f"lwf{weight}"))
         folder = run(cfg)
@@ -211,8 +213,9 @@ def test_learning_without_forgetting_keeps_features_near_the_original(texture_ro
         holdout = set(pd.read_csv(layout.folds_path(cfg)).query("fold == 0")["slide_id"])
         assert set(record["holdout_slides"]) == holdout and not holdout & set(record["label_slides"])
         assert record["validation_best"] is not None
-    # measured (torch 2.14.1, CPU): mean cosine to the original 0.32 without LwF, 0.46 with it
-    assert similarity[5.0] > similarity[0.0] + 0.07, similarity
+    # measured (torch 2.14.1, CPU): mean cosine to the original 0.39 without LwF, 0.51 with it (no colour jitter
+    # here: the batch norms' statistics would drift with it whatever the weights do, and LwF holds the weights)
+    assert similarity[LWF] > similarity[0.0] + 0.06, similarity
 
 
 def test_supcon_never_reads_held_out_labels_and_stage_04_scores_only_those(texture_root: Path, tmp_path: Path,
