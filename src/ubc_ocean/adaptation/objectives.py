@@ -129,6 +129,9 @@ class Objective(nn.Module):
         """Set what trains at ``step``; True when that changed (a data-parallel wrapper is rebuilt)."""
         return False
 
+    def after_backward(self, step: int) -> None:
+        """After the backward pass, before the optimiser step (gradients may be dropped)."""
+
     def after_step(self, step: int, total: int) -> None:
         """After the optimiser step (momentum updates)."""
 
@@ -166,17 +169,20 @@ class Dino(MomentumObjective):
 
         super().__init__(float(adapt["momentum"]))
         out_dim = int(adapt["dino_out_dim"])
+        freeze = int(adapt["dino_freeze_last_layer_steps"])
 
         def head() -> nn.Module:
             with warnings.catch_warnings():  # lightly's head uses the old weight_norm: a FutureWarning per build
                 warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
-                return DINOProjectionHead(width, _hidden(width), 256, out_dim)
+                return DINOProjectionHead(width, _hidden(width), 256, out_dim, freeze_last_layer=freeze)
 
         self.student = Student(encoder, head())
         self.make_teacher(head)
-        temperature = float(adapt["dino_teacher_temp"])
-        self.criterion = DINOLoss(out_dim, warmup_teacher_temp=temperature, teacher_temp=temperature,
-                                  warmup_teacher_temp_epochs=1, student_temp=float(adapt["dino_student_temp"]))
+        # lightly counts the teacher temperature's warm-up in "epochs": here steps (the loss is given the step)
+        self.criterion = DINOLoss(out_dim, warmup_teacher_temp=float(adapt["dino_warmup_teacher_temp"]),
+                                  teacher_temp=float(adapt["dino_teacher_temp"]),
+                                  warmup_teacher_temp_epochs=int(adapt["dino_teacher_temp_warmup_steps"]),
+                                  student_temp=float(adapt["dino_student_temp"]))
         self.koleo_weight = float(adapt["koleo_weight"])
         self.koleo = KoLeoLoss()
         self.global_views = global_views
@@ -185,11 +191,16 @@ class Dino(MomentumObjective):
         with torch.no_grad():
             _, (teacher_out,) = self.teacher(views[: self.global_views])
         features, (student_out,) = self.run_student(views)
-        loss = self.criterion([t.float() for t in teacher_out], [s.float() for s in student_out])
+        loss = self.criterion([t.float() for t in teacher_out], [s.float() for s in student_out], epoch=step)
         if self.koleo_weight > 0:
             koleo = sum(self.koleo(f) for f in features[: self.global_views]) / self.global_views
             loss = loss + self.koleo_weight * koleo
         return loss, feature_spread(features[0])
+
+    def after_backward(self, step: int) -> None:
+        """DINO holds the head's last layer still for the first ``dino_freeze_last_layer_steps`` steps (its
+        gradients dropped): the prototypes move only once the features feeding them have begun to settle."""
+        self.student.heads[0].cancel_last_layer_gradients(step)
 
 
 class MoCo(MomentumObjective):

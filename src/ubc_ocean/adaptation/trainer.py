@@ -196,6 +196,7 @@ class Trainer:
                                          "adapt.precision=fp32")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            self.objective.after_backward(step)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.objective.after_step(step, total)
