@@ -8,7 +8,6 @@ would have drawn, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,8 +19,6 @@ from torch.utils.data import Dataset, Sampler
 from ubc_ocean import tile_store
 
 from .views import ViewMaker
-
-log = logging.getLogger(__name__)
 
 UNLABELLED = -1
 
